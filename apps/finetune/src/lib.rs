@@ -1,0 +1,1 @@
+//! flow_finetune: filled in by its issue.

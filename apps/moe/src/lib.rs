@@ -1,0 +1,1 @@
+//! flow_moe: filled in by its issue.

@@ -1,0 +1,1 @@
+//! flow_traffic: filled in by its issue.

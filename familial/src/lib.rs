@@ -1,0 +1,1 @@
+//! flow_familial: filled in by its issue.

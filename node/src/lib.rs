@@ -1,0 +1,1 @@
+//! flow-node: the aiflow agent.

@@ -1,0 +1,1 @@
+//! flow_partition: filled in by its issue.

@@ -1,0 +1,1 @@
+//! flow_protocol: filled in by its issue.

@@ -1,0 +1,1 @@
+//! flow_testbed: filled in by its issue.
