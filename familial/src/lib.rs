@@ -1,1 +1,46 @@
-//! flow_familial: filled in by its issue.
+//! # flow-familial
+//!
+//! Familial models: one transformer trunk whose early-exit branches are the small, medium
+//! and large members of a family (AI-Flow-Ruyi). Members share the trunk, so their hidden
+//! states are aligned and a model can be cut at any layer and continued on another node.
+//!
+//! Entry points:
+//! - [`ModelConfig`] — HF `config.json` for `llama`, `qwen2`, `ruyi_qwen2`, `mixtral`,
+//!   `qwen2_moe`, normalised (which block, norm and head every exit uses).
+//! - [`FamilialModel`] — load a whole family or a [`Part`] (mmap, sharded, f32/f16/bf16) and
+//!   run it: [`FamilialModel::embed`], [`FamilialModel::run_layers`],
+//!   [`FamilialModel::exit`], [`FamilialModel::backfill`]. Batches are `[tokens, hidden]`
+//!   with one [`Seg`] and one [`SeqCache`] per sequence.
+//! - [`confidence`] — max-prob, top-2 margin and entropy of exit logits; [`sample`] — greedy
+//!   and temperature/top-p sampling.
+//! - [`weights`] — checkpoint access and fingerprints; [`init`] — seeded checkpoints in the
+//!   exact HF layouts (`flow-node model init`).
+//!
+//! Compute is f32 on the CPU. Matmul threads come from `RAYON_NUM_THREADS`; call
+//! [`set_compute_threads`] before any model work to bound them.
+
+pub mod confidence;
+pub mod config;
+pub mod error;
+pub mod init;
+pub mod kv;
+pub mod layers;
+pub mod model;
+pub mod sample;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{ExitSpec, Layout, ModelConfig};
+pub use error::{Error, Result};
+pub use kv::SeqCache;
+pub use layers::{Mode, Seg};
+pub use model::{FamilialModel, Part, Rows};
+
+/// Bound the threads candle uses for matmuls and large elementwise ops. Call once at start,
+/// before any tensor work, so model compute does not starve the IO runtime.
+pub fn set_compute_threads(n: usize) {
+    let n = n.max(1).to_string();
+    // SAFETY-free in edition 2021; must run before other threads read the environment.
+    std::env::set_var("RAYON_NUM_THREADS", &n);
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
+}

@@ -1,0 +1,563 @@
+//! Decoder building blocks: linear, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP,
+//! Mixture-of-Experts FFN, and the decoder block that composes them.
+//!
+//! Hidden states are flattened to `[tokens, hidden]`: one call may carry several sequences
+//! ("segments"), each with its own start position and KV cache. Projections and FFNs run on
+//! all tokens at once; attention runs per segment against that segment's cache.
+//!
+//! `Mode::Train` swaps candle's fused kernels (rms_norm, softmax, rope), which have no
+//! backward pass, for differentiable compositions of primitive ops.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::{Ffn, ModelConfig, MoeKind, MoeSpec};
+use crate::error::{Error, Result};
+use crate::kv::LayerKv;
+use crate::weights::TensorSource;
+
+/// Inference (fused kernels, preallocated KV) or training (differentiable everywhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Infer,
+    Train,
+}
+
+/// Contiguous positions `start..start + len` of one sequence inside a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seg {
+    pub start: usize,
+    pub len: usize,
+}
+
+impl Seg {
+    /// Positions `start..start+len`.
+    pub fn new(start: usize, len: usize) -> Self {
+        Self { start, len }
+    }
+}
+
+/// `y = x Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+}
+
+impl Linear {
+    pub(crate) fn load(
+        src: &dyn TensorSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let w = src.get(&format!("{name}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(src.get(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+
+    /// Concatenate several linears along the output dimension (fused q/k/v, gate/up).
+    pub(crate) fn fuse(parts: &[Linear]) -> Result<Self> {
+        let ws: Vec<&Tensor> = parts.iter().map(|l| &l.w).collect();
+        let w = Tensor::cat(&ws, 0)?;
+        let b = if parts.iter().all(|l| l.b.is_some()) {
+            let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.b.as_ref()).collect();
+            Some(Tensor::cat(&bs, 0)?)
+        } else {
+            None
+        };
+        Ok(Self { w, b })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.w.t()?)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.w.dims()[0]
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Linear::forward(self, x).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+/// RMSNorm with weight `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, mode: Mode) -> Result<Tensor> {
+    Ok(match mode {
+        Mode::Infer => candle_nn::ops::rms_norm(x, w, eps as f32)?,
+        Mode::Train => {
+            let h = x.dim(D::Minus1)? as f64;
+            let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / h)?;
+            x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?
+        }
+    })
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    Ok(match mode {
+        Mode::Infer => candle_nn::ops::softmax_last_dim(x)?,
+        Mode::Train => {
+            let max = x.max_keepdim(D::Minus1)?.detach();
+            let e = x.broadcast_sub(&max)?.exp()?;
+            e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        }
+    })
+}
+
+/// Rotary position tables (HF "rotate half" convention).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    max_pos: usize,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, max_pos: usize) -> Result<Self> {
+        let half = head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        for p in 0..max_pos {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_pos, half), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (max_pos, half), &Device::Cpu)?,
+            max_pos,
+        })
+    }
+
+    /// Rotate `x` (`[heads, len, head_dim]`) for positions `start..start+len`.
+    fn apply(&self, x: &Tensor, start: usize, mode: Mode) -> Result<Tensor> {
+        let len = x.dim(1)?;
+        if start + len > self.max_pos {
+            return Err(Error::Invalid(format!(
+                "position {} exceeds max_position_embeddings {}",
+                start + len - 1,
+                self.max_pos
+            )));
+        }
+        let cos = self.cos.narrow(0, start, len)?;
+        let sin = self.sin.narrow(0, start, len)?;
+        let x4 = x.unsqueeze(0)?;
+        let y = match mode {
+            Mode::Infer => candle_nn::rotary_emb::rope(&x4.contiguous()?, &cos, &sin)?,
+            Mode::Train => candle_nn::rotary_emb::rope_slow(&x4, &cos, &sin)?,
+        };
+        Ok(y.squeeze(0)?)
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Fused `[q; k; v]` projection.
+    qkv: Linear,
+    o: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(src: &dyn TensorSource, p: &str, c: &ModelConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        let q = Linear::load(src, &format!("{p}.q_proj"), c.q_dim(), h, c.qkv_bias)?;
+        let k = Linear::load(src, &format!("{p}.k_proj"), c.kv_dim(), h, c.qkv_bias)?;
+        let v = Linear::load(src, &format!("{p}.v_proj"), c.kv_dim(), h, c.qkv_bias)?;
+        let o = Linear::load(src, &format!("{p}.o_proj"), h, c.q_dim(), c.o_bias)?;
+        Ok(Self {
+            qkv: Linear::fuse(&[q, k, v])?,
+            o,
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        segs: &[Seg],
+        kvs: &mut [&mut LayerKv],
+        rope: &Rope,
+        mode: Mode,
+        what: &dyn Fn() -> String,
+    ) -> Result<Tensor> {
+        let (nh, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let g = nh / kvh;
+        let qkv = self.qkv.forward(x)?;
+        let q_all = qkv.narrow(1, 0, nh * hd)?;
+        let k_all = qkv.narrow(1, nh * hd, kvh * hd)?;
+        let v_all = qkv.narrow(1, (nh + kvh) * hd, kvh * hd)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(segs.len());
+        let mut off = 0;
+        for (seg, kv) in segs.iter().zip(kvs.iter_mut()) {
+            let len = seg.len;
+            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(t.narrow(0, off, len)?
+                    .reshape((len, n, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
+            };
+            let q = rope.apply(&heads(&q_all, nh)?, seg.start, mode)?;
+            let k = rope.apply(&heads(&k_all, kvh)?, seg.start, mode)?;
+            let v = heads(&v_all, kvh)?;
+            let (k, v) = kv.append(seg.start, &k, &v, mode == Mode::Train, what)?;
+            let total = k.dim(1)?;
+            // Query heads are kv-major: heads j*g..(j+1)*g share kv head j.
+            let q = q.reshape((kvh, g * len, hd))?;
+            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = if len > 1 {
+                let mask = causal_mask(len, seg.start, total)?;
+                att.reshape((kvh, g, len, total))?
+                    .broadcast_add(&mask)?
+                    .reshape((kvh, g * len, total))?
+            } else {
+                att
+            };
+            let att = softmax_last(&att, mode)?;
+            let o = att.matmul(&v)?; // [kvh, g*len, hd]
+            let o = o
+                .reshape((nh, len, hd))?
+                .transpose(0, 1)?
+                .reshape((len, nh * hd))?;
+            outs.push(o);
+            off += len;
+        }
+        let o = if outs.len() == 1 {
+            outs.pop()
+                .ok_or_else(|| Error::Invalid("empty batch".into()))?
+        } else {
+            Tensor::cat(&outs, 0)?
+        };
+        self.o.forward(&o)
+    }
+}
+
+fn causal_mask(len: usize, start: usize, total: usize) -> Result<Tensor> {
+    let mut m = vec![0f32; len * total];
+    for i in 0..len {
+        for j in (start + i + 1)..total {
+            m[i * total + j] = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Tensor::from_vec(m, (len, total), &Device::Cpu)?)
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// Fused `[gate; up]`.
+    gate_up: Linear,
+    down: Linear,
+    inter: usize,
+}
+
+impl Mlp {
+    fn load(src: &dyn TensorSource, names: [String; 3], h: usize, inter: usize) -> Result<Self> {
+        let [g, u, d] = names;
+        let gate = Linear::load(src, &g, inter, h, false)?;
+        let up = Linear::load(src, &u, inter, h, false)?;
+        let down = Linear::load(src, &d, h, inter, false)?;
+        Ok(Self {
+            gate_up: Linear::fuse(&[gate, up])?,
+            down,
+            inter,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = self.gate_up.forward(x)?;
+        let g = gu.narrow(1, 0, self.inter)?;
+        let u = gu.narrow(1, self.inter, self.inter)?;
+        self.down.forward(&(candle_nn::ops::silu(&g)? * u)?)
+    }
+}
+
+/// Mixture-of-Experts FFN with a top-k router.
+#[derive(Debug, Clone)]
+pub struct Moe {
+    pub spec: MoeSpec,
+    router: Linear,
+    experts: Vec<Mlp>,
+    shared: Option<(Mlp, Linear)>,
+}
+
+/// Per-token routing decided by an MoE layer (for profiling and expert pruning).
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Router logits `[tokens, experts]`.
+    pub logits: Tensor,
+}
+
+impl Moe {
+    fn load(src: &dyn TensorSource, p: &str, h: usize, spec: &MoeSpec) -> Result<Self> {
+        let e = spec.num_experts;
+        let inter = spec.expert_intermediate;
+        let (router, experts) = match spec.kind {
+            MoeKind::Mixtral => {
+                let router = Linear::load(src, &format!("{p}.block_sparse_moe.gate"), e, h, false)?;
+                let experts = (0..e)
+                    .map(|j| {
+                        let b = format!("{p}.block_sparse_moe.experts.{j}");
+                        Mlp::load(
+                            src,
+                            [format!("{b}.w1"), format!("{b}.w3"), format!("{b}.w2")],
+                            h,
+                            inter,
+                        )
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                (router, experts)
+            }
+            MoeKind::Qwen2Moe => {
+                let router = Linear::load(src, &format!("{p}.mlp.gate"), e, h, false)?;
+                let experts = (0..e)
+                    .map(|j| Mlp::load(src, mlp_names(&format!("{p}.mlp.experts.{j}")), h, inter))
+                    .collect::<Result<Vec<_>>>()?;
+                (router, experts)
+            }
+        };
+        let shared = if spec.kind == MoeKind::Qwen2Moe && spec.shared_intermediate > 0 {
+            let m = Mlp::load(
+                src,
+                mlp_names(&format!("{p}.mlp.shared_expert")),
+                h,
+                spec.shared_intermediate,
+            )?;
+            let g = Linear::load(src, &format!("{p}.mlp.shared_expert_gate"), 1, h, false)?;
+            Some((m, g))
+        } else {
+            None
+        };
+        Ok(Self {
+            spec: spec.clone(),
+            router,
+            experts,
+            shared,
+        })
+    }
+
+    /// Router logits for `x` (`[tokens, experts]`).
+    pub fn router_logits(&self, x: &Tensor) -> Result<Tensor> {
+        self.router.forward(x)
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode, allowed: Option<&[bool]>) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let e = self.spec.num_experts;
+        let logits = self.router.forward(x)?;
+        let probs = softmax_last(&logits, mode)?;
+        // Top-k on the host: the routing decision itself carries no gradient.
+        let pv: Vec<Vec<f32>> = probs.to_vec2()?;
+        let mut mask = vec![0f32; n * e];
+        let mut rows: Vec<Vec<u32>> = vec![Vec::new(); e];
+        let k = self.spec.top_k;
+        let mut order: Vec<usize> = Vec::with_capacity(e);
+        for (t, row) in pv.iter().enumerate() {
+            order.clear();
+            order.extend(
+                (0..e).filter(|&j| allowed.is_none_or(|a| a.get(j).copied().unwrap_or(false))),
+            );
+            // Stable: ties go to the lower expert index, as torch.topk does in practice.
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            for &j in order.iter().take(k) {
+                mask[t * e + j] = 1.0;
+                rows[j].push(t as u32);
+            }
+        }
+        let mask = Tensor::from_vec(mask, (n, e), x.device())?;
+        let mut w = (probs * mask)?;
+        if self.spec.norm_topk_prob || allowed.is_some() {
+            w = w.broadcast_div(&w.sum_keepdim(1)?)?;
+        }
+        // [experts, tokens]: one contiguous row of routing weights per expert.
+        let wt = w.t()?.contiguous()?;
+        let mut out = x.zeros_like()?;
+        for (j, idx) in rows.iter().enumerate() {
+            if idx.is_empty() {
+                continue;
+            }
+            let idx = Tensor::from_slice(idx, idx.len(), x.device())?;
+            let xs = x.index_select(&idx, 0)?;
+            let ys = self.experts[j].forward(&xs)?;
+            let wj = wt.get(j)?.index_select(&idx, 0)?.unsqueeze(1)?;
+            out = out.index_add(&idx, &ys.broadcast_mul(&wj)?, 0)?;
+        }
+        if let Some((m, g)) = &self.shared {
+            let gate = candle_nn::ops::sigmoid(&g.forward(x)?)?;
+            out = (out + m.forward(x)?.broadcast_mul(&gate)?)?;
+        }
+        Ok(out)
+    }
+}
+
+fn mlp_names(p: &str) -> [String; 3] {
+    [
+        format!("{p}.gate_proj"),
+        format!("{p}.up_proj"),
+        format!("{p}.down_proj"),
+    ]
+}
+
+/// Dense or MoE feed-forward.
+#[derive(Debug, Clone)]
+pub enum FfnBlock {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+/// A pre-norm decoder layer.
+#[derive(Debug, Clone)]
+pub struct Block {
+    in_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    pub ffn: FfnBlock,
+    eps: f64,
+}
+
+impl Block {
+    /// Load the layer whose tensors start with `prefix` (e.g. `model.layers.3`).
+    pub fn load(src: &dyn TensorSource, prefix: &str, c: &ModelConfig, ffn: &Ffn) -> Result<Self> {
+        let h = c.hidden_size;
+        let in_norm = src.get(&format!("{prefix}.input_layernorm.weight"), &[h])?;
+        let post_norm = src.get(&format!("{prefix}.post_attention_layernorm.weight"), &[h])?;
+        let attn = Attention::load(src, &format!("{prefix}.self_attn"), c)?;
+        let ffn = match ffn {
+            Ffn::Dense { intermediate } => FfnBlock::Dense(Mlp::load(
+                src,
+                mlp_names(&format!("{prefix}.mlp")),
+                h,
+                *intermediate,
+            )?),
+            Ffn::Moe(spec) => FfnBlock::Moe(Moe::load(src, prefix, h, spec)?),
+        };
+        Ok(Self {
+            in_norm,
+            attn,
+            post_norm,
+            ffn,
+            eps: c.rms_norm_eps,
+        })
+    }
+
+    /// Tensor names of the layer at `prefix` for this config.
+    pub fn tensor_names(prefix: &str, c: &ModelConfig, ffn: &Ffn) -> Vec<String> {
+        let mut v = vec![
+            format!("{prefix}.input_layernorm.weight"),
+            format!("{prefix}.post_attention_layernorm.weight"),
+        ];
+        for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            v.push(format!("{prefix}.self_attn.{p}.weight"));
+            let bias = if p == "o_proj" { c.o_bias } else { c.qkv_bias };
+            if bias {
+                v.push(format!("{prefix}.self_attn.{p}.bias"));
+            }
+        }
+        match ffn {
+            Ffn::Dense { .. } => {
+                v.extend(mlp_names(&format!("{prefix}.mlp")).map(|n| n + ".weight"))
+            }
+            Ffn::Moe(s) => match s.kind {
+                MoeKind::Mixtral => {
+                    v.push(format!("{prefix}.block_sparse_moe.gate.weight"));
+                    for j in 0..s.num_experts {
+                        for w in ["w1", "w2", "w3"] {
+                            v.push(format!("{prefix}.block_sparse_moe.experts.{j}.{w}.weight"));
+                        }
+                    }
+                }
+                MoeKind::Qwen2Moe => {
+                    v.push(format!("{prefix}.mlp.gate.weight"));
+                    for j in 0..s.num_experts {
+                        v.extend(
+                            mlp_names(&format!("{prefix}.mlp.experts.{j}")).map(|n| n + ".weight"),
+                        );
+                    }
+                    if s.shared_intermediate > 0 {
+                        v.extend(
+                            mlp_names(&format!("{prefix}.mlp.shared_expert"))
+                                .map(|n| n + ".weight"),
+                        );
+                        v.push(format!("{prefix}.mlp.shared_expert_gate.weight"));
+                    }
+                }
+            },
+        }
+        v
+    }
+
+    /// Run the layer on `x` (`[tokens, hidden]`), appending to each segment's cache.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        segs: &[Seg],
+        kvs: &mut [&mut LayerKv],
+        rope: &Rope,
+        mode: Mode,
+        allowed_experts: Option<&[bool]>,
+        what: &dyn Fn() -> String,
+    ) -> Result<Tensor> {
+        let h = rms_norm(x, &self.in_norm, self.eps, mode)?;
+        let x = (x + self.attn.forward(&h, segs, kvs, rope, mode, what)?)?;
+        let h = rms_norm(&x, &self.post_norm, self.eps, mode)?;
+        let f = match &self.ffn {
+            FfnBlock::Dense(m) => m.forward(&h)?,
+            FfnBlock::Moe(m) => m.forward(&h, mode, allowed_experts)?,
+        };
+        Ok((x + f)?)
+    }
+
+    /// `x + attn(norm(x))` in inference mode: the residual stream before the FFN.
+    pub(crate) fn attention_residual(
+        &self,
+        x: &Tensor,
+        segs: &[Seg],
+        kvs: &mut [&mut LayerKv],
+        rope: &Rope,
+        what: &dyn Fn() -> String,
+    ) -> Result<Tensor> {
+        let h = rms_norm(x, &self.in_norm, self.eps, Mode::Infer)?;
+        Ok((x + self.attn.forward(&h, segs, kvs, rope, Mode::Infer, what)?)?)
+    }
+
+    /// The FFN input (post-attention norm) for the residual stream `x`.
+    pub(crate) fn post_attention_input(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.post_norm, self.eps, Mode::Infer)
+    }
+}
+
+/// Make sure `dtype` is something we compute in.
+pub(crate) fn check_compute_dtype(t: &Tensor) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::Invalid(format!(
+            "hidden states must be f32, got {:?}",
+            t.dtype()
+        )));
+    }
+    Ok(())
+}

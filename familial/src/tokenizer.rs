@@ -1,0 +1,171 @@
+//! Tokenizers: any HF `tokenizer.json` through the `tokenizers` crate, and the byte-level
+//! tokenizer of the built-in families (256 byte tokens + a few specials), which is itself
+//! written as a standard `tokenizer.json` so every HF tool reads it too.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Special tokens of the built-in byte-level families, ids 256.. in this order.
+pub const BYTE_SPECIALS: [&str; 16] = [
+    "<|bos|>", "<|eos|>", "<|pad|>", "<|sep|>", "<|q|>", "<|a|>", "<|s6|>", "<|s7|>", "<|s8|>",
+    "<|s9|>", "<|s10|>", "<|s11|>", "<|s12|>", "<|s13|>", "<|s14|>", "<|s15|>",
+];
+
+/// Vocabulary size of the built-in byte-level tokenizer.
+pub const BYTE_VOCAB: usize = 256 + BYTE_SPECIALS.len();
+/// `<|bos|>` id.
+pub const BYTE_BOS: u32 = 256;
+/// `<|eos|>` id.
+pub const BYTE_EOS: u32 = 257;
+
+/// GPT-2's reversible byte → printable-unicode map used by byte-level BPE.
+fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut map = vec!['\0'; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        map[*b as usize] = char::from_u32(c).unwrap_or('?');
+    }
+    map
+}
+
+/// The `tokenizer.json` of the byte-level tokenizer: a ByteLevel BPE with no merges, so
+/// token id = byte value, plus [`BYTE_SPECIALS`] as added tokens.
+pub fn byte_level_tokenizer_json() -> String {
+    let map = bytes_to_unicode();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..256)
+        .map(|b| (map[b].to_string(), serde_json::Value::from(b as u64)))
+        .collect();
+    let added: Vec<serde_json::Value> = BYTE_SPECIALS
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": 256 + i, "content": s, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    let j = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                  "ignore_merges": false, "vocab": vocab, "merges": []}
+    });
+    serde_json::to_string_pretty(&j).unwrap_or_default()
+}
+
+/// A loaded tokenizer.
+pub enum Tokenizer {
+    /// An HF `tokenizer.json`.
+    Hf(Box<tokenizers::Tokenizer>),
+    /// Raw bytes (no `tokenizer.json` present).
+    Bytes,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tokenizer::Hf(_) => f.write_str("Tokenizer::Hf"),
+            Tokenizer::Bytes => f.write_str("Tokenizer::Bytes"),
+        }
+    }
+}
+
+impl Tokenizer {
+    /// `dir/tokenizer.json` if present, else the byte-level fallback.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let p = dir.join("tokenizer.json");
+        if p.exists() {
+            Self::from_file(&p)
+        } else {
+            Ok(Tokenizer::Bytes)
+        }
+    }
+
+    /// Load an HF `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let t = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Tokenizer::Hf(Box::new(t)))
+    }
+
+    /// Text → token ids (special tokens written literally are recognised).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Hf(t) => Ok(t
+                .encode(text, false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?
+                .get_ids()
+                .to_vec()),
+            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+        }
+    }
+
+    /// Token ids → text (special tokens skipped; invalid UTF-8 replaced).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Tokenizer::Hf(t) => t
+                .decode(ids, true)
+                .map_err(|e| Error::Tokenizer(e.to_string())),
+            Tokenizer::Bytes => {
+                let bytes: Vec<u8> = ids.iter().filter(|&&i| i < 256).map(|&i| i as u8).collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+        }
+    }
+
+    /// Id of a token string, if it is in the vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Hf(t) => t.token_to_id(token),
+            Tokenizer::Bytes => BYTE_SPECIALS
+                .iter()
+                .position(|s| *s == token)
+                .map(|i| 256 + i as u32),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_json_round_trips_any_text() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer.json"),
+            byte_level_tokenizer_json(),
+        )
+        .unwrap();
+        let t = Tokenizer::from_dir(dir.path()).unwrap();
+        assert!(matches!(t, Tokenizer::Hf(_)));
+        for s in ["12+34=46", "héllo, wörld ✓ \n\t", ""] {
+            let ids = t.encode(s).unwrap();
+            assert_eq!(ids, s.bytes().map(u32::from).collect::<Vec<_>>(), "{s}");
+            assert_eq!(t.decode(&ids).unwrap(), s);
+        }
+        let ids = t.encode("a<|eos|>").unwrap();
+        assert_eq!(ids, vec![97, BYTE_EOS]);
+        assert_eq!(t.token_id("<|bos|>"), Some(BYTE_BOS));
+        assert_eq!(t.decode(&[104, 105, BYTE_EOS]).unwrap(), "hi");
+    }
+}
