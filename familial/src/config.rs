@@ -473,7 +473,9 @@ impl ModelConfig {
         put("rope_theta", self.rope.theta.into());
         put("tie_word_embeddings", self.tie_word_embeddings.into());
         put("hidden_act", "silu".into());
-        put("torch_dtype", "float32".into());
+        if let Some(d) = &self.stored_dtype {
+            put("torch_dtype", d.as_str().into());
+        }
         if let Some(b) = self.bos_token_id {
             put("bos_token_id", b.into());
         }

@@ -1,1 +1,45 @@
-fn main() {}
+//! `flow-node`: one binary for every tier of an aiflow cluster.
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+
+/// aiflow node agent: device-edge-cloud collaborative inference with familial models.
+///
+/// Every tier runs this binary. The subcommands below build, inspect and benchmark the
+/// model family, issue certificates, and run the cluster.
+#[derive(Parser, Debug)]
+#[command(name = "flow-node", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create, train, inspect and run familial model checkpoints.
+    #[command(subcommand)]
+    Model(commands::ModelCmd),
+    /// Create the cluster CA and issue node certificates (mutual TLS).
+    #[command(subcommand)]
+    Certs(commands::certs::CertsCmd),
+    /// Benchmarks; results are printed as tables (and JSON with --json).
+    #[command(subcommand)]
+    Bench(commands::BenchCmd),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Model(m) => commands::run_model(m),
+        Cmd::Certs(c) => commands::certs::run(c),
+        Cmd::Bench(b) => commands::run_bench(b),
+    }
+}
