@@ -1,1 +1,6 @@
-//! flow_partition: filled in by its issue.
+//! flow_partition (docs written at the end)
+pub mod calibrate;
+pub mod error;
+pub mod link;
+pub mod profile;
+pub use error::{Error, Result};
