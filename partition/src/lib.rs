@@ -2,5 +2,6 @@
 pub mod calibrate;
 pub mod error;
 pub mod link;
+pub mod planner;
 pub mod profile;
 pub use error::{Error, Result};
