@@ -4,4 +4,5 @@ pub mod error;
 pub mod link;
 pub mod planner;
 pub mod profile;
+pub mod replan;
 pub use error::{Error, Result};

@@ -47,5 +47,12 @@ pub fn best_static_split(input: &PlanInput) -> Result<Plan> {
     search::search(input, PlanMode::StaticSplit)
 }
 
+/// Re-predicts an existing plan under a new input (same tiers; new link estimates,
+/// loads or profiles). Returns the re-predicted plan (without alternatives) and the reason
+/// it would now be rejected, if any. Used by [`crate::replan`].
+pub fn reevaluate(input: &PlanInput, plan: &Plan) -> Result<(Plan, Option<Verdict>)> {
+    search::reevaluate(input, plan)
+}
+
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

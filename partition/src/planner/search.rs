@@ -326,3 +326,79 @@ fn no_plan_error(
     };
     Error::DoesNotFit { detail }
 }
+
+/// Re-evaluates an existing plan's placement, exits, thresholds and encodings under a new
+/// input (new link estimates, loads or profiles). Returns the re-predicted plan (without
+/// alternatives) and why it would now be rejected, if it would.
+pub(crate) fn reevaluate(input: &PlanInput, plan: &Plan) -> Result<(Plan, Option<Verdict>)> {
+    input.validate()?;
+    let p = Prepared::new(input);
+    let n = p.n;
+    let mismatch = |reason: String| Error::InvalidInput {
+        field: "plan".into(),
+        reason,
+    };
+    if plan.tiers.len() != n || plan.links.len() + 1 != n {
+        return Err(mismatch(format!(
+            "the plan has {} tiers, the input {n}",
+            plan.tiers.len()
+        )));
+    }
+    let answer = plan
+        .top_tier()
+        .and_then(|t| t.answers_with)
+        .ok_or_else(|| mismatch("the plan has no answering tier".into()))?;
+    let mut bounds: Vec<usize> = plan.tiers.iter().map(|t| t.layer_start).collect();
+    bounds.push(answer);
+    if bounds[0] != 0 || bounds.windows(2).any(|w| w[0] > w[1]) || answer > p.l {
+        return Err(mismatch(format!(
+            "layer ranges {bounds:?} are not a placement"
+        )));
+    }
+    let mut decisions = Vec::with_capacity(n);
+    for t in &plan.tiers {
+        decisions.push(match t.decision {
+            None => None,
+            Some(d) => {
+                let e = p
+                    .exit_at
+                    .get(d.depth)
+                    .copied()
+                    .flatten()
+                    .ok_or_else(|| mismatch(format!("no exit at depth {}", d.depth)))?;
+                let curve = &input.model.exits[e].curve;
+                let k = (0..curve.len())
+                    .min_by(|&a, &b| {
+                        (curve[a].threshold - d.threshold)
+                            .abs()
+                            .total_cmp(&(curve[b].threshold - d.threshold).abs())
+                    })
+                    .ok_or_else(|| mismatch(format!("exit {} has no curve", d.depth)))?;
+                Some((e, k))
+            }
+        });
+    }
+    let encs = plan
+        .links
+        .iter()
+        .map(|l| match l.payload {
+            super::plan::Payload::Hidden { encoding, .. } => p
+                .encs
+                .iter()
+                .position(|c| c.encoding == encoding)
+                .ok_or_else(|| {
+                    mismatch(format!("encoding {} is no longer allowed", encoding.name()))
+                }),
+            _ => Ok(0),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let cand = Cand {
+        bounds,
+        decisions,
+        encs,
+    };
+    let mode = plan.mode;
+    let ev = p.evaluate(&cand, true, mode != PlanMode::CloudOnly);
+    let verdict = ev.verdict.clone();
+    Ok((to_plan(mode, &p, ev), verdict))
+}

@@ -95,7 +95,7 @@ fn tier(role: TierRole, layer_ms: f64, mem: u64) -> TierSpec {
     }
 }
 
-fn input(de_bps: f64, device_layer_ms: f64) -> PlanInput {
+pub(crate) fn input(de_bps: f64, device_layer_ms: f64) -> PlanInput {
     PlanInput {
         model: model(),
         tiers: vec![
@@ -365,6 +365,26 @@ fn objective_weights_shift_the_plan() {
     };
     let cheap = plan(&inp).unwrap();
     assert!(cheap.cloud_compute_ms <= base.cloud_compute_ms);
+}
+
+#[test]
+fn reevaluate_reproduces_and_repredicts() {
+    let inp = input(5e6, 2.0);
+    let p = plan(&inp).unwrap();
+    let (same, verdict) = reevaluate(&inp, &p).unwrap();
+    assert_eq!(verdict, None);
+    assert_eq!(same.predicted_latency_ms, p.predicted_latency_ms);
+    assert_eq!(same.tiers, p.tiers);
+    let slow = input(0.5e6, 2.0);
+    let (worse, _) = reevaluate(&slow, &p).unwrap();
+    assert!(worse.predicted_latency_ms > p.predicted_latency_ms);
+    assert_eq!(worse.placement(), p.placement());
+    let two_tiers = PlanInput {
+        tiers: slow.tiers[..2].to_vec(),
+        links: slow.links[..1].to_vec(),
+        ..slow
+    };
+    assert!(reevaluate(&two_tiers, &p).is_err());
 }
 
 #[test]
