@@ -1,5 +1,6 @@
 //! flow_partition (docs written at the end)
 pub mod calibrate;
+pub mod degrade;
 pub mod error;
 pub mod link;
 pub mod planner;
