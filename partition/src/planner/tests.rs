@@ -439,3 +439,59 @@ fn print_sweeps() {
         }
     }
 }
+
+/// Ruyi-sized search (28 layers, 5 exits with 16 curve points each, 4 encodings):
+/// `cargo test -p flow-partition ruyi_sized -- --ignored --nocapture` prints the time.
+#[test]
+#[ignore]
+fn ruyi_sized_search_time() {
+    let depths = [11usize, 15, 19, 23, 28];
+    let exits = depths
+        .iter()
+        .map(|&d| ExitSpec {
+            depth: d,
+            curve: if d == 28 {
+                vec![]
+            } else {
+                (0..16)
+                    .map(|k| {
+                        let t = 1.0 - k as f64 / 16.0;
+                        pt(t, 1.0 - 0.01 * k as f64 * (28 - d) as f64 / 17.0, t * 0.8)
+                    })
+                    .collect()
+            },
+        })
+        .collect();
+    let mut inp = input(10e6, 1.0);
+    inp.model = ModelShape {
+        num_layers: 28,
+        hidden_size: 3584,
+        token_id_bytes: 4,
+        exits,
+    };
+    for t in &mut inp.tiers {
+        let mut p = profile(t.role.name(), 1.0);
+        p.layers = vec![p.layers[0]; 28];
+        p.exits = depths
+            .iter()
+            .map(|&depth| crate::profile::ExitCost {
+                depth,
+                cost: p.exits[0].cost,
+            })
+            .collect();
+        t.profile = p;
+        t.memory_limit_bytes = 100_000 * MB;
+    }
+    inp.config.allow_lossy = true;
+    inp.config.encodings = WireEncoding::ALL
+        .iter()
+        .map(|&encoding| EncodingChoice {
+            encoding,
+            agreement_loss: if encoding.is_lossy() { 0.001 } else { 0.0 },
+            zstd_ratio: None,
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    let p = plan(&inp).unwrap();
+    println!("{:?} for {}", start.elapsed(), p.summary());
+}
