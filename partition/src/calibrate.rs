@@ -178,6 +178,13 @@ pub fn agreement_curve(
     if let Some(b) = bound {
         b.validate()?;
     }
+    if records.is_empty() {
+        return Err(Error::TooFewSamples {
+            what: "an agreement curve".into(),
+            needed: 1,
+            got: 0,
+        });
+    }
     let cum = cumulative(records)?;
     let n = records.len() as f64;
     let mut pts: Vec<CurvePoint> = cum
@@ -477,6 +484,7 @@ mod tests {
 
     #[test]
     fn curve_is_monotone_in_escalation_and_downsampled() {
+        assert!(agreement_curve(&[], 0, None).is_err());
         let recs = synthetic(1000, 3);
         let full = agreement_curve(&recs, 0, None).unwrap();
         assert_eq!(full.len(), 1000);

@@ -145,6 +145,17 @@ impl crate::planner::Plan {
             .iter()
             .position(|t| t.answers_with.is_some())
             .unwrap_or(0);
+        if self.links.len() + 1 != self.tiers.len() {
+            return Err(Error::InvalidInput {
+                field: "plan.links".into(),
+                reason: format!(
+                    "{} tiers need {} links, got {}",
+                    self.tiers.len(),
+                    self.tiers.len().saturating_sub(1),
+                    self.links.len()
+                ),
+            });
+        }
         if from >= top {
             return Err(Error::InvalidInput {
                 field: "from".into(),

@@ -189,18 +189,25 @@ impl Replanner {
         }
         self.reference = input.links.clone();
         self.out_of_band_since.iter_mut().for_each(|s| *s = None);
-        let (now_current, verdict) = reevaluate(input, &self.current)?;
         let candidate = match plan(input) {
             Ok(p) => p,
             // Nothing feasible: keep what runs; the degradation policy handles misses.
             Err(_) => return Ok(Decision::Keep),
         };
-        let gain = now_current.score - candidate.score;
-        let needed = self
-            .config
-            .min_gain_ms
-            .max(self.config.min_gain_fraction * now_current.score);
-        if verdict.is_some() || gain > needed {
+        // The current plan re-predicted; one that no longer fits the input (an encoding
+        // no longer allowed, say) counts as infeasible.
+        let switch = match reevaluate(input, &self.current) {
+            Ok((now_current, verdict)) => {
+                let gain = now_current.score - candidate.score;
+                let needed = self
+                    .config
+                    .min_gain_ms
+                    .max(self.config.min_gain_fraction * now_current.score);
+                verdict.is_some() || gain > needed
+            }
+            Err(_) => true,
+        };
+        if switch {
             self.current = candidate.clone();
             self.replans += 1;
             Ok(Decision::Replan(Box::new(candidate)))

@@ -2,7 +2,7 @@
 
 use super::input::{BackfillMode, EncodingChoice, PlanInput, TierRole};
 use super::plan::{ExitDecision, LinkPlan, Payload, TierPlan, Verdict};
-use crate::profile::{activation_bytes, BlockCost};
+use crate::profile::BlockCost;
 
 /// One point of the search space.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,18 +180,16 @@ impl<'a> Prepared<'a> {
                 continue;
             }
             let rho = reach[j + 1];
-            let (payload, row) = if b[j + 1] == 0 {
-                (Payload::TokenIds, inp.model.token_id_bytes as f64)
+            let e = self.encs[c.encs[j]];
+            let row = inp.model.payload_bytes(b[j + 1], e.encoding, e.zstd_ratio);
+            let payload = if b[j + 1] == 0 {
+                Payload::TokenIds
             } else {
-                let e = self.encs[c.encs[j]];
                 errors += rho * e.agreement_loss;
-                (
-                    Payload::Hidden {
-                        encoding: e.encoding,
-                        zstd: e.zstd_ratio.is_some(),
-                    },
-                    activation_bytes(inp.model.hidden_size, e.encoding, 1, e.zstd_ratio),
-                )
+                Payload::Hidden {
+                    encoding: e.encoding,
+                    zstd: e.zstd_ratio.is_some(),
+                }
             };
             let ret = cfg.return_bytes_per_token as f64;
             let mut expected = 0.0;

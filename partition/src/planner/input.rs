@@ -46,6 +46,23 @@ pub struct ModelShape {
     pub exits: Vec<ExitSpec>,
 }
 
+impl ModelShape {
+    /// Bytes of one token's payload on a link cut after `split` layers: token ids at
+    /// split 0, else the hidden row in `encoding` times the zstd ratio (if any).
+    pub fn payload_bytes(
+        &self,
+        split: usize,
+        encoding: WireEncoding,
+        zstd_ratio: Option<f64>,
+    ) -> f64 {
+        if split == 0 {
+            self.token_id_bytes as f64
+        } else {
+            crate::profile::activation_bytes(self.hidden_size, encoding, 1, zstd_ratio)
+        }
+    }
+}
+
 /// Which tier a node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
