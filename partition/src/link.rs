@@ -272,6 +272,27 @@ impl LinkEstimator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn estimate_stays_within_the_samples(
+            samples in proptest::collection::vec((0u64..10_000, 1e3f64..1e9, 0.0f64..500.0), 1..60),
+            half_life in 1.0f64..60_000.0,
+        ) {
+            let mut e = LinkEstimator::new(cfg(half_life)).unwrap();
+            let mut t = 0;
+            for &(dt, g, r) in &samples {
+                t += dt;
+                e.observe(LinkSample { at_ms: t, rtt_ms: Some(r), goodput_bps: Some(g) }).unwrap();
+            }
+            let est = e.estimate(t);
+            let (gmin, gmax) = samples.iter().fold((f64::MAX, 0.0f64), |(a, b), s| (a.min(s.1), b.max(s.1)));
+            prop_assert!(est.goodput_bps >= gmin * (1.0 - 1e-9) && est.goodput_bps <= gmax * (1.0 + 1e-9));
+            prop_assert!((0.0..=1.0).contains(&est.confidence));
+            prop_assert!(est.rtt_std_ms.is_finite() && est.goodput_std_bps.is_finite());
+        }
+    }
 
     fn cfg(half_life_ms: f64) -> LinkEstimatorConfig {
         LinkEstimatorConfig {

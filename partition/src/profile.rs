@@ -398,6 +398,17 @@ pub(crate) fn check_zstd_ratio(field: &str, v: Option<f64>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fit_recovers_any_non_negative_line(a in 0.0f64..100.0, b in 0.0f64..10.0, n in 2usize..50) {
+            let pts: Vec<_> = (0..n).map(|i| s(i as f64 * 16.0, a + b * i as f64 * 16.0)).collect();
+            let f = fit_linear(&pts).unwrap();
+            prop_assert!((f.a - a).abs() < 1e-6 * (1.0 + a) + 1e-6);
+            prop_assert!((f.b - b).abs() < 1e-6 * (1.0 + b));
+        }
+    }
 
     fn s(x: f64, y: f64) -> Sample {
         Sample { x, y }

@@ -60,7 +60,7 @@ impl<'a> Prepared<'a> {
         let gen = f64::from(w.gen_tokens);
         let ctx = prompt + gen / 2.0;
         let kv_tokens = (u64::from(w.prompt_tokens) + u64::from(w.gen_tokens))
-            * u64::from(w.concurrent_sessions);
+            .saturating_mul(u64::from(w.concurrent_sessions));
         let prefix_f = |f: &dyn Fn(&BlockCost) -> f64, layers: &[BlockCost]| {
             let mut v = Vec::with_capacity(layers.len() + 1);
             let mut acc = 0.0;
