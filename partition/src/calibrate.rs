@@ -12,8 +12,11 @@
 //! fixed sequence from the most conservative down, stopping at the first failure — the
 //! Learn-then-Test procedure used by CALM — so that with probability at least `1 − delta`
 //! the agreement among accepted tokens at the chosen threshold is at least the target
-//! (for exchangeable validation and test tokens). Thresholds that accept so few tokens that
-//! even perfect agreement could not pass the bound are skipped, not counted as failures.
+//! (for exchangeable validation and test tokens). The sequence starts at the first
+//! threshold accepting enough tokens for the test to have power (it would pass if the true
+//! disagreement were half the allowed one); that start depends on counts only, so the
+//! guarantee is kept, and one unlucky token among the most confident few cannot end the
+//! sequence before it starts.
 
 use serde::{Deserialize, Serialize};
 
@@ -225,17 +228,13 @@ pub fn calibrate_exit(records: &[Record], config: &CalibrationConfig) -> Result<
     }
     let cum = cumulative(records)?;
     let n = records.len();
+    let start = config
+        .bound
+        .map_or(0, |b| sequence_start(&b, config.target_agreement, n as u64));
     let mut best: Option<(f64, u64, u64, f64)> = None;
     for &(t, acc, agr) in &cum {
-        if (acc as usize) < config.min_accepted {
+        if (acc as usize) < config.min_accepted || acc < start {
             continue;
-        }
-        // A threshold accepting so few tokens that even all-agree could not pass is
-        // skipped rather than failed: it depends on counts only, never on the labels.
-        if let Some(b) = config.bound {
-            if b.lower(acc, acc) < config.target_agreement {
-                continue;
-            }
         }
         let lower = match config.bound {
             Some(b) => b.lower(agr, acc),
@@ -266,6 +265,94 @@ pub fn calibrate_exit(records: &[Record], config: &CalibrationConfig) -> Result<
             escalation: 1.0,
         },
     })
+}
+
+/// Where the fixed sequence starts: the smallest accepted count at which the bound would
+/// pass if the true disagreement were half the allowed one (a power rule that depends on
+/// counts only, never on the labels, so the guarantee holds). When the validation set is
+/// too small for that, the smallest count at which perfect agreement would pass.
+fn sequence_start(b: &Bound, target: f64, n: u64) -> u64 {
+    let half = 1.0 - (1.0 - target) / 2.0;
+    let powered = |m: u64| b.lower((m as f64 * half).floor() as u64, m) >= target;
+    let perfect = |m: u64| b.lower(m, m) >= target;
+    first_true(n, powered)
+        .or_else(|| first_true(n, perfect))
+        .unwrap_or(n + 1)
+}
+
+/// Smallest `m` in `1..=n` with `f(m)`, by bisection for an (almost) monotone `f`: the
+/// answer depends on `n` and `f` only, which is all the guarantee needs.
+fn first_true(n: u64, f: impl Fn(u64) -> bool) -> Option<u64> {
+    if n == 0 || !f(n) {
+        return None;
+    }
+    let (mut lo, mut hi) = (0u64, n);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if f(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Some(hi)
+}
+
+/// Validation records of one exit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitRecords {
+    /// Depth of the exit.
+    pub depth: usize,
+    /// Its records (confidence with the family's measure, agreement with the deepest exit).
+    pub records: Vec<Record>,
+}
+
+/// Calibration of one exit, with the curve the planner uses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitCalibration {
+    /// Depth of the exit.
+    pub depth: usize,
+    /// The confidence measure the records were taken with.
+    pub measure: ConfidenceMeasure,
+    /// The threshold meeting the per-exit target with the least escalation.
+    pub calibration: Calibration,
+    /// Agreement-versus-threshold curve (agreement = the lower bound when the config has
+    /// one: conservative planning).
+    pub curve: Vec<CurvePoint>,
+}
+
+impl ExitCalibration {
+    /// The planner's view of this exit.
+    pub fn to_exit_spec(&self) -> crate::planner::ExitSpec {
+        crate::planner::ExitSpec {
+            depth: self.depth,
+            curve: self.curve.clone(),
+        }
+    }
+}
+
+/// Calibrates every exit of a family (what `flow-node model calibrate` runs on a
+/// validation set): per exit, [`calibrate_exit`] and [`agreement_curve`] with at most
+/// `max_curve_points` points. Exits are returned in increasing depth.
+pub fn calibrate_family(
+    measure: ConfidenceMeasure,
+    exits: &[ExitRecords],
+    config: &CalibrationConfig,
+    max_curve_points: usize,
+) -> Result<Vec<ExitCalibration>> {
+    let mut out = exits
+        .iter()
+        .map(|e| {
+            Ok(ExitCalibration {
+                depth: e.depth,
+                measure,
+                calibration: calibrate_exit(&e.records, config)?,
+                curve: agreement_curve(&e.records, max_curve_points, config.bound)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    out.sort_by_key(|e| e.depth);
+    Ok(out)
 }
 
 /// `k/n − sqrt(ln(1/δ)/(2n))`, clamped to `[0, 1]`; 0 when `n == 0`.
@@ -520,6 +607,31 @@ mod tests {
         let v = clopper_pearson_lower(95, 100, 0.05);
         assert!((v - 0.8975).abs() < 5e-4, "{v}");
         assert_eq!(clopper_pearson_lower(0, 10, 0.05), 0.0);
+    }
+
+    #[test]
+    fn family_calibration_feeds_the_planner() {
+        let exits = [
+            ExitRecords {
+                depth: 8,
+                records: synthetic(2000, 5),
+            },
+            ExitRecords {
+                depth: 4,
+                records: synthetic(2000, 4),
+            },
+        ];
+        let cfg = CalibrationConfig {
+            target_agreement: 0.9,
+            ..Default::default()
+        };
+        let cal = calibrate_family(ConfidenceMeasure::Margin, &exits, &cfg, 8).unwrap();
+        assert_eq!(cal.iter().map(|c| c.depth).collect::<Vec<_>>(), vec![4, 8]);
+        let spec = cal[0].to_exit_spec();
+        assert_eq!(spec.curve.len(), 8);
+        assert!(cal.iter().all(|c| c.calibration.threshold.is_some()));
+        let json = serde_json::to_string(&cal[1]).unwrap();
+        assert!(json.contains("\"margin\""), "{json}");
     }
 
     #[test]

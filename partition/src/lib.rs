@@ -11,7 +11,7 @@
 //! | fit a node's profile from self-benchmark samples | [`profile::fit_node_profile`], [`profile::fit_linear`] |
 //! | cache key for a profile | [`profile::ProfileKey`] (`file_stem()`) |
 //! | smooth RTT/goodput samples of a link | [`link::LinkEstimator`] (`observe`, `planning_estimate`) |
-//! | agreement curve and threshold of an exit | [`calibrate::agreement_curve`], [`calibrate::calibrate_exit`] |
+//! | agreement curve and threshold of an exit | [`calibrate::agreement_curve`], [`calibrate::calibrate_exit`], whole family: [`calibrate::calibrate_family`] |
 //! | choose a plan | [`planner::plan`] (also [`planner::cloud_only`], [`planner::device_only`], [`planner::best_static_split`]) |
 //! | explain it | [`planner::Plan::explain`] |
 //! | re-predict a plan under new estimates | [`planner::reevaluate`] |
@@ -88,8 +88,8 @@ pub mod profile;
 pub mod replan;
 
 pub use calibrate::{
-    agreement_curve, calibrate_exit, Bound, BoundKind, Calibration, CalibrationConfig,
-    ConfidenceMeasure, CurvePoint, Record,
+    agreement_curve, calibrate_exit, calibrate_family, Bound, BoundKind, Calibration,
+    CalibrationConfig, ConfidenceMeasure, CurvePoint, ExitCalibration, ExitRecords, Record,
 };
 pub use degrade::{
     choose_parent, decide, DegradeDecision, DegradePolicy, DegradeReason, EscalationContext,

@@ -107,6 +107,8 @@ pub(crate) fn search(input: &PlanInput, mode: PlanMode) -> Result<Plan> {
     let mut per_split: Vec<SplitBest> = Vec::new();
     // For error reporting.
     let mut least_overflow: Option<(u64, Cand)> = None;
+    // The fastest candidate rejected for memory, link saturation and accuracy.
+    let mut fastest_rejected: [Option<SplitBest>; 3] = [None, None, None];
     let mut best_fitting_agreement: Option<(f64, Cand)> = None;
     let mut any_unsaturated = false;
     let mut saturated_example: Option<Cand> = None;
@@ -174,6 +176,23 @@ pub(crate) fn search(input: &PlanInput, mode: PlanMode) -> Result<Plan> {
                 }
                 Some(Verdict::Slower { .. }) => {}
             }
+            let slot = match &ev.verdict {
+                Some(Verdict::OverMemory { .. }) => Some(0),
+                Some(Verdict::LinkSaturated { .. }) => Some(1),
+                Some(Verdict::BelowAccuracy { .. }) => Some(2),
+                _ => None,
+            };
+            if let Some(k) = slot {
+                if fastest_rejected[k]
+                    .as_ref()
+                    .is_none_or(|r| ev.score < r.eval.score)
+                {
+                    fastest_rejected[k] = Some(SplitBest {
+                        cand: cand.clone(),
+                        eval: ev.clone(),
+                    });
+                }
+            }
             let feasible = ev.verdict.is_none();
             let eligible = if mode == PlanMode::DeviceOnly {
                 matches!(ev.verdict, None | Some(Verdict::BelowAccuracy { .. }))
@@ -219,14 +238,22 @@ pub(crate) fn search(input: &PlanInput, mode: PlanMode) -> Result<Plan> {
     let ev = p.evaluate(&cand, true, enforce);
     let mut plan = to_plan(mode, &p, ev);
 
-    // Alternatives: the best candidate of every other split, by score.
+    // Alternatives: the best candidate of every other split, and the fastest candidate
+    // rejected for each constraint when it would have beaten the plan, by score.
     per_split.retain(|sb| sb.cand.bounds != cand.bounds);
+    for r in fastest_rejected.into_iter().flatten() {
+        if r.eval.score < plan.score && !per_split.iter().any(|sb| sb.cand == r.cand) {
+            per_split.push(r);
+        }
+    }
     per_split.sort_by(|a, b| {
         a.eval
             .score
             .total_cmp(&b.eval.score)
             .then_with(|| b.eval.agreement.total_cmp(&a.eval.agreement))
             .then_with(|| a.cand.bounds.cmp(&b.cand.bounds))
+            .then_with(|| a.cand.decisions.cmp(&b.cand.decisions))
+            .then_with(|| a.cand.encs.cmp(&b.cand.encs))
     });
     plan.alternatives = per_split
         .iter()

@@ -145,6 +145,13 @@ fn plans_the_reference_setup() {
         assert!(text.contains(needle), "missing {needle}:\n{text}");
     }
     assert_eq!(p.alternatives.len(), inp.config.alternatives);
+    // A faster plan below the accuracy target is named as such.
+    assert!(
+        p.alternatives
+            .iter()
+            .any(|a| matches!(a.verdict, Verdict::BelowAccuracy { .. })),
+        "{text}"
+    );
     // Breakdown adds up.
     let sum: f64 = p
         .tiers
