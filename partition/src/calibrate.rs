@@ -107,6 +107,7 @@ impl Bound {
 
 /// What [`calibrate_exit`] needs.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CalibrationConfig {
     /// Required agreement among accepted tokens, e.g. 0.97.
     pub target_agreement: f64,

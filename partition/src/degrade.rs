@@ -11,6 +11,7 @@ use crate::error::{check_non_negative, Error, Result};
 
 /// Safety settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DegradePolicy {
     /// Multiplier on the predicted escalation time (>= 1 in practice).
     pub safety_factor: f64,

@@ -94,6 +94,7 @@ impl LinkSample {
 
 /// Configuration of a [`LinkEstimator`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LinkEstimatorConfig {
     /// EWMA half-life (ms).
     pub half_life_ms: f64,

@@ -30,6 +30,7 @@ use crate::planner::{plan, reevaluate, Plan, PlanInput};
 
 /// Hysteresis settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ReplanConfig {
     /// Relative band, e.g. 0.3 for ±30%.
     pub band: f64,

@@ -128,6 +128,7 @@ impl EncodingChoice {
 
 /// Request shape the plan is optimised for.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Workload {
     /// Prompt length.
     pub prompt_tokens: u32,
@@ -165,6 +166,7 @@ pub enum BackfillMode {
 
 /// The weights turning latency, device energy and cloud compute into one score (ms).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Objective {
     /// ms of latency one joule of device energy is worth (0: ignore energy).
     pub device_energy_ms_per_joule: f64,
@@ -174,6 +176,7 @@ pub struct Objective {
 
 /// Planner settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PlannerConfig {
     /// Required predicted agreement with the deepest exit, e.g. 0.97.
     pub accuracy_target: f64,

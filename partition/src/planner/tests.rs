@@ -502,3 +502,10 @@ fn ruyi_sized_search_time() {
     let p = plan(&inp).unwrap();
     println!("{:?} for {}", start.elapsed(), p.summary());
 }
+
+#[test]
+fn config_fields_default_when_missing() {
+    let c: PlannerConfig = serde_json::from_str(r#"{"accuracy_target": 0.95}"#).unwrap();
+    assert_eq!(c.accuracy_target, 0.95);
+    assert_eq!(c.workload, Workload::default());
+}
