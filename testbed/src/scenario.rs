@@ -204,13 +204,15 @@ impl Scenario {
                         .map_err(|e| err(params.span(), "params", e.to_string()))?;
                     (Action::DegradeLink(change), true)
                 }
-                other => return Err(err(
-                    ev.action.span(),
-                    "action",
-                    format!(
+                other => {
+                    return Err(err(
+                        ev.action.span(),
+                        "action",
+                        format!(
                         "unknown action `{other}` (kill, restart, partition, heal, degrade_link)"
                     ),
-                )),
+                    ))
+                }
             };
             if !matches!(action, Action::DegradeLink(_)) {
                 if let Some(p) = &ev.params {

@@ -348,7 +348,7 @@ impl SyntheticConfig {
                 "must both be positive",
             ));
         }
-        if !(self.zipf_a > 0.0) {
+        if !(self.zipf_a.is_finite() && self.zipf_a > 0.0) {
             return Err(Error::config("zipf_a", "must be positive"));
         }
         for (name, (lo, hi)) in [
@@ -363,7 +363,7 @@ impl SyntheticConfig {
             }
         }
         if self.models.is_empty()
-            || self.models.iter().any(|(_, w)| !(*w >= 0.0))
+            || self.models.iter().any(|(_, w)| !w.is_finite() || *w < 0.0)
             || self.models.iter().all(|(_, w)| *w == 0.0)
         {
             return Err(Error::config(

@@ -130,6 +130,15 @@ impl PlotData {
     }
 }
 
+/// Tick labels without trailing ".0" on large values (the monospace "." is wide).
+fn tick(v: &f64) -> String {
+    if v.abs() >= 10.0 || v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
 fn cdf_points(sorted: &[f64]) -> Vec<(f64, f64)> {
     let n = sorted.len() as f64;
     sorted
@@ -168,6 +177,8 @@ fn draw_cdf<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotData) -> 
         .y_desc("fraction of requests")
         .axis_desc_style((FONT, 18))
         .label_style((FONT, 15))
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .draw()
         .map_err(e2s)?;
     chart
@@ -240,6 +251,8 @@ fn draw_timeseries<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotDa
         .y_desc("latency (ms)")
         .axis_desc_style((FONT, 18))
         .label_style((FONT, 15))
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .draw()
         .map_err(e2s)?;
     chart
@@ -295,6 +308,8 @@ fn draw_throughput<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotDa
         .y_desc("requests per second")
         .axis_desc_style((FONT, 18))
         .label_style((FONT, 15))
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .draw()
         .map_err(e2s)?;
     let pts = |v: &[f64]| {

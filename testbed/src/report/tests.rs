@@ -24,7 +24,7 @@ pub(super) fn sample_input() -> ReportInput {
     let mut records = Vec::new();
     for id in 0..100u64 {
         let r = match id % 25 {
-            0 | 1 | 2 => rec(
+            0..=2 => rec(
                 id,
                 Outcome::Error(if id % 2 == 0 {
                     "timeout".into()

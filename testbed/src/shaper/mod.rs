@@ -8,6 +8,7 @@
 //!   time or a drop. Deterministic (seeded), tested with virtual time.
 //! - [`LinkSchedule`] / [`ScheduledLink`]: parameter changes over time (TOML file).
 //! - [`ShaperHandle::spawn`]: the tokio relay; works on loopback without Docker.
+//! - [`bench`]: accuracy probes of the real relay (delay, rate, loss).
 //!
 //! ```no_run
 //! # async fn demo() -> flow_testbed::Result<()> {
@@ -21,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
 mod model;
 mod relay;
 mod schedule;
