@@ -8,7 +8,7 @@
 //!   time or a drop. Deterministic (seeded), tested with virtual time.
 //! - [`LinkSchedule`] / [`ScheduledLink`]: parameter changes over time (TOML file).
 //! - [`ShaperHandle::spawn`]: the tokio relay; works on loopback without Docker.
-//! - [`bench`]: accuracy probes of the real relay (delay, rate, loss).
+//! - [`bench`](mod@bench): accuracy probes of the real relay (delay, rate, loss).
 //!
 //! ```no_run
 //! # async fn demo() -> flow_testbed::Result<()> {
