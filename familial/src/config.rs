@@ -525,11 +525,10 @@ impl ModelConfig {
         let points = self.exit_points();
         if self.layout == Layout::RuyiQwen2 {
             put("early_exit_points", serde_json::json!(points));
-            put("default_early_exit_point", self.last_exit().point.into());
-            put(
-                "shared_heads",
-                matches!(self.last_exit().head, HeadRef::Shared).into(),
-            );
+            if let Some(last) = self.exits.last() {
+                put("default_early_exit_point", last.point.into());
+                put("shared_heads", matches!(last.head, HeadRef::Shared).into());
+            }
         } else if points.len() > 1 {
             put("aiflow_exit_points", serde_json::json!(points));
         }
