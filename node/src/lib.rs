@@ -1,1 +1,28 @@
-//! flow-node: the aiflow agent.
+//! # flow-node: the aiflow agent
+//!
+//! Every tier of a device → edge → cloud cluster runs the same [`Agent`]. A node hosts a
+//! [`Stage`] of a familial model — trunk layers `[a, b)` and the exit at `b` — and decides
+//! per token whether its exit is confident enough to answer or whether to ship the hidden
+//! state to its parent, which continues from layer `b` with no recomputation.
+//!
+//! Entry points:
+//! - [`Agent::start`] with an [`AgentConfig`]: load the node's part of the model (mmap,
+//!   only the hosted tensors), start the engine thread, listen for children over QUIC with
+//!   mutual TLS, connect to the parent.
+//! - [`Agent::generate`] on the entry node: a stream of [`GenEvent`]s, in one of four
+//!   modes ([`flow_protocol::InferMode`]): `route` (one exit for the whole request),
+//!   `escalate` (per-token confidence escalation with exact KV backfill), `speculate` (the
+//!   device drafts, the top tier verifies a whole draft in one batched pass), `local`.
+//! - [`engine`] — the compute thread with continuous batching across sessions;
+//!   [`tier`] — one tier's per-request logic; [`metrics`] — Prometheus text.
+
+pub mod agent;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod parent;
+pub mod tier;
+
+pub use agent::{Agent, AgentConfig, GenEvent, GenStats, GenerateRequest};
+pub use engine::{EngineConfig, Stage};
+pub use error::{NodeError, Result};
