@@ -72,9 +72,18 @@ pub fn init_ca(dir: &Path) -> Result<CertFiles> {
             ),
         ));
     }
+    let key = KeyPair::generate().map_err(tls("CA key"))?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(tls("CA parameters"))?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "aiflow cluster CA");
+    // A per-CA suffix so certificates from another cluster fail as "unknown issuer".
+    let id: String = key
+        .public_key_raw()
+        .iter()
+        .rev()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    dn.push(DnType::CommonName, format!("aiflow cluster CA {id}"));
     dn.push(DnType::OrganizationName, "aiflow");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -85,7 +94,6 @@ pub fn init_ca(dir: &Path) -> Result<CertFiles> {
     ];
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2099, 1, 1);
-    let key = KeyPair::generate().map_err(tls("CA key"))?;
     let cert = params.self_signed(&key).map_err(tls("CA certificate"))?;
     fs::write(&files.cert, cert.pem())?;
     write_key(&files.key, &key.serialize_pem())?;

@@ -156,7 +156,7 @@ fn tls_err(what: &'static str) -> impl Fn(rustls::Error) -> Error {
     move |e| Error::Tls(format!("{what}: {e}"))
 }
 
-fn roots(ca: &PathBuf) -> Result<RootCertStore> {
+fn roots(ca: &std::path::Path) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for c in certs::load_certs(ca)? {
         roots.add(c).map_err(tls_err("CA certificate"))?;
