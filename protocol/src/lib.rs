@@ -48,6 +48,8 @@ pub mod tensor;
 #[cfg(feature = "transport")]
 pub mod transport;
 
+/// Re-exported: [`WireTensor::bytes`] hands out `bytes::Bytes`.
+pub use bytes;
 pub use codec::{Codec, Compression, FrameDecoder, MAGIC, PREFIX_LEN};
 pub use error::{Error, Result};
 pub use limits::Limits;

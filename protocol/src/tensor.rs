@@ -390,12 +390,7 @@ where
     }
 }
 
-/// Round to nearest (ties to even) by the float-add trick; exact for |x| < 2^22.
-#[inline(always)]
-fn round_small(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
-    (x + MAGIC) - MAGIC
-}
+const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer (ties to even)
 
 fn encode_int8(data: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>> {
     let mut out = vec![0u8; rows * 4 + data.len()];
@@ -408,25 +403,27 @@ fn encode_int8(data: &[f32], rows: usize, cols: usize) -> Result<Vec<u8>> {
         .zip(qs.chunks_exact_mut(cols))
         .enumerate()
     {
-        let mut absmax = 0f32;
-        let mut poison = 0f32;
-        for &x in row {
-            absmax = absmax.max(x.abs());
-            poison += x * 0.0; // NaN if any element is NaN or infinite
-        }
-        if !poison.is_finite() || !absmax.is_finite() {
+        // |x| as bits orders like |x| for finite values; inf/NaN are >= 0x7f80_0000.
+        // Integer max vectorises; f32::max with its NaN rules does not.
+        let max_bits = row
+            .iter()
+            .fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+        if max_bits >= 0x7f80_0000 {
             let index = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
             return Err(Error::NonFinite {
                 field: "int8 input",
                 index: r * cols + index,
             });
         }
+        let absmax = f32::from_bits(max_bits);
         let scale = absmax / 127.0;
         let inv = if absmax > 0.0 { 127.0 / absmax } else { 0.0 };
         scales[r * 4..r * 4 + 4].copy_from_slice(&scale.to_le_bytes());
         for (q, &x) in qrow.iter_mut().zip(row) {
-            let v = round_small(x * inv).clamp(-127.0, 127.0);
-            *q = (v as i8) as u8;
+            // After adding MAGIC the low mantissa bits hold round(y) in two's complement,
+            // so the low byte is round(y) as i8 — no float→int conversion in the loop.
+            let y = (x * inv).clamp(-127.0, 127.0);
+            *q = (y + MAGIC).to_bits() as u8;
         }
     }
     Ok(out)

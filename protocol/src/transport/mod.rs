@@ -44,6 +44,8 @@ use crate::error::{Error, Result};
 use crate::handshake::negotiate;
 use crate::limits::Limits;
 use crate::message::{ErrorCode, Hello, Message, Role};
+/// The quinn version this transport is built on (for benchmarks comparing against raw quinn).
+pub use quinn;
 pub use stats::ConnStats;
 
 /// ALPN protocol id.
@@ -128,6 +130,25 @@ impl EndpointConfig {
             connection_receive_window: 256 << 20,
             send_window: 64 << 20,
         }
+    }
+
+    /// The quinn server configuration this endpoint uses (TLS + transport settings), for
+    /// baselines such as raw-quinn benchmarks.
+    pub fn quinn_server_config(&self) -> Result<quinn::ServerConfig> {
+        let crypto = QuicServerConfig::try_from(server_crypto(&self.security)?)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(self.transport()?);
+        Ok(server)
+    }
+
+    /// The quinn client configuration this endpoint uses.
+    pub fn quinn_client_config(&self) -> Result<quinn::ClientConfig> {
+        let crypto = QuicClientConfig::try_from(client_crypto(&self.security)?)
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+        c.transport_config(self.transport()?);
+        Ok(c)
     }
 
     fn transport(&self) -> Result<Arc<quinn::TransportConfig>> {
@@ -322,23 +343,11 @@ impl Endpoint {
         Ok(())
     }
 
-    fn client_config(cfg: &EndpointConfig) -> Result<quinn::ClientConfig> {
-        let crypto = QuicClientConfig::try_from(client_crypto(&cfg.security)?)
-            .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-        c.transport_config(cfg.transport()?);
-        Ok(c)
-    }
-
     /// Bind a server (that can also connect out) on `cfg.bind`.
     pub fn server(cfg: EndpointConfig) -> Result<Self> {
         Self::check_loopback(&cfg, cfg.bind)?;
-        let crypto = QuicServerConfig::try_from(server_crypto(&cfg.security)?)
-            .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(cfg.transport()?);
-        let mut inner = quinn::Endpoint::server(server, cfg.bind)?;
-        inner.set_default_client_config(Self::client_config(&cfg)?);
+        let mut inner = quinn::Endpoint::server(cfg.quinn_server_config()?, cfg.bind)?;
+        inner.set_default_client_config(cfg.quinn_client_config()?);
         Ok(Endpoint {
             inner,
             cfg: Arc::new(cfg),
@@ -349,7 +358,7 @@ impl Endpoint {
     pub fn client(cfg: EndpointConfig) -> Result<Self> {
         Self::check_loopback(&cfg, cfg.bind)?;
         let mut inner = quinn::Endpoint::client(cfg.bind)?;
-        inner.set_default_client_config(Self::client_config(&cfg)?);
+        inner.set_default_client_config(cfg.quinn_client_config()?);
         Ok(Endpoint {
             inner,
             cfg: Arc::new(cfg),
