@@ -110,8 +110,7 @@ impl Codec {
             let raw = t.bytes().clone();
             let section = match self.compression {
                 Compression::Zstd { level } if raw.len() >= ZSTD_MIN_BYTES => {
-                    let packed = zstd::bulk::compress(&raw, level)
-                        .map_err(|e| Error::Zstd(e.to_string()))?;
+                    let packed = zstd_compress(&raw, level)?;
                     if packed.len() < raw.len() {
                         (SECTION_ZSTD, Bytes::from(packed))
                     } else {
@@ -185,6 +184,47 @@ impl Codec {
             )),
         }
     }
+}
+
+thread_local! {
+    /// zstd contexts are expensive to set up (tens of µs); keep one per thread.
+    static ZSTD_C: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static ZSTD_D: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn zstd_err(e: std::io::Error) -> Error {
+    Error::Zstd(e.to_string())
+}
+
+fn zstd_compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
+    ZSTD_C.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        match slot.as_mut() {
+            Some((l, c)) if *l == level => c.compress(data).map_err(zstd_err),
+            _ => {
+                let mut c = zstd::bulk::Compressor::new(level).map_err(zstd_err)?;
+                let out = c.compress(data).map_err(zstd_err)?;
+                *slot = Some((level, c));
+                Ok(out)
+            }
+        }
+    })
+}
+
+/// Decompress into at most `capacity` bytes (zstd errors if the output would be larger).
+fn zstd_decompress(data: &[u8], capacity: usize) -> Result<Vec<u8>> {
+    ZSTD_D.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new().map_err(zstd_err)?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(data, capacity).map_err(zstd_err),
+            None => Err(Error::Zstd("no decompression context".into())),
+        }
+    })
 }
 
 fn ser<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -431,8 +471,7 @@ fn decode_frame(kind: u8, header: &[u8], mut payload: Bytes, limits: &Limits) ->
                     });
                 }
                 // Capacity is bounded by the checked shape; zstd errors if output would exceed it.
-                let raw = zstd::bulk::decompress(&data, expected as usize)
-                    .map_err(|e| Error::Zstd(e.to_string()))?;
+                let raw = zstd_decompress(&data, expected as usize)?;
                 if raw.len() as u64 != expected {
                     return Err(Error::LengthMismatch {
                         field: "tensor.bytes",

@@ -93,7 +93,8 @@ struct CodecRow {
     max_abs_err: f32,
 }
 
-/// Tensor encode + frame encode + frame decode + tensor decode into a reused buffer.
+/// Tensor encode + frame encode (chunks, as the transport writes them) + incremental frame
+/// decode + tensor decode into a reused buffer.
 fn time_pipeline(
     data: &[f32],
     shape: &[usize],
@@ -106,10 +107,15 @@ fn time_pipeline(
     for _ in 0..iters {
         let t0 = Instant::now();
         let t = WireTensor::encode(data, shape, enc)?;
-        let bytes = codec.encode(&continue_msg(t, shape[0]))?;
-        let msg = codec.decode(&bytes)?;
-        if let Message::Continue(c) = msg {
+        let chunks = codec.encode_chunks(&continue_msg(t, shape[0]))?;
+        let mut dec = codec.decoder();
+        for c in &chunks {
+            dec.push(c);
+        }
+        if let Some(Message::Continue(c)) = dec.next_message()? {
             c.hidden.decode_into(&mut out)?;
+        } else {
+            anyhow::bail!("frame did not decode");
         }
         samples.push(t0.elapsed().as_secs_f64() * 1e6);
     }
