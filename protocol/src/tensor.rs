@@ -219,7 +219,9 @@ impl WireTensor {
 
     /// Number of elements (product of the shape).
     pub fn elements(&self) -> usize {
-        self.shape.iter().map(|&d| d as usize).product()
+        self.shape
+            .iter()
+            .fold(1usize, |a, &d| a.saturating_mul(d as usize))
     }
 
     /// Check shape against `limits` and the byte length against shape × encoding.
