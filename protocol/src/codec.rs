@@ -98,6 +98,7 @@ impl Codec {
                 limit: self.limits.max_header_bytes,
             });
         }
+        msg.check_consistency()?;
         let tensors = msg.tensors();
         Limits::check(
             "tensors",
@@ -426,6 +427,7 @@ fn parse_prefix(p: &[u8], limits: &Limits) -> Result<Prefix> {
 
 fn decode_frame(kind: u8, header: &[u8], mut payload: Bytes, limits: &Limits) -> Result<Message> {
     let mut msg = decode_header(kind, header)?;
+    msg.check_consistency()?;
     let mut decompressed: u64 = 0;
     let tensors = msg.tensors_mut();
     Limits::check("tensors", tensors.len() as u64, limits.max_tensors as u64)?;

@@ -494,6 +494,57 @@ impl Message {
         })
     }
 
+    /// Structural consistency that shapes alone do not give: hidden-state tensors are
+    /// `[positions, hidden]` with one row per listed position (and per drafted token), and
+    /// hosted layer ranges are ordered. The codec checks this on encode and decode.
+    pub fn check_consistency(&self) -> crate::Result<()> {
+        fn rows(field: &'static str, t: &WireTensor, n: usize) -> crate::Result<()> {
+            match t.shape() {
+                [r, _] if *r as usize == n => Ok(()),
+                [r, _] => Err(crate::Error::LengthMismatch {
+                    field,
+                    expected: n as u64,
+                    got: u64::from(*r),
+                }),
+                other => Err(crate::Error::malformed(
+                    field,
+                    format!(
+                        "hidden states must be [positions, hidden], got rank {}",
+                        other.len()
+                    ),
+                )),
+            }
+        }
+        match self {
+            Message::Continue(c) => {
+                rows("continue.positions", &c.hidden, c.positions.len())?;
+                if let Some(b) = &c.backfill {
+                    rows("backfill.positions", &b.hidden, b.positions.len())?;
+                }
+            }
+            Message::Draft(d) => {
+                rows("draft.positions", &d.hidden, d.positions.len())?;
+                if d.tokens.len() != d.positions.len() {
+                    return Err(crate::Error::LengthMismatch {
+                        field: "draft.tokens",
+                        expected: d.positions.len() as u64,
+                        got: d.tokens.len() as u64,
+                    });
+                }
+            }
+            Message::Hello(h) => {
+                if let Some(r) = h.hosted.iter().find(|r| r.start > r.end) {
+                    return Err(crate::Error::malformed(
+                        "hello.hosted",
+                        format!("layer range {}..{} is reversed", r.start, r.end),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// The tensors whose bytes travel in the payload, in payload order.
     pub fn tensors(&self) -> Vec<&WireTensor> {
         match self {

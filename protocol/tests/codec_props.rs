@@ -42,10 +42,22 @@ fn values(n: usize) -> impl Strategy<Value = Vec<f32>> {
     )
 }
 
-fn tensor() -> impl Strategy<Value = WireTensor> {
-    (0usize..6, 0usize..40, encoding()).prop_flat_map(|(rows, cols, enc)| {
+fn tensor_with_rows(rows: usize) -> impl Strategy<Value = WireTensor> {
+    (0usize..40, encoding()).prop_flat_map(move |(cols, enc)| {
         values(rows * cols)
             .prop_map(move |v| WireTensor::encode(&v, &[rows, cols], enc).expect("valid tensor"))
+    })
+}
+
+fn tensor() -> impl Strategy<Value = WireTensor> {
+    (0usize..6).prop_flat_map(tensor_with_rows)
+}
+
+/// Positions and a `[positions, hidden]` tensor with one row per position.
+fn states() -> impl Strategy<Value = (Vec<u32>, WireTensor)> {
+    prop::collection::vec(any::<u32>(), 0..6).prop_flat_map(|pos| {
+        let n = pos.len();
+        tensor_with_rows(n).prop_map(move |t| (pos.clone(), t))
     })
 }
 
@@ -77,7 +89,7 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u16>(),
         any::<u16>(),
         any::<[u8; 32]>(),
-        prop::collection::vec((any::<u32>(), any::<u32>(), any::<[u8; 32]>()), 0..3),
+        prop::collection::vec((0u32..100, 0u32..100, any::<[u8; 32]>()), 0..3),
         (any::<u32>(), any::<u32>(), any::<f32>(), any::<u64>()),
     )
         .prop_map(|(node_id, role, v, mv, digest, hosted, cap)| {
@@ -92,7 +104,11 @@ fn message() -> impl Strategy<Value = Message> {
                 },
                 hosted: hosted
                     .into_iter()
-                    .map(|(start, end, digest)| HostedLayers { start, end, digest })
+                    .map(|(a, b, digest)| HostedLayers {
+                        start: a.min(b),
+                        end: a.max(b),
+                        digest,
+                    })
                     .collect(),
                 capacity: Capacity {
                     max_sessions: cap.0,
@@ -123,10 +139,9 @@ fn message() -> impl Strategy<Value = Message> {
     let cont = (
         any::<u64>(),
         any::<u64>(),
-        prop::collection::vec(any::<u32>(), 0..8),
         any::<u32>(),
-        tensor(),
-        prop::option::of((prop::collection::vec(any::<u32>(), 0..8), tensor())),
+        states(),
+        prop::option::of(states()),
         sampling(),
         any::<Option<u32>>(),
     )
@@ -134,9 +149,8 @@ fn message() -> impl Strategy<Value = Message> {
             |(
                 request_id,
                 session_id,
-                positions,
                 layer,
-                hidden,
+                (positions, hidden),
                 backfill,
                 sampling,
                 deadline_ms,
@@ -156,14 +170,13 @@ fn message() -> impl Strategy<Value = Message> {
     let draft = (
         any::<u64>(),
         any::<u64>(),
-        prop::collection::vec(any::<u32>(), 0..8),
         any::<u32>(),
-        prop::collection::vec(any::<u32>(), 0..8),
-        tensor(),
+        states(),
         any::<Option<u32>>(),
     )
         .prop_map(
-            |(request_id, session_id, positions, layer, tokens, hidden, deadline_ms)| {
+            |(request_id, session_id, layer, (positions, hidden), deadline_ms)| {
+                let tokens = positions.iter().map(|p| p.wrapping_mul(31)).collect();
                 Message::Draft(Draft {
                     request_id,
                     session_id,
@@ -485,6 +498,29 @@ fn tensor_shape_over_limits_is_a_typed_error_and_stream_continues() {
         other => panic!("expected LimitExceeded(dim), got {other:?}"),
     }
     assert_eq!(dec.next_message().unwrap(), Some(ok));
+}
+
+#[test]
+fn inconsistent_messages_are_refused() {
+    let hidden = WireTensor::encode(&[0.0; 6], &[2, 3], Encoding::F32).unwrap();
+    let msg = Message::Continue(Continue {
+        request_id: 1,
+        session_id: 1,
+        positions: vec![0, 1, 2],
+        layer: 1,
+        hidden,
+        backfill: None,
+        sampling: Sampling::default(),
+        deadline_ms: None,
+    });
+    assert!(matches!(
+        Codec::default().encode(&msg),
+        Err(Error::LengthMismatch {
+            field: "continue.positions",
+            expected: 3,
+            got: 2
+        })
+    ));
 }
 
 #[test]
