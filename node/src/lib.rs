@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod engine;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod parent;
 pub mod tier;

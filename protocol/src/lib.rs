@@ -1,1 +1,62 @@
-//! flow_protocol: filled in by its issue.
+//! # flow-protocol: the aiflow wire
+//!
+//! Nodes of a device → edge → cloud chain ship hidden states ("continue from layer k with
+//! these activations") and stream tokens back. This crate is everything on the wire:
+//!
+//! - **Messages** ([`message`]): [`Hello`] (version + model negotiation), [`Heartbeat`],
+//!   [`Continue`], [`Draft`]/[`Verdict`] (speculative decoding), [`Tokens`], [`Cancel`],
+//!   [`Done`], [`Probe`]/[`ProbeReply`], and typed errors ([`ErrorMsg`] + [`ErrorCode`]).
+//! - **Framing** ([`codec`]): magic, version, kind, header length, payload length, a
+//!   postcard header, then raw little-endian tensor bytes. [`Codec`] encodes;
+//!   [`FrameDecoder`] decodes incrementally (push bytes, pull messages) and checks every
+//!   length against [`Limits`] *before* allocating (invariant I6).
+//! - **Tensors** ([`tensor`]): [`WireTensor`] in f32, f16, bf16 or int8 with per-row
+//!   scales ([`Encoding`]), optional zstd per link ([`Compression`]).
+//! - **Negotiation** ([`handshake::negotiate`]): protocol version ranges, model
+//!   fingerprint, peer role.
+//! - **Transport** ([`transport`], feature `transport`, the only place with tokio): QUIC
+//!   via quinn + rustls (ring provider, TLS 1.3, ALPN `aiflow/1`), mutual TLS against a
+//!   cluster CA with the node's role bound in its certificate ([`transport::certs`]), one
+//!   stream per request session, per-connection stats for the planner.
+//!
+//! Everything except [`transport`] is sans-IO: no sockets, no clocks, plain functions and
+//! structs, so the hard cases are unit tests.
+//!
+//! ```
+//! use flow_protocol::{Codec, Continue, Encoding, Limits, Message, Sampling, WireTensor};
+//! let hidden = WireTensor::encode(&[0.5f32; 2 * 8], &[2, 8], Encoding::F16)?;
+//! let msg = Message::Continue(Continue {
+//!     request_id: 1, session_id: 1, positions: vec![0, 1], layer: 4, hidden,
+//!     backfill: None, sampling: Sampling::default(), deadline_ms: Some(500),
+//!     policy: Default::default(),
+//! });
+//! let codec = Codec::new(Limits::default());
+//! let bytes = codec.encode(&msg)?;
+//! let mut dec = codec.decoder();
+//! dec.push(&bytes[..10]);
+//! assert!(dec.next_message()?.is_none()); // needs more bytes
+//! dec.push(&bytes[10..]);
+//! assert_eq!(dec.next_message()?, Some(msg));
+//! # Ok::<(), flow_protocol::Error>(())
+//! ```
+
+pub mod codec;
+pub mod error;
+pub mod handshake;
+pub mod limits;
+pub mod message;
+pub mod tensor;
+#[cfg(feature = "transport")]
+pub mod transport;
+
+/// Re-exported: [`WireTensor::bytes`] hands out `bytes::Bytes`.
+pub use bytes;
+pub use codec::{Codec, Compression, FrameDecoder, MAGIC, PREFIX_LEN};
+pub use error::{Error, Result};
+pub use limits::Limits;
+pub use message::{
+    Backfill, Cancel, Capacity, ConfidenceMeasure, Continue, Done, DoneStats, Draft, ErrorCode, ErrorMsg, Heartbeat,
+    Hello, HostedLayers, InferMode, Load, ExitThreshold, Message, ModelFingerprint, Policy, Probe, ProbeReply, Role, Sampling,
+    TokenOut, Tokens, Verdict, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+pub use tensor::{Encoding, WireTensor};

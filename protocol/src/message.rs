@@ -1,0 +1,707 @@
+//! The messages nodes exchange.
+//!
+//! Each [`Message`] variant is one frame kind ([`Message::kind`]). Scalar fields travel in the
+//! postcard header; [`WireTensor`]s contribute only their shape and encoding to the header and
+//! their bytes to the frame payload (see [`crate::codec`]).
+//!
+//! Typical flows:
+//! - connection start (control stream): `Hello` ⇄ `Hello` (or `Error` with
+//!   [`ErrorCode::VersionMismatch`] / [`ErrorCode::ModelMismatch`]), then `Heartbeat`s and
+//!   `Probe`/`ProbeReply`.
+//! - one request session (its own stream): child → parent `Continue` (and later `Draft`s,
+//!   `Cancel`), parent → child `Tokens`*, `Verdict`s, `Done` or `Error`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::tensor::WireTensor;
+
+/// Newest protocol version this build speaks (frame prefix and `Hello`).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Oldest protocol version this build still reads.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// A node's tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Camera, phone: embedding and the first layers.
+    Device,
+    /// Base station: middle layers.
+    Edge,
+    /// Data centre: the rest of the model.
+    Cloud,
+}
+
+impl Role {
+    /// Lowercase name as used in certificates and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Device => "device",
+            Role::Edge => "edge",
+            Role::Cloud => "cloud",
+        }
+    }
+
+    /// The role of the children a node of this role accepts by default (edge ← device,
+    /// cloud ← edge). Devices accept no children.
+    pub fn default_children(self) -> &'static [Role] {
+        match self {
+            Role::Device => &[],
+            Role::Edge => &[Role::Device],
+            Role::Cloud => &[Role::Edge],
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "device" => Ok(Role::Device),
+            "edge" => Ok(Role::Edge),
+            "cloud" => Ok(Role::Cloud),
+            other => Err(crate::Error::invalid(
+                "role",
+                format!("unknown role {other:?} (device|edge|cloud)"),
+            )),
+        }
+    }
+}
+
+/// Identity of the model family both ends must agree on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFingerprint {
+    /// Human-readable family name (e.g. `qwen2-familial-0.5b`).
+    pub family: String,
+    /// Digest of config + weights (e.g. SHA-256).
+    pub digest: [u8; 32],
+}
+
+/// A layer range a node hosts, with the digest of those layers' weights.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostedLayers {
+    /// First layer (inclusive).
+    pub start: u32,
+    /// Last layer (exclusive).
+    pub end: u32,
+    /// Digest of the weights of `start..end` (and their exits).
+    pub digest: [u8; 32],
+}
+
+/// What a node can take on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Concurrent sessions it accepts from this peer.
+    pub max_sessions: u32,
+    /// Largest batch (tokens per engine step).
+    pub max_batch_tokens: u32,
+    /// Rough compute speed, layers × tokens per second (planner hint).
+    pub layer_tokens_per_s: f32,
+    /// Free accelerator/host memory for KV, bytes.
+    pub free_memory_bytes: u64,
+}
+
+/// First message on the control stream, both directions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Stable node name (matches its certificate's DNS name under mTLS).
+    pub node_id: String,
+    /// The sender's tier.
+    pub role: Role,
+    /// Newest protocol version the sender speaks.
+    pub protocol_version: u16,
+    /// Oldest protocol version the sender accepts.
+    pub min_protocol_version: u16,
+    /// The model family the sender serves.
+    pub model: ModelFingerprint,
+    /// Layer ranges the sender hosts.
+    pub hosted: Vec<HostedLayers>,
+    /// What the sender can take on.
+    pub capacity: Capacity,
+}
+
+/// Current load, sent periodically on the control stream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    /// Sessions in progress.
+    pub active_sessions: u32,
+    /// Work items waiting for the engine.
+    pub queue_depth: u32,
+    /// Recent decode throughput, tokens per second.
+    pub tokens_per_s: f32,
+    /// Engine busy fraction, 0..=1.
+    pub utilisation: f32,
+}
+
+/// Liveness + load report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Monotonic sequence number.
+    pub seq: u64,
+    /// Sender's load.
+    pub load: Load,
+}
+
+/// Sampling parameters for a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus sampling threshold (1.0 = off).
+    pub top_p: f32,
+    /// Top-k (0 = off).
+    pub top_k: u32,
+    /// RNG seed for reproducible sampling.
+    pub seed: u64,
+    /// Tokens to generate at most.
+    pub max_new_tokens: u32,
+    /// Stop token ids.
+    pub stop_tokens: Vec<u32>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            max_new_tokens: 64,
+            stop_tokens: Vec::new(),
+        }
+    }
+}
+
+/// Hidden states of positions whose deeper KV slots are empty (tokens that exited at a
+/// shallower tier); the receiver runs them through its layers to fill its KV cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Backfill {
+    /// Positions of the rows of `hidden`.
+    pub positions: Vec<u32>,
+    /// `[positions, hidden]` states at the same layer as the `Continue`.
+    pub hidden: WireTensor,
+}
+
+/// How tiers decide for a request (fixed for the whole request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum InferMode {
+    /// One exit answers every token, chosen up front (`Policy::answer_exit`).
+    Route,
+    /// Per-token escalation: a tier answers when its exit is confident.
+    #[default]
+    Escalate,
+    /// The entry tier drafts `draft_len` tokens; the top tier verifies them in one pass.
+    Speculate,
+    /// Never leave the entry node.
+    Local,
+}
+
+impl std::str::FromStr for InferMode {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "route" => Ok(InferMode::Route),
+            "escalate" => Ok(InferMode::Escalate),
+            "speculate" => Ok(InferMode::Speculate),
+            "local" => Ok(InferMode::Local),
+            other => Err(crate::Error::invalid(
+                "mode",
+                format!("unknown mode {other:?} (route|escalate|speculate|local)"),
+            )),
+        }
+    }
+}
+
+impl InferMode {
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InferMode::Route => "route",
+            InferMode::Escalate => "escalate",
+            InferMode::Speculate => "speculate",
+            InferMode::Local => "local",
+        }
+    }
+}
+
+/// Which confidence number is compared with the thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+pub enum ConfidenceMeasure {
+    /// Largest softmax probability (in [0, 1]).
+    #[default]
+    MaxProb,
+    /// Top-1 minus top-2 probability (in [0, 1]).
+    Margin,
+    /// Negated entropy in nats (≤ 0).
+    NegEntropy,
+}
+
+/// Confidence threshold of one exit.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ExitThreshold {
+    /// Exit point.
+    pub exit: u32,
+    /// A tier answers when its exit's confidence is at least this.
+    pub threshold: f32,
+}
+
+/// The inference policy of a request, carried with every step so each tier decides alike.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Route, escalate, speculate or local.
+    pub mode: InferMode,
+    /// `Route`: the exit that answers (the first tier whose exit is at least this).
+    pub answer_exit: Option<u32>,
+    /// `Escalate`: per-exit thresholds (exits not listed use `default_threshold`).
+    pub thresholds: Vec<ExitThreshold>,
+    /// Threshold of exits not in `thresholds`.
+    pub default_threshold: f32,
+    /// Confidence measure.
+    pub measure: ConfidenceMeasure,
+    /// `Speculate`: tokens drafted per round.
+    pub draft_len: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            mode: InferMode::Escalate,
+            answer_exit: None,
+            thresholds: Vec::new(),
+            default_threshold: 0.9,
+            measure: ConfidenceMeasure::MaxProb,
+            draft_len: 4,
+        }
+    }
+}
+
+impl Policy {
+    /// The threshold of `exit`.
+    pub fn threshold_for(&self, exit: u32) -> f32 {
+        self.thresholds
+            .iter()
+            .find(|t| t.exit == exit)
+            .map(|t| t.threshold)
+            .unwrap_or(self.default_threshold)
+    }
+
+    /// Whether the measure is bounded by 1 (so a threshold above 1 means "always escalate").
+    pub fn measure_is_bounded(&self) -> bool {
+        matches!(
+            self.measure,
+            ConfidenceMeasure::MaxProb | ConfidenceMeasure::Margin
+        )
+    }
+}
+
+/// Continue the forward pass from `layer` with these hidden states.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Continue {
+    /// End-to-end request id (assigned by the entry node).
+    pub request_id: u64,
+    /// Session on this link.
+    pub session_id: u64,
+    /// Positions of the rows of `hidden`.
+    pub positions: Vec<u32>,
+    /// Layer index the receiver starts from (the sender ran `0..layer`).
+    pub layer: u32,
+    /// `[positions, hidden]` hidden states.
+    pub hidden: WireTensor,
+    /// KV backfill for earlier positions, if any.
+    pub backfill: Option<Backfill>,
+    /// Sampling parameters.
+    pub sampling: Sampling,
+    /// Time left for this step, relative, in ms (no clocks are shared between nodes).
+    pub deadline_ms: Option<u32>,
+    /// How tiers decide.
+    pub policy: Policy,
+}
+
+/// Speculative decoding: drafted tokens and their layer-`layer` hidden states.
+///
+/// `positions` are the rows of `hidden`: first the accepted tokens the verifier has not
+/// processed yet, then one row per drafted token. `tokens` are the drafts, one per row
+/// after the first `positions.len() - tokens.len()`; the verifier checks draft `i`
+/// against its own prediction from the row before it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Draft {
+    /// Request id.
+    pub request_id: u64,
+    /// Session id.
+    pub session_id: u64,
+    /// Positions of the rows of `hidden`.
+    pub positions: Vec<u32>,
+    /// Layer of `hidden`.
+    pub layer: u32,
+    /// Drafted token ids (fewer than `positions`).
+    pub tokens: Vec<u32>,
+    /// `[positions, hidden]` states to verify.
+    pub hidden: WireTensor,
+    /// Relative deadline in ms.
+    pub deadline_ms: Option<u32>,
+    /// Sampling parameters (the verifier samples per position, seeded).
+    pub sampling: Sampling,
+    /// The request's policy.
+    pub policy: Policy,
+}
+
+/// The verifier's answer to a `Draft`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Request id.
+    pub request_id: u64,
+    /// Session id.
+    pub session_id: u64,
+    /// Length of the accepted prefix of the draft.
+    pub accepted: u32,
+    /// The verifier's own next token (after the accepted prefix).
+    pub next_token: u32,
+    /// Tier that verified.
+    pub tier: Role,
+    /// Exit that produced `next_token`.
+    pub exit: u32,
+}
+
+/// One generated token with its provenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenOut {
+    /// Token id.
+    pub id: u32,
+    /// Position in the sequence.
+    pub position: u32,
+    /// Tier that produced it.
+    pub tier: Role,
+    /// Exit index that produced it.
+    pub exit: u32,
+    /// Confidence measure at that exit (max-prob, margin or 1-entropy, per plan).
+    pub confidence: f32,
+}
+
+/// Streamed results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tokens {
+    /// Request id.
+    pub request_id: u64,
+    /// Session id.
+    pub session_id: u64,
+    /// Tokens in order.
+    pub tokens: Vec<TokenOut>,
+    /// True when produced under degraded conditions (parent unreachable, deadline missed,
+    /// lossy fallback) so the answer may differ from the full model's.
+    pub degraded: bool,
+}
+
+/// Stop a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cancel {
+    /// Request id.
+    pub request_id: u64,
+    /// Session id.
+    pub session_id: u64,
+    /// Why (for logs).
+    pub reason: String,
+}
+
+/// Typed error codes carried by [`ErrorMsg`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Frame could not be parsed.
+    Malformed,
+    /// Protocol versions do not overlap.
+    VersionMismatch,
+    /// The peers serve different models.
+    ModelMismatch,
+    /// Unknown frame kind.
+    UnknownKind,
+    /// A length field exceeded the receiver's limit.
+    FrameTooLarge,
+    /// A tensor or list exceeded a limit.
+    LimitExceeded,
+    /// The peer already has `max_sessions_per_peer` sessions open.
+    TooManySessions,
+    /// A tensor had NaN/inf where finite values were required.
+    NonFinite,
+    /// Authentication or role check failed.
+    Unauthorized,
+    /// The peer's role is not one this node accepts.
+    RoleMismatch,
+    /// The deadline passed.
+    DeadlineExceeded,
+    /// The request was cancelled.
+    Cancelled,
+    /// The node is overloaded; retry elsewhere or later.
+    Overloaded,
+    /// Unknown request or session.
+    NotFound,
+    /// A message arrived that this state does not expect.
+    Unexpected,
+    /// Anything else.
+    Internal,
+}
+
+/// An error report; on a session stream it ends that session only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorMsg {
+    /// Typed code.
+    pub code: ErrorCode,
+    /// What happened and what to do, for humans.
+    pub message: String,
+    /// Request the error belongs to, if known.
+    pub request_id: Option<u64>,
+}
+
+/// Per-request statistics sent with `Done`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DoneStats {
+    /// Tokens generated by the sender's tier (and below it).
+    pub tokens: u32,
+    /// Compute time on the sender, µs.
+    pub compute_us: u64,
+    /// Time spent waiting for deeper tiers, µs.
+    pub wait_us: u64,
+    /// Drafted tokens accepted (speculative mode).
+    pub drafts_accepted: u32,
+    /// Drafted tokens rejected.
+    pub drafts_rejected: u32,
+}
+
+/// The request finished normally.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    /// Request id.
+    pub request_id: u64,
+    /// Session id.
+    pub session_id: u64,
+    /// Statistics.
+    pub stats: DoneStats,
+}
+
+/// Link probe: the receiver answers with a `ProbeReply` carrying `reply_bytes` of payload.
+/// The payload is a 1-D int8 tensor (content irrelevant; [`Probe::new`] fills it with
+/// incompressible bytes so zstd cannot distort the estimate).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Sequence number echoed in the reply.
+    pub seq: u64,
+    /// Payload size the reply should carry.
+    pub reply_bytes: u32,
+    /// Payload.
+    pub payload: WireTensor,
+}
+
+/// Answer to a `Probe`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeReply {
+    /// Echoed sequence number.
+    pub seq: u64,
+    /// Payload of the requested size.
+    pub payload: WireTensor,
+}
+
+/// A 1-D int8 tensor with `bytes` bytes on the wire (at least 5) of pseudo-random content.
+pub fn probe_payload(bytes: u32, seed: u64) -> WireTensor {
+    let n = bytes.saturating_sub(4).max(1) as usize;
+    let mut out = Vec::with_capacity(4 + n);
+    out.extend_from_slice(&1.0f32.to_le_bytes());
+    let mut s = seed | 1;
+    for _ in 0..n {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        out.push((s >> 24) as u8);
+    }
+    // 4 scale bytes + n values = Int8.byte_len([n]) by construction.
+    WireTensor::new_unchecked(vec![n as u32], crate::Encoding::Int8, out.into())
+}
+
+impl Probe {
+    /// A probe carrying `payload_bytes` and asking for `reply_bytes` back.
+    pub fn new(seq: u64, payload_bytes: u32, reply_bytes: u32) -> Self {
+        Probe {
+            seq,
+            reply_bytes,
+            payload: probe_payload(payload_bytes, seq),
+        }
+    }
+}
+
+/// One frame's worth of meaning.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Version/model negotiation.
+    Hello(Hello),
+    /// Liveness and load.
+    Heartbeat(Heartbeat),
+    /// Hidden states for the next tier.
+    Continue(Continue),
+    /// Speculative draft.
+    Draft(Draft),
+    /// Speculative verdict.
+    Verdict(Verdict),
+    /// Streamed tokens.
+    Tokens(Tokens),
+    /// Stop a request.
+    Cancel(Cancel),
+    /// Typed error.
+    Error(ErrorMsg),
+    /// Request finished.
+    Done(Done),
+    /// Link probe.
+    Probe(Probe),
+    /// Link probe answer.
+    ProbeReply(ProbeReply),
+}
+
+/// Frame kind bytes. Stable: new kinds get new numbers.
+pub mod kind {
+    #![allow(missing_docs)]
+    pub const HELLO: u8 = 1;
+    pub const HEARTBEAT: u8 = 2;
+    pub const CONTINUE: u8 = 3;
+    pub const DRAFT: u8 = 4;
+    pub const VERDICT: u8 = 5;
+    pub const TOKENS: u8 = 6;
+    pub const CANCEL: u8 = 7;
+    pub const ERROR: u8 = 8;
+    pub const DONE: u8 = 9;
+    pub const PROBE: u8 = 10;
+    pub const PROBE_REPLY: u8 = 11;
+}
+
+impl Message {
+    /// The frame kind byte for this message.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Message::Hello(_) => kind::HELLO,
+            Message::Heartbeat(_) => kind::HEARTBEAT,
+            Message::Continue(_) => kind::CONTINUE,
+            Message::Draft(_) => kind::DRAFT,
+            Message::Verdict(_) => kind::VERDICT,
+            Message::Tokens(_) => kind::TOKENS,
+            Message::Cancel(_) => kind::CANCEL,
+            Message::Error(_) => kind::ERROR,
+            Message::Done(_) => kind::DONE,
+            Message::Probe(_) => kind::PROBE,
+            Message::ProbeReply(_) => kind::PROBE_REPLY,
+        }
+    }
+
+    /// Variant name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Heartbeat(_) => "Heartbeat",
+            Message::Continue(_) => "Continue",
+            Message::Draft(_) => "Draft",
+            Message::Verdict(_) => "Verdict",
+            Message::Tokens(_) => "Tokens",
+            Message::Cancel(_) => "Cancel",
+            Message::Error(_) => "Error",
+            Message::Done(_) => "Done",
+            Message::Probe(_) => "Probe",
+            Message::ProbeReply(_) => "ProbeReply",
+        }
+    }
+
+    /// Shorthand for an `Error` message.
+    pub fn error(code: ErrorCode, message: impl Into<String>, request_id: Option<u64>) -> Self {
+        Message::Error(ErrorMsg {
+            code,
+            message: message.into(),
+            request_id,
+        })
+    }
+
+    /// Structural consistency that shapes alone do not give: hidden-state tensors are
+    /// `[positions, hidden]` with one row per listed position (and per drafted token), and
+    /// hosted layer ranges are ordered. The codec checks this on encode and decode.
+    pub fn check_consistency(&self) -> crate::Result<()> {
+        fn rows(field: &'static str, t: &WireTensor, n: usize) -> crate::Result<()> {
+            match t.shape() {
+                [r, _] if *r as usize == n => Ok(()),
+                [r, _] => Err(crate::Error::LengthMismatch {
+                    field,
+                    expected: n as u64,
+                    got: u64::from(*r),
+                }),
+                other => Err(crate::Error::malformed(
+                    field,
+                    format!(
+                        "hidden states must be [positions, hidden], got rank {}",
+                        other.len()
+                    ),
+                )),
+            }
+        }
+        match self {
+            Message::Continue(c) => {
+                rows("continue.positions", &c.hidden, c.positions.len())?;
+                if let Some(b) = &c.backfill {
+                    rows("backfill.positions", &b.hidden, b.positions.len())?;
+                }
+            }
+            Message::Draft(d) => {
+                rows("draft.positions", &d.hidden, d.positions.len())?;
+                if d.tokens.is_empty() || d.tokens.len() >= d.positions.len() {
+                    return Err(crate::Error::malformed(
+                        "draft.tokens",
+                        format!(
+                            "{} drafted tokens for {} rows: need at least one and fewer than the rows",
+                            d.tokens.len(),
+                            d.positions.len()
+                        ),
+                    ));
+                }
+            }
+            Message::Hello(h) => {
+                if let Some(r) = h.hosted.iter().find(|r| r.start > r.end) {
+                    return Err(crate::Error::malformed(
+                        "hello.hosted",
+                        format!("layer range {}..{} is reversed", r.start, r.end),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The tensors whose bytes travel in the payload, in payload order.
+    pub fn tensors(&self) -> Vec<&WireTensor> {
+        match self {
+            Message::Continue(c) => {
+                let mut v = vec![&c.hidden];
+                if let Some(b) = &c.backfill {
+                    v.push(&b.hidden);
+                }
+                v
+            }
+            Message::Draft(d) => vec![&d.hidden],
+            Message::Probe(p) => vec![&p.payload],
+            Message::ProbeReply(p) => vec![&p.payload],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Mutable access in the same order as [`tensors`](Self::tensors).
+    pub(crate) fn tensors_mut(&mut self) -> Vec<&mut WireTensor> {
+        match self {
+            Message::Continue(c) => {
+                let mut v = vec![&mut c.hidden];
+                if let Some(b) = &mut c.backfill {
+                    v.push(&mut b.hidden);
+                }
+                v
+            }
+            Message::Draft(d) => vec![&mut d.hidden],
+            Message::Probe(p) => vec![&mut p.payload],
+            Message::ProbeReply(p) => vec![&mut p.payload],
+            _ => Vec::new(),
+        }
+    }
+}
