@@ -196,11 +196,17 @@ impl Agent {
         let parent = match &cfg.parent {
             Some((addr, name)) => {
                 let bind: SocketAddr = if addr.is_ipv6() {
-                    "[::]:0".parse().map_err(|_| NodeError::Internal("bind".into()))?
+                    "[::]:0"
+                        .parse()
+                        .map_err(|_| NodeError::Internal("bind".into()))?
                 } else if addr.ip().is_loopback() {
-                    "127.0.0.1:0".parse().map_err(|_| NodeError::Internal("bind".into()))?
+                    "127.0.0.1:0"
+                        .parse()
+                        .map_err(|_| NodeError::Internal("bind".into()))?
                 } else {
-                    "0.0.0.0:0".parse().map_err(|_| NodeError::Internal("bind".into()))?
+                    "0.0.0.0:0"
+                        .parse()
+                        .map_err(|_| NodeError::Internal("bind".into()))?
                 };
                 let mut ecfg = EndpointConfig::new(bind, cfg.security.clone(), hello.clone());
                 ecfg.parent_roles = match cfg.role {
@@ -516,7 +522,10 @@ impl Agent {
     }
 
     /// Generate and collect everything (tests, the demo, the embedded API).
-    pub async fn generate_collect(&self, req: GenerateRequest) -> Result<(Vec<TokenOut>, GenStats)> {
+    pub async fn generate_collect(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<(Vec<TokenOut>, GenStats)> {
         let mut rx = self.generate(req).await?;
         let mut toks = Vec::new();
         while let Some(ev) = rx.recv().await {
@@ -526,7 +535,9 @@ impl Agent {
                 GenEvent::Error(e) => return Err(NodeError::Unavailable(e)),
             }
         }
-        Err(NodeError::Internal("generation ended without a result".into()))
+        Err(NodeError::Internal(
+            "generation ended without a result".into(),
+        ))
     }
 
     fn record(&self, stats: &mut GenStats, t: &TokenOut, degraded: bool, t0: Instant) {
@@ -642,11 +653,10 @@ impl Agent {
                     pos += feed.len();
                     rows.push(out.hidden);
                     if i < drafts_n {
-                        let row = out
-                            .logits
-                            .as_ref()
-                            .and_then(|l| l.last())
-                            .ok_or_else(|| NodeError::Internal("draft without logits".into()))?;
+                        let row =
+                            out.logits.as_ref().and_then(|l| l.last()).ok_or_else(|| {
+                                NodeError::Internal("draft without logits".into())
+                            })?;
                         let d = choose(row, &req.sampling, pos);
                         drafts.push(d);
                         feed = vec![d];
@@ -683,7 +693,14 @@ impl Agent {
                     let id = t.id;
                     self.record(&mut stats, &t, false, t0);
                     produced += 1;
-                    if tx.send(GenEvent::Token { token: t, degraded: false }).await.is_err() {
+                    if tx
+                        .send(GenEvent::Token {
+                            token: t,
+                            degraded: false,
+                        })
+                        .await
+                        .is_err()
+                    {
                         stats.finish_reason = "cancelled".into();
                         break 'outer;
                     }

@@ -506,4 +506,3 @@ fn job_rows(j: &StepJob) -> usize {
         Input::Hidden(h) => h.dim(0).unwrap_or(0),
     }
 }
-

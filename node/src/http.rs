@@ -89,7 +89,10 @@ struct ChatRequest {
 }
 
 /// Serve the API on `addr` until the task is dropped. Returns the bound address.
-pub async fn serve(agent: Agent, addr: SocketAddr) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(
+    agent: Agent,
+    addr: SocketAddr,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let app = router(agent);
@@ -153,10 +156,26 @@ async fn models(State(agent): State<Agent>) -> Json<Value> {
 async fn metrics(State(agent): State<Agent>) -> Response {
     let s = agent.engine_stats().await;
     let text = agent.metrics().render(&[
-        ("aiflow_engine_sessions", "Sessions holding KV on this node.", s.sessions as f64),
-        ("aiflow_engine_kv_bytes", "KV cache bytes reserved on this node.", s.kv_bytes as f64),
-        ("aiflow_engine_queue_depth", "Engine queue depth.", s.queue_depth as f64),
-        ("aiflow_engine_evictions", "Sessions evicted under the KV budget.", s.evictions as f64),
+        (
+            "aiflow_engine_sessions",
+            "Sessions holding KV on this node.",
+            s.sessions as f64,
+        ),
+        (
+            "aiflow_engine_kv_bytes",
+            "KV cache bytes reserved on this node.",
+            s.kv_bytes as f64,
+        ),
+        (
+            "aiflow_engine_queue_depth",
+            "Engine queue depth.",
+            s.queue_depth as f64,
+        ),
+        (
+            "aiflow_engine_evictions",
+            "Sessions evicted under the KV budget.",
+            s.evictions as f64,
+        ),
     ]);
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
@@ -181,7 +200,10 @@ fn policy_of(agent: &Agent, o: &Option<AiflowOptions>) -> Result<Option<Policy>,
             .model_config()
             .exit_points()
             .into_iter()
-            .map(|e| ExitThreshold { exit: e as u32, threshold: t })
+            .map(|e| ExitThreshold {
+                exit: e as u32,
+                threshold: t,
+            })
             .collect();
     }
     if let Some(d) = o.draft_len {
@@ -194,7 +216,10 @@ fn stop_tokens(agent: &Agent, stop: &Option<Value>) -> Vec<u32> {
     let mut out = Vec::new();
     let strs: Vec<String> = match stop {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
         _ => vec![],
     };
     for s in strs {
@@ -224,15 +249,22 @@ fn prepare(
     stop: &Option<Value>,
     aiflow: &Option<AiflowOptions>,
 ) -> Result<Prepared, Response> {
-    let prompt = agent
-        .tokenizer()
-        .encode(prompt)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string(), "invalid_request_error"))?;
+    let prompt = agent.tokenizer().encode(prompt).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            e.to_string(),
+            "invalid_request_error",
+        )
+    })?;
     let policy = policy_of(agent, aiflow)
         .map_err(|e| error(StatusCode::BAD_REQUEST, e, "invalid_request_error"))?;
     let temperature = temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(error(StatusCode::BAD_REQUEST, "temperature must be in [0, 2]", "invalid_request_error"));
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "temperature must be in [0, 2]",
+            "invalid_request_error",
+        ));
     }
     Ok(Prepared {
         req: GenerateRequest {
@@ -277,19 +309,32 @@ impl TextStream {
 }
 
 async fn run(agent: &Agent, p: Prepared, chat: bool) -> Response {
-    let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, rand::random::<u64>());
+    let id = format!(
+        "{}-{}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        rand::random::<u64>()
+    );
     let model = model_name(agent);
     let prompt_tokens = p.req.prompt.len();
     let mut rx = match agent.generate(p.req).await {
         Ok(rx) => rx,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string(), "invalid_request_error"),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                e.to_string(),
+                "invalid_request_error",
+            )
+        }
     };
     if p.stream {
         let (tx, srx) = mpsc::channel::<Result<Event, Infallible>>(64);
         let agent = agent.clone();
         tokio::spawn(async move {
             let created = now();
-            let mut text = TextStream { ids: vec![], sent: 0 };
+            let mut text = TextStream {
+                ids: vec![],
+                sent: 0,
+            };
             if chat {
                 let first = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
@@ -311,7 +356,11 @@ async fn run(agent: &Agent, p: Prepared, chat: bool) -> Response {
                     GenEvent::Done(stats) => {
                         let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": stats.completion_tokens,
                             "total_tokens": prompt_tokens + stats.completion_tokens});
-                        let fin = json!(if stats.finish_reason == "stop" { "stop" } else { "length" });
+                        let fin = json!(if stats.finish_reason == "stop" {
+                            "stop"
+                        } else {
+                            "length"
+                        });
                         if chat {
                             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
                                 "choices": [{"index": 0, "delta": {}, "finish_reason": fin}], "usage": usage, "aiflow": aiflow_json(&stats)})
@@ -322,7 +371,11 @@ async fn run(agent: &Agent, p: Prepared, chat: bool) -> Response {
                     }
                     GenEvent::Error(e) => json!({"error": {"message": e, "type": "server_error"}}),
                 };
-                if tx.send(Ok(Event::default().data(chunk.to_string()))).await.is_err() {
+                if tx
+                    .send(Ok(Event::default().data(chunk.to_string())))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -345,12 +398,20 @@ async fn run(agent: &Agent, p: Prepared, chat: bool) -> Response {
         }
     }
     let Some(stats) = stats else {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "generation ended early", "server_error");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "generation ended early",
+            "server_error",
+        );
     };
     let text = agent.tokenizer().decode(&ids).unwrap_or_default();
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": stats.completion_tokens,
         "total_tokens": prompt_tokens + stats.completion_tokens});
-    let fin = if stats.finish_reason == "stop" { "stop" } else { "length" };
+    let fin = if stats.finish_reason == "stop" {
+        "stop"
+    } else {
+        "length"
+    };
     let body = if chat {
         json!({"id": id, "object": "chat.completion", "created": now(), "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": fin, "logprobs": null}],
@@ -366,15 +427,39 @@ async fn run(agent: &Agent, p: Prepared, chat: bool) -> Response {
 async fn completions(State(agent): State<Agent>, body: axum::body::Bytes) -> Response {
     let r: CompletionRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}"), "invalid_request_error"),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {e}"),
+                "invalid_request_error",
+            )
+        }
     };
     let _ = &r.model;
     let prompt = match &r.prompt {
         Value::String(s) => s.clone(),
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default().to_string(),
-        _ => return error(StatusCode::BAD_REQUEST, "prompt must be a string (batches of prompts: send one request each)", "invalid_request_error"),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "prompt must be a string (batches of prompts: send one request each)",
+                "invalid_request_error",
+            )
+        }
     };
-    match prepare(&agent, &prompt, r.max_tokens, r.temperature, r.top_p, r.seed, r.stream, &r.stop, &r.aiflow) {
+    match prepare(
+        &agent,
+        &prompt,
+        r.max_tokens,
+        r.temperature,
+        r.top_p,
+        r.seed,
+        r.stream,
+        &r.stop,
+        &r.aiflow,
+    ) {
         Ok(p) => run(&agent, p, false).await,
         Err(resp) => resp,
     }
@@ -407,11 +492,21 @@ pub fn chat_prompt(messages: &[(String, String)]) -> String {
 async fn chat(State(agent): State<Agent>, body: axum::body::Bytes) -> Response {
     let r: ChatRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}"), "invalid_request_error"),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid request body: {e}"),
+                "invalid_request_error",
+            )
+        }
     };
     let _ = &r.model;
     if r.messages.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "messages must not be empty", "invalid_request_error");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "messages must not be empty",
+            "invalid_request_error",
+        );
     }
     let mut msgs = Vec::new();
     for m in &r.messages {
@@ -422,7 +517,13 @@ async fn chat(State(agent): State<Agent>, body: axum::body::Bytes) -> Response {
                 .filter_map(|p| p.get("text").and_then(Value::as_str))
                 .collect::<Vec<_>>()
                 .join(""),
-            _ => return error(StatusCode::BAD_REQUEST, "message content must be a string or text parts", "invalid_request_error"),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "message content must be a string or text parts",
+                    "invalid_request_error",
+                )
+            }
         };
         msgs.push((m.role.clone(), content));
     }

@@ -42,7 +42,11 @@ impl Histogram {
     }
 
     pub fn observe(&self, v: f64) {
-        let i = self.bounds.iter().position(|b| v <= *b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_micros
             .fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
@@ -108,7 +112,9 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let lat = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+        let lat = [
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
         Self {
             requests: Counter::default(),
             request_errors: Counter::default(),
@@ -130,21 +136,74 @@ impl Metrics {
     /// Render in the Prometheus text format. `extra` lines (gauges) are appended.
     pub fn render(&self, extra: &[(&str, &str, f64)]) -> String {
         let mut o = String::new();
-        let mut counter = |o: &mut String, name: &str, help: &str, v: u64| {
+        let counter = |o: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
-        counter(&mut o, "aiflow_requests_total", "Requests received at this entry node.", self.requests.get());
-        counter(&mut o, "aiflow_request_errors_total", "Requests that ended in an error.", self.request_errors.get());
-        counter(&mut o, "aiflow_escalations_total", "Steps this node escalated to its parent.", self.escalations.get());
-        counter(&mut o, "aiflow_degraded_tokens_total", "Tokens answered locally because the parent failed.", self.degraded.get());
-        counter(&mut o, "aiflow_link_bytes_up_total", "Tensor bytes shipped to the parent.", self.bytes_up.get());
-        counter(&mut o, "aiflow_child_sessions_total", "Sessions served for child nodes.", self.sessions_served.get());
-        counter(&mut o, "aiflow_drafts_proposed_total", "Speculative draft tokens proposed.", self.drafts_proposed.get());
-        counter(&mut o, "aiflow_drafts_accepted_total", "Speculative draft tokens accepted.", self.drafts_accepted.get());
-        self.tokens.render(&mut o, "aiflow_tokens_total", "Generated tokens by the tier and exit that produced them.");
-        self.request_latency.render(&mut o, "aiflow_request_seconds", "End-to-end request latency.");
-        self.ttft.render(&mut o, "aiflow_ttft_seconds", "Time to first token.");
-        self.batch_size.render(&mut o, "aiflow_engine_batch_sessions", "Sessions per engine batch.");
+        counter(
+            &mut o,
+            "aiflow_requests_total",
+            "Requests received at this entry node.",
+            self.requests.get(),
+        );
+        counter(
+            &mut o,
+            "aiflow_request_errors_total",
+            "Requests that ended in an error.",
+            self.request_errors.get(),
+        );
+        counter(
+            &mut o,
+            "aiflow_escalations_total",
+            "Steps this node escalated to its parent.",
+            self.escalations.get(),
+        );
+        counter(
+            &mut o,
+            "aiflow_degraded_tokens_total",
+            "Tokens answered locally because the parent failed.",
+            self.degraded.get(),
+        );
+        counter(
+            &mut o,
+            "aiflow_link_bytes_up_total",
+            "Tensor bytes shipped to the parent.",
+            self.bytes_up.get(),
+        );
+        counter(
+            &mut o,
+            "aiflow_child_sessions_total",
+            "Sessions served for child nodes.",
+            self.sessions_served.get(),
+        );
+        counter(
+            &mut o,
+            "aiflow_drafts_proposed_total",
+            "Speculative draft tokens proposed.",
+            self.drafts_proposed.get(),
+        );
+        counter(
+            &mut o,
+            "aiflow_drafts_accepted_total",
+            "Speculative draft tokens accepted.",
+            self.drafts_accepted.get(),
+        );
+        self.tokens.render(
+            &mut o,
+            "aiflow_tokens_total",
+            "Generated tokens by the tier and exit that produced them.",
+        );
+        self.request_latency.render(
+            &mut o,
+            "aiflow_request_seconds",
+            "End-to-end request latency.",
+        );
+        self.ttft
+            .render(&mut o, "aiflow_ttft_seconds", "Time to first token.");
+        self.batch_size.render(
+            &mut o,
+            "aiflow_engine_batch_sessions",
+            "Sessions per engine batch.",
+        );
         for (name, help, v) in extra {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }

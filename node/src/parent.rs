@@ -64,7 +64,11 @@ impl ParentLink {
 
     /// The parent's `Hello`, if connected.
     pub async fn hello(&self) -> Option<Hello> {
-        self.conn.lock().await.as_ref().map(|c| c.peer_hello().clone())
+        self.conn
+            .lock()
+            .await
+            .as_ref()
+            .map(|c| c.peer_hello().clone())
     }
 
     /// Live QUIC statistics (RTT, cwnd, bytes, losses) for the planner.

@@ -10,12 +10,12 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use flow_familial::confidence::Confidence;
+use flow_familial::confidence::{Confidence, Measure};
 use flow_familial::sample::{Sampler, SamplingParams};
 use flow_protocol::transport::SessionStream;
 use flow_protocol::{
-    Backfill, Continue, Draft, Encoding, InferMode, Message, Policy, Role, Sampling, TokenOut,
-    Tokens, Verdict, WireTensor,
+    Backfill, ConfidenceMeasure, Continue, Draft, Encoding, InferMode, Message, Policy, Role,
+    Sampling, TokenOut, Tokens, Verdict, WireTensor,
 };
 
 use crate::engine::{EngineHandle, Input, StepJob};
@@ -94,6 +94,9 @@ pub struct TierSession {
     pub bytes_up: u64,
     pub hops: u32,
     closed: bool,
+    /// The parent failed during this request: answer locally from here on (its KV can no
+    /// longer be completed, so later escalations would be wrong).
+    parent_failed: bool,
 }
 
 impl std::fmt::Debug for TierSession {
@@ -133,6 +136,7 @@ impl TierSession {
             bytes_up: 0,
             hops: 0,
             closed: false,
+            parent_failed: false,
         }
     }
 
@@ -146,7 +150,7 @@ impl TierSession {
         let Some(exit) = self.exit_point() else {
             return Some(Decision::Escalate);
         };
-        if self.parent.is_none() {
+        if self.parent.is_none() || self.parent_failed {
             return Some(Decision::Answer);
         }
         match self.policy.mode {
@@ -200,7 +204,7 @@ impl TierSession {
             None => match &conf {
                 Some((c, _)) => {
                     let exit = self.exit_point().unwrap_or(0);
-                    if c.score(self.policy.measure()) >= self.policy.threshold_for(exit) {
+                    if c.score(measure(&self.policy)) >= self.policy.threshold_for(exit) {
                         Decision::Answer
                     } else {
                         Decision::Escalate
@@ -211,9 +215,8 @@ impl TierSession {
         };
         let position = start + rows;
         if decision == Decision::Answer {
-            let (c, row) = conf.ok_or_else(|| {
-                NodeError::Internal("no logits at an answering tier".into())
-            })?;
+            let (c, row) =
+                conf.ok_or_else(|| NodeError::Internal("no logits at an answering tier".into()))?;
             self.owed.push(out.hidden);
             return Ok(StepResult {
                 token: TokenOut {
@@ -234,6 +237,7 @@ impl TierSession {
                     tracing::warn!(session = self.id, error = %e, "parent failed; answering from the local exit (degraded)");
                     self.metrics.degraded.inc();
                     self.upstream = None;
+                    self.parent_failed = true;
                     Ok(StepResult {
                         token: TokenOut {
                             id: choose(&row, &self.sampling, position),
@@ -250,17 +254,17 @@ impl TierSession {
         }
     }
 
-    async fn ensure_upstream(&mut self) -> Result<&mut SessionStream> {
-        if self.upstream.is_none() {
-            let parent = self.parent.as_ref().ok_or_else(|| {
-                NodeError::Internal("escalation without a parent".into())
-            })?;
-            let s = parent.open_session().await?;
-            self.upstream = Some(s);
+    /// Take the upstream session (opening one if needed); put it back with
+    /// `self.upstream = Some(..)` after a successful exchange.
+    async fn take_upstream(&mut self) -> Result<SessionStream> {
+        if let Some(s) = self.upstream.take() {
+            return Ok(s);
         }
-        self.upstream
-            .as_mut()
-            .ok_or_else(|| NodeError::Internal("upstream vanished".into()))
+        let parent = self
+            .parent
+            .as_ref()
+            .ok_or_else(|| NodeError::Internal("escalation without a parent".into()))?;
+        parent.open_session().await
     }
 
     fn parent_addr(&self) -> String {
@@ -271,7 +275,11 @@ impl TierSession {
     }
 
     async fn escalate(&mut self, start: usize, hidden: Tensor) -> Result<StepResult> {
-        let enc = self.parent.as_ref().map(|p| p.encoding()).unwrap_or(Encoding::F32);
+        let enc = self
+            .parent
+            .as_ref()
+            .map(|p| p.encoding())
+            .unwrap_or(Encoding::F32);
         let layer = self.engine.stage().b as u32;
         let rows = hidden.dim(0)?;
         let backfill = if self.owed.is_empty() {
@@ -304,14 +312,14 @@ impl TierSession {
         });
         let bytes = message_tensor_bytes(&msg);
         let addr = self.parent_addr();
-        let up = self.ensure_upstream().await?;
+        // Everything up to this step's end is now in the message for the parent.
+        self.owed.clear();
+        self.owed_start = start + rows;
+        let mut up = self.take_upstream().await?;
         up.send(&msg).await.map_err(|e| NodeError::Parent {
             addr: addr.clone(),
             msg: e.to_string(),
         })?;
-        // Everything up to this step's end is now the parent's.
-        self.owed.clear();
-        self.owed_start = start + rows;
         self.bytes_up += bytes;
         self.metrics.bytes_up.add(bytes);
         self.metrics.escalations.inc();
@@ -320,12 +328,17 @@ impl TierSession {
             addr: addr.clone(),
             msg: e.to_string(),
         })?;
+        self.upstream = Some(up);
         match reply {
             Some(Message::Tokens(t)) => {
-                let tok = t.tokens.into_iter().next().ok_or_else(|| NodeError::Parent {
-                    addr: addr.clone(),
-                    msg: "empty Tokens reply".into(),
-                })?;
+                let tok = t
+                    .tokens
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| NodeError::Parent {
+                        addr: addr.clone(),
+                        msg: "empty Tokens reply".into(),
+                    })?;
                 Ok(StepResult {
                     token: tok,
                     degraded: t.degraded,
@@ -349,12 +362,14 @@ impl TierSession {
     /// Speculative round at a non-entry tier: run this stage over the draft rows, then
     /// verify (last tier) or relay to the parent, and roll the KV back to what was accepted.
     pub async fn draft(&mut self, d: Draft, hidden: Tensor) -> Result<Verdict> {
-        let start = *d.positions.first().ok_or_else(|| {
-            NodeError::Protocol("Draft without positions".into())
-        })? as usize;
+        let start = *d
+            .positions
+            .first()
+            .ok_or_else(|| NodeError::Protocol("Draft without positions".into()))?
+            as usize;
         let rows = hidden.dim(0)?;
         let n = d.tokens.len();
-        if n == 0 || n >= rows + 1 || d.positions.len() != rows {
+        if n == 0 || n >= rows || d.positions.len() != rows {
             return Err(NodeError::Protocol(format!(
                 "Draft with {n} tokens for {rows} rows and {} positions",
                 d.positions.len()
@@ -397,7 +412,11 @@ impl TierSession {
                 exit: self.exit_point().unwrap_or(0),
             }
         } else {
-            let enc = self.parent.as_ref().map(|p| p.encoding()).unwrap_or(Encoding::F32);
+            let enc = self
+                .parent
+                .as_ref()
+                .map(|p| p.encoding())
+                .unwrap_or(Encoding::F32);
             let msg = Message::Draft(Draft {
                 hidden: to_wire(&out.hidden, enc)?,
                 layer: self.engine.stage().b as u32,
@@ -407,12 +426,14 @@ impl TierSession {
             self.metrics.bytes_up.add(message_tensor_bytes(&msg));
             self.hops += 1;
             let addr = self.parent_addr();
-            let up = self.ensure_upstream().await?;
+            let mut up = self.take_upstream().await?;
             up.send(&msg).await.map_err(|e| NodeError::Parent {
                 addr: addr.clone(),
                 msg: e.to_string(),
             })?;
-            match up.recv().await {
+            let reply = up.recv().await;
+            self.upstream = Some(up);
+            match reply {
                 Ok(Some(Message::Verdict(v))) => v,
                 Ok(Some(Message::Error(e))) => {
                     return Err(NodeError::Parent {
@@ -435,7 +456,9 @@ impl TierSession {
             }
         };
         if verdict.accepted as usize > n {
-            return Err(NodeError::Protocol("verdict accepts more than drafted".into()));
+            return Err(NodeError::Protocol(
+                "verdict accepts more than drafted".into(),
+            ));
         }
         // Keep KV for inputs that are now certain: rows up to the last accepted draft.
         self.engine
@@ -451,7 +474,11 @@ impl TierSession {
         hidden: Tensor,
         drafts: Vec<u32>,
     ) -> Result<Verdict> {
-        let enc = self.parent.as_ref().map(|p| p.encoding()).unwrap_or(Encoding::F32);
+        let enc = self
+            .parent
+            .as_ref()
+            .map(|p| p.encoding())
+            .unwrap_or(Encoding::F32);
         let rows = hidden.dim(0)?;
         let msg = Message::Draft(Draft {
             request_id: self.request,
@@ -469,12 +496,14 @@ impl TierSession {
         self.metrics.bytes_up.add(bytes);
         self.hops += 1;
         let addr = self.parent_addr();
-        let up = self.ensure_upstream().await?;
+        let mut up = self.take_upstream().await?;
         up.send(&msg).await.map_err(|e| NodeError::Parent {
             addr: addr.clone(),
             msg: e.to_string(),
         })?;
-        match up.recv().await {
+        let reply = up.recv().await;
+        self.upstream = Some(up);
+        match reply {
             Ok(Some(Message::Verdict(v))) => Ok(v),
             Ok(Some(Message::Error(e))) => Err(NodeError::Parent {
                 addr,
@@ -529,6 +558,15 @@ impl Drop for TierSession {
         if !self.closed {
             self.engine.close_now(self.id);
         }
+    }
+}
+
+/// The familial confidence measure named by a policy.
+pub fn measure(p: &Policy) -> Measure {
+    match p.measure {
+        ConfidenceMeasure::MaxProb => Measure::MaxProb,
+        ConfidenceMeasure::Margin => Measure::Margin,
+        ConfidenceMeasure::NegEntropy => Measure::NegEntropy,
     }
 }
 

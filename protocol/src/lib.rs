@@ -55,8 +55,9 @@ pub use codec::{Codec, Compression, FrameDecoder, MAGIC, PREFIX_LEN};
 pub use error::{Error, Result};
 pub use limits::Limits;
 pub use message::{
-    Backfill, Cancel, Capacity, ConfidenceMeasure, Continue, Done, DoneStats, Draft, ErrorCode, ErrorMsg, Heartbeat,
-    Hello, HostedLayers, InferMode, Load, ExitThreshold, Message, ModelFingerprint, Policy, Probe, ProbeReply, Role, Sampling,
-    TokenOut, Tokens, Verdict, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Backfill, Cancel, Capacity, ConfidenceMeasure, Continue, Done, DoneStats, Draft, ErrorCode,
+    ErrorMsg, ExitThreshold, Heartbeat, Hello, HostedLayers, InferMode, Load, Message,
+    ModelFingerprint, Policy, Probe, ProbeReply, Role, Sampling, TokenOut, Tokens, Verdict,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use tensor::{Encoding, WireTensor};

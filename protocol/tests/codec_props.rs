@@ -2,10 +2,10 @@
 //! their error bounds; the decoder survives garbage and mutations (invariant I6).
 
 use flow_protocol::{
-    Backfill, Cancel, Capacity, Codec, Compression, ConfidenceMeasure, Continue, Done, DoneStats, Draft, Encoding,
-    Error, ErrorCode, ErrorMsg, ExitThreshold, FrameDecoder, Heartbeat, Hello, HostedLayers, InferMode, Limits, Load,
-    Message, ModelFingerprint, Policy, Probe, ProbeReply, Role, Sampling, TokenOut, Tokens, Verdict,
-    WireTensor,
+    Backfill, Cancel, Capacity, Codec, Compression, ConfidenceMeasure, Continue, Done, DoneStats,
+    Draft, Encoding, Error, ErrorCode, ErrorMsg, ExitThreshold, FrameDecoder, Heartbeat, Hello,
+    HostedLayers, InferMode, Limits, Load, Message, ModelFingerprint, Policy, Probe, ProbeReply,
+    Role, Sampling, TokenOut, Tokens, Verdict, WireTensor,
 };
 use proptest::prelude::*;
 
@@ -79,17 +79,19 @@ fn policy() -> impl Strategy<Value = Policy> {
         ],
         1u32..16,
     )
-        .prop_map(|(mode, answer_exit, th, default_threshold, measure, draft_len)| Policy {
-            mode,
-            answer_exit,
-            thresholds: th
-                .into_iter()
-                .map(|(exit, threshold)| ExitThreshold { exit, threshold })
-                .collect(),
-            default_threshold,
-            measure,
-            draft_len,
-        })
+        .prop_map(
+            |(mode, answer_exit, th, default_threshold, measure, draft_len)| Policy {
+                mode,
+                answer_exit,
+                thresholds: th
+                    .into_iter()
+                    .map(|(exit, threshold)| ExitThreshold { exit, threshold })
+                    .collect(),
+                default_threshold,
+                measure,
+                draft_len,
+            },
+        )
 }
 
 fn sampling() -> impl Strategy<Value = Sampling> {
@@ -211,8 +213,20 @@ fn message() -> impl Strategy<Value = Message> {
         policy(),
     )
         .prop_map(
-            |(request_id, session_id, layer, (positions, hidden), deadline_ms, sampling, policy)| {
-                let tokens = positions.iter().skip(1).map(|p| p.wrapping_mul(31)).collect();
+            |(
+                request_id,
+                session_id,
+                layer,
+                (positions, hidden),
+                deadline_ms,
+                sampling,
+                policy,
+            )| {
+                let tokens = positions
+                    .iter()
+                    .skip(1)
+                    .map(|p| p.wrapping_mul(31))
+                    .collect();
                 Message::Draft(Draft {
                     request_id,
                     session_id,
