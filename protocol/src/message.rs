@@ -528,6 +528,20 @@ impl Probe {
             payload: probe_payload(payload_bytes, seq),
         }
     }
+
+    /// The answer to this probe. The requested size is peer-controlled, so it is capped at
+    /// what `limits` allow in one frame (and at `limits.max_elements` int8 values).
+    pub fn reply(&self, limits: &crate::Limits) -> ProbeReply {
+        let cap = limits
+            .max_frame_bytes
+            .saturating_sub(1024)
+            .min(limits.max_elements)
+            .min(u64::from(u32::MAX)) as u32;
+        ProbeReply {
+            seq: self.seq,
+            payload: probe_payload(self.reply_bytes.min(cap), !self.seq),
+        }
+    }
 }
 
 /// One frame's worth of meaning.

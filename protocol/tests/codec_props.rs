@@ -577,6 +577,23 @@ fn inconsistent_messages_are_refused() {
 }
 
 #[test]
+fn probe_reply_size_is_capped_by_limits() {
+    let limits = Limits {
+        max_frame_bytes: 1 << 16,
+        ..Limits::default()
+    };
+    let probe = Probe::new(3, 100, u32::MAX);
+    let reply = probe.reply(&limits);
+    assert_eq!(reply.seq, 3);
+    let frame = Codec::new(limits)
+        .encode(&Message::ProbeReply(reply))
+        .unwrap();
+    assert!(frame.len() as u64 <= limits.max_frame_bytes);
+    let small = Probe::new(4, 100, 5000).reply(&limits);
+    assert_eq!(small.payload.bytes().len(), 5000);
+}
+
+#[test]
 fn require_finite_rejects_nan() {
     let t = WireTensor::encode(&[1.0, f32::NAN, 2.0], &[1, 3], Encoding::F16).unwrap();
     let msg = Message::ProbeReply(ProbeReply { seq: 0, payload: t });

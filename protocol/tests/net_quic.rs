@@ -1,3 +1,4 @@
+#![cfg(feature = "transport")]
 //! Loopback QUIC tests: real quinn, real mutual TLS, 127.0.0.1.
 //!
 //! Every test runs under a timeout so nothing can hang; no assertion is about speed.
