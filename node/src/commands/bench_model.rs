@@ -64,6 +64,11 @@ pub struct BenchModelArgs {
     /// Also write the full results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Run the model inside a rayon pool of --threads threads (`ThreadPool::install`), so
+    /// candle's parallel elementwise/norm/softmax kernels run inline on the calling worker
+    /// instead of being handed from the main thread to the global pool for every op.
+    #[arg(long)]
+    pub in_pool: bool,
     /// Internal: run one thread count in this process and print JSON.
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -131,6 +136,8 @@ pub struct BenchReport {
     pub prompt_len: usize,
     pub decode_tokens: usize,
     pub reps: usize,
+    /// Whether the model ran inside `rayon::ThreadPool::install`.
+    pub in_pool: bool,
     pub cores: usize,
     pub loadavg_before: String,
     pub loadavg_after: String,
@@ -147,7 +154,15 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
             .as_deref()
             .context("internal: --worker needs --model")?;
         let threads = *a.threads.first().unwrap_or(&1);
-        let r = worker(dir, threads, &a)?;
+        let r = if a.in_pool {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .context("building the rayon pool")?;
+            pool.install(|| worker(dir, threads, &a))?
+        } else {
+            worker(dir, threads, &a)?
+        };
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
@@ -196,6 +211,7 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
             .args(["--prompt-len", &a.prompt_len.to_string()])
             .args(["--decode-tokens", &a.decode_tokens.to_string()])
             .args(["--reps", &a.reps.to_string()])
+            .args(a.in_pool.then_some("--in-pool"))
             .env("RAYON_NUM_THREADS", t.to_string())
             .env("CANDLE_NUM_THREADS", "1")
             .stderr(std::process::Stdio::inherit())
@@ -218,6 +234,7 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
         prompt_len: a.prompt_len,
         decode_tokens: a.decode_tokens,
         reps: a.reps,
+        in_pool: a.in_pool,
         cores: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
@@ -262,8 +279,14 @@ fn print_report(r: &BenchReport) {
         group(r.parameters)
     );
     println!(
-        "prompt {} tokens, decode {} tokens, median of {} reps; {} cores, load average before {} / after {}",
-        r.prompt_len, r.decode_tokens, r.reps, r.cores, r.loadavg_before, r.loadavg_after
+        "prompt {} tokens, decode {} tokens, median of {} reps{}; {} cores, load average before {} / after {}",
+        r.prompt_len,
+        r.decode_tokens,
+        r.reps,
+        if r.in_pool { ", inside a rayon pool" } else { "" },
+        r.cores,
+        r.loadavg_before,
+        r.loadavg_after
     );
     println!();
     println!(
@@ -438,11 +461,9 @@ fn rep<R: Runner>(r: &R, prompt: &[u32], n: usize) -> anyhow::Result<(Duration, 
     let row = r.step(prompt, 0, &mut cache)?;
     let prefill = t0.elapsed();
     let mut next = argmax(&row);
-    let mut pos = prompt.len();
     let t1 = Instant::now();
-    for _ in 0..n {
+    for pos in prompt.len()..prompt.len() + n {
         let row = r.step(&[next], pos, &mut cache)?;
-        pos += 1;
         next = argmax(&row);
     }
     Ok((prefill, t1.elapsed()))
@@ -626,13 +647,11 @@ fn compare<A: Runner, B: Runner>(
     let dp = diff(&ra, &rb);
     let mut dd = 0f32;
     let mut next = argmax(&ra);
-    let mut pos = prompt.len();
-    for _ in 0..steps {
+    for pos in prompt.len()..prompt.len() + steps {
         let ra = a.step(&[next], pos, &mut ca)?;
         let rb = b.step(&[next], pos, &mut cb)?;
         dd = dd.max(diff(&ra, &rb));
         next = argmax(&ra);
-        pos += 1;
     }
     Ok((dp, dd))
 }
