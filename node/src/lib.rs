@@ -17,6 +17,7 @@
 //!   [`tier`] — one tier's per-request logic; [`metrics`] — Prometheus text.
 
 pub mod agent;
+pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod http;

@@ -1,0 +1,259 @@
+//! Collaborative inference across three real agents (device → edge → cloud) on loopback,
+//! over QUIC with mutual TLS: invariants I2, I3, I4 and confidence escalation with exact
+//! backfill, against single-node references computed independently.
+
+use std::path::Path;
+
+use flow_familial::confidence::Confidence;
+use flow_familial::init::{init_checkpoint, Preset};
+use flow_familial::{FamilialModel, Layout};
+use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
+use flow_node::{EngineConfig, GenerateRequest};
+use flow_protocol::{Encoding, InferMode, Policy, Role, Sampling};
+
+const PROMPTS: [&[u32]; 3] = [
+    &[256, 49, 50, 43, 51, 52, 61],
+    &[256, 104, 101, 108, 108, 111],
+    &[256, 7, 200, 31, 99, 150, 2, 64, 64],
+];
+const NEW: usize = 12;
+
+fn policy(mode: InferMode) -> Policy {
+    Policy {
+        mode,
+        ..Policy::default()
+    }
+}
+
+fn request(prompt: &[u32], p: Policy) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.to_vec(),
+        max_new_tokens: NEW,
+        sampling: Sampling::default(),
+        policy: Some(p),
+        // Never stop early, so every position is compared.
+        stop_tokens: vec![],
+    }
+}
+
+async fn cluster(dir: &Path, certs: &Path) -> LocalCluster {
+    LocalCluster::start(ClusterSpec {
+        model_dir: dir.to_path_buf(),
+        declare_exits: None,
+        device_exit: 1,
+        edge_exit: 3,
+        certs_dir: certs.to_path_buf(),
+        policy: Policy::default(),
+        encoding: Encoding::F32,
+        engine: EngineConfig::default(),
+    })
+    .await
+    .expect("cluster starts")
+}
+
+fn ids(t: &[flow_protocol::TokenOut]) -> Vec<u32> {
+    t.iter().map(|t| t.id).collect()
+}
+
+/// The tiny model emits eos sometimes; the family has no eos stop here because stop tokens
+/// include the model's eos. Strip generation at eos on both sides the same way.
+fn fixture() -> (tempfile::TempDir, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    init_checkpoint(Preset::Tiny, Layout::RuyiQwen2, 21, dir.path()).unwrap();
+    // No eos in the config: generation always runs NEW tokens, so every position counts.
+    let cfg_path = dir.path().join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("eos_token_id");
+    std::fs::write(&cfg_path, v.to_string()).unwrap();
+    (dir, tempfile::tempdir().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn i2_i3_i4_three_tiers_equal_single_node() {
+    let (dir, certs) = fixture();
+    let c = cluster(dir.path(), certs.path()).await;
+    for exit in [1usize, 3, 5] {
+        let single = single_node(
+            dir.path(),
+            None,
+            Some(exit),
+            policy(InferMode::Local),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap();
+        for prompt in PROMPTS {
+            let (want, _) = single
+                .generate_collect(request(prompt, policy(InferMode::Local)))
+                .await
+                .unwrap();
+            assert_eq!(want.len(), NEW);
+            // I3 (and I2 at exit 5): route every token to one exit.
+            let p = Policy {
+                answer_exit: Some(exit as u32),
+                ..policy(InferMode::Route)
+            };
+            let (got, stats) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+            assert_eq!(
+                ids(&got),
+                ids(&want),
+                "route to exit {exit}, prompt {prompt:?}"
+            );
+            let tier = match exit {
+                1 => Role::Device,
+                3 => Role::Edge,
+                _ => Role::Cloud,
+            };
+            assert!(
+                got.iter().all(|t| t.tier == tier && t.exit == exit as u32),
+                "{got:?}"
+            );
+            if exit > 1 {
+                assert!(stats.bytes_up > 0 && stats.hops >= NEW as u32);
+            } else {
+                assert_eq!(stats.bytes_up, 0);
+            }
+            if exit == 5 {
+                // I2: escalate-always (a threshold no confidence reaches).
+                let p = Policy {
+                    default_threshold: 2.0,
+                    ..policy(InferMode::Escalate)
+                };
+                let (got, _) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+                assert_eq!(ids(&got), ids(&want), "escalate-always, prompt {prompt:?}");
+                // I4: speculative decoding gives the full model's tokens.
+                for draft_len in [1u32, 3, 5] {
+                    let p = Policy {
+                        draft_len,
+                        ..policy(InferMode::Speculate)
+                    };
+                    let (got, stats) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+                    assert_eq!(
+                        ids(&got),
+                        ids(&want),
+                        "speculate n={draft_len}, prompt {prompt:?}"
+                    );
+                    assert_eq!(got.len(), NEW);
+                    assert!(stats.drafts_proposed > 0);
+                }
+            }
+        }
+        single.shutdown().await;
+    }
+    c.shutdown().await;
+}
+
+/// CALM with exact backfill, computed locally: at every position the exit logits equal a
+/// full forward of the whole sequence at that exit (exact backfill makes every KV equal to
+/// the full forward's), so the reference needs no KV bookkeeping at all.
+fn calm_reference(model: &FamilialModel, prompt: &[u32], th: f32) -> Vec<(u32, u32)> {
+    let mut seq = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..NEW {
+        let mut chosen = None;
+        for exit in [1usize, 3, 5] {
+            let logits = model
+                .forward_exit(&seq, exit, &mut model.new_cache())
+                .unwrap();
+            let last: Vec<f32> = logits.get(seq.len() - 1).unwrap().to_vec1().unwrap();
+            let c = Confidence::of_row(&last);
+            if exit == 5 || c.max_prob >= th {
+                chosen = Some((c.token, exit as u32));
+                break;
+            }
+        }
+        let (tok, exit) = chosen.unwrap();
+        out.push((tok, exit));
+        seq.push(tok);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escalate_matches_calm_with_exact_backfill() {
+    let (dir, certs) = fixture();
+    let model = FamilialModel::load(dir.path()).unwrap();
+    // Pick the threshold that mixes tiers the most on these prompts.
+    let mut best = (0usize, 0.0f32);
+    for th in [0.02f32, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3] {
+        let mut exits = std::collections::BTreeMap::new();
+        for p in PROMPTS {
+            for (_, e) in calm_reference(&model, p, th) {
+                *exits.entry(e).or_insert(0usize) += 1;
+            }
+        }
+        let mix = exits.values().copied().min().unwrap_or(0) * usize::from(exits.len() == 3);
+        if mix > best.0 {
+            best = (mix, th);
+        }
+    }
+    assert!(best.0 > 0, "no threshold sends tokens to all three tiers");
+    let th = best.1;
+    let c = cluster(dir.path(), certs.path()).await;
+    let mut tiers = std::collections::BTreeSet::new();
+    for prompt in PROMPTS {
+        let want = calm_reference(&model, prompt, th);
+        let p = Policy {
+            default_threshold: th,
+            ..policy(InferMode::Escalate)
+        };
+        let (got, stats) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+        let got: Vec<(u32, u32)> = got.iter().map(|t| (t.id, t.exit)).collect();
+        assert_eq!(got, want, "threshold {th}, prompt {prompt:?}");
+        for (_, e) in &got {
+            tiers.insert(*e);
+        }
+        assert_eq!(stats.degraded_tokens, 0);
+    }
+    assert_eq!(tiers.len(), 3, "tokens came from every tier");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_parent_fails_or_degrades_clearly_and_the_node_keeps_serving() {
+    let (dir, certs) = fixture();
+    let c = cluster(dir.path(), certs.path()).await;
+    // Warm path works.
+    let p = Policy {
+        answer_exit: Some(5),
+        ..policy(InferMode::Route)
+    };
+    c.device
+        .generate_collect(request(PROMPTS[0], p.clone()))
+        .await
+        .unwrap();
+    // The cloud goes away.
+    c.cloud.shutdown().await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Route to the cloud's exit: nobody below can answer it, so a clear error.
+    let err = c
+        .device
+        .generate_collect(request(PROMPTS[1], p))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("parent"), "{err}");
+    // Escalation with a threshold no exit reaches (but below 1, so exits are computed):
+    // the edge answers from its own exit, marked degraded.
+    let p = Policy {
+        default_threshold: 0.999,
+        ..policy(InferMode::Escalate)
+    };
+    let (toks, stats) = c
+        .device
+        .generate_collect(request(PROMPTS[2], p))
+        .await
+        .unwrap();
+    assert_eq!(toks.len(), NEW);
+    assert!(stats.degraded_tokens > 0, "{stats:?}");
+    assert!(toks.iter().all(|t| t.tier != Role::Cloud));
+    // Local requests are unaffected.
+    let (toks, _) = c
+        .device
+        .generate_collect(request(PROMPTS[0], policy(InferMode::Local)))
+        .await
+        .unwrap();
+    assert_eq!(toks.len(), NEW);
+    c.shutdown().await;
+}
