@@ -17,6 +17,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Device, edge and cloud on loopback in one process (real QUIC + mTLS), a short mixed
+    /// workload in every mode, and a report. Start here.
+    Demo(commands::demo::DemoArgs),
     /// Create, train, inspect and run familial model checkpoints.
     #[command(subcommand)]
     Model(commands::ModelCmd),
@@ -28,16 +31,24 @@ enum Cmd {
     Bench(commands::BenchCmd),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Demo(d) => commands::demo::run(d),
         Cmd::Model(m) => commands::run_model(m),
         Cmd::Certs(c) => commands::certs::run(c),
         Cmd::Bench(b) => commands::run_bench(b),

@@ -5,6 +5,7 @@ use clap::Subcommand;
 pub mod bench_model;
 pub mod bench_wire;
 pub mod certs;
+pub mod demo;
 pub mod model;
 pub mod train;
 
