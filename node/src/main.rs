@@ -10,9 +10,13 @@ mod commands;
 /// model family, issue certificates, and run the cluster.
 #[derive(Parser, Debug)]
 #[command(name = "flow-node", version, about, long_about = None, propagate_version = true)]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
+    /// Run a node: `flow-node --role edge --model DIR --layers 1..3 --listen 0.0.0.0:7000 --parent CLOUD:7000 --ca ca.pem --cert edge.pem --key edge.key`.
+    #[command(flatten)]
+    node: commands::node::NodeArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -20,6 +24,9 @@ enum Cmd {
     /// Device, edge and cloud on loopback in one process (real QUIC + mTLS), a short mixed
     /// workload in every mode, and a report. Start here.
     Demo(commands::demo::DemoArgs),
+    /// Device, edge and cloud on loopback in one process, serving the OpenAI-compatible API
+    /// on the device until Ctrl-C.
+    Cluster(commands::cluster::ClusterArgs),
     /// Create, train, inspect and run familial model checkpoints.
     #[command(subcommand)]
     Model(commands::ModelCmd),
@@ -47,7 +54,11 @@ fn real_main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.cmd {
+    let Some(cmd) = cli.cmd else {
+        return commands::node::run(cli.node);
+    };
+    match cmd {
+        Cmd::Cluster(c) => commands::cluster::run(c),
         Cmd::Demo(d) => commands::demo::run(d),
         Cmd::Model(m) => commands::run_model(m),
         Cmd::Certs(c) => commands::certs::run(c),

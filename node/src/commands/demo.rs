@@ -92,11 +92,18 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         "int8" => Encoding::Int8,
         o => anyhow::bail!("unknown encoding {o} (f32, f16, bf16 or int8)"),
     };
-    println!("aiflow demo — family {} ({}), exits {exits:?}", dir.display(), cfg.layout.model_type());
+    println!(
+        "aiflow demo — family {} ({}), exits {exits:?}",
+        dir.display(),
+        cfg.layout.model_type()
+    );
     println!(
         "device: layers 0..{dev_exit} + exit {dev_exit} | edge: layers {dev_exit}..{edge_exit} + exit {edge_exit} | cloud: layers {edge_exit}..{last} + exit {last}"
     );
-    println!("links: QUIC over loopback, mutual TLS (throwaway CA), hidden states in {}\n", encoding.name());
+    println!(
+        "links: QUIC over loopback, mutual TLS (throwaway CA), hidden states in {}\n",
+        encoding.name()
+    );
     let t0 = Instant::now();
     let cluster = LocalCluster::start(ClusterSpec {
         model_dir: dir.clone(),
@@ -109,16 +116,60 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         engine: EngineConfig::default(),
     })
     .await?;
-    let reference = single_node(&dir, None, None, Policy { mode: InferMode::Local, ..Policy::default() }, EngineConfig::default()).await?;
+    let reference = single_node(
+        &dir,
+        None,
+        None,
+        Policy {
+            mode: InferMode::Local,
+            ..Policy::default()
+        },
+        EngineConfig::default(),
+    )
+    .await?;
     println!("cluster up in {:.0} ms\n", t0.elapsed().as_secs_f64() * 1e3);
     let tok = Tokenizer::from_dir(&dir)?;
     let bos = cfg.bos_token_id;
     let modes: Vec<(&str, Policy)> = vec![
-        ("local (device only)", Policy { mode: InferMode::Local, ..Policy::default() }),
-        ("route → edge exit", Policy { mode: InferMode::Route, answer_exit: Some(edge_exit as u32), ..Policy::default() }),
-        ("escalate", Policy { mode: InferMode::Escalate, default_threshold: a.threshold, ..Policy::default() }),
-        ("speculate (n=4)", Policy { mode: InferMode::Speculate, draft_len: 4, ..Policy::default() }),
-        ("cloud-only (route)", Policy { mode: InferMode::Route, answer_exit: Some(last as u32), ..Policy::default() }),
+        (
+            "local (device only)",
+            Policy {
+                mode: InferMode::Local,
+                ..Policy::default()
+            },
+        ),
+        (
+            "route → edge exit",
+            Policy {
+                mode: InferMode::Route,
+                answer_exit: Some(edge_exit as u32),
+                ..Policy::default()
+            },
+        ),
+        (
+            "escalate",
+            Policy {
+                mode: InferMode::Escalate,
+                default_threshold: a.threshold,
+                ..Policy::default()
+            },
+        ),
+        (
+            "speculate (n=4)",
+            Policy {
+                mode: InferMode::Speculate,
+                draft_len: 4,
+                ..Policy::default()
+            },
+        ),
+        (
+            "cloud-only (route)",
+            Policy {
+                mode: InferMode::Route,
+                answer_exit: Some(last as u32),
+                ..Policy::default()
+            },
+        ),
     ];
     let mut summary = Vec::new();
     for (name, policy) in &modes {
@@ -138,7 +189,12 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
                 policy: Some(policy.clone()),
                 stop_tokens: vec![],
             };
-            let (want, _) = reference.generate_collect(GenerateRequest { policy: None, ..req.clone() }).await?;
+            let (want, _) = reference
+                .generate_collect(GenerateRequest {
+                    policy: None,
+                    ..req.clone()
+                })
+                .await?;
             let (got, stats) = cluster.device.generate_collect(req).await?;
             lat.push(stats.total_ms);
             bytes += stats.bytes_up;
@@ -164,7 +220,10 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         );
         summary.push((name.to_string(), p50, p95, share.join(", "), bytes, ag));
     }
-    println!("{:<22} {:>9} {:>9} {:>12} {:>10}  tokens by tier:exit", "mode", "p50 ms", "p95 ms", "bytes up", "agree %");
+    println!(
+        "{:<22} {:>9} {:>9} {:>12} {:>10}  tokens by tier:exit",
+        "mode", "p50 ms", "p95 ms", "bytes up", "agree %"
+    );
     for (name, p50, p95, share, bytes, ag) in &summary {
         println!("{name:<22} {p50:>9.1} {p95:>9.1} {bytes:>12} {ag:>10.0}  {share}");
     }

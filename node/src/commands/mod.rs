@@ -5,8 +5,10 @@ use clap::Subcommand;
 pub mod bench_model;
 pub mod bench_wire;
 pub mod certs;
+pub mod cluster;
 pub mod demo;
 pub mod model;
+pub mod node;
 pub mod train;
 
 /// `flow-node model ...`

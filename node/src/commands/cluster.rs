@@ -1,0 +1,71 @@
+//! `flow-node cluster`: device, edge and cloud in one process on loopback (real QUIC and
+//! mTLS), serving the OpenAI-compatible API on the device until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use flow_familial::init::{init_checkpoint, Preset};
+use flow_familial::{Layout, ModelConfig};
+use flow_node::cluster::{ClusterSpec, LocalCluster};
+use flow_node::EngineConfig;
+use flow_protocol::Policy;
+
+/// Serve a three-tier loopback cluster's API (for trying the API and for client tests).
+#[derive(clap::Args, Debug)]
+pub struct ClusterArgs {
+    /// Model directory; default models/small, else a seeded tiny family.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// HTTP address of the device's API.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// Write the bound HTTP address to this file once serving (useful with port 0).
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// Wire encoding between tiers.
+    #[arg(long, default_value = "f32")]
+    pub encoding: String,
+}
+
+pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let tmp = tempfile::tempdir()?;
+        let dir = match a.model {
+            Some(d) => d,
+            None if PathBuf::from("models/small/config.json").exists() => "models/small".into(),
+            None => {
+                let d = tmp.path().join("tiny");
+                init_checkpoint(Preset::Tiny, Layout::RuyiQwen2, 1, &d)?;
+                d
+            }
+        };
+        let exits = ModelConfig::from_file(&dir.join("config.json"))?.exit_points();
+        anyhow::ensure!(
+            exits.len() >= 3,
+            "need a family with at least 3 exits, got {exits:?}"
+        );
+        let cluster = LocalCluster::start(ClusterSpec {
+            model_dir: dir,
+            declare_exits: None,
+            device_exit: exits[0],
+            edge_exit: exits[exits.len() / 2],
+            certs_dir: tmp.path().join("certs"),
+            policy: Policy::default(),
+            encoding: super::node::parse_encoding(&a.encoding)?,
+            engine: EngineConfig::default(),
+        })
+        .await?;
+        let (addr, _task) = flow_node::http::serve(cluster.device.clone(), a.http).await?;
+        eprintln!("device API on http://{addr}/v1 (edge and cloud behind it over QUIC)");
+        if let Some(f) = a.addr_file {
+            std::fs::write(&f, addr.to_string())?;
+        }
+        tokio::signal::ctrl_c().await?;
+        cluster.shutdown().await;
+        Ok(())
+    })
+}
