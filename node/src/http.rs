@@ -248,7 +248,7 @@ fn prepare(
     stream: Option<bool>,
     stop: &Option<Value>,
     aiflow: &Option<AiflowOptions>,
-) -> Result<Prepared, Response> {
+) -> Result<Prepared, Box<Response>> {
     let prompt = agent.tokenizer().encode(prompt).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
@@ -260,11 +260,11 @@ fn prepare(
         .map_err(|e| error(StatusCode::BAD_REQUEST, e, "invalid_request_error"))?;
     let temperature = temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "temperature must be in [0, 2]",
             "invalid_request_error",
-        ));
+        )));
     }
     Ok(Prepared {
         req: GenerateRequest {
@@ -461,7 +461,7 @@ async fn completions(State(agent): State<Agent>, body: axum::body::Bytes) -> Res
         &r.aiflow,
     ) {
         Ok(p) => run(&agent, p, false).await,
-        Err(resp) => resp,
+        Err(resp) => *resp,
     }
 }
 
@@ -540,6 +540,6 @@ async fn chat(State(agent): State<Agent>, body: axum::body::Bytes) -> Response {
         &r.aiflow,
     ) {
         Ok(p) => run(&agent, p, true).await,
-        Err(resp) => resp,
+        Err(resp) => *resp,
     }
 }
