@@ -15,6 +15,8 @@
 //!   and temperature/top-p sampling.
 //! - [`weights`] — checkpoint access and fingerprints; [`init`] — seeded checkpoints in the
 //!   exact HF layouts (`flow-node model init`).
+//! - [`tasks`] — built-in synthetic tasks (`add`, `lookup`, `reverse`, `mix`) and text data;
+//!   [`train`] — joint training of every exit (AdamW, resume) and per-exit evaluation.
 //!
 //! Compute is f32 on the CPU. Matmul threads come from `RAYON_NUM_THREADS`; call
 //! [`set_compute_threads`] before any model work to bound them.
@@ -27,7 +29,9 @@ pub mod kv;
 pub mod layers;
 pub mod model;
 pub mod sample;
+pub mod tasks;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use config::{ExitSpec, Layout, ModelConfig};
