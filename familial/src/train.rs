@@ -29,6 +29,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+/// One worker's gradients (per variable) and per-exit losses.
+type WorkerGrads = (Vec<Option<Tensor>>, Vec<f64>);
+
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
@@ -380,7 +383,7 @@ impl Trainer {
                 .collect();
             Ok((g, per_exit))
         };
-        let results: Vec<Result<(Vec<Option<Tensor>>, Vec<f64>)>> = if chunks.len() == 1 {
+        let results: Vec<Result<WorkerGrads>> = if chunks.len() == 1 {
             vec![run(chunks[0])]
         } else {
             std::thread::scope(|s| {
@@ -441,8 +444,8 @@ impl Trainer {
         let (b1, b2) = (self.opts.beta1, self.opts.beta2);
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
-        for i in 0..self.vars.len() {
-            let Some(g) = &grads[i] else { continue };
+        for (i, g) in grads.iter().enumerate().take(self.vars.len()) {
+            let Some(g) = g else { continue };
             let g = if scale != 1.0 {
                 (g * scale)?
             } else {

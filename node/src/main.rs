@@ -20,6 +20,7 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once at start-up
 enum Cmd {
     /// Device, edge and cloud on loopback in one process (real QUIC + mTLS), a short mixed
     /// workload in every mode, and a report. Start here.

@@ -13,6 +13,7 @@ pub mod train;
 
 /// `flow-node model ...`
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once at start-up
 pub enum ModelCmd {
     /// Write a seeded checkpoint (config.json, model.safetensors, tokenizer.json) in an HF layout.
     Init(model::InitArgs),
