@@ -422,38 +422,7 @@ impl TierSession {
                 layer: self.engine.stage().b as u32,
                 ..d
             });
-            self.bytes_up += message_tensor_bytes(&msg);
-            self.metrics.bytes_up.add(message_tensor_bytes(&msg));
-            self.hops += 1;
-            let addr = self.parent_addr();
-            let mut up = self.take_upstream().await?;
-            up.send(&msg).await.map_err(|e| NodeError::Parent {
-                addr: addr.clone(),
-                msg: e.to_string(),
-            })?;
-            let reply = up.recv().await;
-            self.upstream = Some(up);
-            match reply {
-                Ok(Some(Message::Verdict(v))) => v,
-                Ok(Some(Message::Error(e))) => {
-                    return Err(NodeError::Parent {
-                        addr,
-                        msg: format!("{:?}: {}", e.code, e.message),
-                    })
-                }
-                Ok(other) => {
-                    return Err(NodeError::Parent {
-                        addr,
-                        msg: format!("unexpected reply to Draft: {other:?}"),
-                    })
-                }
-                Err(e) => {
-                    return Err(NodeError::Parent {
-                        addr,
-                        msg: e.to_string(),
-                    })
-                }
-            }
+            self.exchange_draft(msg).await?
         };
         if verdict.accepted as usize > n {
             return Err(NodeError::Protocol(
@@ -491,6 +460,11 @@ impl TierSession {
             sampling: self.sampling.clone(),
             policy: self.policy.clone(),
         });
+        self.exchange_draft(msg).await
+    }
+
+    /// Send a `Draft` to the parent and wait for its `Verdict`.
+    async fn exchange_draft(&mut self, msg: Message) -> Result<Verdict> {
         let bytes = message_tensor_bytes(&msg);
         self.bytes_up += bytes;
         self.metrics.bytes_up.add(bytes);
