@@ -123,8 +123,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 500)]
     pub save_every: u64,
     /// Output directory (checkpoint + training state).
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required_unless_present = "eval_only")]
+    pub out: Option<PathBuf>,
     /// Continue the run saved in --out.
     #[arg(long)]
     pub resume: bool,
@@ -137,6 +137,10 @@ pub struct TrainArgs {
     /// Print a plain log line every K steps when stderr is not a terminal.
     #[arg(long, default_value_t = 50)]
     pub log_every: u64,
+    /// Only evaluate --model on the held-out set of --task (per exit) and print JSON to
+    /// stdout; nothing is trained or written.
+    #[arg(long, requires = "model")]
+    pub eval_only: bool,
 }
 
 /// Raise glibc's mmap threshold so the large temporaries of every step are reused from the
@@ -279,7 +283,21 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let save_dtype = parse_dtype(&args.save_dtype)?;
     let (data, data_name) = data_of(&args)?;
     let opts = options(&args, workers);
-    let out = args.out.clone();
+    if args.eval_only {
+        let m = args.model.as_ref().context("--eval-only needs --model")?;
+        let t = Trainer::from_checkpoint(m, opts)
+            .with_context(|| format!("loading {}", m.display()))?;
+        let ev = evaluate(&t, &data, args.eval_examples)?;
+        eprintln!(
+            "eval of {} on {data_name} ({} held-out per task):\n{}",
+            m.display(),
+            args.eval_examples,
+            ev.text.trim_end()
+        );
+        println!("{}", serde_json::to_string_pretty(&ev.json)?);
+        return Ok(());
+    }
+    let out = args.out.clone().context("--out DIR is required")?;
 
     let mut extra = serde_json::json!({ "data": data_name });
     let mut trainer = if args.resume {
