@@ -129,6 +129,9 @@ impl Data {
     }
 }
 
+/// A worker's gradients (per variable) and summed per-exit NLL.
+type WorkerOut = (Vec<Option<Tensor>>, Vec<f64>);
+
 /// What one optimiser step did.
 #[derive(Debug, Clone)]
 pub struct StepStats {
@@ -355,7 +358,7 @@ impl Trainer {
         let workers = self.opts.workers.min(batch.len()).max(1);
         let chunk = batch.len().div_ceil(workers);
         let chunks: Vec<&[Sequence]> = batch.chunks(chunk).collect();
-        let run = |part: &[Sequence]| -> Result<(Vec<Option<Tensor>>, Vec<f64>)> {
+        let run = |part: &[Sequence]| -> Result<WorkerOut> {
             let model = self.train_model()?;
             let sums = exit_nll_sums(&model, part)?;
             let mut loss: Option<Tensor> = None;
@@ -380,7 +383,7 @@ impl Trainer {
                 .collect();
             Ok((g, per_exit))
         };
-        let results: Vec<Result<(Vec<Option<Tensor>>, Vec<f64>)>> = if chunks.len() == 1 {
+        let results: Vec<Result<WorkerOut>> = if chunks.len() == 1 {
             vec![run(chunks[0])]
         } else {
             std::thread::scope(|s| {
@@ -441,8 +444,8 @@ impl Trainer {
         let (b1, b2) = (self.opts.beta1, self.opts.beta2);
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
-        for i in 0..self.vars.len() {
-            let Some(g) = &grads[i] else { continue };
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
             let g = if scale != 1.0 {
                 (g * scale)?
             } else {

@@ -110,7 +110,8 @@ fn greedy_matches_teacher_forced_argmax() {
     let m = t.infer_model().unwrap();
     let prompt = flow_familial::tasks::encode_prompt("12+34=");
     for p in m.config().exit_points() {
-        let got = flow_familial::train::greedy_batch(&m, &[prompt.clone()], p, 4).unwrap();
+        let got =
+            flow_familial::train::greedy_batch(&m, std::slice::from_ref(&prompt), p, 4).unwrap();
         let mut seq = prompt.clone();
         for &tok in &got[0] {
             let mut c = m.new_cache();
