@@ -29,9 +29,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-/// One worker's gradients (per variable) and per-exit losses.
-type WorkerGrads = (Vec<Option<Tensor>>, Vec<f64>);
-
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
@@ -131,6 +128,9 @@ impl Data {
         }
     }
 }
+
+/// A worker's gradients (per variable) and summed per-exit NLL.
+type WorkerOut = (Vec<Option<Tensor>>, Vec<f64>);
 
 /// What one optimiser step did.
 #[derive(Debug, Clone)]
@@ -358,7 +358,7 @@ impl Trainer {
         let workers = self.opts.workers.min(batch.len()).max(1);
         let chunk = batch.len().div_ceil(workers);
         let chunks: Vec<&[Sequence]> = batch.chunks(chunk).collect();
-        let run = |part: &[Sequence]| -> Result<(Vec<Option<Tensor>>, Vec<f64>)> {
+        let run = |part: &[Sequence]| -> Result<WorkerOut> {
             let model = self.train_model()?;
             let sums = exit_nll_sums(&model, part)?;
             let mut loss: Option<Tensor> = None;
@@ -383,7 +383,7 @@ impl Trainer {
                 .collect();
             Ok((g, per_exit))
         };
-        let results: Vec<Result<WorkerGrads>> = if chunks.len() == 1 {
+        let results: Vec<Result<WorkerOut>> = if chunks.len() == 1 {
             vec![run(chunks[0])]
         } else {
             std::thread::scope(|s| {
@@ -444,7 +444,7 @@ impl Trainer {
         let (b1, b2) = (self.opts.beta1, self.opts.beta2);
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
-        for (i, g) in grads.iter().enumerate().take(self.vars.len()) {
+        for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
             let g = if scale != 1.0 {
                 (g * scale)?

@@ -18,7 +18,7 @@ pub enum ModelCmd {
     /// Write a seeded checkpoint (config.json, model.safetensors, tokenizer.json) in an HF layout.
     Init(model::InitArgs),
     /// Train every exit of a family jointly (sum of exit losses) on synthetic tasks or a text file.
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Show members, exits, parameters and bytes per member of a checkpoint.
     Inspect(model::InspectArgs),
     /// Greedy generation at one exit.
@@ -37,7 +37,7 @@ pub enum BenchCmd {
 pub fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
     match cmd {
         ModelCmd::Init(a) => model::init(a),
-        ModelCmd::Train(a) => train::run(a),
+        ModelCmd::Train(a) => train::run(*a),
         ModelCmd::Inspect(a) => model::inspect(a),
         ModelCmd::Run(a) => model::run(a),
     }
