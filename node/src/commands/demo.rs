@@ -36,11 +36,11 @@ pub struct DemoArgs {
 }
 
 const PROMPTS: [&str; 6] = [
-    "12+34=",
+    "57+8=",
     "7+5=",
     "305+1196=",
-    "a=3;b=7;c=1;b?",
-    "reverse:stream>",
+    "k=37,b=05?b=",
+    "rev abc=",
     "48+19=",
 ];
 
