@@ -257,3 +257,92 @@ async fn a_dead_parent_fails_or_degrades_clearly_and_the_node_keeps_serving() {
     assert_eq!(toks.len(), NEW);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sessions_are_batched_and_stay_exact() {
+    let (dir, certs) = fixture();
+    let single = single_node(
+        dir.path(),
+        None,
+        None,
+        policy(InferMode::Local),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    let mut want = Vec::new();
+    for p in PROMPTS {
+        want.push(ids(&single
+            .generate_collect(request(p, policy(InferMode::Local)))
+            .await
+            .unwrap()
+            .0));
+    }
+    let c = cluster(dir.path(), certs.path()).await;
+    let route = Policy {
+        answer_exit: Some(5),
+        ..policy(InferMode::Route)
+    };
+    let mut tasks = Vec::new();
+    for i in 0..9 {
+        let dev = c.device.clone();
+        let p = route.clone();
+        tasks.push(tokio::spawn(async move {
+            (
+                i % 3,
+                dev.generate_collect(request(PROMPTS[i % 3], p)).await,
+            )
+        }));
+    }
+    for t in tasks {
+        let (k, r) = t.await.unwrap();
+        assert_eq!(
+            ids(&r.unwrap().0),
+            want[k],
+            "concurrent request for prompt {k}"
+        );
+    }
+    // The cloud ran steps of several sessions in one batch at least once.
+    let s = c.cloud.engine_stats().await;
+    assert!(s.batched_steps > s.batches, "no cross-session batch: {s:?}");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_and_refuses_new_requests() {
+    let (dir, certs) = fixture();
+    let c = cluster(dir.path(), certs.path()).await;
+    let route = Policy {
+        answer_exit: Some(5),
+        ..policy(InferMode::Route)
+    };
+    let mut rx = c
+        .device
+        .generate(request(PROMPTS[0], route.clone()))
+        .await
+        .unwrap();
+    let dev = c.device.clone();
+    let drain = tokio::spawn(async move { dev.drain(std::time::Duration::from_secs(30)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let err = c
+        .device
+        .generate(request(PROMPTS[1], route))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("shutting down"), "{err}");
+    let mut n = 0;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            flow_node::GenEvent::Token { .. } => n += 1,
+            flow_node::GenEvent::Done(_) => break,
+            flow_node::GenEvent::Error(e) => panic!("in-flight request failed: {e}"),
+        }
+    }
+    assert_eq!(n, NEW);
+    assert_eq!(
+        drain.await.unwrap(),
+        0,
+        "nothing left running after the drain"
+    );
+    c.shutdown().await;
+}

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,6 +93,18 @@ struct Inner {
     tokenizer: Tokenizer,
     next_session: AtomicU64,
     hello: Hello,
+    /// Requests and child sessions in flight (drained on shutdown).
+    inflight: AtomicUsize,
+    draining: AtomicBool,
+}
+
+/// Decrements the in-flight count when dropped.
+struct InflightGuard(Arc<Inner>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A running node. Cheap to clone.
@@ -231,6 +243,8 @@ impl Agent {
             tokenizer,
             next_session: AtomicU64::new(1),
             hello,
+            inflight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
         });
         let agent = Agent { inner };
         if agent.inner.server.is_some() {
@@ -277,12 +291,40 @@ impl Agent {
 
     /// Stop accepting children and close the parent link.
     pub async fn shutdown(&self) {
+        self.drain(Duration::from_secs(30)).await;
         if let Some(s) = &self.inner.server {
             s.close();
         }
         if let Some(p) = &self.inner.parent {
             p.close().await;
         }
+    }
+
+    /// Refuse new requests and wait (up to `timeout`) for in-flight requests and child
+    /// sessions to finish. Returns how many were still running at the timeout.
+    pub async fn drain(&self, timeout: Duration) -> usize {
+        self.inner.draining.store(true, Ordering::Release);
+        let t0 = Instant::now();
+        loop {
+            let n = self.inner.inflight.load(Ordering::Acquire);
+            if n == 0 || t0.elapsed() >= timeout {
+                if n > 0 {
+                    tracing::warn!(inflight = n, "shutting down with requests still running");
+                }
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn enter(&self) -> Result<InflightGuard> {
+        if self.inner.draining.load(Ordering::Acquire) {
+            return Err(NodeError::Unavailable(
+                "this node is shutting down; send the request to another node".into(),
+            ));
+        }
+        self.inner.inflight.fetch_add(1, Ordering::AcqRel);
+        Ok(InflightGuard(self.inner.clone()))
     }
 
     fn new_session(&self, request: u64, policy: Policy, sampling: Sampling) -> TierSession {
@@ -334,6 +376,16 @@ impl Agent {
     }
 
     async fn serve_session(self, mut stream: SessionStream) {
+        let Ok(_guard) = self.enter() else {
+            let _ = stream
+                .send(&Message::error(
+                    ErrorCode::Overloaded,
+                    "this node is shutting down",
+                    None,
+                ))
+                .await;
+            return;
+        };
         self.inner.metrics.sessions_served.inc();
         let mut tier: Option<TierSession> = None;
         let hidden = self.inner.model_cfg.hidden_size;
@@ -476,10 +528,12 @@ impl Agent {
             .clone()
             .unwrap_or_else(|| self.inner.cfg.default_policy.clone());
         self.check_policy(&policy)?;
+        let guard = self.enter()?;
         let (tx, rx) = mpsc::channel(64);
         let me = self.clone();
         self.inner.metrics.requests.inc();
         tokio::spawn(async move {
+            let _guard = guard;
             let t0 = Instant::now();
             let res = if policy.mode == InferMode::Speculate && me.inner.parent.is_some() {
                 me.run_speculative(req, policy, &tx, t0).await
@@ -501,6 +555,23 @@ impl Agent {
             }
         });
         Ok(rx)
+    }
+
+    /// Classification / scoring: one forward pass through the same tiers (no generation).
+    /// Returns the predicted next token with the tier, exit and confidence that produced it.
+    pub async fn classify(&self, prompt: Vec<u32>, policy: Option<Policy>) -> Result<TokenOut> {
+        let (toks, _) = self
+            .generate_collect(GenerateRequest {
+                prompt,
+                max_new_tokens: 1,
+                sampling: Sampling::default(),
+                policy,
+                stop_tokens: vec![],
+            })
+            .await?;
+        toks.into_iter()
+            .next()
+            .ok_or_else(|| NodeError::Internal("classification produced no token".into()))
     }
 
     fn check_policy(&self, p: &Policy) -> Result<()> {
@@ -753,4 +824,153 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     false
+}
+
+/// Builder for an [`Agent`] — the embedded API for running a node inside an application.
+///
+/// ```no_run
+/// # async fn f() -> flow_node::Result<()> {
+/// use flow_node::Agent;
+/// use flow_protocol::Role;
+/// // A device hosting the first layer and exit 1, escalating to an edge.
+/// let agent = Agent::builder("models/small")
+///     .role(Role::Device)
+///     .layers(0..1)
+///     .parent("10.0.0.2:7000".parse().unwrap(), "edge")
+///     .start()
+///     .await?;
+/// let (tokens, stats) = agent
+///     .generate_collect(flow_node::GenerateRequest::greedy(vec![256, 55, 43, 53, 61], 4))
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct AgentBuilder {
+    cfg: AgentConfig,
+    layers: Option<std::ops::Range<usize>>,
+}
+
+impl Agent {
+    /// Start building an agent for the family in `model_dir`. Defaults: a device hosting
+    /// the whole family (layers up to the deepest exit), no parent, no listener, escalate
+    /// policy, f32 on the wire, one compute thread.
+    pub fn builder(model_dir: impl Into<PathBuf>) -> AgentBuilder {
+        AgentBuilder {
+            cfg: AgentConfig {
+                node_id: "device".into(),
+                role: Role::Device,
+                model_dir: model_dir.into(),
+                declare_exits: None,
+                stage: Stage {
+                    a: 0,
+                    b: 0,
+                    exit: true,
+                },
+                listen: None,
+                parent: None,
+                security: Security::InsecureLoopback,
+                parent_encoding: Encoding::F32,
+                engine: EngineConfig::default(),
+                default_policy: Policy::default(),
+            },
+            layers: None,
+        }
+    }
+}
+
+impl AgentBuilder {
+    /// The node's tier.
+    pub fn role(mut self, role: Role) -> Self {
+        self.cfg.role = role;
+        self
+    }
+    /// The node's name (its certificate's name under mTLS).
+    pub fn node_id(mut self, id: impl Into<String>) -> Self {
+        self.cfg.node_id = id.into();
+        self
+    }
+    /// Host trunk layers `a..b` and the exit at `b`.
+    pub fn layers(mut self, r: std::ops::Range<usize>) -> Self {
+        self.layers = Some(r);
+        self
+    }
+    /// Whether the exit at the end of the layers is hosted (default true).
+    pub fn exit(mut self, exit: bool) -> Self {
+        self.cfg.stage.exit = exit;
+        self
+    }
+    /// Declare exit points on a plain llama/qwen2 checkpoint.
+    pub fn declare_exits(mut self, points: Vec<usize>) -> Self {
+        self.cfg.declare_exits = Some(points);
+        self
+    }
+    /// Escalate to the parent at `addr` whose certificate is named `name`.
+    pub fn parent(mut self, addr: SocketAddr, name: impl Into<String>) -> Self {
+        self.cfg.parent = Some((addr, name.into()));
+        self
+    }
+    /// Accept children on `addr`.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.cfg.listen = Some(addr);
+        self
+    }
+    /// Authentication (mutual TLS in production).
+    pub fn security(mut self, s: Security) -> Self {
+        self.cfg.security = s;
+        self
+    }
+    /// Default inference policy.
+    pub fn policy(mut self, p: Policy) -> Self {
+        self.cfg.default_policy = p;
+        self
+    }
+    /// Wire encoding of hidden states to the parent.
+    pub fn encoding(mut self, e: Encoding) -> Self {
+        self.cfg.parent_encoding = e;
+        self
+    }
+    /// Threads for model compute.
+    pub fn threads(mut self, n: usize) -> Self {
+        self.cfg.engine.threads = n.max(1);
+        self
+    }
+    /// KV cache budget in bytes.
+    pub fn kv_budget_bytes(mut self, n: usize) -> Self {
+        self.cfg.engine.kv_budget_bytes = n;
+        self
+    }
+    /// The configuration this builder would start.
+    pub fn config(&self) -> Result<AgentConfig> {
+        let mut cfg = self.cfg.clone();
+        let r = match &self.layers {
+            Some(r) => r.clone(),
+            None => {
+                let mut mc = ModelConfig::from_file(&cfg.model_dir.join("config.json"))?;
+                if let Some(p) = &cfg.declare_exits {
+                    mc.declare_exits(p)?;
+                }
+                0..mc.last_exit().point
+            }
+        };
+        cfg.stage.a = r.start;
+        cfg.stage.b = r.end;
+        Ok(cfg)
+    }
+    /// Load the model part and start the agent.
+    pub async fn start(self) -> Result<Agent> {
+        Agent::start(self.config()?).await
+    }
+}
+
+impl GenerateRequest {
+    /// Greedy generation of up to `max_new_tokens` with the node's default policy.
+    pub fn greedy(prompt: Vec<u32>, max_new_tokens: usize) -> Self {
+        Self {
+            prompt,
+            max_new_tokens,
+            sampling: Sampling::default(),
+            policy: None,
+            stop_tokens: vec![],
+        }
+    }
 }

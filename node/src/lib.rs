@@ -25,6 +25,6 @@ pub mod metrics;
 pub mod parent;
 pub mod tier;
 
-pub use agent::{Agent, AgentConfig, GenEvent, GenStats, GenerateRequest};
+pub use agent::{Agent, AgentBuilder, AgentConfig, GenEvent, GenStats, GenerateRequest};
 pub use engine::{EngineConfig, Stage};
 pub use error::{NodeError, Result};
