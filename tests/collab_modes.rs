@@ -346,3 +346,43 @@ async fn drain_finishes_in_flight_and_refuses_new_requests() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_with_other_weights_is_refused() {
+    let (dir, certs) = fixture();
+    let other = tempfile::tempdir().unwrap();
+    init_checkpoint(Preset::Tiny, Layout::RuyiQwen2, 22, other.path()).unwrap();
+    let ca = certs.path().join("ca");
+    flow_protocol::transport::certs::init_ca(&ca).unwrap();
+    let sec = |name: &str, role: Role| {
+        let f = flow_protocol::transport::certs::issue(&ca, name, role, &certs.path().join(name))
+            .unwrap();
+        flow_protocol::transport::Security::Mtls {
+            ca: ca.join(flow_protocol::transport::certs::CA_CERT),
+            cert: f.cert,
+            key: f.key,
+        }
+    };
+    // The cloud serves a different checkpoint (another seed) of the same layout.
+    let cloud = flow_node::Agent::builder(other.path())
+        .role(Role::Cloud)
+        .node_id("cloud")
+        .layers(3..5)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .security(sec("cloud", Role::Cloud))
+        .start()
+        .await
+        .unwrap();
+    let err = flow_node::Agent::builder(dir.path())
+        .role(Role::Edge)
+        .node_id("edge")
+        .layers(1..3)
+        .parent(cloud.local_addr().unwrap(), "cloud")
+        .security(sec("edge", Role::Edge))
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fingerprint"), "{err}");
+    cloud.shutdown().await;
+}

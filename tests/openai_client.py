@@ -71,5 +71,15 @@ try:
 except openai.BadRequestError as e:
     check("unknown mode is rejected", "teleport" in str(e), e)
 
+# Health and Prometheus metrics on the same server.
+import urllib.request
+
+health = urllib.request.urlopen(f"http://{base}/healthz", timeout=10).read().decode()
+check("healthz", health.strip() == "ok", health)
+metrics = urllib.request.urlopen(f"http://{base}/metrics", timeout=10).read().decode()
+for name in ("aiflow_requests_total", "aiflow_tokens_total{", "aiflow_request_seconds_bucket",
+             "aiflow_link_bytes_up_total", "aiflow_engine_queue_depth"):
+    check(f"metrics has {name}", name in metrics)
+
 print(f"openai client: {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

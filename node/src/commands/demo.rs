@@ -177,6 +177,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         let mut lat = Vec::new();
         let mut tiers = std::collections::BTreeMap::<String, usize>::new();
         let mut bytes = 0u64;
+        let edge_up0 = cluster.edge.metrics().bytes_up.get();
         let mut agree = 0usize;
         let mut total = 0usize;
         for p in PROMPTS {
@@ -207,6 +208,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
             total += wi.len().max(gi.len());
             println!("  {p:<18} → {:?}", tok.decode(&gi)?);
         }
+        let edge_bytes = cluster.edge.metrics().bytes_up.get() - edge_up0;
         let n: usize = tiers.values().sum();
         let share: Vec<String> = tiers
             .iter()
@@ -215,17 +217,25 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         let (p50, p95) = (pct(&mut lat.clone(), 0.5), pct(&mut lat, 0.95));
         let ag = 100.0 * agree as f64 / total.max(1) as f64;
         println!(
-            "  latency p50 {p50:.1} ms p95 {p95:.1} ms | tokens by tier:exit {} | device→edge bytes {bytes} | agreement with cloud-only {ag:.0}%\n",
+            "  latency p50 {p50:.1} ms p95 {p95:.1} ms | tokens by tier:exit {} | bytes device→edge {bytes}, edge→cloud {edge_bytes} | agreement with cloud-only {ag:.0}%\n",
             share.join(", ")
         );
-        summary.push((name.to_string(), p50, p95, share.join(", "), bytes, ag));
+        summary.push((
+            name.to_string(),
+            p50,
+            p95,
+            share.join(", "),
+            bytes,
+            edge_bytes,
+            ag,
+        ));
     }
     println!(
-        "{:<22} {:>9} {:>9} {:>12} {:>10}  tokens by tier:exit",
-        "mode", "p50 ms", "p95 ms", "bytes up", "agree %"
+        "{:<22} {:>8} {:>8} {:>11} {:>11} {:>8}  tokens by tier:exit",
+        "mode", "p50 ms", "p95 ms", "dev→edge B", "edge→cl B", "agree %"
     );
-    for (name, p50, p95, share, bytes, ag) in &summary {
-        println!("{name:<22} {p50:>9.1} {p95:>9.1} {bytes:>12} {ag:>10.0}  {share}");
+    for (name, p50, p95, share, bytes, eb, ag) in &summary {
+        println!("{name:<22} {p50:>8.1} {p95:>8.1} {bytes:>11} {eb:>11} {ag:>8.0}  {share}");
     }
     let m = cluster.device.metrics();
     println!(
