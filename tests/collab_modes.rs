@@ -386,3 +386,41 @@ async fn a_parent_with_other_weights_is_refused() {
     assert!(err.contains("fingerprint"), "{err}");
     cloud.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_eviction_fails_the_evicted_request_clearly() {
+    let (dir, _certs) = fixture();
+    // A budget smaller than one session's cache: concurrent sessions evict each other.
+    let engine = EngineConfig {
+        kv_budget_bytes: 1,
+        ..EngineConfig::default()
+    };
+    let single = single_node(dir.path(), None, None, policy(InferMode::Local), engine)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let a = single.clone();
+        tasks.push(tokio::spawn(async move {
+            a.generate_collect(request(PROMPTS[i % 3], policy(InferMode::Local)))
+                .await
+        }));
+    }
+    let mut evicted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok((toks, _)) => assert_eq!(toks.len(), NEW),
+            Err(e) => {
+                assert!(e.to_string().contains("evicted"), "{e}");
+                evicted += 1;
+            }
+        }
+    }
+    assert!(evicted > 0, "no session was evicted under a 1-byte budget");
+    assert!(single.engine_stats().await.evictions > 0);
+    // The node keeps serving.
+    single
+        .generate_collect(request(PROMPTS[0], policy(InferMode::Local)))
+        .await
+        .unwrap();
+}
