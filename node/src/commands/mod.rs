@@ -3,6 +3,7 @@
 use clap::Subcommand;
 
 pub mod bench_model;
+pub mod bench_split;
 pub mod bench_wire;
 pub mod certs;
 pub mod cluster;
@@ -32,6 +33,8 @@ pub enum BenchCmd {
     Model(bench_model::BenchModelArgs),
     /// Wire encodings, encode/decode time, QUIC round trip and goodput vs raw quinn.
     Wire(bench_wire::BenchWireArgs),
+    /// Single node vs device+edge+cloud (escalate-always, speculate) on loopback: decode tokens/s, TTFT, bytes per token per link.
+    Split(bench_split::BenchSplitArgs),
 }
 
 pub fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
@@ -47,5 +50,6 @@ pub fn run_bench(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Model(a) => bench_model::run(a),
         BenchCmd::Wire(a) => bench_wire::run(a),
+        BenchCmd::Split(a) => bench_split::run(a),
     }
 }
