@@ -37,6 +37,9 @@ enum Cmd {
     /// Benchmarks; results are printed as tables (and JSON with --json).
     #[command(subcommand)]
     Bench(commands::BenchCmd),
+    /// Plan where to cut the family across device, edge and cloud (predicted latency per
+    /// tier and link, escalation thresholds), from a self-benchmark and link estimates.
+    Plan(commands::plan::PlanArgs),
 }
 
 fn main() {
@@ -64,5 +67,6 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Model(m) => commands::run_model(m),
         Cmd::Certs(c) => commands::certs::run(c),
         Cmd::Bench(b) => commands::run_bench(b),
+        Cmd::Plan(p) => commands::plan::run(p),
     }
 }

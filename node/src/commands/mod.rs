@@ -5,11 +5,13 @@ use clap::Subcommand;
 pub mod bench_model;
 pub mod bench_split;
 pub mod bench_wire;
+pub mod calibrate;
 pub mod certs;
 pub mod cluster;
 pub mod demo;
 pub mod model;
 pub mod node;
+pub mod plan;
 pub mod train;
 
 /// `flow-node model ...`
@@ -24,6 +26,8 @@ pub enum ModelCmd {
     Inspect(model::InspectArgs),
     /// Greedy generation at one exit.
     Run(model::RunArgs),
+    /// Per-exit escalation thresholds meeting a target agreement with the deepest exit.
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 /// `flow-node bench ...`
@@ -43,6 +47,7 @@ pub fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
         ModelCmd::Train(a) => train::run(*a),
         ModelCmd::Inspect(a) => model::inspect(a),
         ModelCmd::Run(a) => model::run(a),
+        ModelCmd::Calibrate(a) => calibrate::run(a),
     }
 }
 

@@ -1,0 +1,732 @@
+//! `flow-node model calibrate`: per-exit escalation thresholds from a validation set.
+//!
+//! For every generated answer token of a validation set of the family's own tasks, each
+//! non-deepest exit gives a confidence and a greedy token; the record is whether that token
+//! agrees with the deepest exit's token. The reference continuation is the deepest exit's
+//! greedy answer (incremental decoding with the KV cache); every exit is then run
+//! *teacher-forced* on `prompt + that continuation` in one batched forward, so exit `e`'s
+//! record at answer position `j` is "given the deepest exit's prefix, would `e` have said
+//! the same next token". `flow_partition::calibrate_family` turns the records into the
+//! threshold with the least escalation whose agreement (or its lower confidence bound)
+//! meets the target.
+//!
+//! The calibration file (`DIR/aiflow_calibration.json`, format `aiflow-calibration/1`) is
+//! [`CalibrationFile`]: the measure, target and bound, where the records came from, and
+//! per exit its `point` (as in `early_exit_points`), its planner `depth`, the `threshold`
+//! (`null`: always escalate) and the planner curve. The agent reads `measure` and
+//! `exits[].{point, threshold}`; `flow-node plan` reads the curves.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use flow_familial::confidence::{Confidence, Measure};
+use flow_familial::config::ExitBlock;
+use flow_familial::tasks::{eval_set, Example, Task};
+use flow_familial::train::greedy_batch;
+use flow_familial::weights::Checkpoint;
+use flow_familial::{FamilialModel, ModelConfig, Rows, Seg, SeqCache};
+use flow_partition::{
+    agreement_curve, calibrate_family, Bound, BoundKind, CalibrationConfig, ConfidenceMeasure,
+    CurvePoint, ExitRecords, Record,
+};
+use serde::{Deserialize, Serialize};
+
+/// Format tag of [`CalibrationFile`].
+pub const FORMAT: &str = "aiflow-calibration/1";
+/// File name under the checkpoint directory.
+pub const FILE_NAME: &str = "aiflow_calibration.json";
+/// How the reference tokens are produced (recorded in the file).
+pub const REFERENCE: &str =
+    "deepest exit's greedy continuation (KV-cached decoding); every exit teacher-forced on it";
+
+/// Which lower bound `--bound` selects.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BoundArg {
+    /// Exact one-sided Clopper-Pearson bound (default).
+    ClopperPearson,
+    /// Hoeffding's bound (looser, distribution-free).
+    Hoeffding,
+    /// No bound: the empirical agreement must meet the target (no guarantee).
+    None,
+}
+
+fn parse_measure(s: &str) -> Result<Measure, String> {
+    s.parse()
+}
+
+fn parse_task(s: &str) -> Result<Task, String> {
+    s.parse().map_err(|e: flow_familial::Error| e.to_string())
+}
+
+fn parse_unit(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    if v > 0.0 && v < 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be strictly between 0 and 1, got {v}"))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+#[command(before_long_help = "\
+Calibrate the escalation thresholds of a family's early exits.
+
+An exit that is confident answers locally; one that is not escalates the token to a deeper
+tier. The threshold decides the trade: too low and shallow exits give wrong answers, too high
+and everything escalates. This command measures, on a validation set of the family's own
+tasks, how often each exit agrees with the deepest exit as a function of its confidence, and
+picks per exit the lowest threshold (least escalation) whose agreement meets --target.
+
+With the default Clopper-Pearson bound, thresholds are tested from the most conservative
+down and the search stops at the first failure (Learn-then-Test, as in CALM): with
+probability at least 1 - delta, the agreement among accepted tokens at the chosen threshold
+is at least the target on new data from the same distribution.
+
+Records: one per generated answer token and exit. The reference is the deepest exit's greedy
+continuation; every exit is run teacher-forced on it (so each record asks: given the deepest
+exit's prefix, does this exit pick the same next token?).")]
+#[command(after_long_help = "\
+Examples:
+  flow-node model calibrate models/small
+  flow-node model calibrate models/small --measure margin --target 0.99 --write
+  flow-node model calibrate models/small --json /tmp/cal.json
+  # check thresholds on a held-out split (different seed) of the same tasks:
+  flow-node model calibrate models/small --check /tmp/cal.json --split-seed 2
+
+--write stores DIR/aiflow_calibration.json (format aiflow-calibration/1):
+  { \"format\": \"aiflow-calibration/1\", \"measure\": \"max_prob\", \"target_agreement\": 0.97,
+    \"bound\": {\"kind\": \"clopper_pearson\", \"delta\": 0.1}, \"model_fingerprint\": \"...\",
+    \"exits\": [ {\"point\": 1, \"depth\": 1, \"threshold\": 0.93, \"escalation\": 0.41,
+                 \"curve\": [{\"threshold\": .., \"agreement\": .., \"escalation\": ..}, ..]}, .. ] }
+  `point` is the exit point (as in config.json and `model run --exit`), `threshold` null means
+  \"always escalate\", `depth` and `curve` are what `flow-node plan` feeds the planner (curve
+  agreement is the lower bound, thresholds decreasing). The deepest exit is listed with
+  threshold null: it answers every token that reaches it.")]
+pub struct CalibrateArgs {
+    /// Checkpoint directory of a trained family (config.json + model.safetensors).
+    pub dir: PathBuf,
+    /// Confidence measure: max_prob (largest softmax probability), margin (top-1 minus
+    /// top-2 probability) or entropy (negated entropy of the softmax).
+    #[arg(long, default_value = "max_prob", value_parser = parse_measure)]
+    pub measure: Measure,
+    /// Required agreement with the deepest exit among the tokens an exit answers.
+    #[arg(long, default_value = "0.97", value_parser = parse_unit)]
+    pub target: f64,
+    /// Risk level of the bound: the guarantee holds with probability 1 - delta.
+    #[arg(long, default_value = "0.1", value_parser = parse_unit)]
+    pub delta: f64,
+    /// Lower confidence bound the agreement must meet.
+    #[arg(long, value_enum, default_value_t = BoundArg::ClopperPearson)]
+    pub bound: BoundArg,
+    /// Validation examples per task (`mix` draws this many from each of add, lookup,
+    /// reverse). Each gives one record per answer token (answer + end-of-sequence).
+    #[arg(long, default_value_t = 300)]
+    pub examples: usize,
+    /// Built-in task the validation set is drawn from: add, lookup, reverse or mix.
+    #[arg(long, default_value = "mix", value_parser = parse_task)]
+    pub task: Task,
+    /// Evaluation split of the task generator (0 is the one `model train` reports; any
+    /// split is disjoint from the training stream). Use another seed for a held-out check.
+    #[arg(long, default_value_t = 1)]
+    pub split_seed: u64,
+    /// Also write the full report (the calibration file's content) as JSON to PATH.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Store the thresholds in DIR/aiflow_calibration.json for the agent and the planner.
+    #[arg(long)]
+    pub write: bool,
+    /// Instead of calibrating, check the thresholds of a calibration file on this split:
+    /// per exit, agreement and escalation when accepting confidence >= threshold.
+    #[arg(long, value_name = "FILE", conflicts_with = "write")]
+    pub check: Option<PathBuf>,
+    /// Points of the agreement curve stored for the planner.
+    #[arg(long, default_value_t = 24)]
+    pub curve_points: usize,
+    /// Compute threads (default: $RAYON_NUM_THREADS, else 1).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// One exit in the calibration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitEntry {
+    /// Exit point as in `early_exit_points` (reads the state after trunk layers `[0, point)`).
+    pub point: usize,
+    /// Depth in the planner's terms: trunk layers a tier must host before this exit decides
+    /// (`point` for an exit with its own block; `l + 1` for an exit whose block is trunk
+    /// layer `l`, e.g. the deepest Ruyi exit, whose depth is `num_layers`).
+    pub depth: usize,
+    /// Answer when confidence >= threshold; `None`: always escalate (or the deepest exit).
+    pub threshold: Option<f64>,
+    /// Validation tokens (records) of this exit.
+    pub tokens: usize,
+    /// Tokens accepted at the threshold.
+    pub accepted: usize,
+    /// Agreement with the deepest exit among accepted tokens (empirical).
+    pub empirical_agreement: f64,
+    /// Its lower confidence bound (= empirical without a bound).
+    pub bounded_agreement: f64,
+    /// Fraction of tokens escalated at the threshold.
+    pub escalation: f64,
+    /// Agreement (lower bound when a bound is set) versus threshold, thresholds decreasing,
+    /// the calibrated threshold included: what the planner searches over.
+    pub curve: Vec<CurvePoint>,
+}
+
+/// `DIR/aiflow_calibration.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationFile {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Confidence measure the thresholds apply to.
+    pub measure: ConfidenceMeasure,
+    /// Target agreement with the deepest exit.
+    pub target_agreement: f64,
+    /// Bound used (`None`: empirical).
+    pub bound: Option<Bound>,
+    /// First 16 hex digits of the checkpoint fingerprint (as `model inspect`).
+    pub model_fingerprint: String,
+    /// Validation task.
+    pub task: String,
+    /// Examples per concrete task.
+    pub examples_per_task: usize,
+    /// Evaluation split.
+    pub split: u64,
+    /// How reference tokens were produced.
+    pub reference: String,
+    /// Exit point of the deepest exit.
+    pub deepest_exit: usize,
+    /// Every exit, shallowest first (the deepest last, threshold `None`).
+    pub exits: Vec<ExitEntry>,
+}
+
+impl CalibrationFile {
+    /// Reads and checks a calibration file.
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let f: Self = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a calibration file", path.display()))?;
+        if f.format != FORMAT {
+            bail!(
+                "{}: format `{}`, expected `{FORMAT}`",
+                path.display(),
+                f.format
+            );
+        }
+        Ok(f)
+    }
+}
+
+/// Records of one exit.
+pub struct ExitTokens {
+    pub point: usize,
+    pub depth: usize,
+    pub records: Vec<Record>,
+}
+
+/// What [`collect_records`] measured.
+pub struct Collected {
+    /// Non-deepest exits, shallowest first.
+    pub exits: Vec<ExitTokens>,
+    /// Answer tokens scored.
+    pub tokens: usize,
+    /// Positions where the teacher-forced deepest exit disagreed with its own cached greedy
+    /// decoding (floating-point ties; expected 0).
+    pub reference_mismatches: usize,
+    /// Point of the deepest exit.
+    pub deepest: usize,
+}
+
+pub fn to_partition_measure(m: Measure) -> ConfidenceMeasure {
+    match m {
+        Measure::MaxProb => ConfidenceMeasure::MaxProb,
+        Measure::Margin => ConfidenceMeasure::Margin,
+        Measure::NegEntropy => ConfidenceMeasure::NegEntropy,
+    }
+}
+
+fn from_partition_measure(m: ConfidenceMeasure) -> Measure {
+    match m {
+        ConfidenceMeasure::MaxProb => Measure::MaxProb,
+        ConfidenceMeasure::Margin => Measure::Margin,
+        ConfidenceMeasure::NegEntropy => Measure::NegEntropy,
+    }
+}
+
+/// Planner depth of each exit (see [`ExitEntry::depth`]), in the config's exit order.
+pub fn planner_depths(cfg: &ModelConfig) -> Vec<usize> {
+    cfg.exits
+        .iter()
+        .map(|e| match e.block {
+            ExitBlock::Own(_) => e.point,
+            ExitBlock::Trunk(l) => l + 1,
+        })
+        .collect()
+}
+
+/// First 16 hex digits of the SHA-256 over every tensor (as `flow-node model inspect`).
+pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
+    let ck = Checkpoint::open(dir)?;
+    let infos = ck.tensor_infos();
+    let fp = ck.fingerprint(infos.keys().map(String::as_str))?;
+    Ok(hex::encode(&fp[..8]))
+}
+
+/// Runs `f` in a pool of `threads` compute threads (default $RAYON_NUM_THREADS, else 1).
+pub fn in_pool<T: Send>(
+    threads: Option<usize>,
+    f: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    let threads = threads
+        .or_else(|| {
+            std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(1)
+        .max(1);
+    flow_familial::set_compute_threads(threads);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building the compute thread pool")?;
+    pool.install(f)
+}
+
+/// The validation set: `n` examples of each component task of `task`, split `split`.
+pub fn validation_set(task: Task, n: usize, split: u64) -> Vec<Example> {
+    task.components()
+        .into_iter()
+        .flat_map(|t| eval_set(t, n, split))
+        .collect()
+}
+
+/// Per-exit records on `examples` (see the module docs).
+pub fn collect_records(
+    model: &FamilialModel,
+    examples: &[Example],
+    measure: Measure,
+) -> anyhow::Result<Collected> {
+    let cfg = model.config();
+    let points = cfg.exit_points();
+    let depths = planner_depths(cfg);
+    let Some(&deepest) = points.last() else {
+        bail!("the family has no exit");
+    };
+    let mut exits: Vec<ExitTokens> = points[..points.len() - 1]
+        .iter()
+        .zip(&depths)
+        .map(|(&point, &depth)| ExitTokens {
+            point,
+            depth,
+            records: Vec::new(),
+        })
+        .collect();
+    let (mut tokens, mut mismatches) = (0usize, 0usize);
+    const CHUNK: usize = 32;
+    for chunk in examples.chunks(CHUNK) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
+        // Room for the answer, its end-of-sequence and one token of slack.
+        let max_new = chunk.iter().map(|e| e.answer.len() + 2).max().unwrap_or(1);
+        let conts = greedy_batch(model, &prompts, deepest, max_new)?;
+        // Teacher-forced inputs: prompt + continuation minus its last token; the rows
+        // `prompt.len() - 1 ..` predict the continuation.
+        let mut input: Vec<u32> = Vec::new();
+        let mut segs: Vec<Seg> = Vec::new();
+        let mut scored: Vec<(usize, usize)> = Vec::new(); // (row offset, count) per sequence
+        let mut refs: Vec<&[u32]> = Vec::new();
+        let mut offset = 0usize;
+        for (p, c) in prompts.iter().zip(&conts) {
+            if c.is_empty() || p.is_empty() {
+                continue;
+            }
+            let len = p.len() + c.len() - 1;
+            input.extend_from_slice(p);
+            input.extend_from_slice(&c[..c.len() - 1]);
+            segs.push(Seg::new(0, len));
+            scored.push((offset + p.len() - 1, c.len()));
+            refs.push(c);
+            offset += len;
+        }
+        if segs.is_empty() {
+            continue;
+        }
+        let mut caches: Vec<SeqCache> = segs.iter().map(|_| model.new_cache()).collect();
+        let mut cache_refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+        let mut h = model.embed(&input)?;
+        let mut at = 0usize;
+        for (i, &p) in points.iter().enumerate() {
+            h = model.run_layers(&h, at..p, &segs, &mut cache_refs)?;
+            at = p;
+            let logits: Vec<Vec<f32>> = model
+                .exit(&h, p, &segs, &mut cache_refs, Rows::All)?
+                .to_vec2()?;
+            for (&(start, n), reference) in scored.iter().zip(&refs) {
+                for j in 0..n {
+                    let c = Confidence::of_row(&logits[start + j]);
+                    if i + 1 == points.len() {
+                        tokens += 1;
+                        mismatches += usize::from(c.token != reference[j]);
+                    } else {
+                        exits[i].records.push(Record {
+                            confidence: f64::from(c.score(measure)),
+                            agrees: c.token == reference[j],
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(Collected {
+        exits,
+        tokens,
+        reference_mismatches: mismatches,
+        deepest,
+    })
+}
+
+/// Calibrates every non-deepest exit from `collected` (the core of the command).
+#[allow(clippy::too_many_arguments)]
+pub fn calibrate(
+    cfg: &ModelConfig,
+    collected: &Collected,
+    measure: Measure,
+    config: &CalibrationConfig,
+    curve_points: usize,
+    fingerprint: String,
+    task: Task,
+    examples_per_task: usize,
+    split: u64,
+) -> anyhow::Result<CalibrationFile> {
+    let pm = to_partition_measure(measure);
+    let recs: Vec<ExitRecords> = collected
+        .exits
+        .iter()
+        .map(|e| ExitRecords {
+            depth: e.depth,
+            records: e.records.clone(),
+        })
+        .collect();
+    if recs.iter().any(|r| r.records.is_empty()) {
+        bail!("no validation tokens: use more --examples");
+    }
+    let cals = calibrate_family(pm, &recs, config, curve_points)?;
+    let mut exits = Vec::new();
+    for (e, c) in collected.exits.iter().zip(&cals) {
+        let mut curve = c.curve.clone();
+        // Let the planner pick exactly the calibrated threshold.
+        if let Some(t) = c.calibration.threshold {
+            if !curve.iter().any(|p| p.threshold == t) {
+                curve.push(CurvePoint {
+                    threshold: t,
+                    agreement: c.calibration.bounded_agreement,
+                    escalation: c.calibration.escalation,
+                });
+                curve.sort_by(|a, b| b.threshold.total_cmp(&a.threshold));
+            }
+        }
+        exits.push(ExitEntry {
+            point: e.point,
+            depth: c.depth,
+            threshold: c.calibration.threshold,
+            tokens: c.calibration.total,
+            accepted: c.calibration.accepted,
+            empirical_agreement: c.calibration.empirical_agreement,
+            bounded_agreement: c.calibration.bounded_agreement,
+            escalation: c.calibration.escalation,
+            curve,
+        });
+    }
+    let depths = planner_depths(cfg);
+    exits.push(ExitEntry {
+        point: collected.deepest,
+        depth: depths.last().copied().unwrap_or(cfg.num_layers),
+        threshold: None,
+        tokens: collected.tokens,
+        accepted: collected.tokens,
+        empirical_agreement: 1.0,
+        bounded_agreement: 1.0,
+        escalation: 0.0,
+        curve: Vec::new(),
+    });
+    Ok(CalibrationFile {
+        format: FORMAT.into(),
+        measure: pm,
+        target_agreement: config.target_agreement,
+        bound: config.bound,
+        model_fingerprint: fingerprint,
+        task: task.name().into(),
+        examples_per_task,
+        split,
+        reference: REFERENCE.into(),
+        deepest_exit: collected.deepest,
+        exits,
+    })
+}
+
+/// Held-out check of one exit.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckEntry {
+    pub point: usize,
+    pub threshold: Option<f64>,
+    pub tokens: usize,
+    pub accepted: usize,
+    /// Agreement among accepted tokens (1 when none is accepted).
+    pub agreement: f64,
+    pub escalation: f64,
+}
+
+/// Report of `--check`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub calibration: PathBuf,
+    pub measure: ConfidenceMeasure,
+    pub target_agreement: f64,
+    pub task: String,
+    pub examples_per_task: usize,
+    pub split: u64,
+    pub calibrated_on_split: u64,
+    pub exits: Vec<CheckEntry>,
+}
+
+fn bound_of(a: &CalibrateArgs) -> Option<Bound> {
+    let kind = match a.bound {
+        BoundArg::ClopperPearson => BoundKind::ClopperPearson,
+        BoundArg::Hoeffding => BoundKind::Hoeffding,
+        BoundArg::None => return None,
+    };
+    Some(Bound {
+        kind,
+        delta: a.delta,
+    })
+}
+
+fn write_json(path: &Path, v: &impl Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
+    if a.examples == 0 {
+        bail!("--examples must be at least 1");
+    }
+    let threads = a.threads;
+    in_pool(threads, move || run_in_pool(a))
+}
+
+fn load(dir: &Path) -> anyhow::Result<FamilialModel> {
+    FamilialModel::load(dir).with_context(|| format!("loading the family in {}", dir.display()))
+}
+
+fn run_in_pool(a: CalibrateArgs) -> anyhow::Result<()> {
+    if let Some(file) = &a.check {
+        return check(&a, file);
+    }
+    let model = load(&a.dir)?;
+    let examples = validation_set(a.task, a.examples, a.split_seed);
+    let t0 = std::time::Instant::now();
+    let collected = collect_records(&model, &examples, a.measure)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let config = CalibrationConfig {
+        target_agreement: a.target,
+        bound: bound_of(&a),
+        min_accepted: 1,
+    };
+    let file = calibrate(
+        model.config(),
+        &collected,
+        a.measure,
+        &config,
+        a.curve_points,
+        fingerprint(&a.dir)?,
+        a.task,
+        a.examples,
+        a.split_seed,
+    )?;
+    print_table(&a, &file, &collected, examples.len(), secs)?;
+    if let Some(p) = &a.json {
+        write_json(p, &file)?;
+        println!("report written to {}", p.display());
+    }
+    if a.write {
+        let p = a.dir.join(FILE_NAME);
+        write_json(&p, &file)?;
+        println!("thresholds written to {}", p.display());
+    }
+    Ok(())
+}
+
+fn print_table(
+    a: &CalibrateArgs,
+    f: &CalibrationFile,
+    c: &Collected,
+    n_examples: usize,
+    secs: f64,
+) -> anyhow::Result<()> {
+    let bound = match f.bound {
+        Some(b) => format!(
+            "{} lower bound at delta {}",
+            match b.kind {
+                BoundKind::ClopperPearson => "Clopper-Pearson",
+                BoundKind::Hoeffding => "Hoeffding",
+            },
+            b.delta
+        ),
+        None => "empirical agreement (no bound)".into(),
+    };
+    println!(
+        "calibrated {}: measure {}, target agreement {:.3}, {bound}",
+        a.dir.display(),
+        f.measure.name(),
+        f.target_agreement
+    );
+    println!(
+        "validation: task {}, {} examples ({} per task, split {}), {} answer tokens per exit, {:.1} s",
+        f.task, n_examples, f.examples_per_task, f.split, c.tokens, secs
+    );
+    println!(
+        "reference: {REFERENCE} ({} teacher-forced mismatches)",
+        c.reference_mismatches
+    );
+    println!();
+    println!(
+        "{:>5}  {:>10}  {:>13}  {:>10}  {:>11}  {:>10}",
+        "exit", "threshold", "accepted", "agreement", "lower bound", "escalation"
+    );
+    for e in &f.exits {
+        if e.point == f.deepest_exit {
+            println!(
+                "{:>5}  {:>10}  {:>13}  {:>10}  {:>11}  {:>10}",
+                e.point, "-", "all", "1 (ref)", "-", "0.0%"
+            );
+            continue;
+        }
+        match e.threshold {
+            Some(t) => println!(
+                "{:>5}  {:>10.4}  {:>13}  {:>10.4}  {:>11.4}  {:>9.1}%",
+                e.point,
+                t,
+                format!("{}/{}", e.accepted, e.tokens),
+                e.empirical_agreement,
+                e.bounded_agreement,
+                e.escalation * 100.0
+            ),
+            None => println!(
+                "{:>5}  {:>10}  {:>13}  {:>10}  {:>11}  {:>9.1}%",
+                e.point,
+                "none",
+                format!("0/{}", e.tokens),
+                "-",
+                "-",
+                100.0
+            ),
+        }
+    }
+    println!();
+    println!("agreement with the deepest exit vs threshold (empirical; accept when confidence >= threshold):");
+    for e in &c.exits {
+        let pts = agreement_curve(&e.records, 6, None)?;
+        let row: Vec<String> = pts
+            .iter()
+            .map(|p| {
+                format!(
+                    ">={:.4}: {:.3} ({:.0}% esc)",
+                    p.threshold,
+                    p.agreement,
+                    p.escalation * 100.0
+                )
+            })
+            .collect();
+        println!("  exit {}: {}", e.point, row.join(" | "));
+    }
+    Ok(())
+}
+
+fn check(a: &CalibrateArgs, path: &Path) -> anyhow::Result<()> {
+    let f = CalibrationFile::read(path)?;
+    let fp = fingerprint(&a.dir)?;
+    if fp != f.model_fingerprint {
+        bail!(
+            "{} was calibrated for model {}, but {} is {fp}",
+            path.display(),
+            f.model_fingerprint,
+            a.dir.display()
+        );
+    }
+    let model = load(&a.dir)?;
+    let measure = from_partition_measure(f.measure);
+    let examples = validation_set(a.task, a.examples, a.split_seed);
+    let collected = collect_records(&model, &examples, measure)?;
+    let mut exits = Vec::new();
+    for e in &collected.exits {
+        let entry = f
+            .exits
+            .iter()
+            .find(|x| x.point == e.point)
+            .with_context(|| format!("{} has no entry for exit {}", path.display(), e.point))?;
+        let (mut acc, mut agr) = (0usize, 0usize);
+        if let Some(t) = entry.threshold {
+            for r in e.records.iter().filter(|r| r.confidence >= t) {
+                acc += 1;
+                agr += usize::from(r.agrees);
+            }
+        }
+        exits.push(CheckEntry {
+            point: e.point,
+            threshold: entry.threshold,
+            tokens: e.records.len(),
+            accepted: acc,
+            agreement: if acc == 0 {
+                1.0
+            } else {
+                agr as f64 / acc as f64
+            },
+            escalation: 1.0 - acc as f64 / e.records.len().max(1) as f64,
+        });
+    }
+    let report = CheckReport {
+        calibration: path.to_path_buf(),
+        measure: f.measure,
+        target_agreement: f.target_agreement,
+        task: a.task.name().into(),
+        examples_per_task: a.examples,
+        split: a.split_seed,
+        calibrated_on_split: f.split,
+        exits,
+    };
+    println!(
+        "held-out check of {} (calibrated on split {}) on task {}, split {}, {} answer tokens per exit; target {:.3}",
+        path.display(),
+        f.split,
+        report.task,
+        report.split,
+        collected.tokens,
+        f.target_agreement
+    );
+    if f.split == a.split_seed && f.task == report.task {
+        println!("warning: this is the calibration split itself, not a held-out set");
+    }
+    println!(
+        "{:>5}  {:>10}  {:>13}  {:>10}  {:>10}",
+        "exit", "threshold", "accepted", "agreement", "escalation"
+    );
+    for e in &report.exits {
+        println!(
+            "{:>5}  {:>10}  {:>13}  {:>10.4}  {:>9.1}%",
+            e.point,
+            e.threshold
+                .map_or_else(|| "none".to_string(), |t| format!("{t:.4}")),
+            format!("{}/{}", e.accepted, e.tokens),
+            e.agreement,
+            e.escalation * 100.0
+        );
+    }
+    if let Some(p) = &a.json {
+        write_json(p, &report)?;
+        println!("report written to {}", p.display());
+    }
+    Ok(())
+}
