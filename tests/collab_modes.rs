@@ -424,3 +424,61 @@ async fn kv_eviction_fails_the_evicted_request_clearly() {
         .await
         .unwrap();
 }
+
+/// Sessions that keep an exit's KV and sessions that skip it share batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_policies_in_one_batch_stay_exact() {
+    let (dir, certs) = fixture();
+    let mut want = std::collections::HashMap::new();
+    for exit in [1usize, 5] {
+        let single = single_node(
+            dir.path(),
+            None,
+            Some(exit),
+            policy(InferMode::Local),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap();
+        for (k, p) in PROMPTS.iter().enumerate() {
+            let toks = single
+                .generate_collect(request(p, policy(InferMode::Local)))
+                .await
+                .unwrap()
+                .0;
+            want.insert((exit, k), ids(&toks));
+        }
+    }
+    let c = cluster(dir.path(), certs.path()).await;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let dev = c.device.clone();
+        let (exit, p) = if i % 2 == 0 {
+            (
+                5,
+                Policy {
+                    answer_exit: Some(5),
+                    ..policy(InferMode::Route)
+                },
+            )
+        } else {
+            (1, policy(InferMode::Local))
+        };
+        tasks.push(tokio::spawn(async move {
+            (
+                exit,
+                i % 3,
+                dev.generate_collect(request(PROMPTS[i % 3], p)).await,
+            )
+        }));
+    }
+    for t in tasks {
+        let (exit, k, r) = t.await.unwrap();
+        assert_eq!(
+            ids(&r.unwrap().0),
+            want[&(exit, k)],
+            "exit {exit} prompt {k}"
+        );
+    }
+    c.shutdown().await;
+}

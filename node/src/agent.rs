@@ -719,6 +719,7 @@ impl Agent {
                             input: Input::Tokens(feed.clone()),
                             backfill: None,
                             logit_rows: usize::from(i < drafts_n),
+                            exit_kv: true,
                         })
                         .await?;
                     pos += feed.len();

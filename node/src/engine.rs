@@ -45,8 +45,11 @@ pub struct StepJob {
     /// Hidden states after layer `a` for positions `backfill_start..start` that this stage
     /// has not seen (they exited below it).
     pub backfill: Option<(usize, Tensor)>,
-    /// How many trailing rows need logits (0 = no exit computation).
+    /// How many trailing rows need logits.
     pub logit_rows: usize,
+    /// Whether this session keeps the exit block's KV (false when its policy always
+    /// escalates past this exit, so the block is never needed).
+    pub exit_kv: bool,
 }
 
 /// What a step returns.
@@ -470,19 +473,57 @@ impl Engine {
         let h = self.model.run_layers(x, a..b, segs, caches)?;
         let wants_logits = ready.iter().any(|(j, _, _)| j.logit_rows > 0);
         let mut logits_rows: Vec<Option<Vec<Vec<f32>>>> = vec![None; ready.len()];
-        if exit {
-            // The exit block keeps KV for every position, so it runs on all rows; norm and
-            // head only on the rows someone asked for.
-            let blk = self.model.exit_block(&h, b, segs, caches)?;
+        // Sessions whose policy may ever answer here keep the exit block's KV for every
+        // position; sessions that always escalate past this exit skip the block entirely.
+        let need: Vec<bool> = ready.iter().map(|(j, _, _)| j.exit_kv).collect();
+        if exit && need.iter().any(|&n| n) {
+            let all = need.iter().all(|&n| n);
+            let (sub_h, sub_segs) = if all {
+                (h.clone(), segs.to_vec())
+            } else {
+                let mut parts = Vec::new();
+                let mut sub = Vec::new();
+                let mut off = 0;
+                for (s, &n) in segs.iter().zip(&need) {
+                    if n {
+                        parts.push(h.narrow(0, off, s.len)?);
+                        sub.push(*s);
+                    }
+                    off += s.len;
+                }
+                (Tensor::cat(&parts, 0)?, sub)
+            };
+            let mut sub_caches: Vec<&mut SeqCache> = caches
+                .iter_mut()
+                .zip(&need)
+                .filter(|(_, &n)| n)
+                .map(|(c, _)| &mut **c)
+                .collect();
+            // Norm and head only on the rows someone asked for.
+            let blk = self
+                .model
+                .exit_block(&sub_h, b, &sub_segs, &mut sub_caches)?;
             if wants_logits {
                 let mut idx = Vec::new();
                 let mut off = 0usize;
-                for ((j, _, _), s) in ready.iter().zip(segs) {
-                    let n = j.logit_rows.min(s.len);
-                    for r in (s.len - n)..s.len {
+                for (((j, _, _), s), &n) in ready.iter().zip(segs).zip(&need) {
+                    if !n {
+                        continue;
+                    }
+                    let k = j.logit_rows.min(s.len);
+                    for r in (s.len - k)..s.len {
                         idx.push((off + r) as u32);
                     }
                     off += s.len;
+                }
+                if ready
+                    .iter()
+                    .zip(&need)
+                    .any(|((j, _, _), &n)| j.logit_rows > 0 && !n)
+                {
+                    return Err(NodeError::Internal(
+                        "logits asked for a step that skips the exit block".into(),
+                    ));
                 }
                 let idx_t = Tensor::from_vec(idx.clone(), idx.len(), &Device::Cpu)?;
                 let rows = blk.index_select(&idx_t, 0)?;

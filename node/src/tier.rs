@@ -187,6 +187,7 @@ impl TierSession {
             input,
             backfill,
             logit_rows: usize::from(pre != Some(Decision::Escalate)),
+            exit_kv: pre != Some(Decision::Escalate),
         };
         let out = self.engine.step(job).await?;
         self.metrics.batch_size.observe(out.batch_size as f64);
@@ -384,6 +385,7 @@ impl TierSession {
                 input: Input::Hidden(hidden),
                 backfill: None,
                 logit_rows: if verify { n + 1 } else { 0 },
+                exit_kv: verify,
             })
             .await?;
         let r = rows - n;
