@@ -13,7 +13,7 @@ use flow_familial::tasks::{eval_set, Task};
 use flow_familial::ModelConfig;
 use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
 use flow_node::{Agent, EngineConfig, GenEvent, GenerateRequest};
-use flow_protocol::{Encoding, InferMode, Policy, Sampling};
+use flow_protocol::{InferMode, Policy, Sampling};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -241,13 +241,7 @@ async fn bench(a: BenchSplitArgs) -> anyhow::Result<()> {
         "bench split needs a family with at least 3 exits (this one has {exits:?})"
     );
     let (dev_exit, edge_exit, last) = (exits[0], exits[exits.len() / 2], exits[exits.len() - 1]);
-    let encoding = match a.encoding.as_str() {
-        "f32" => Encoding::F32,
-        "f16" => Encoding::F16,
-        "bf16" => Encoding::Bf16,
-        "int8" => Encoding::Int8,
-        o => bail!("unknown encoding {o} (f32, f16, bf16 or int8)"),
-    };
+    let encoding = super::node::parse_encoding(&a.encoding)?;
     // Held-out prompts: add, lookup, reverse in turn.
     let per_task = a.requests.div_ceil(3);
     let sets: Vec<_> = Task::CONCRETE

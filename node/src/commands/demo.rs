@@ -10,7 +10,7 @@ use flow_familial::tokenizer::Tokenizer;
 use flow_familial::{Layout, ModelConfig};
 use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
 use flow_node::{EngineConfig, GenerateRequest};
-use flow_protocol::{Encoding, InferMode, Policy, Sampling};
+use flow_protocol::{InferMode, Policy, Sampling};
 
 /// Run a three-tier cluster on this machine and show what collaborative inference does.
 ///
@@ -85,13 +85,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         "the demo needs a family with at least 3 exits (this one has {exits:?})"
     );
     let (dev_exit, edge_exit, last) = (exits[0], exits[exits.len() / 2], exits[exits.len() - 1]);
-    let encoding = match a.encoding.as_str() {
-        "f32" => Encoding::F32,
-        "f16" => Encoding::F16,
-        "bf16" => Encoding::Bf16,
-        "int8" => Encoding::Int8,
-        o => anyhow::bail!("unknown encoding {o} (f32, f16, bf16 or int8)"),
-    };
+    let encoding = super::node::parse_encoding(&a.encoding)?;
     println!(
         "aiflow demo — family {} ({}), exits {exits:?}",
         dir.display(),
