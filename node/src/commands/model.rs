@@ -511,25 +511,11 @@ fn token_text(tok: &Tokenizer, id: u32) -> String {
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
-    let threads = a
-        .threads
-        .or_else(|| {
-            std::env::var("RAYON_NUM_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(1)
-        .max(1);
-    flow_familial::set_compute_threads(threads);
-    // Run inside a pool of `threads` workers: candle's parallel kernels (norms, softmax,
+    // Run inside a pool of compute workers: candle's parallel kernels (norms, softmax,
     // rope, elementwise) then run inline on the worker instead of being handed from the
     // main thread to rayon's global pool op by op (`flow-node bench model --in-pool`
     // measures the difference: ~1.5x decode tokens/s on the small family).
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .context("building the compute thread pool")?;
-    pool.install(|| generate(a))
+    super::calibrate::in_pool(a.threads, || generate(a))
 }
 
 fn generate(a: RunArgs) -> anyhow::Result<()> {
