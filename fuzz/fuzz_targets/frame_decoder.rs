@@ -1,6 +1,7 @@
 //! Fuzz the incremental frame decoder (invariant I6: no panic, no allocation beyond limits).
 //!
-//! Run: `cargo +nightly fuzz run frame_decoder fuzz/corpus/frame_decoder protocol/tests/corpus`
+//! Run (stable toolchain, see docs/fuzzing.md):
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run frame_decoder -O fuzz/corpus/frame_decoder protocol/tests/corpus`
 //! (from the repository root; the second directory is the committed seed corpus).
 #![no_main]
 

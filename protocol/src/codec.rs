@@ -245,6 +245,10 @@ fn encode_header(msg: &Message) -> Result<Vec<u8>> {
         Message::Done(m) => ser(m),
         Message::Probe(m) => ser(m),
         Message::ProbeReply(m) => ser(m),
+        Message::DeltaOffer(m) => ser(m),
+        Message::DeltaChunk(m) => ser(m),
+        Message::DeltaAck(m) => ser(m),
+        Message::DeltaRollback(m) => ser(m),
     }
 }
 
@@ -272,12 +276,16 @@ fn decode_header(kind: u8, header: &[u8]) -> Result<Message> {
         kind::DONE => Message::Done(de(header)?),
         kind::PROBE => Message::Probe(de(header)?),
         kind::PROBE_REPLY => Message::ProbeReply(de(header)?),
+        kind::DELTA_OFFER => Message::DeltaOffer(de(header)?),
+        kind::DELTA_CHUNK => Message::DeltaChunk(de(header)?),
+        kind::DELTA_ACK => Message::DeltaAck(de(header)?),
+        kind::DELTA_ROLLBACK => Message::DeltaRollback(de(header)?),
         other => return Err(Error::UnknownKind(other)),
     })
 }
 
 fn known_kind(k: u8) -> bool {
-    (kind::HELLO..=kind::PROBE_REPLY).contains(&k)
+    (kind::HELLO..=kind::DELTA_ROLLBACK).contains(&k)
 }
 
 #[derive(Debug, Clone, Copy)]

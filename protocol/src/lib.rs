@@ -5,7 +5,9 @@
 //!
 //! - **Messages** ([`message`]): [`Hello`] (version + model negotiation), [`Heartbeat`],
 //!   [`Continue`], [`Draft`]/[`Verdict`] (speculative decoding), [`Tokens`], [`Cancel`],
-//!   [`Done`], [`Probe`]/[`ProbeReply`], and typed errors ([`ErrorMsg`] + [`ErrorCode`]).
+//!   [`Done`], [`Probe`]/[`ProbeReply`], and typed errors ([`ErrorMsg`] + [`ErrorCode`]);
+//!   [`delta`]: pushing fine-tuned delta checkpoints to devices ([`DeltaOffer`],
+//!   [`DeltaChunk`], [`DeltaAck`], [`DeltaRollback`]).
 //! - **Framing** ([`codec`]): magic, version, kind, header length, payload length, a
 //!   postcard header, then raw little-endian tensor bytes. [`Codec`] encodes;
 //!   [`FrameDecoder`] decodes incrementally (push bytes, pull messages) and checks every
@@ -41,6 +43,7 @@
 //! ```
 
 pub mod codec;
+pub mod delta;
 pub mod error;
 pub mod handshake;
 pub mod limits;
@@ -52,6 +55,7 @@ pub mod transport;
 /// Re-exported: [`WireTensor::bytes`] hands out `bytes::Bytes`.
 pub use bytes;
 pub use codec::{Codec, Compression, FrameDecoder, MAGIC, PREFIX_LEN};
+pub use delta::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus};
 pub use error::{Error, Result};
 pub use limits::Limits;
 pub use message::{

@@ -13,6 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::delta::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback};
 use crate::tensor::WireTensor;
 
 /// Newest protocol version this build speaks (frame prefix and `Hello`).
@@ -569,6 +570,14 @@ pub enum Message {
     Probe(Probe),
     /// Link probe answer.
     ProbeReply(ProbeReply),
+    /// Start of a delta checkpoint transfer (edge → device).
+    DeltaOffer(DeltaOffer),
+    /// A piece of a delta checkpoint.
+    DeltaChunk(DeltaChunk),
+    /// The device's answer to a transfer or rollback.
+    DeltaAck(DeltaAck),
+    /// Undo a delta version.
+    DeltaRollback(DeltaRollback),
 }
 
 /// Frame kind bytes. Stable: new kinds get new numbers.
@@ -585,6 +594,10 @@ pub mod kind {
     pub const DONE: u8 = 9;
     pub const PROBE: u8 = 10;
     pub const PROBE_REPLY: u8 = 11;
+    pub const DELTA_OFFER: u8 = 12;
+    pub const DELTA_CHUNK: u8 = 13;
+    pub const DELTA_ACK: u8 = 14;
+    pub const DELTA_ROLLBACK: u8 = 15;
 }
 
 impl Message {
@@ -602,6 +615,10 @@ impl Message {
             Message::Done(_) => kind::DONE,
             Message::Probe(_) => kind::PROBE,
             Message::ProbeReply(_) => kind::PROBE_REPLY,
+            Message::DeltaOffer(_) => kind::DELTA_OFFER,
+            Message::DeltaChunk(_) => kind::DELTA_CHUNK,
+            Message::DeltaAck(_) => kind::DELTA_ACK,
+            Message::DeltaRollback(_) => kind::DELTA_ROLLBACK,
         }
     }
 
@@ -619,6 +636,10 @@ impl Message {
             Message::Done(_) => "Done",
             Message::Probe(_) => "Probe",
             Message::ProbeReply(_) => "ProbeReply",
+            Message::DeltaOffer(_) => "DeltaOffer",
+            Message::DeltaChunk(_) => "DeltaChunk",
+            Message::DeltaAck(_) => "DeltaAck",
+            Message::DeltaRollback(_) => "DeltaRollback",
         }
     }
 
@@ -680,6 +701,9 @@ impl Message {
                     ));
                 }
             }
+            Message::DeltaOffer(o) => o.check()?,
+            Message::DeltaChunk(c) => c.check()?,
+            Message::DeltaAck(a) => crate::delta::check_text("delta_ack.message", &a.message)?,
             _ => {}
         }
         Ok(())

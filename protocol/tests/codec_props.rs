@@ -7,6 +7,7 @@ use flow_protocol::{
     HostedLayers, InferMode, Limits, Load, Message, ModelFingerprint, Policy, Probe, ProbeReply,
     Role, Sampling, TokenOut, Tokens, Verdict, WireTensor,
 };
+use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus};
 use proptest::prelude::*;
 
 fn role() -> impl Strategy<Value = Role> {
@@ -330,7 +331,61 @@ fn message() -> impl Strategy<Value = Message> {
         .prop_map(|(seq, n, r)| Message::Probe(Probe::new(seq, n, r)));
     let reply = (any::<u64>(), tensor())
         .prop_map(|(seq, payload)| Message::ProbeReply(ProbeReply { seq, payload }));
-    prop_oneof![hello, heartbeat, cont, draft, verdict, tokens, cancel, error, done, probe, reply]
+    let offer = (
+        any::<u64>(),
+        any::<[u8; 32]>(),
+        1u64..u64::MAX,
+        1u64..(1 << 22),
+        ".{0,20}",
+    )
+        .prop_map(|(update_id, base_digest, version, total_bytes, scheme)| {
+            Message::DeltaOffer(DeltaOffer {
+                update_id,
+                base_digest,
+                version,
+                total_bytes,
+                chunks: DeltaOffer::chunks_for(total_bytes),
+                sha256: [7; 32],
+                scheme,
+            })
+        });
+    let chunk = (
+        any::<u64>(),
+        any::<u32>(),
+        prop::collection::vec(any::<u8>(), 1..300),
+    )
+        .prop_map(|(update_id, index, data)| {
+            Message::DeltaChunk(DeltaChunk {
+                update_id,
+                index,
+                data,
+            })
+        });
+    let ack = (any::<u64>(), 0u8..3, any::<u64>(), ".{0,20}").prop_map(
+        |(update_id, s, version, message)| {
+            let status = [
+                DeltaStatus::Applied,
+                DeltaStatus::Refused,
+                DeltaStatus::RolledBack,
+            ][s as usize];
+            Message::DeltaAck(DeltaAck {
+                update_id,
+                status,
+                version,
+                message,
+            })
+        },
+    );
+    let rollback = any::<(u64, u64)>().prop_map(|(update_id, from_version)| {
+        Message::DeltaRollback(DeltaRollback {
+            update_id,
+            from_version,
+        })
+    });
+    prop_oneof![
+        hello, heartbeat, cont, draft, verdict, tokens, cancel, error, done, probe, reply, offer,
+        chunk, ack, rollback
+    ]
 }
 
 /// Equality that treats NaN payloads bitwise (f32 fields in headers may be NaN).
@@ -637,4 +692,46 @@ fn zstd_shrinks_compressible_tensors() {
         .unwrap();
     assert!(z.len() * 10 < raw.len(), "{} vs {}", z.len(), raw.len());
     assert_eq!(Codec::default().decode(&z).unwrap(), msg);
+}
+
+#[test]
+fn delta_messages_are_validated() {
+    let codec = Codec::default();
+    let offer = |total_bytes: u64, chunks: u32, version: u64| {
+        Message::DeltaOffer(DeltaOffer {
+            update_id: 1,
+            base_digest: [0; 32],
+            version,
+            total_bytes,
+            chunks,
+            sha256: [0; 32],
+            scheme: "full".into(),
+        })
+    };
+    assert!(codec.encode(&offer(1000, 1, 1)).is_ok());
+    assert!(
+        codec.encode(&offer(1000, 2, 1)).is_err(),
+        "wrong chunk count"
+    );
+    assert!(codec.encode(&offer(0, 0, 1)).is_err(), "empty");
+    assert!(codec.encode(&offer(1000, 1, 0)).is_err(), "version 0");
+    let huge = flow_protocol::delta::MAX_DELTA_BYTES + 1;
+    assert!(codec
+        .encode(&offer(huge, DeltaOffer::chunks_for(huge), 1))
+        .is_err());
+    let chunk = |n: usize| {
+        Message::DeltaChunk(DeltaChunk {
+            update_id: 1,
+            index: 0,
+            data: vec![1; n],
+        })
+    };
+    assert!(codec.encode(&chunk(10)).is_ok());
+    assert!(codec.encode(&chunk(0)).is_err());
+    assert!(codec
+        .encode(&chunk(flow_protocol::delta::DELTA_CHUNK_BYTES + 1))
+        .is_err());
+    // The decoder checks too: a frame with a valid header for a wrong count is refused.
+    let good = codec.encode(&offer(1000, 1, 1)).unwrap();
+    assert!(codec.decode(&good).is_ok());
 }

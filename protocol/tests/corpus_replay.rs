@@ -10,6 +10,7 @@ use flow_protocol::{
     Backfill, Codec, Compression, Continue, Encoding, ErrorCode, FrameDecoder, Heartbeat, Hello,
     Limits, Message, ModelFingerprint, Probe, Role, Sampling, TokenOut, Tokens, WireTensor,
 };
+use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus};
 
 fn corpus_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -58,6 +59,38 @@ fn replay_corpus() {
             }
         }
     }
+}
+
+/// Offer + one chunk + ack + rollback of a small delta transfer, back to back.
+fn delta_transfer(codec: &Codec) -> Vec<u8> {
+    let data = b"delta bytes".to_vec();
+    let msgs = [
+        Message::DeltaOffer(DeltaOffer {
+            update_id: 9,
+            base_digest: [5; 32],
+            version: 2,
+            total_bytes: data.len() as u64,
+            chunks: 1,
+            sha256: [6; 32],
+            scheme: "channels:1:0.25".into(),
+        }),
+        Message::DeltaChunk(DeltaChunk {
+            update_id: 9,
+            index: 0,
+            data,
+        }),
+        Message::DeltaAck(DeltaAck {
+            update_id: 9,
+            status: DeltaStatus::Applied,
+            version: 2,
+            message: "ok".into(),
+        }),
+        Message::DeltaRollback(DeltaRollback {
+            update_id: 10,
+            from_version: 2,
+        }),
+    ];
+    msgs.iter().flat_map(|m| codec.encode(m).unwrap()).collect()
 }
 
 fn seeds() -> Vec<(&'static str, Vec<u8>)> {
@@ -142,6 +175,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ),
         ("valid-probe-zstd", zstd.encode(&compressible).unwrap()),
         ("valid-two-frames", two),
+        ("valid-delta-transfer", delta_transfer(&codec)),
         ("bad-lying-payload-len", lying),
         (
             "bad-magic",
