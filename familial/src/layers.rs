@@ -75,7 +75,14 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.w.t()?)?;
+        let y = if x.track_op() && !self.w.track_op() && x.rank() == 2 {
+            // A frozen weight inside a differentiable graph (sparse fine-tuning): candle's
+            // matmul backward would also compute (and keep) the weight's gradient.
+            x.contiguous()?
+                .apply_op1(FrozenMatmul { w: self.w.clone() })?
+        } else {
+            x.matmul(&self.w.t()?)?
+        };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -84,6 +91,45 @@ impl Linear {
 
     pub fn out_dim(&self) -> usize {
         self.w.dims()[0]
+    }
+}
+
+/// `x Wᵀ` for a weight that is not trained: the backward pass computes only the input's
+/// gradient `g W`. Candle's own `matmul` backward always computes the right-hand side's
+/// gradient too (`xᵀ g`, as large as `W`) even when nothing asks for it, which doubles the
+/// backward cost of frozen layers above a trainable one.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input not contiguous".into()))?;
+        let data = storage.as_slice::<f32>()?;
+        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
+        let y = x.matmul(&self.w.t()?)?;
+        let shape = y.shape().clone();
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(v), shape))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?))
     }
 }
 
@@ -301,8 +347,12 @@ impl Mlp {
 pub struct Moe {
     pub spec: MoeSpec,
     router: Linear,
-    experts: Vec<Mlp>,
+    /// `None` = not resident (expert pruning loads experts lazily, see [`Moe::load_expert`]).
+    experts: Vec<Option<Mlp>>,
     shared: Option<(Mlp, Linear)>,
+    /// Tensor-name prefix of the layer (`model.layers.i`), for loading experts later.
+    prefix: String,
+    hidden: usize,
 }
 
 /// Per-token routing decided by an MoE layer (for profiling and expert pruning).
@@ -313,33 +363,19 @@ pub struct Routing {
 }
 
 impl Moe {
-    fn load(src: &dyn TensorSource, p: &str, h: usize, spec: &MoeSpec) -> Result<Self> {
+    fn load(
+        src: &dyn TensorSource,
+        p: &str,
+        h: usize,
+        spec: &MoeSpec,
+        experts: bool,
+    ) -> Result<Self> {
         let e = spec.num_experts;
-        let inter = spec.expert_intermediate;
-        let (router, experts) = match spec.kind {
-            MoeKind::Mixtral => {
-                let router = Linear::load(src, &format!("{p}.block_sparse_moe.gate"), e, h, false)?;
-                let experts = (0..e)
-                    .map(|j| {
-                        let b = format!("{p}.block_sparse_moe.experts.{j}");
-                        Mlp::load(
-                            src,
-                            [format!("{b}.w1"), format!("{b}.w3"), format!("{b}.w2")],
-                            h,
-                            inter,
-                        )
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                (router, experts)
-            }
-            MoeKind::Qwen2Moe => {
-                let router = Linear::load(src, &format!("{p}.mlp.gate"), e, h, false)?;
-                let experts = (0..e)
-                    .map(|j| Mlp::load(src, mlp_names(&format!("{p}.mlp.experts.{j}")), h, inter))
-                    .collect::<Result<Vec<_>>>()?;
-                (router, experts)
-            }
+        let router_name = match spec.kind {
+            MoeKind::Mixtral => format!("{p}.block_sparse_moe.gate"),
+            MoeKind::Qwen2Moe => format!("{p}.mlp.gate"),
         };
+        let router = Linear::load(src, &router_name, e, h, false)?;
         let shared = if spec.kind == MoeKind::Qwen2Moe && spec.shared_intermediate > 0 {
             let m = Mlp::load(
                 src,
@@ -352,12 +388,63 @@ impl Moe {
         } else {
             None
         };
-        Ok(Self {
+        let mut moe = Self {
             spec: spec.clone(),
             router,
-            experts,
+            experts: (0..e).map(|_| None).collect(),
             shared,
-        })
+            prefix: p.to_string(),
+            hidden: h,
+        };
+        if experts {
+            for j in 0..e {
+                moe.load_expert(src, j)?;
+            }
+        }
+        Ok(moe)
+    }
+
+    /// Tensor names (`[gate, up, down]` without `.weight`) of expert `j`.
+    fn expert_names(&self, j: usize) -> [String; 3] {
+        let p = &self.prefix;
+        match self.spec.kind {
+            MoeKind::Mixtral => {
+                let b = format!("{p}.block_sparse_moe.experts.{j}");
+                [format!("{b}.w1"), format!("{b}.w3"), format!("{b}.w2")]
+            }
+            MoeKind::Qwen2Moe => mlp_names(&format!("{p}.mlp.experts.{j}")),
+        }
+    }
+
+    /// Load expert `j` from `src` (no-op if resident). Returns the bytes it now holds.
+    pub fn load_expert(&mut self, src: &dyn TensorSource, j: usize) -> Result<usize> {
+        let names = self.expert_names(j);
+        let inter = self.spec.expert_intermediate;
+        let slot = self.experts.get_mut(j).ok_or_else(|| {
+            Error::Invalid(format!(
+                "expert {j} does not exist (the layer has {} experts)",
+                self.spec.num_experts
+            ))
+        })?;
+        if slot.is_none() {
+            *slot = Some(Mlp::load(src, names, self.hidden, inter)?);
+        }
+        Ok(self.expert_bytes())
+    }
+
+    /// Drop expert `j`'s weights. Returns whether it was resident.
+    pub fn evict_expert(&mut self, j: usize) -> bool {
+        self.experts.get_mut(j).and_then(Option::take).is_some()
+    }
+
+    /// Which experts are resident.
+    pub fn resident(&self) -> Vec<bool> {
+        self.experts.iter().map(Option::is_some).collect()
+    }
+
+    /// Bytes one resident expert holds (f32 gate, up and down matrices).
+    pub fn expert_bytes(&self) -> usize {
+        3 * self.hidden * self.spec.expert_intermediate * std::mem::size_of::<f32>()
     }
 
     /// Router logits for `x` (`[tokens, experts]`).
@@ -375,12 +462,24 @@ impl Moe {
         let mut mask = vec![0f32; n * e];
         let mut rows: Vec<Vec<u32>> = vec![Vec::new(); e];
         let k = self.spec.top_k;
+        // Usable = allowed by the caller and resident; the router is restricted to them.
+        let usable: Vec<bool> = (0..e)
+            .map(|j| {
+                self.experts[j].is_some()
+                    && allowed.is_none_or(|a| a.get(j).copied().unwrap_or(false))
+            })
+            .collect();
+        if !usable.iter().any(|&u| u) {
+            return Err(Error::Invalid(format!(
+                "MoE layer `{}` has no usable expert (allowed and resident)",
+                self.prefix
+            )));
+        }
+        let restricted = usable.iter().any(|&u| !u);
         let mut order: Vec<usize> = Vec::with_capacity(e);
         for (t, row) in pv.iter().enumerate() {
             order.clear();
-            order.extend(
-                (0..e).filter(|&j| allowed.is_none_or(|a| a.get(j).copied().unwrap_or(false))),
-            );
+            order.extend((0..e).filter(|&j| usable[j]));
             // Stable: ties go to the lower expert index, as torch.topk does in practice.
             order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
             for &j in order.iter().take(k) {
@@ -390,7 +489,7 @@ impl Moe {
         }
         let mask = Tensor::from_vec(mask, (n, e), x.device())?;
         let mut w = (probs * mask)?;
-        if self.spec.norm_topk_prob || allowed.is_some() {
+        if self.spec.norm_topk_prob || restricted {
             w = w.broadcast_div(&w.sum_keepdim(1)?)?;
         }
         // [experts, tokens]: one contiguous row of routing weights per expert.
@@ -402,7 +501,10 @@ impl Moe {
             }
             let idx = Tensor::from_slice(idx, idx.len(), x.device())?;
             let xs = x.index_select(&idx, 0)?;
-            let ys = self.experts[j].forward(&xs)?;
+            let expert = self.experts[j].as_ref().ok_or_else(|| {
+                Error::Invalid(format!("internal: expert {j} routed but not resident"))
+            })?;
+            let ys = expert.forward(&xs)?;
             let wj = wt.get(j)?.index_select(&idx, 0)?.unsqueeze(1)?;
             out = out.index_add(&idx, &ys.broadcast_mul(&wj)?, 0)?;
         }
@@ -442,6 +544,18 @@ pub struct Block {
 impl Block {
     /// Load the layer whose tensors start with `prefix` (e.g. `model.layers.3`).
     pub fn load(src: &dyn TensorSource, prefix: &str, c: &ModelConfig, ffn: &Ffn) -> Result<Self> {
+        Self::load_with(src, prefix, c, ffn, true)
+    }
+
+    /// [`Block::load`]; with `experts == false` an MoE layer starts with no expert resident
+    /// (load them with [`Moe::load_expert`]).
+    pub fn load_with(
+        src: &dyn TensorSource,
+        prefix: &str,
+        c: &ModelConfig,
+        ffn: &Ffn,
+        experts: bool,
+    ) -> Result<Self> {
         let h = c.hidden_size;
         let in_norm = src.get(&format!("{prefix}.input_layernorm.weight"), &[h])?;
         let post_norm = src.get(&format!("{prefix}.post_attention_layernorm.weight"), &[h])?;
@@ -453,7 +567,7 @@ impl Block {
                 h,
                 *intermediate,
             )?),
-            Ffn::Moe(spec) => FfnBlock::Moe(Moe::load(src, prefix, h, spec)?),
+            Ffn::Moe(spec) => FfnBlock::Moe(Moe::load(src, prefix, h, spec, experts)?),
         };
         Ok(Self {
             in_norm,
@@ -560,4 +674,44 @@ pub(crate) fn check_compute_dtype(t: &Tensor) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    /// A frozen weight under a trainable input: same output and input gradient as a plain
+    /// matmul, and no gradient for the weight.
+    #[test]
+    fn frozen_linear_matches_matmul_and_skips_weight_grad() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 3), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 5, &dev)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3), &dev)?)?;
+        let frozen = Linear {
+            w: w.clone(),
+            b: Some(b.clone()),
+        };
+        let y = frozen.forward(x.as_tensor())?;
+        let g = y.sqr()?.sum_all()?.backward()?;
+        let wt = w.t()?;
+        let reference = x.as_tensor().matmul(&wt)?.broadcast_add(&b)?;
+        let gr = reference.sqr()?.sum_all()?.backward()?;
+        let d = (y - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "outputs differ by {d}");
+        let gx = g.get(x.as_tensor()).expect("input gradient");
+        let gxr = gr.get(x.as_tensor()).expect("reference gradient");
+        let d = (gx - gxr)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-4, "input gradients differ by {d}");
+        assert!(g.get(&w).is_none(), "the frozen weight got a gradient");
+        assert!(
+            gr.get(&wt).is_some(),
+            "candle's matmul computes it (what we avoid)"
+        );
+        // Inference (nothing tracked) stays a plain matmul.
+        let yi = frozen.forward(&x.as_tensor().detach())?;
+        assert!(!yi.track_op());
+        Ok(())
+    }
 }

@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor};
 use crate::config::{ExitBlock, HeadRef, ModelConfig, NormRef};
 use crate::error::{Error, Result};
 use crate::kv::{LayerKv, SeqCache};
-use crate::layers::{check_compute_dtype, rms_norm, Block, FfnBlock, Linear, Mode, Rope, Seg};
+use crate::layers::{check_compute_dtype, rms_norm, Block, FfnBlock, Linear, Mode, Moe, Rope, Seg};
 use crate::weights::{Checkpoint, TensorSource};
 
 /// Which part of a family a node hosts.
@@ -107,12 +107,30 @@ impl FamilialModel {
         Self::from_source(cfg, part, &ck, Mode::Infer)
     }
 
+    /// Load `part` of the family in `dir` with **no MoE expert resident**: routers, shared
+    /// experts and everything else are loaded; experts are paged in one at a time from the
+    /// mapping with [`FamilialModel::load_expert`] (expert pruning, lazy loading).
+    pub fn load_part_without_experts(dir: &Path, cfg: ModelConfig, part: Part) -> Result<Self> {
+        let ck = Checkpoint::open(dir)?;
+        Self::from_source_with(cfg, part, &ck, Mode::Infer, false)
+    }
+
     /// Build from any tensor source.
     pub fn from_source(
         cfg: ModelConfig,
         part: Part,
         src: &dyn TensorSource,
         mode: Mode,
+    ) -> Result<Self> {
+        Self::from_source_with(cfg, part, src, mode, true)
+    }
+
+    fn from_source_with(
+        cfg: ModelConfig,
+        part: Part,
+        src: &dyn TensorSource,
+        mode: Mode,
+        experts: bool,
     ) -> Result<Self> {
         if part.trunk.end > cfg.num_layers || part.trunk.start > part.trunk.end {
             return Err(Error::Invalid(format!(
@@ -136,7 +154,13 @@ impl FamilialModel {
         }
         for l in want {
             if trunk[l].is_none() {
-                trunk[l] = Some(Block::load(src, &layer_prefix(l), &cfg, &cfg.ffn[l])?);
+                trunk[l] = Some(Block::load_with(
+                    src,
+                    &layer_prefix(l),
+                    &cfg,
+                    &cfg.ffn[l],
+                    experts,
+                )?);
             }
         }
         let mut exit_blocks: Vec<Option<Block>> =
@@ -238,6 +262,53 @@ impl FamilialModel {
                 self.allowed_experts.remove(&layer);
             }
         }
+    }
+
+    /// The hosted trunk layers whose FFN is MoE, in order.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.trunk.len())
+            .filter(|&l| self.moe(l).is_ok())
+            .collect()
+    }
+
+    /// The MoE FFN of hosted trunk layer `layer`.
+    pub fn moe(&self, layer: usize) -> Result<&Moe> {
+        match self.trunk.get(layer).and_then(Option::as_ref) {
+            Some(Block {
+                ffn: FfnBlock::Moe(m),
+                ..
+            }) => Ok(m),
+            Some(_) => Err(Error::Invalid(format!("layer {layer} is not an MoE layer"))),
+            None => Err(self.not_hosted(format!("trunk layer {layer}"))),
+        }
+    }
+
+    fn moe_mut(&mut self, layer: usize) -> Result<&mut Moe> {
+        self.moe(layer)?;
+        match self.trunk.get_mut(layer).and_then(Option::as_mut) {
+            Some(Block {
+                ffn: FfnBlock::Moe(m),
+                ..
+            }) => Ok(m),
+            _ => Err(Error::Invalid(format!("layer {layer} is not an MoE layer"))),
+        }
+    }
+
+    /// Page expert `expert` of MoE layer `layer` in from `src` (e.g. the mmapped
+    /// [`Checkpoint`]); a no-op when it is resident. Returns the bytes one expert holds.
+    pub fn load_expert(
+        &mut self,
+        src: &dyn TensorSource,
+        layer: usize,
+        expert: usize,
+    ) -> Result<usize> {
+        self.moe_mut(layer)?.load_expert(src, expert)
+    }
+
+    /// Drop expert `expert` of MoE layer `layer`; the router then skips it (renormalised
+    /// over the resident experts). Returns whether it was resident.
+    pub fn evict_expert(&mut self, layer: usize, expert: usize) -> Result<bool> {
+        Ok(self.moe_mut(layer)?.evict_expert(expert))
     }
 
     fn not_hosted(&self, what: String) -> Error {

@@ -550,6 +550,22 @@ impl Trainer {
 /// loss positions of `batch`, sharing one trunk pass. Works in both modes; in
 /// [`Mode::Train`] the sums are differentiable.
 pub fn exit_nll_sums(model: &FamilialModel, batch: &[Sequence]) -> Result<Vec<Tensor>> {
+    exit_nll_sums_at(model, batch, &model.config().exit_points())
+}
+
+/// [`exit_nll_sums`] for the exit points `points` only (ascending): the trunk runs up to the
+/// last of them, so a model part hosting only those exits (e.g. a device member being
+/// fine-tuned) is enough.
+pub fn exit_nll_sums_at(
+    model: &FamilialModel,
+    batch: &[Sequence],
+    points: &[usize],
+) -> Result<Vec<Tensor>> {
+    if points.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(Error::Invalid(format!(
+            "exit points {points:?} must be strictly ascending"
+        )));
+    }
     let mut inputs = Vec::new();
     let mut rows = Vec::new();
     let mut targets = Vec::new();
@@ -572,7 +588,6 @@ pub fn exit_nll_sums(model: &FamilialModel, batch: &[Sequence]) -> Result<Vec<Te
         segs.push(Seg::new(0, n));
         off += n;
     }
-    let points = model.config().exit_points();
     if rows.is_empty() {
         return points
             .iter()
@@ -586,7 +601,7 @@ pub fn exit_nll_sums(model: &FamilialModel, batch: &[Sequence]) -> Result<Vec<Te
     let mut h = model.embed(&inputs)?;
     let mut at = 0;
     let mut out = Vec::with_capacity(points.len());
-    for p in points {
+    for &p in points {
         h = model.run_layers(&h, at..p, &segs, &mut refs)?;
         at = p;
         let b = model.exit_block(&h, p, &segs, &mut refs)?;

@@ -201,6 +201,13 @@ pub struct PlannerConfig {
     pub include_prefill: bool,
     /// How many rejected alternatives a plan keeps for [`super::Plan::explain`].
     pub alternatives: usize,
+    /// Cuts the running system can apply: entry `k` lists the allowed values of the
+    /// boundary `b_{k+1}` between tier `k` and tier `k + 1` (an empty list, or no entry,
+    /// allows every value). The agent sets it to the layers each node has loaded, so a
+    /// run-time plan only moves the cut where the nodes can follow. Applies to the
+    /// adaptive and static-split searches; cloud-only and device-only stay the textbook
+    /// baselines.
+    pub allowed_cuts: Vec<Vec<usize>>,
 }
 
 impl Default for PlannerConfig {
@@ -218,6 +225,7 @@ impl Default for PlannerConfig {
             return_bytes_per_token: 64,
             include_prefill: true,
             alternatives: 5,
+            allowed_cuts: Vec::new(),
         }
     }
 }
@@ -338,6 +346,25 @@ impl PlanInput {
                 "config.workload.concurrent_sessions",
                 "must be at least 1",
             ));
+        }
+        if c.allowed_cuts.len() + 1 > self.tiers.len().max(1) {
+            return Err(invalid(
+                "config.allowed_cuts",
+                format!(
+                    "{} entries, but {} tiers have only {} boundaries",
+                    c.allowed_cuts.len(),
+                    self.tiers.len(),
+                    self.tiers.len() - 1
+                ),
+            ));
+        }
+        for (k, cuts) in c.allowed_cuts.iter().enumerate() {
+            if let Some(&v) = cuts.iter().find(|&&v| v > l) {
+                return Err(invalid(
+                    format!("config.allowed_cuts[{k}]"),
+                    format!("cut {v} is past the last layer ({l})"),
+                ));
+            }
         }
         if let BackfillMode::Background {
             max_link_utilisation,

@@ -70,6 +70,13 @@ fn splits(p: &Prepared<'_>, mode: PlanMode) -> Vec<Vec<usize>> {
             } else {
                 rec(&mut b, 1, n, l, &mut out);
             }
+            let allowed = &p.input.config.allowed_cuts;
+            out.retain(|b| {
+                allowed
+                    .iter()
+                    .enumerate()
+                    .all(|(k, cuts)| cuts.is_empty() || cuts.contains(&b[k + 1]))
+            });
             out
         }
     }

@@ -509,3 +509,36 @@ fn config_fields_default_when_missing() {
     assert_eq!(c.accuracy_target, 0.95);
     assert_eq!(c.workload, Workload::default());
 }
+
+#[test]
+fn allowed_cuts_pin_the_split_and_keep_the_decisions_free() {
+    let mut inp = input(5e6, 2.0);
+    inp.config.allowed_cuts = vec![vec![4], vec![8]];
+    let p = plan(&inp).unwrap();
+    assert_eq!(
+        p.placement(),
+        vec![(0, 4), (4, 8), (8, 12)],
+        "{}",
+        p.explain()
+    );
+    // A slow uplink keeps more tokens on the device within the same placement.
+    let mut slow = inp.clone();
+    slow.links[0] = LinkEstimate::fixed(400.0, 0.5e6);
+    let q = plan(&slow).unwrap();
+    assert_eq!(q.placement(), p.placement());
+    assert!(
+        q.tiers[1].reach <= p.tiers[1].reach,
+        "{}\n{}",
+        p.explain(),
+        q.explain()
+    );
+    // Out-of-range cuts and too many entries are refused with the field named.
+    let mut bad = inp.clone();
+    bad.config.allowed_cuts = vec![vec![13]];
+    assert!(plan(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("allowed_cuts[0]"));
+    bad.config.allowed_cuts = vec![vec![], vec![], vec![]];
+    assert!(plan(&bad).unwrap_err().to_string().contains("allowed_cuts"));
+}
