@@ -1,1 +1,33 @@
-//! flow_finetune: filled in by its issue.
+//! # flow-finetune
+//!
+//! Edge-side personalisation of a familial model: sparse fine-tuning of the shallow members,
+//! delta checkpoints that devices apply, and hierarchical federated averaging.
+//!
+//! - [`scheme`] — sparse update schemes as configuration ([`Scheme`]: exit heads, biases and
+//!   norms, channel slices by weight magnitude, LoRA, full) and their plans.
+//! - [`sparse`] — [`SparseTrainer`]: only the planned slices are candle `Var`s, so the
+//!   backward graph is pruned by construction; per-parameter AdamW updates.
+//! - [`select`] — memory estimate per scheme and the contribution analysis that picks the
+//!   best scheme within a memory budget ([`select::choose`]).
+//! - [`delta`] — [`Delta`]: only the changed tensors, with the base fingerprint and a
+//!   version, as one safetensors file.
+//! - [`aggregate`] — FedAvg weighted by samples and hierarchical rounds with deadlines
+//!   ([`aggregate::run_round`], [`aggregate::Federation`]).
+//! - [`data`] — fine-tuning data, including the benchmark's shifted `add-long` domain.
+//! - [`mem`] — an opt-in counting allocator for measuring peak training memory.
+//!
+//! The CLI is `flow-node finetune`; the benchmark `flow-node bench finetune`.
+
+pub mod aggregate;
+pub mod data;
+pub mod delta;
+pub mod error;
+pub mod mem;
+pub mod scheme;
+pub mod select;
+pub mod sparse;
+
+pub use delta::Delta;
+pub use error::{Error, Result};
+pub use scheme::Scheme;
+pub use sparse::{FtOptions, SparseTrainer};

@@ -1,0 +1,294 @@
+//! Sparse update schemes: which slices of a member are trained.
+//!
+//! A scheme is plain configuration ([`Scheme`], parsed from names like `channels:1:0.25`);
+//! [`Scheme::plan`] turns it into [`ParamSpec`]s over the tensor names of the member(s) being
+//! fine-tuned. Every sparse scheme trains the exit heads (norm + LM head of every target
+//! exit), as tiny-training always updates the classifier; the rest of the plan is what
+//! distinguishes the schemes. "Blocks" are the decoder blocks on a member's path, shallowest
+//! first: trunk layers `[0, e)` then the exit's own block; "the last `n` blocks" counts back
+//! from the exit block.
+
+use std::fmt;
+use std::str::FromStr;
+
+use flow_familial::config::{ExitBlock, HeadRef, NormRef};
+use flow_familial::init::block_tensor_names;
+use flow_familial::{FamilialModel, ModelConfig, Part};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A sparse (or full) update scheme.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Scheme {
+    /// Norm and LM head of every target exit.
+    ExitHeads,
+    /// Exit heads + biases and norm weights of the last `last` blocks.
+    BiasNorm { last: usize },
+    /// Exit heads + biases/norms of the last `last` blocks + a `ratio` of the output
+    /// channels (rows) of every weight matrix there, the rows of largest L2 norm.
+    Channels { last: usize, ratio: f64 },
+    /// Exit heads + rank-`rank` LoRA adapters on every projection of the last `last` blocks.
+    Lora { last: usize, rank: usize },
+    /// Every tensor of the member (the baseline).
+    Full,
+}
+
+impl Scheme {
+    /// The schemes `--scheme auto` considers for a member of `blocks` blocks, cheapest first.
+    pub fn candidates(blocks: usize) -> Vec<Scheme> {
+        let mut v = vec![Scheme::ExitHeads, Scheme::BiasNorm { last: blocks }];
+        for last in [1, 2].into_iter().filter(|l| *l <= blocks) {
+            for ratio in [0.25, 0.5] {
+                v.push(Scheme::Channels { last, ratio });
+            }
+        }
+        v.push(Scheme::Lora { last: 1, rank: 8 });
+        v.push(Scheme::Full);
+        v
+    }
+
+    fn check(&self) -> Result<()> {
+        match *self {
+            Scheme::BiasNorm { last }
+            | Scheme::Lora { last, .. }
+            | Scheme::Channels { last, .. }
+                if last == 0 =>
+            {
+                Err(Error::invalid(
+                    "scheme",
+                    format!("`{self}`: needs at least 1 block"),
+                ))
+            }
+            Scheme::Channels { ratio, .. } if !(ratio > 0.0 && ratio <= 1.0) => Err(
+                Error::invalid("scheme", format!("`{self}`: ratio must be in (0, 1]")),
+            ),
+            Scheme::Lora { rank: 0, .. } => Err(Error::invalid(
+                "scheme",
+                format!("`{self}`: rank must be >= 1"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The trainable slices of the member(s) ending at exit `points` of `cfg`.
+    pub fn plan(&self, cfg: &ModelConfig, points: &[usize]) -> Result<Vec<ParamSpec>> {
+        self.check()?;
+        let part = member_part(cfg, points)?;
+        let mut specs: Vec<ParamSpec> = Vec::new();
+        let mut add = |name: String, kind: SliceKind| {
+            if !specs.iter().any(|s| s.name == name) {
+                specs.push(ParamSpec { name, kind });
+            }
+        };
+        if *self == Scheme::Full {
+            for n in FamilialModel::tensor_names(cfg, &part)? {
+                add(n, SliceKind::Full);
+            }
+            return Ok(specs);
+        }
+        for &p in points {
+            let spec = cfg.exits[cfg.exit_index(p)?];
+            add(norm_name(spec.norm), SliceKind::Full);
+            add(head_name(spec.head), SliceKind::Full);
+        }
+        let last = match *self {
+            Scheme::BiasNorm { last }
+            | Scheme::Channels { last, .. }
+            | Scheme::Lora { last, .. } => last,
+            _ => 0,
+        };
+        for &p in points {
+            let blocks = member_blocks(cfg, p)?;
+            for (prefix, ffn) in blocks.iter().rev().take(last) {
+                for n in block_tensor_names(prefix, cfg, ffn) {
+                    let small = n.ends_with(".bias") || n.contains("norm");
+                    match (self, small) {
+                        (Scheme::BiasNorm { .. } | Scheme::Channels { .. }, true) => {
+                            add(n, SliceKind::Full)
+                        }
+                        (Scheme::Channels { ratio, .. }, false) => add(n, SliceKind::Rows(*ratio)),
+                        (Scheme::Lora { rank, .. }, false) => add(n, SliceKind::Lora(*rank)),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(specs)
+    }
+}
+
+impl fmt::Display for Scheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scheme::ExitHeads => f.write_str("exit-heads"),
+            Scheme::BiasNorm { last } => write!(f, "bias-norm:{last}"),
+            Scheme::Channels { last, ratio } => write!(f, "channels:{last}:{ratio}"),
+            Scheme::Lora { last, rank } => write!(f, "lora:{last}:{rank}"),
+            Scheme::Full => f.write_str("full"),
+        }
+    }
+}
+
+impl FromStr for Scheme {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let num = |i: usize| -> Result<usize> {
+            parts
+                .get(i)
+                .and_then(|x| x.parse().ok())
+                .ok_or_else(|| Error::invalid("scheme", format!("`{s}`: field {i} is not a count")))
+        };
+        let bad = || {
+            Error::invalid(
+                "scheme",
+                format!(
+                    "`{s}` (use exit-heads, bias-norm:N, channels:N:RATIO, lora:N:RANK or full)"
+                ),
+            )
+        };
+        let scheme = match (parts[0], parts.len()) {
+            ("exit-heads", 1) => Scheme::ExitHeads,
+            ("full", 1) => Scheme::Full,
+            ("bias-norm", 2) => Scheme::BiasNorm { last: num(1)? },
+            ("lora", 3) => Scheme::Lora {
+                last: num(1)?,
+                rank: num(2)?,
+            },
+            ("channels", 3) => Scheme::Channels {
+                last: num(1)?,
+                ratio: parts[2].parse().map_err(|_| bad())?,
+            },
+            _ => return Err(bad()),
+        };
+        scheme.check()?;
+        Ok(scheme)
+    }
+}
+
+/// How a tensor is trained.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SliceKind {
+    /// The whole tensor is one variable.
+    Full,
+    /// This fraction of the rows (output channels), by L2 norm; the other rows stay frozen.
+    Rows(f64),
+    /// A LoRA adapter of this rank; the tensor itself stays frozen.
+    Lora(usize),
+}
+
+/// One trainable slice of the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub kind: SliceKind,
+}
+
+/// The part of the family the member(s) ending at `points` need: embedding, trunk up to the
+/// deepest of them, and their exits.
+pub fn member_part(cfg: &ModelConfig, points: &[usize]) -> Result<Part> {
+    let max = points
+        .iter()
+        .copied()
+        .max()
+        .ok_or_else(|| Error::invalid("exits", "no exit to fine-tune"))?;
+    for &p in points {
+        cfg.exit_index(p)?;
+    }
+    Ok(Part {
+        embed: true,
+        trunk: 0..max,
+        exits: points.to_vec(),
+    })
+}
+
+/// The blocks (tensor prefix, FFN) on exit `point`'s path, shallowest first.
+pub fn member_blocks(
+    cfg: &ModelConfig,
+    point: usize,
+) -> Result<Vec<(String, flow_familial::config::Ffn)>> {
+    let spec = cfg.exits[cfg.exit_index(point)?];
+    let mut v: Vec<_> = (0..point)
+        .map(|l| (format!("model.layers.{l}"), cfg.ffn[l].clone()))
+        .collect();
+    match spec.block {
+        ExitBlock::Own(i) => v.push((format!("model.eelayers.{i}"), cfg.exit_block_ffn[i].clone())),
+        ExitBlock::Trunk(l) => v.push((format!("model.layers.{l}"), cfg.ffn[l].clone())),
+    }
+    Ok(v)
+}
+
+/// Tensor name of an exit norm.
+pub fn norm_name(n: NormRef) -> String {
+    match n {
+        NormRef::Own(i) => format!("model.norms.{i}.weight"),
+        NormRef::Final => "model.norm.weight".into(),
+    }
+}
+
+/// Tensor name of an exit head.
+pub fn head_name(h: HeadRef) -> String {
+    match h {
+        HeadRef::Own(i) => format!("lm_head.{i}.weight"),
+        HeadRef::Shared => "lm_head.weight".into(),
+        HeadRef::TiedEmbedding => "model.embed_tokens.weight".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flow_familial::config::Layout;
+    use flow_familial::init::{preset_config, Preset};
+
+    #[test]
+    fn names_round_trip_and_bad_names_are_refused() {
+        for s in [
+            "exit-heads",
+            "bias-norm:2",
+            "channels:1:0.25",
+            "lora:1:8",
+            "full",
+        ] {
+            let sc: Scheme = s.parse().unwrap();
+            assert_eq!(sc.to_string(), s);
+        }
+        for s in [
+            "",
+            "channels:1",
+            "channels:1:1.5",
+            "lora:0:8",
+            "bias-norm:x",
+            "nope",
+        ] {
+            assert!(s.parse::<Scheme>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn plans_pick_the_documented_slices() {
+        let cfg = preset_config(Preset::Tiny, Layout::RuyiQwen2).unwrap();
+        let p = cfg.exit_points()[0];
+        let heads = Scheme::ExitHeads.plan(&cfg, &[p]).unwrap();
+        assert_eq!(heads.len(), 2);
+        let bn = Scheme::BiasNorm { last: 1 }.plan(&cfg, &[p]).unwrap();
+        assert!(bn.len() > 2);
+        assert!(bn
+            .iter()
+            .all(|s| s.kind == SliceKind::Full && !s.name.contains("_proj.weight")));
+        let ch = Scheme::Channels {
+            last: 1,
+            ratio: 0.5,
+        }
+        .plan(&cfg, &[p])
+        .unwrap();
+        assert!(ch.iter().any(|s| s.kind == SliceKind::Rows(0.5)));
+        let full = Scheme::Full.plan(&cfg, &[p]).unwrap();
+        let part = member_part(&cfg, &[p]).unwrap();
+        assert_eq!(
+            full.len(),
+            FamilialModel::tensor_names(&cfg, &part).unwrap().len()
+        );
+    }
+}
