@@ -25,13 +25,16 @@ async fn rate_is_met() {
         .unwrap();
     assert_eq!(m.received, m.sent, "{m:?}");
     assert_eq!(m.stats.up.dropped(), 0, "{m:?}");
-    assert!(m.error().abs() < 0.15, "{m:?}");
+    // the bar: configured rate met within 5 %
+    assert!(m.error().abs() < 0.05, "{m:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loss_is_met_and_counted() {
     let m = measure_loss(0.2, 1000, 11).await.unwrap();
-    assert!((m.measured - 0.2).abs() < 0.05, "{m:?}");
+    // seed 11 draws 0.209; the binomial sd of 1000 draws at p = 0.2 is 0.013, so allow 0.02
+    // (the shaper's own count must match the receiver's exactly)
+    assert!((m.measured - 0.2).abs() < 0.02, "{m:?}");
     assert_eq!(m.stats.up.dropped_loss, m.sent - m.received, "{m:?}");
     assert_eq!(m.stats.up.packets_in, m.sent);
 }
@@ -68,4 +71,58 @@ async fn relays_replies_per_client_with_a_bounded_table() {
     assert_eq!(s.clients_evicted, 1);
     assert_eq!((s.up.packets_out, s.down.packets_out), (3, 3));
     assert_eq!((s.up.bytes_in, s.down.bytes_out), (30, 30));
+}
+
+/// A live change (`ShaperHandle::apply`) takes effect for later packets, per direction, and
+/// an invalid change is refused without touching the link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_change_applies_to_later_packets() {
+    use flow_testbed::shaper::{Direction, LinkChange};
+    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = ShaperConfig::loopback(sink.local_addr().unwrap());
+    cfg.up = LinkParams::with_delay(Duration::from_millis(5));
+    let shaper = ShaperHandle::spawn(cfg).await.unwrap();
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let one_way = || async {
+        let mut buf = [0u8; 64];
+        let t = tokio::time::Instant::now();
+        client.send_to(&[1; 10], shaper.local_addr()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(2), sink.recv_from(&mut buf))
+            .await
+            .expect("packet through the shaper")
+            .unwrap();
+        t.elapsed()
+    };
+    let before = one_way().await;
+    assert!(before < Duration::from_millis(40), "{before:?}");
+    let change = LinkChange {
+        delay_ms: Some(80.0),
+        ..Default::default()
+    };
+    let applied = shaper.apply(Direction::Up, change).await.unwrap();
+    assert_eq!(applied.len(), 1);
+    assert_eq!(applied[0].0, Direction::Up);
+    assert_eq!(applied[0].1.delay, Duration::from_millis(80));
+    let after = one_way().await;
+    assert!(after >= Duration::from_millis(79), "{after:?}");
+    let bad = LinkChange {
+        loss: Some(1.5),
+        ..Default::default()
+    };
+    let err = shaper.apply(Direction::Both, bad).await.unwrap_err();
+    assert!(err.to_string().contains("loss"), "{err}");
+    let again = one_way().await;
+    assert!(
+        again >= Duration::from_millis(79),
+        "refused change kept 80 ms: {again:?}"
+    );
+    // loss 1.0 cuts the link (a shaper-level partition) and counts the drops
+    let cut = LinkChange {
+        loss: Some(1.0),
+        ..Default::default()
+    };
+    shaper.apply(Direction::Both, cut).await.unwrap();
+    client.send_to(&[2; 10], shaper.local_addr()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(shaper.stats().up.dropped_loss, 1);
 }

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -11,7 +12,13 @@ use crate::error::{Error, Result};
 use crate::loadgen::Outcome;
 
 /// File stems of the plots, in the order they are written.
-pub(crate) const STEMS: [&str; 3] = ["latency_cdf", "latency_timeseries", "throughput"];
+pub(crate) const STEMS: [&str; 5] = [
+    "latency_cdf",
+    "latency_timeseries",
+    "throughput",
+    "tiers",
+    "link_bytes",
+];
 
 const SIZE: (u32, u32) = (1024, 640);
 const FONT: &str = "sans-serif";
@@ -29,6 +36,58 @@ fn ensure_font() -> std::result::Result<(), String> {
 }
 
 type DrawResult = std::result::Result<(), String>;
+
+/// A chart's axes: title, axis descriptions, ranges and the width of the y labels.
+struct Axes<'t> {
+    caption: &'t str,
+    x_desc: &'t str,
+    y_desc: &'t str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    y_label_area: u32,
+}
+
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The chart's legend box, in the report's style.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> DrawResult {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font((FONT, 16))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e2s)
+}
+
+/// A linear chart with the report's fonts, margins and tick labels, its mesh drawn.
+fn linear_chart<'a, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, Shift>,
+    axes: Axes<'_>,
+) -> std::result::Result<Chart<'a, DB>, String> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(axes.caption, (FONT, 26))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(axes.y_label_area)
+        .build_cartesian_2d(axes.x, axes.y)
+        .map_err(e2s)?;
+    chart
+        .configure_mesh()
+        .x_desc(axes.x_desc)
+        .y_desc(axes.y_desc)
+        .axis_desc_style((FONT, 18))
+        .label_style((FONT, 15))
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
+        .draw()
+        .map_err(e2s)?;
+    Ok(chart)
+}
 
 fn e2s<E: std::fmt::Debug>(e: E) -> String {
     format!("{e:?}")
@@ -49,6 +108,13 @@ struct PlotData {
     sent_bins: Vec<f64>,
     answered_bins: Vec<f64>,
     failed_bins: Vec<f64>,
+    /// Answered requests per second by the tier that answered, and escalated / degraded
+    /// answers per second (same bins, by completion time).
+    tier_bins: std::collections::BTreeMap<String, Vec<f64>>,
+    escalated_bins: Vec<f64>,
+    degraded_bins: Vec<f64>,
+    /// (link, kB towards the parent, kB back) delivered by the shapers.
+    link_kb: Vec<(String, f64, f64)>,
     /// Scenario events (s, label).
     events: Vec<(f64, String)>,
     span_s: f64,
@@ -97,11 +163,18 @@ impl PlotData {
         let (mut sent_bins, mut answered_bins, mut failed_bins) =
             (vec![0.0; nbins], vec![0.0; nbins], vec![0.0; nbins]);
         let bin = |ms: f64| ((ms / 1000.0 / bin_s) as usize).min(nbins - 1);
+        let mut tier_bins: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        let (mut escalated_bins, mut degraded_bins) = (vec![0.0; nbins], vec![0.0; nbins]);
         for r in recs {
             match &r.outcome {
                 Outcome::Answered => {
                     sent_bins[bin(r.sent_ms.unwrap_or(r.scheduled_ms))] += 1.0;
-                    answered_bins[bin(completed_ms(r).unwrap_or(r.scheduled_ms))] += 1.0;
+                    let b = bin(completed_ms(r).unwrap_or(r.scheduled_ms));
+                    answered_bins[b] += 1.0;
+                    let tier = r.tier.clone().unwrap_or_else(|| "unknown".into());
+                    tier_bins.entry(tier).or_insert_with(|| vec![0.0; nbins])[b] += 1.0;
+                    escalated_bins[b] += f64::from(u8::from(r.escalated));
+                    degraded_bins[b] += f64::from(u8::from(r.degraded));
                 }
                 Outcome::Error(_) => {
                     sent_bins[bin(r.sent_ms.unwrap_or(r.scheduled_ms))] += 1.0;
@@ -110,11 +183,31 @@ impl PlotData {
                 Outcome::Shed => failed_bins[bin(r.scheduled_ms)] += 1.0,
             }
         }
-        for b in [&mut sent_bins, &mut answered_bins, &mut failed_bins] {
+        for b in [
+            &mut sent_bins,
+            &mut answered_bins,
+            &mut failed_bins,
+            &mut escalated_bins,
+            &mut degraded_bins,
+        ]
+        .into_iter()
+        .chain(tier_bins.values_mut())
+        {
             for v in b.iter_mut() {
                 *v /= bin_s;
             }
         }
+        let link_kb = input
+            .links
+            .iter()
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    l.stats.up.bytes_out as f64 / 1e3,
+                    l.stats.down.bytes_out as f64 / 1e3,
+                )
+            })
+            .collect();
         Self {
             latency,
             ttft,
@@ -124,6 +217,10 @@ impl PlotData {
             sent_bins,
             answered_bins,
             failed_bins,
+            tier_bins,
+            escalated_bins,
+            degraded_bins,
+            link_kb,
             events,
             span_s,
         }
@@ -164,23 +261,17 @@ fn draw_cdf<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotData) -> 
             .unwrap_or(0.0)
             .max(d.ttft.last().copied().unwrap_or(0.0)),
     );
-    let mut chart = ChartBuilder::on(root)
-        .caption("Latency CDF (answered requests)", (FONT, 26))
-        .margin(16)
-        .x_label_area_size(50)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..xmax, 0.0..1.0)
-        .map_err(e2s)?;
-    chart
-        .configure_mesh()
-        .x_desc("latency (ms)")
-        .y_desc("fraction of requests")
-        .axis_desc_style((FONT, 18))
-        .label_style((FONT, 15))
-        .x_label_formatter(&tick)
-        .y_label_formatter(&tick)
-        .draw()
-        .map_err(e2s)?;
+    let mut chart = linear_chart(
+        root,
+        Axes {
+            caption: "Latency CDF (answered requests)",
+            x_desc: "latency (ms)",
+            y_desc: "fraction of requests",
+            x: 0.0..xmax,
+            y: 0.0..1.0,
+            y_label_area: 70,
+        },
+    )?;
     chart
         .draw_series(LineSeries::new(
             cdf_points(&d.latency),
@@ -196,14 +287,7 @@ fn draw_cdf<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotData) -> 
             .label(format!("time to first token (n = {})", d.ttft.len()))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FONT, 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(e2s)
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 fn draw_events<DB: DrawingBackend>(
@@ -238,23 +322,17 @@ fn draw_events<DB: DrawingBackend>(
 
 fn draw_timeseries<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotData) -> DrawResult {
     let ymax = nice_max(d.answered_points.iter().map(|p| p.1).fold(0.0, f64::max));
-    let mut chart = ChartBuilder::on(root)
-        .caption("Latency over time", (FONT, 26))
-        .margin(16)
-        .x_label_area_size(50)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..d.span_s * 1.02, 0.0..ymax)
-        .map_err(e2s)?;
-    chart
-        .configure_mesh()
-        .x_desc("send time (s since start)")
-        .y_desc("latency (ms)")
-        .axis_desc_style((FONT, 18))
-        .label_style((FONT, 15))
-        .x_label_formatter(&tick)
-        .y_label_formatter(&tick)
-        .draw()
-        .map_err(e2s)?;
+    let mut chart = linear_chart(
+        root,
+        Axes {
+            caption: "Latency over time",
+            x_desc: "send time (s since start)",
+            y_desc: "latency (ms)",
+            x: 0.0..d.span_s * 1.02,
+            y: 0.0..ymax,
+            y_label_area: 80,
+        },
+    )?;
     chart
         .draw_series(
             d.answered_points
@@ -276,14 +354,7 @@ fn draw_timeseries<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotDa
             .legend(|(x, y)| Cross::new((x + 10, y), 4, RED.stroke_width(2)));
     }
     draw_events(&mut chart, &d.events, ymax)?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT, 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(e2s)
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 fn draw_throughput<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotData) -> DrawResult {
@@ -295,23 +366,18 @@ fn draw_throughput<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotDa
         .copied()
         .fold(0.0, f64::max);
     let ymax = nice_max(peak);
-    let mut chart = ChartBuilder::on(root)
-        .caption(format!("Throughput ({} s bins)", d.bin_s), (FONT, 26))
-        .margin(16)
-        .x_label_area_size(50)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..d.span_s * 1.02, 0.0..ymax)
-        .map_err(e2s)?;
-    chart
-        .configure_mesh()
-        .x_desc("time (s since start)")
-        .y_desc("requests per second")
-        .axis_desc_style((FONT, 18))
-        .label_style((FONT, 15))
-        .x_label_formatter(&tick)
-        .y_label_formatter(&tick)
-        .draw()
-        .map_err(e2s)?;
+    let caption = format!("Throughput ({} s bins)", d.bin_s);
+    let mut chart = linear_chart(
+        root,
+        Axes {
+            caption: &caption,
+            x_desc: "time (s since start)",
+            y_desc: "requests per second",
+            x: 0.0..d.span_s * 1.02,
+            y: 0.0..ymax,
+            y_label_area: 70,
+        },
+    )?;
     let pts = |v: &[f64]| {
         v.iter()
             .enumerate()
@@ -337,14 +403,130 @@ fn draw_throughput<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotDa
         .label("errored + shed / s")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
     draw_events(&mut chart, &d.events, ymax)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)
+}
+
+fn tier_color(tier: &str) -> RGBColor {
+    match tier {
+        "device" => BLUE,
+        "edge" => GREEN,
+        "cloud" => MAGENTA,
+        _ => BLACK,
+    }
+}
+
+/// Answers per second by tier, escalated and degraded answers per second, over time.
+fn draw_tiers<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotData) -> DrawResult {
+    let peak = d
+        .tier_bins
+        .values()
+        .flatten()
+        .chain(&d.escalated_bins)
+        .chain(&d.degraded_bins)
+        .copied()
+        .fold(0.0, f64::max);
+    let ymax = nice_max(peak);
+    let caption = format!("Answers by tier, escalated, degraded ({} s bins)", d.bin_s);
+    let mut chart = linear_chart(
+        root,
+        Axes {
+            caption: &caption,
+            x_desc: "time (s since start, by completion)",
+            y_desc: "answers per second",
+            x: 0.0..d.span_s * 1.02,
+            y: 0.0..ymax,
+            y_label_area: 70,
+        },
+    )?;
+    let pts = |v: &[f64]| {
+        v.iter()
+            .enumerate()
+            .map(|(i, &y)| (i as f64 * d.bin_s, y))
+            .collect::<Vec<_>>()
+    };
+    for (tier, bins) in &d.tier_bins {
+        let c = tier_color(tier);
+        chart
+            .draw_series(LineSeries::new(pts(bins), c.stroke_width(2)))
+            .map_err(e2s)?
+            .label(format!("answered by {tier}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    let grey = RGBColor(120, 120, 120);
     chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font((FONT, 16))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
+        .draw_series(LineSeries::new(
+            pts(&d.escalated_bins),
+            grey.stroke_width(1),
+        ))
+        .map_err(e2s)?
+        .label("escalated")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(1)));
+    chart
+        .draw_series(LineSeries::new(pts(&d.degraded_bins), RED.stroke_width(2)))
+        .map_err(e2s)?
+        .label("degraded")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    draw_events(&mut chart, &d.events, ymax)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)
+}
+
+/// Bytes each emulated link delivered, per direction (log scale: hidden states up, token
+/// ids down differ by orders of magnitude).
+fn draw_link_bytes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotData) -> DrawResult {
+    let n = d.link_kb.len().max(1);
+    let peak = d
+        .link_kb
+        .iter()
+        .flat_map(|(_, u, dn)| [*u, *dn])
+        .fold(1.0, f64::max);
+    let names: Vec<String> = d.link_kb.iter().map(|l| l.0.clone()).collect();
+    let label = move |x: &f64| {
+        let i = x.floor();
+        if (x - i - 0.5).abs() < 1e-6 {
+            names.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    let mut chart = ChartBuilder::on(root)
+        .caption("Bytes per link (delivered by the shaper)", (FONT, 24))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..n as f64, (0.1..peak * 2.0).log_scale())
+        .map_err(e2s)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(2 * n + 1)
+        .x_label_formatter(&label)
+        .y_desc("kB (log scale)")
+        .axis_desc_style((FONT, 18))
+        .label_style((FONT, 14))
+        .y_label_formatter(&tick)
         .draw()
-        .map_err(e2s)
+        .map_err(e2s)?;
+    let bars = |up: bool| {
+        d.link_kb.iter().enumerate().map(move |(i, (_, u, dn))| {
+            let (x0, v, c) = if up {
+                (i as f64 + 0.1, *u, BLUE)
+            } else {
+                (i as f64 + 0.5, *dn, GREEN)
+            };
+            Rectangle::new([(x0, 0.1), (x0 + 0.4, v.max(0.1))], c.mix(0.6).filled())
+        })
+    };
+    chart
+        .draw_series(bars(true))
+        .map_err(e2s)?
+        .label("towards the parent")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], BLUE.mix(0.6).filled()));
+    chart
+        .draw_series(bars(false))
+        .map_err(e2s)?
+        .label("back to the child")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], GREEN.mix(0.6).filled()));
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 fn write_png(
@@ -413,5 +595,7 @@ pub(crate) fn write_all(dir: &Path, input: &ReportInput) -> Result<Vec<PathBuf>>
     both!(STEMS[0], draw_cdf);
     both!(STEMS[1], draw_timeseries);
     both!(STEMS[2], draw_throughput);
+    both!(STEMS[3], draw_tiers);
+    both!(STEMS[4], draw_link_bytes);
     Ok(out)
 }

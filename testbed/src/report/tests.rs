@@ -155,7 +155,7 @@ fn writes_json_markdown_and_plots() {
     ] {
         assert!(md.contains(needle), "`{needle}` missing from:\n{md}");
     }
-    assert_eq!(files.plots.len(), 6);
+    assert_eq!(files.plots.len(), 10);
     for p in &files.plots {
         let bytes = std::fs::read(p).unwrap();
         assert!(bytes.len() > 1000, "{} is too small", p.display());
@@ -164,12 +164,16 @@ fn writes_json_markdown_and_plots() {
         } else {
             let svg = String::from_utf8(bytes).unwrap();
             assert!(
-                svg.contains("<svg") && svg.contains("s since start")
-                    || svg.contains("latency (ms)"),
+                svg.contains("<svg")
+                    && (svg.contains("s since start")
+                        || svg.contains("latency (ms)")
+                        || svg.contains("device1:edge1")),
                 "{}",
                 p.display()
             );
         }
     }
+    let tiers = std::fs::read_to_string(dir.path().join("tiers.svg")).unwrap();
+    assert!(tiers.contains("answered by") && tiers.contains("degraded"));
     assert!(summary.all_accounted);
 }

@@ -23,12 +23,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::model::{LinkModel, LinkParams, Verdict};
-use super::schedule::{Direction, LinkSchedule, ScheduledLink};
+use super::schedule::{Direction, LinkChange, LinkSchedule, ScheduledLink};
 use crate::error::{Error, Result};
 
 /// Largest UDP payload we relay.
@@ -197,12 +197,20 @@ impl Ord for Due {
     }
 }
 
+/// A live parameter change sent to one direction's scheduler, with the reply channel.
+type Control = (LinkChange, oneshot::Sender<Result<LinkParams>>);
+
+/// Live changes queued per direction; a full queue makes [`ShaperHandle::apply`] wait.
+const CONTROL_CAPACITY: usize = 16;
+
 /// A running shaper. Dropping the handle stops it.
 #[derive(Debug)]
 pub struct ShaperHandle {
     local_addr: SocketAddr,
     counters: Arc<Counters>,
     tasks: Vec<JoinHandle<()>>,
+    up_ctl: mpsc::Sender<Control>,
+    down_ctl: mpsc::Sender<Control>,
 }
 
 impl ShaperHandle {
@@ -236,9 +244,12 @@ impl ShaperHandle {
         let start = Instant::now();
         let (up_tx, up_rx) = mpsc::channel(config.channel_capacity);
         let (down_tx, down_rx) = mpsc::channel(config.channel_capacity);
+        let (up_ctl, up_ctl_rx) = mpsc::channel(CONTROL_CAPACITY);
+        let (down_ctl, down_ctl_rx) = mpsc::channel(CONTROL_CAPACITY);
         let tasks = vec![
             tokio::spawn(scheduler(
                 up_rx,
+                up_ctl_rx,
                 up,
                 start,
                 config.timer_slack,
@@ -247,6 +258,7 @@ impl ShaperHandle {
             )),
             tokio::spawn(scheduler(
                 down_rx,
+                down_ctl_rx,
                 down,
                 start,
                 config.timer_slack,
@@ -260,7 +272,37 @@ impl ShaperHandle {
             local_addr,
             counters,
             tasks,
+            up_ctl,
+            down_ctl,
         })
+    }
+
+    /// Change the link's parameters now, in `direction` (`Up`, `Down` or `Both`), on top of
+    /// the current ones (schedule steps still due later apply on top of this). Packets
+    /// already scheduled keep their departure times. Returns the new parameters per
+    /// direction (up first); an invalid change is refused and changes nothing in that
+    /// direction.
+    pub async fn apply(
+        &self,
+        direction: Direction,
+        change: LinkChange,
+    ) -> Result<Vec<(Direction, LinkParams)>> {
+        let mut out = Vec::new();
+        for (d, ctl) in [
+            (Direction::Up, &self.up_ctl),
+            (Direction::Down, &self.down_ctl),
+        ] {
+            if !direction.applies_to(d) {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let stopped = || Error::config("shaper", "the relay has stopped");
+            ctl.send((change.clone(), tx))
+                .await
+                .map_err(|_| stopped())?;
+            out.push((d, rx.await.map_err(|_| stopped())??));
+        }
+        Ok(out)
     }
 
     /// The address clients send to.
@@ -291,6 +333,7 @@ impl Drop for ShaperHandle {
 
 async fn scheduler(
     mut rx: mpsc::Receiver<Packet>,
+    mut ctl: mpsc::Receiver<Control>,
     mut link: ScheduledLink,
     start: Instant,
     slack: Duration,
@@ -346,6 +389,19 @@ async fn scheduler(
                 }
                 None => open = false,
             },
+            Some((change, reply)) = ctl.recv() => {
+                let t = Instant::now().saturating_duration_since(start).max(last_arrival);
+                link.advance(t);
+                let res = change.apply(link.model().params()).and_then(|p| {
+                    link.set_params(p.clone())?;
+                    Ok(p)
+                });
+                match &res {
+                    Ok(p) => tracing::info!(?dir, ?p, "link changed live"),
+                    Err(e) => tracing::warn!(?dir, "live link change refused: {e}"),
+                }
+                let _ = reply.send(res); // the caller may have given up waiting
+            }
             _ = sleep_until_opt(next) => {}
         }
     }

@@ -201,6 +201,11 @@ impl ScheduledLink {
         &self.model
     }
 
+    /// Replace the current parameters (a live change); later schedule steps still apply.
+    pub fn set_params(&mut self, params: LinkParams) -> Result<()> {
+        self.model.set_params(params)
+    }
+
     /// Apply the steps due at `now`. Steps were validated at load time; a step that still
     /// fails (e.g. against other base params) is skipped with a warning.
     pub fn advance(&mut self, now: Duration) {
