@@ -22,7 +22,8 @@ use tokio::time::Instant;
 use crate::engine::{EngineConfig, EngineHandle, Input, Stage};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
-use crate::parent::ParentLink;
+use crate::parent::{answer_probes, ParentLink, Parents, ProbeConfig};
+use crate::planning::{apply, Applied, PlanningConfig};
 use crate::tier::{choose, from_wire, TierSession};
 
 /// Everything needed to start an agent.
@@ -39,6 +40,17 @@ pub struct AgentConfig {
     pub listen: Option<SocketAddr>,
     /// Parent address and the name in its certificate.
     pub parent: Option<(SocketAddr, String)>,
+    /// Further parents to fail over to, in preference order (dialled when first needed).
+    pub fallback_parents: Vec<(SocketAddr, String)>,
+    /// How parent links are probed for the link estimates.
+    pub probe: ProbeConfig,
+    /// Run-time planning (policy and uplink encoding of new requests from live link
+    /// estimates); `None` = the fixed `default_policy`.
+    pub planning: Option<PlanningConfig>,
+    /// Entry node: further points inside the hosted layers (`a < p < b`) where the split
+    /// may move at run time; their exits are loaded too, and the plan chooses among them
+    /// and `b`. Empty = the cut stays at `b`.
+    pub split_points: Vec<usize>,
     pub security: Security,
     /// Wire encoding of hidden states sent to the parent.
     pub parent_encoding: Encoding,
@@ -76,6 +88,10 @@ pub struct GenStats {
     pub bytes_up: u64,
     pub hops: u32,
     pub degraded_tokens: usize,
+    /// Times the request moved to another parent after losing one.
+    pub failovers: u32,
+    /// Layer where the entry node's part of this request ended (the cut it ran with).
+    pub cut: usize,
     pub drafts_proposed: usize,
     pub drafts_accepted: usize,
     pub ttft_ms: f64,
@@ -87,8 +103,15 @@ struct Inner {
     cfg: AgentConfig,
     model_cfg: ModelConfig,
     engine: EngineHandle,
-    parent: Option<Arc<ParentLink>>,
+    parents: Option<Arc<Parents>>,
     server: Option<Endpoint>,
+    /// Run-time planning state (when configured and there is a parent).
+    planner: Option<std::sync::Mutex<PlannerState>>,
+    /// What the plan in force applies to new requests.
+    applied: std::sync::RwLock<Option<Applied>>,
+    replans: AtomicU64,
+    /// Re-plans that moved this node's cut.
+    split_moves: AtomicU64,
     metrics: Arc<Metrics>,
     tokenizer: Tokenizer,
     next_session: AtomicU64,
@@ -96,6 +119,12 @@ struct Inner {
     /// Requests and child sessions in flight (drained on shutdown).
     inflight: AtomicUsize,
     draining: AtomicBool,
+}
+
+struct PlannerState {
+    cfg: PlanningConfig,
+    replanner: flow_partition::Replanner,
+    epoch: Instant,
 }
 
 /// Decrements the in-flight count when dropped.
@@ -148,10 +177,28 @@ impl Agent {
                 "a node without a parent must host an exit (it answers every request)".into(),
             ));
         }
+        let mut exits: Vec<usize> = if exit { vec![b] } else { vec![] };
+        for &p in &cfg.split_points {
+            if a != 0 || p <= a || p >= b {
+                return Err(NodeError::Config(format!(
+                    "split point {p}: split points are for the entry node and must lie strictly inside its layers {a}..{b}"
+                )));
+            }
+            if model_cfg.exit_index(p).is_err() {
+                return Err(NodeError::Config(format!(
+                    "split point {p} is not an exit of the family (exits: {:?})",
+                    model_cfg.exit_points()
+                )));
+            }
+            if !exits.contains(&p) {
+                exits.push(p);
+            }
+        }
+        exits.sort_unstable();
         let part = Part {
             embed: a == 0,
             trunk: a..b,
-            exits: if exit { vec![b] } else { vec![] },
+            exits,
         };
         let (model, hello) = {
             let cfg2 = cfg.clone();
@@ -205,40 +252,99 @@ impl Agent {
             }
             None => None,
         };
-        let parent = match &cfg.parent {
+        let client = |addr: &SocketAddr| -> Result<Endpoint> {
+            let bind: SocketAddr = if addr.is_ipv6() {
+                "[::]:0"
+                    .parse()
+                    .map_err(|_| NodeError::Internal("bind".into()))?
+            } else if addr.ip().is_loopback() {
+                "127.0.0.1:0"
+                    .parse()
+                    .map_err(|_| NodeError::Internal("bind".into()))?
+            } else {
+                "0.0.0.0:0"
+                    .parse()
+                    .map_err(|_| NodeError::Internal("bind".into()))?
+            };
+            let mut ecfg = EndpointConfig::new(bind, cfg.security.clone(), hello.clone());
+            // Parent links notice a dead parent in seconds, not at the default idle timeout.
+            ecfg.keep_alive = cfg.probe.health.keep_alive;
+            ecfg.idle_timeout = cfg.probe.health.idle_timeout;
+            ecfg.parent_roles = match cfg.role {
+                Role::Device => vec![Role::Edge, Role::Cloud],
+                Role::Edge => vec![Role::Cloud],
+                Role::Cloud => vec![],
+            };
+            Ok(Endpoint::client(ecfg)?)
+        };
+        let parents = match &cfg.parent {
             Some((addr, name)) => {
-                let bind: SocketAddr = if addr.is_ipv6() {
-                    "[::]:0"
-                        .parse()
-                        .map_err(|_| NodeError::Internal("bind".into()))?
-                } else if addr.ip().is_loopback() {
-                    "127.0.0.1:0"
-                        .parse()
-                        .map_err(|_| NodeError::Internal("bind".into()))?
-                } else {
-                    "0.0.0.0:0"
-                        .parse()
-                        .map_err(|_| NodeError::Internal("bind".into()))?
-                };
-                let mut ecfg = EndpointConfig::new(bind, cfg.security.clone(), hello.clone());
-                ecfg.parent_roles = match cfg.role {
-                    Role::Device => vec![Role::Edge, Role::Cloud],
-                    Role::Edge => vec![Role::Cloud],
-                    Role::Cloud => vec![],
-                };
-                let ep = Endpoint::client(ecfg)?;
-                Some(Arc::new(
-                    ParentLink::connect(ep, *addr, name.clone(), cfg.parent_encoding).await?,
+                let mut links = vec![
+                    ParentLink::connect(
+                        client(addr)?,
+                        *addr,
+                        name.clone(),
+                        cfg.parent_encoding,
+                        cfg.probe,
+                    )
+                    .await?,
+                ];
+                for (addr, name) in &cfg.fallback_parents {
+                    links.push(ParentLink::lazy(
+                        client(addr)?,
+                        *addr,
+                        name.clone(),
+                        cfg.parent_encoding,
+                        cfg.probe,
+                    )?);
+                }
+                Some(Parents::new(links)?)
+            }
+            None if !cfg.fallback_parents.is_empty() => {
+                return Err(NodeError::Config(
+                    "fallback parents need a primary parent".into(),
                 ))
             }
             None => None,
+        };
+        let (planner, applied) = match (&cfg.planning, &parents) {
+            (Some(pc), Some(ps)) => {
+                let mut input = pc.input.clone();
+                if let Some(l) = input.links.first_mut() {
+                    *l = ps.active().planning_estimate();
+                }
+                pin_entry_cuts(&mut input, &cfg, &pc.exit_depths);
+                let replanner = flow_partition::Replanner::new(pc.replan, &input)
+                    .map_err(|e| NodeError::Config(format!("planning: {e}")))?;
+                let applied = apply(replanner.current(), &pc.exit_depths, pc.measure)?;
+                tracing::info!(plan = %replanner.current().summary(), predicted_ms = replanner.current().predicted_latency_ms, "initial plan");
+                (
+                    Some(std::sync::Mutex::new(PlannerState {
+                        cfg: pc.clone(),
+                        replanner,
+                        epoch: Instant::now(),
+                    })),
+                    Some(applied),
+                )
+            }
+            (Some(_), None) => {
+                return Err(NodeError::Config(
+                    "run-time planning needs a parent (a node without one answers everything)"
+                        .into(),
+                ))
+            }
+            _ => (None, None),
         };
         let inner = Arc::new(Inner {
             cfg,
             model_cfg,
             engine,
-            parent,
+            parents,
             server,
+            planner,
+            applied: std::sync::RwLock::new(applied),
+            replans: AtomicU64::new(0),
+            split_moves: AtomicU64::new(0),
             metrics,
             tokenizer,
             next_session: AtomicU64::new(1),
@@ -250,6 +356,27 @@ impl Agent {
         if agent.inner.server.is_some() {
             let a2 = agent.clone();
             tokio::spawn(async move { a2.accept_loop().await });
+        }
+        if let Some(every) = agent
+            .inner
+            .cfg
+            .planning
+            .as_ref()
+            .map(|p| p.check_interval.max(Duration::from_millis(10)))
+        {
+            let weak = Arc::downgrade(&agent.inner);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    if inner.draining.load(Ordering::Acquire) {
+                        return;
+                    }
+                    Agent { inner }.check_plan();
+                }
+            });
         }
         Ok(agent)
     }
@@ -292,12 +419,207 @@ impl Agent {
     /// Stop accepting children and close the parent link.
     pub async fn shutdown(&self) {
         self.drain(Duration::from_secs(30)).await;
+        self.abort().await;
+    }
+
+    /// Stop at once, without draining: close every child connection and the parent
+    /// links. In-flight child sessions see their connection close (their nodes degrade or
+    /// fail over). For emergencies and crash tests; [`Agent::shutdown`] is the graceful way.
+    pub async fn abort(&self) {
+        self.inner.draining.store(true, Ordering::Release);
         if let Some(s) = &self.inner.server {
             s.close();
         }
-        if let Some(p) = &self.inner.parent {
-            p.close().await;
+        if let Some(ps) = &self.inner.parents {
+            for p in ps.all() {
+                p.close().await;
+            }
         }
+    }
+
+    /// The parents of this node (in preference order) and the one in use.
+    pub fn parents(&self) -> Option<&Arc<Parents>> {
+        self.inner.parents.as_ref()
+    }
+
+    /// The plan in force, when run-time planning is configured.
+    pub fn current_plan(&self) -> Option<flow_partition::Plan> {
+        let st = self.inner.planner.as_ref()?.lock().ok()?;
+        Some(st.replanner.current().clone())
+    }
+
+    /// What the plan in force applies to new requests.
+    pub fn applied_plan(&self) -> Option<Applied> {
+        self.inner.applied.read().ok().and_then(|a| a.clone())
+    }
+
+    /// Re-plans so far.
+    pub fn replans(&self) -> u64 {
+        self.inner.replans.load(Ordering::Acquire)
+    }
+
+    /// Re-plans that moved this node's cut.
+    pub fn split_moves(&self) -> u64 {
+        self.inner.split_moves.load(Ordering::Acquire)
+    }
+
+    /// The stage a new request runs at this (entry) node when the plan cuts at `cut`:
+    /// `None` when that cut is not loaded here. `cut: None` = the whole hosted stage.
+    fn session_stage(&self, cut: Option<usize>) -> Option<Stage> {
+        let st = self.inner.cfg.stage;
+        match cut {
+            None => Some(st),
+            Some(c) if c == st.b => Some(st),
+            Some(c) if st.a == 0 && self.inner.cfg.split_points.contains(&c) => Some(Stage {
+                a: 0,
+                b: c,
+                exit: true,
+            }),
+            Some(_) => None,
+        }
+    }
+
+    /// Feed the live link estimate of the parent in use to the re-planner (done every
+    /// `check_interval` by a background task; callable directly). Returns whether the plan
+    /// changed.
+    pub fn check_plan(&self) -> bool {
+        let (Some(planner), Some(parents)) = (&self.inner.planner, &self.inner.parents) else {
+            return false;
+        };
+        let Ok(mut st) = planner.lock() else {
+            return false;
+        };
+        let mut input = st.cfg.input.clone();
+        let est = parents.active().planning_estimate();
+        if let Some(l) = input.links.first_mut() {
+            *l = est;
+        }
+        pin_entry_cuts(&mut input, &self.inner.cfg, &st.cfg.exit_depths);
+        let now = st.epoch.elapsed().as_millis() as u64;
+        let decision = match st.replanner.on_estimates(now, &input) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "re-planning failed; keeping the plan in force");
+                return false;
+            }
+        };
+        let flow_partition::Decision::Replan(plan) = decision else {
+            return false;
+        };
+        match apply(&plan, &st.cfg.exit_depths, st.cfg.measure).and_then(|a| match a.cut {
+            Some(c) if self.inner.cfg.stage.a == 0 && self.session_stage(Some(c)).is_none() => {
+                Err(NodeError::Config(format!(
+                    "the plan cuts at {c}, which this node has not loaded"
+                )))
+            }
+            _ => Ok(a),
+        }) {
+            Ok(a) => {
+                let old = self.applied_plan().and_then(|o| o.cut);
+                if old != a.cut {
+                    self.inner.split_moves.fetch_add(1, Ordering::AcqRel);
+                    tracing::info!(from = ?old, to = ?a.cut, "split moved: new requests cut at the new layer, running ones keep theirs");
+                }
+                tracing::info!(
+                    plan = %plan.summary(),
+                    predicted_ms = plan.predicted_latency_ms,
+                    rtt_ms = est.rtt_ms,
+                    goodput_bps = est.goodput_bps,
+                    "re-planned: new requests use the new plan, running ones keep theirs"
+                );
+                if let Ok(mut w) = self.inner.applied.write() {
+                    *w = Some(a);
+                }
+                self.inner.replans.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the new plan cannot be applied; keeping the old one");
+                false
+            }
+        }
+    }
+
+    /// Prometheus lines for the parent links (live estimates, probes, fail-overs) and
+    /// run-time planning (re-plans, predicted latency of the plan in force).
+    pub fn planning_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        if let Some(ps) = &self.inner.parents {
+            let gauges: [(&str, &str); 5] = [
+                (
+                    "aiflow_link_rtt_ms",
+                    "Smoothed RTT of the parent link (ms).",
+                ),
+                (
+                    "aiflow_link_goodput_bps",
+                    "Smoothed goodput of the parent link (bit/s).",
+                ),
+                (
+                    "aiflow_link_confidence",
+                    "Confidence of the link estimate, 0..1.",
+                ),
+                (
+                    "aiflow_link_probes_total",
+                    "Probe rounds completed on the parent link.",
+                ),
+                (
+                    "aiflow_link_up",
+                    "1 when the last dial or probe of the parent link succeeded.",
+                ),
+            ];
+            let active = ps.active();
+            let rows: Vec<(String, [f64; 5])> = ps
+                .all()
+                .iter()
+                .map(|l| {
+                    let e = l.estimate();
+                    (
+                        format!(
+                            "parent=\"{}\",active=\"{}\"",
+                            l.addr(),
+                            Arc::ptr_eq(l, &active)
+                        ),
+                        [
+                            e.rtt_ms,
+                            e.goodput_bps,
+                            e.confidence,
+                            l.probe_rounds() as f64,
+                            f64::from(u8::from(l.reachable())),
+                        ],
+                    )
+                })
+                .collect();
+            for (k, (name, help)) in gauges.iter().enumerate() {
+                let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+                for (labels, v) in &rows {
+                    let _ = writeln!(o, "{name}{{{labels}}} {}", v[k]);
+                }
+            }
+            let _ = writeln!(
+                o,
+                "# HELP aiflow_parent_failovers_total Requests moved to another parent after losing one.\n# TYPE aiflow_parent_failovers_total counter\naiflow_parent_failovers_total {}",
+                ps.failovers()
+            );
+        }
+        if let Some(p) = self.current_plan() {
+            let _ = writeln!(
+                o,
+                "# HELP aiflow_replans_total Run-time re-plans.\n# TYPE aiflow_replans_total counter\naiflow_replans_total {}",
+                self.replans()
+            );
+            let _ = writeln!(
+                o,
+                "# HELP aiflow_split_moves_total Re-plans that moved this node's cut.\n# TYPE aiflow_split_moves_total counter\naiflow_split_moves_total {}",
+                self.split_moves()
+            );
+            let _ = writeln!(
+                o,
+                "# HELP aiflow_plan_predicted_ms Predicted latency per token of the plan in force (ms).\n# TYPE aiflow_plan_predicted_ms gauge\naiflow_plan_predicted_ms {}",
+                p.predicted_latency_ms
+            );
+        }
+        o
     }
 
     /// Refuse new requests and wait (up to `timeout`) for in-flight requests and child
@@ -330,16 +652,20 @@ impl Agent {
     fn new_session(&self, request: u64, policy: Policy, sampling: Sampling) -> TierSession {
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed)
             | ((std::process::id() as u64) << 40);
-        TierSession::new(
+        let mut t = TierSession::new(
             id,
             request,
             self.inner.engine.clone(),
             self.inner.cfg.role,
-            self.inner.parent.clone(),
+            self.inner.parents.clone(),
             policy,
             sampling,
             self.inner.metrics.clone(),
-        )
+        );
+        if let Some(enc) = self.applied_plan().and_then(|a| a.uplink_encoding) {
+            t.set_encoding(enc);
+        }
+        t
     }
 
     // ----- serving children -------------------------------------------------------------
@@ -352,6 +678,9 @@ impl Agent {
             match conn {
                 Ok(c) => {
                     tracing::info!(child = %c.peer_hello().node_id, role = %c.peer_hello().role, addr = %c.remote_address(), "child connected");
+                    if let Some(control) = c.take_control() {
+                        tokio::spawn(answer_probes(control, server.config().codec.limits));
+                    }
                     let me = self.clone();
                     tokio::spawn(async move { me.serve_connection(Arc::new(c)).await });
                 }
@@ -399,21 +728,29 @@ impl Agent {
                 }
             };
             let reply = match msg {
-                Message::Continue(c) => {
-                    let t = tier.get_or_insert_with(|| {
-                        self.new_session(c.request_id, c.policy.clone(), c.sampling.clone())
-                    });
-                    self.handle_continue(t, c, hidden).await
-                }
-                Message::Draft(d) => {
-                    let t = tier.get_or_insert_with(|| {
-                        self.new_session(d.request_id, d.policy.clone(), d.sampling.clone())
-                    });
-                    match from_wire(&d.hidden, hidden) {
+                Message::Continue(c) => match self.child_session(
+                    &mut tier,
+                    c.layer,
+                    c.request_id,
+                    &c.policy,
+                    &c.sampling,
+                ) {
+                    Ok(t) => self.handle_continue(t, c, hidden).await,
+                    Err(e) => Err(e),
+                },
+                Message::Draft(d) => match self.child_session(
+                    &mut tier,
+                    d.layer,
+                    d.request_id,
+                    &d.policy,
+                    &d.sampling,
+                ) {
+                    Ok(t) => match from_wire(&d.hidden, hidden) {
                         Ok(h) => t.draft(d, h).await.map(Message::Verdict),
                         Err(e) => Err(e),
-                    }
-                }
+                    },
+                    Err(e) => Err(e),
+                },
                 Message::Cancel(_) | Message::Done(_) => break,
                 Message::Heartbeat(_) => continue,
                 other => Err(NodeError::Protocol(format!(
@@ -448,18 +785,51 @@ impl Agent {
         let _ = stream.finish();
     }
 
+    /// The session of a child's request stream: created by its first message, starting
+    /// at that message's `layer` (anywhere inside the hosted layers: the child's cut may
+    /// have moved), and refusing a later message from another layer (its KV holds the
+    /// layers it started with).
+    fn child_session<'t>(
+        &self,
+        tier: &'t mut Option<TierSession>,
+        layer: u32,
+        request: u64,
+        policy: &Policy,
+        sampling: &Sampling,
+    ) -> Result<&'t mut TierSession> {
+        let hosted = self.inner.cfg.stage;
+        let layer = layer as usize;
+        if let Some(t) = tier {
+            if layer != t.stage().a {
+                return Err(NodeError::Protocol(format!(
+                    "message from layer {layer}, but this session started at layer {}",
+                    t.stage().a
+                )));
+            }
+            return Ok(t);
+        }
+        if layer < hosted.a || layer > hosted.b || (layer == hosted.b && !hosted.exit) {
+            return Err(NodeError::Protocol(format!(
+                "hidden states after layer {layer}, but this node hosts layers {}..{}",
+                hosted.a, hosted.b
+            )));
+        }
+        if layer == 0 {
+            return Err(NodeError::Protocol(
+                "hidden states after layer 0 are embeddings; send tokens to the entry node".into(),
+            ));
+        }
+        let mut t = self.new_session(request, policy.clone(), sampling.clone());
+        t.set_stage(Stage { a: layer, ..hosted });
+        Ok(tier.insert(t))
+    }
+
     async fn handle_continue(
         &self,
         t: &mut TierSession,
         c: flow_protocol::Continue,
         hidden: usize,
     ) -> Result<Message> {
-        if c.layer as usize != self.inner.cfg.stage.a {
-            return Err(NodeError::Protocol(format!(
-                "Continue from layer {}, but this node starts at layer {}",
-                c.layer, self.inner.cfg.stage.a
-            )));
-        }
         let start = *c
             .positions
             .first()
@@ -497,6 +867,7 @@ impl Agent {
             }
             None => None,
         };
+        t.set_step_budget(c.deadline_ms.map(|ms| Duration::from_millis(u64::from(ms))));
         let r = t.step(Input::Hidden(h), start, backfill).await?;
         Ok(t.tokens_reply(&r))
     }
@@ -523,10 +894,19 @@ impl Agent {
                 req.max_new_tokens
             )));
         }
-        let policy = req
-            .policy
-            .clone()
-            .unwrap_or_else(|| self.inner.cfg.default_policy.clone());
+        // A request without a policy takes the plan in force when it starts, and keeps it;
+        // every request runs at the plan's cut in force when it starts (its KV here and
+        // above holds exactly those layers).
+        let applied = self.applied_plan();
+        let stage = self
+            .session_stage(applied.as_ref().and_then(|a| a.cut))
+            .unwrap_or(self.inner.cfg.stage);
+        let policy = match req.policy.clone() {
+            Some(p) => p,
+            None => applied
+                .map(|a| a.policy)
+                .unwrap_or_else(|| self.inner.cfg.default_policy.clone()),
+        };
         self.check_policy(&policy)?;
         let guard = self.enter()?;
         let (tx, rx) = mpsc::channel(64);
@@ -535,10 +915,10 @@ impl Agent {
         tokio::spawn(async move {
             let _guard = guard;
             let t0 = Instant::now();
-            let res = if policy.mode == InferMode::Speculate && me.inner.parent.is_some() {
-                me.run_speculative(req, policy, &tx, t0).await
+            let res = if policy.mode == InferMode::Speculate && me.inner.parents.is_some() {
+                me.run_speculative(req, policy, stage, &tx, t0).await
             } else {
-                me.run_stepwise(req, policy, &tx, t0).await
+                me.run_stepwise(req, policy, stage, &tx, t0).await
             };
             match res {
                 Ok(stats) => {
@@ -638,13 +1018,16 @@ impl Agent {
         &self,
         req: GenerateRequest,
         policy: Policy,
+        stage: Stage,
         tx: &mpsc::Sender<GenEvent>,
         t0: Instant,
     ) -> Result<GenStats> {
         let mut tier = self.new_session(tier_request_id(), policy, req.sampling.clone());
+        tier.set_stage(stage);
         let mut stats = GenStats {
             prompt_tokens: req.prompt.len(),
             finish_reason: "length".into(),
+            cut: stage.b,
             ..GenStats::default()
         };
         let mut input = req.prompt.clone();
@@ -677,6 +1060,7 @@ impl Agent {
         .await;
         stats.bytes_up = tier.bytes_up;
         stats.hops = tier.hops;
+        stats.failovers = tier.failovers;
         stats.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         tier.close().await;
         result.map(|_| stats)
@@ -686,16 +1070,20 @@ impl Agent {
         &self,
         req: GenerateRequest,
         policy: Policy,
+        stage: Stage,
         tx: &mpsc::Sender<GenEvent>,
         t0: Instant,
     ) -> Result<GenStats> {
         let n = policy.draft_len as usize;
         let mut tier = self.new_session(tier_request_id(), policy, req.sampling.clone());
+        tier.set_stage(stage);
         let engine = tier.engine().clone();
-        let exit = engine.stage().b as u32;
+        let stage = tier.stage();
+        let exit = stage.b as u32;
         let mut stats = GenStats {
             prompt_tokens: req.prompt.len(),
             finish_reason: "length".into(),
+            cut: stage.b,
             ..GenStats::default()
         };
         // `pending` = accepted tokens the verifier has not processed, starting at `s`.
@@ -720,6 +1108,7 @@ impl Agent {
                             backfill: None,
                             logit_rows: usize::from(i < drafts_n),
                             exit_kv: true,
+                            stage: Some(stage),
                         })
                         .await?;
                     pos += feed.len();
@@ -792,9 +1181,40 @@ impl Agent {
         .await;
         stats.bytes_up = tier.bytes_up;
         stats.hops = tier.hops;
+        stats.failovers = tier.failovers;
         stats.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         tier.close().await;
         result.map(|_| stats)
+    }
+}
+
+/// The plan may cut an entry node only where it has loaded: boundary 0 of the planner
+/// input is pinned to its split points and its hosted end (in planner depths). A node
+/// further up (its layers do not start at 0) keeps the template's `allowed_cuts`.
+fn pin_entry_cuts(
+    input: &mut flow_partition::PlanInput,
+    cfg: &AgentConfig,
+    exit_depths: &[(u32, usize)],
+) {
+    if cfg.stage.a != 0 {
+        return;
+    }
+    let depth = |p: usize| {
+        exit_depths
+            .iter()
+            .find(|(e, _)| *e as usize == p)
+            .map(|(_, d)| *d)
+            .unwrap_or(p)
+    };
+    let mut cuts: Vec<usize> = cfg.split_points.iter().map(|&p| depth(p)).collect();
+    cuts.push(depth(cfg.stage.b));
+    cuts.sort_unstable();
+    cuts.dedup();
+    let allowed = &mut input.config.allowed_cuts;
+    if allowed.is_empty() {
+        allowed.push(cuts);
+    } else {
+        allowed[0] = cuts;
     }
 }
 
@@ -869,6 +1289,10 @@ impl Agent {
                 },
                 listen: None,
                 parent: None,
+                fallback_parents: Vec::new(),
+                probe: ProbeConfig::default(),
+                planning: None,
+                split_points: Vec::new(),
                 security: Security::InsecureLoopback,
                 parent_encoding: Encoding::F32,
                 engine: EngineConfig::default(),
@@ -905,9 +1329,31 @@ impl AgentBuilder {
         self.cfg.declare_exits = Some(points);
         self
     }
-    /// Escalate to the parent at `addr` whose certificate is named `name`.
+    /// Escalate to the parent at `addr` whose certificate is named `name`. Called again,
+    /// adds a parent to fail over to (in preference order).
     pub fn parent(mut self, addr: SocketAddr, name: impl Into<String>) -> Self {
-        self.cfg.parent = Some((addr, name.into()));
+        if self.cfg.parent.is_none() {
+            self.cfg.parent = Some((addr, name.into()));
+        } else {
+            self.cfg.fallback_parents.push((addr, name.into()));
+        }
+        self
+    }
+    /// Plan the escalation policy and uplink encoding at run time from live link
+    /// estimates.
+    pub fn planning(mut self, p: PlanningConfig) -> Self {
+        self.cfg.planning = Some(p);
+        self
+    }
+    /// Entry node: further points where the split may move at run time (see
+    /// [`AgentConfig::split_points`]).
+    pub fn split_points(mut self, points: Vec<usize>) -> Self {
+        self.cfg.split_points = points;
+        self
+    }
+    /// How parent links are probed.
+    pub fn probe(mut self, p: ProbeConfig) -> Self {
+        self.cfg.probe = p;
         self
     }
     /// Accept children on `addr`.

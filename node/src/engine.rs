@@ -2,10 +2,20 @@
 //! cache, fed through a bounded queue. Each loop iteration drains the queue and runs all
 //! ready steps of different sessions as **one batch** (continuous batching of decode steps
 //! and prefill chunks across sessions); backfills and truncations run in the same loop.
+//! Batches are formed by `flow_moe::scheduler::plan_chunks` under the token budget
+//! [`EngineConfig::max_batch_tokens`]: decodes first, then prefill chunks (a prompt longer
+//! than what is left of the budget is split across iterations and answered when its last
+//! chunk has run).
 //!
 //! A [`Stage`] is what a tier computes: trunk layers `[a, b)` and, optionally, the exit at
 //! point `b` (Ruyi semantics: the exit reads the state after layers `[0, b)`, which is also
 //! the state shipped upward). The entry stage (`a == 0`) takes token ids.
+//!
+//! Moving the split: the engine's stage is what the node has *loaded*; a job may run a
+//! sub-range of it ([`StepJob::stage`]: `a..b` within the loaded layers, with the exit at
+//! `b` when that exit is loaded). One batch only carries jobs of the same sub-range, so
+//! sessions cut at different layers share an engine and each stays exact; a session's KV
+//! only grows for the layers it runs. A sub-range outside what is loaded is refused.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -13,6 +23,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use flow_familial::{FamilialModel, Seg, SeqCache};
 use tokio::sync::{mpsc, oneshot};
+
+use flow_moe::scheduler::{plan_chunks, Pending};
 
 use crate::error::{NodeError, Result};
 
@@ -50,6 +62,10 @@ pub struct StepJob {
     /// Whether this session keeps the exit block's KV (false when its policy always
     /// escalates past this exit, so the block is never needed).
     pub exit_kv: bool,
+    /// Layers (and exit) this job runs, within the loaded stage; `None` = the whole
+    /// loaded stage. A session must use the same sub-range for all its steps (its KV
+    /// holds exactly those layers).
+    pub stage: Option<Stage>,
 }
 
 /// What a step returns.
@@ -83,6 +99,8 @@ pub struct EngineStats {
     pub batched_steps: u64,
     pub evictions: u64,
     pub queue_depth: usize,
+    /// Prefill chunks that left part of their step for a later iteration (chunked prefill).
+    pub partial_chunks: u64,
 }
 
 struct SessionKv {
@@ -104,7 +122,10 @@ pub struct EngineHandle {
 pub struct EngineConfig {
     /// Queue slots; senders wait when it is full (backpressure, never unbounded growth).
     pub queue: usize,
-    /// Most rows (tokens) one batch carries; further steps wait for the next iteration.
+    /// Token budget of one iteration (chunked prefill, see `flow_moe::scheduler`): every
+    /// pending decode first, then chunks of prefills already under way, then new steps in
+    /// arrival order, each prefill split to fit what is left; a long prompt never holds up
+    /// the decodes of other sessions for more than one iteration.
     pub max_batch_tokens: usize,
     /// KV memory budget across sessions; the least recently used session is evicted (and
     /// its next step fails with a clear error) when a step would exceed it.
@@ -235,7 +256,7 @@ impl Engine {
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        let mut pending: Vec<(StepJob, oneshot::Sender<Result<StepOut>>)> = Vec::new();
+        let mut pending: Vec<Pend> = Vec::new();
         loop {
             if pending.is_empty() {
                 match rx.blocking_recv() {
@@ -246,30 +267,71 @@ impl Engine {
             while let Ok(j) = rx.try_recv() {
                 self.accept(j, &mut pending);
             }
-            // One batch: distinct sessions, within the token budget, in arrival order.
-            let mut batch = Vec::new();
-            let mut rest = Vec::new();
-            let mut tokens = 0;
-            for (job, tx) in pending.drain(..) {
-                let rows = job_rows(&job);
-                let dup = batch
-                    .iter()
-                    .any(|(j, _): &(StepJob, _)| j.session == job.session);
-                if dup || (!batch.is_empty() && tokens + rows > self.cfg.max_batch_tokens) {
-                    rest.push((job, tx));
-                } else {
-                    tokens += rows;
-                    batch.push((job, tx));
-                }
-            }
-            pending = rest;
-            self.run_batch(batch);
+            self.iterate(&mut pending);
         }
     }
 
-    fn accept(&mut self, job: Job, pending: &mut Vec<(StepJob, oneshot::Sender<Result<StepOut>>)>) {
+    /// One iteration: form a batch with the chunked-prefill scheduler (token budget
+    /// `max_batch_tokens`: decodes first, then in-progress prefills, then new ones FCFS;
+    /// one step per session, in order), run it, and answer the steps it completed.
+    fn iterate(&mut self, pending: &mut Vec<Pend>) {
+        // Only the oldest step of each session may run (later ones are later positions).
+        // One batch runs one layer range: that of the oldest waiting step (sessions cut
+        // at different layers take turns, oldest first).
+        let Some(stage) = pending.first().map(|p| p.job.stage.unwrap_or(self.stage)) else {
+            return;
+        };
+        let mut seen: Vec<u64> = Vec::new();
+        let mut eligible: Vec<usize> = Vec::new();
+        for (i, p) in pending.iter().enumerate() {
+            if !seen.contains(&p.job.session) {
+                seen.push(p.job.session);
+                if p.job.stage.unwrap_or(self.stage) == stage {
+                    eligible.push(i);
+                }
+            }
+        }
+        let work: Vec<Pending> = eligible
+            .iter()
+            .map(|&i| {
+                let p = &pending[i];
+                Pending {
+                    rows: p.rows - p.done,
+                    logit_rows: p.job.logit_rows.min(p.rows),
+                    started: p.done > 0,
+                }
+            })
+            .collect();
+        let plan = plan_chunks(&work, self.cfg.max_batch_tokens.max(1));
+        let mut chunks = Vec::new();
+        let mut picked = Vec::new();
+        for (&i, &rows) in eligible.iter().zip(&plan) {
+            if rows == 0 {
+                continue;
+            }
+            match pending[i].chunk(rows) {
+                Ok(c) => {
+                    chunks.push(c);
+                    picked.push(i);
+                }
+                Err(e) => pending[i].fail(e),
+            }
+        }
+        self.stats.partial_chunks += picked
+            .iter()
+            .zip(&chunks)
+            .filter(|(&i, c)| pending[i].done + job_rows(c) < pending[i].rows)
+            .count() as u64;
+        let outs = self.run_batch(chunks, stage);
+        for (i, out) in picked.iter().zip(outs) {
+            pending[*i].absorb(out);
+        }
+        pending.retain(|p| !p.finished());
+    }
+
+    fn accept(&mut self, job: Job, pending: &mut Vec<Pend>) {
         match job {
-            Job::Step(j, tx) => pending.push((j, tx)),
+            Job::Step(j, tx) => pending.push(Pend::new(j, tx)),
             Job::Truncate(s, len) => {
                 if let Some(kv) = self.sessions.get_mut(&s) {
                     kv.cache.truncate(len);
@@ -288,15 +350,42 @@ impl Engine {
         }
     }
 
-    fn run_batch(&mut self, batch: Vec<(StepJob, oneshot::Sender<Result<StepOut>>)>) {
-        if batch.is_empty() {
-            return;
+    /// Whether this engine can run `st`: a sub-range of the loaded layers, with the exit
+    /// at its end loaded when it asks for one.
+    fn check_stage(&self, st: Stage) -> Result<()> {
+        let loaded = self.stage;
+        if st.a > st.b || st.a < loaded.a || st.b > loaded.b {
+            return Err(NodeError::Protocol(format!(
+                "layers {}..{} asked for, but this node hosts layers {}..{}",
+                st.a, st.b, loaded.a, loaded.b
+            )));
         }
+        if st.exit && !self.model.part().exits.contains(&st.b) {
+            return Err(NodeError::Protocol(format!(
+                "the exit at layer {} asked for, but this node hosts exits {:?}",
+                st.b,
+                self.model.part().exits
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run `batch` (at most one step per session, all running layers `stage`) as one
+    /// forward pass; one result per step.
+    fn run_batch(&mut self, batch: Vec<StepJob>, stage: Stage) -> Vec<Result<StepOut>> {
+        if let Err(e) = self.check_stage(stage) {
+            let msg = e.to_string();
+            return batch
+                .iter()
+                .map(|_| Err(NodeError::Protocol(msg.clone())))
+                .collect();
+        }
+        let mut results: Vec<Option<Result<StepOut>>> = batch.iter().map(|_| None).collect();
         // Backfills first, per session: they must precede the step's positions.
         let mut ready = Vec::with_capacity(batch.len());
-        for (mut job, tx) in batch {
+        for (i, mut job) in batch.into_iter().enumerate() {
             if self.evicted.contains_key(&job.session) {
-                let _ = tx.send(Err(NodeError::Evicted(format!(
+                results[i] = Some(Err(NodeError::Evicted(format!(
                     "session {} was evicted from this node's KV cache (memory budget {} MiB); retry the request",
                     job.session,
                     self.cfg.kv_budget_bytes >> 20
@@ -305,45 +394,48 @@ impl Engine {
             }
             self.ensure_budget(job.session);
             let backfill = match job.backfill.take() {
-                Some((start, h)) => match self.backfill(job.session, start, &h) {
+                Some((start, h)) => match self.backfill(job.session, start, &h, stage) {
                     Ok(out) => Some(out),
                     Err(e) => {
-                        let _ = tx.send(Err(e));
+                        results[i] = Some(Err(e));
                         continue;
                     }
                 },
                 None => None,
             };
-            ready.push((job, tx, backfill));
+            ready.push((job, i, backfill));
         }
-        if ready.is_empty() {
-            return;
-        }
-        let t0 = Instant::now();
-        let result = self.step_batch(&ready);
-        let us = t0.elapsed().as_micros() as u64;
-        self.stats.batches += 1;
-        self.stats.batched_steps += ready.len() as u64;
-        let n = ready.len();
-        match result {
-            Ok(outs) => {
-                for ((_, tx, bf), (hidden, logits)) in ready.into_iter().zip(outs) {
-                    let _ = tx.send(Ok(StepOut {
-                        hidden,
-                        backfill_hidden: bf,
-                        logits,
-                        compute_us: us,
-                        batch_size: n,
-                    }));
+        if !ready.is_empty() {
+            let t0 = Instant::now();
+            let result = self.step_batch(&ready, stage);
+            let us = t0.elapsed().as_micros() as u64;
+            self.stats.batches += 1;
+            self.stats.batched_steps += ready.len() as u64;
+            let n = ready.len();
+            match result {
+                Ok(outs) => {
+                    for ((_, i, bf), (hidden, logits)) in ready.into_iter().zip(outs) {
+                        results[i] = Some(Ok(StepOut {
+                            hidden,
+                            backfill_hidden: bf,
+                            logits,
+                            compute_us: us,
+                            batch_size: n,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for (_, i, _) in ready {
+                        results[i] = Some(Err(NodeError::Model(msg.clone())));
+                    }
                 }
             }
-            Err(e) => {
-                let msg = e.to_string();
-                for (_, tx, _) in ready {
-                    let _ = tx.send(Err(NodeError::Model(msg.clone())));
-                }
-            }
         }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(NodeError::Internal("step lost in a batch".into()))))
+            .collect()
     }
 
     fn cache(&mut self, session: u64) -> &mut SessionKv {
@@ -382,8 +474,8 @@ impl Engine {
         }
     }
 
-    fn backfill(&mut self, session: u64, start: usize, h: &Tensor) -> Result<Tensor> {
-        let Stage { a, b, exit } = self.stage;
+    fn backfill(&mut self, session: u64, start: usize, h: &Tensor, stage: Stage) -> Result<Tensor> {
+        let Stage { a, b, exit } = stage;
         let rows = h.dim(0)?;
         let exits: Vec<usize> = if exit { vec![b] } else { vec![] };
         self.cache(session);
@@ -405,9 +497,10 @@ impl Engine {
     #[allow(clippy::type_complexity)]
     fn step_batch(
         &mut self,
-        ready: &[(StepJob, oneshot::Sender<Result<StepOut>>, Option<Tensor>)],
+        ready: &[(StepJob, usize, Option<Tensor>)],
+        stage: Stage,
     ) -> Result<Vec<(Tensor, Option<Vec<Vec<f32>>>)>> {
-        let Stage { a, b, exit } = self.stage;
+        let Stage { a, b, exit } = stage;
         let segs: Vec<Seg> = ready
             .iter()
             .map(|(j, _, _)| Seg::new(j.start, job_rows(j)))
@@ -465,7 +558,7 @@ impl Engine {
         x: &Tensor,
         segs: &[Seg],
         caches: &mut [&mut SeqCache],
-        ready: &[(StepJob, oneshot::Sender<Result<StepOut>>, Option<Tensor>)],
+        ready: &[(StepJob, usize, Option<Tensor>)],
         a: usize,
         b: usize,
         exit: bool,
@@ -551,9 +644,193 @@ impl Engine {
     }
 }
 
+/// A step waiting in the engine, possibly part-way through its rows (chunked prefill).
+struct Pend {
+    job: StepJob,
+    tx: Option<oneshot::Sender<Result<StepOut>>>,
+    rows: usize,
+    done: usize,
+    hidden: Vec<Tensor>,
+    backfill_hidden: Option<Tensor>,
+    compute_us: u64,
+    batch_size: usize,
+}
+
+impl Pend {
+    fn new(job: StepJob, tx: oneshot::Sender<Result<StepOut>>) -> Self {
+        let rows = job_rows(&job);
+        Self {
+            job,
+            tx: Some(tx),
+            rows,
+            done: 0,
+            hidden: Vec::new(),
+            backfill_hidden: None,
+            compute_us: 0,
+            batch_size: 0,
+        }
+    }
+
+    /// The next `n` rows as a step of their own (logits only on the last chunk; the
+    /// backfill goes with the first).
+    fn chunk(&mut self, n: usize) -> Result<StepJob> {
+        let (a, last) = (self.done, self.done + n >= self.rows);
+        let input = match &self.job.input {
+            Input::Tokens(t) if a == 0 && last => Input::Tokens(t.clone()),
+            Input::Tokens(t) => Input::Tokens(t[a..(a + n).min(t.len())].to_vec()),
+            Input::Hidden(h) => Input::Hidden(if a == 0 && last {
+                h.clone()
+            } else {
+                h.narrow(0, a, n)?
+            }),
+        };
+        Ok(StepJob {
+            session: self.job.session,
+            start: self.job.start + a,
+            input,
+            backfill: self.job.backfill.take(),
+            logit_rows: if last { self.job.logit_rows } else { 0 },
+            exit_kv: self.job.exit_kv,
+            stage: self.job.stage,
+        })
+    }
+
+    fn fail(&mut self, e: NodeError) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Err(e));
+        }
+    }
+
+    /// Take a chunk's result; answer the step when its last chunk is done.
+    fn absorb(&mut self, out: Result<StepOut>) {
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => return self.fail(e),
+        };
+        self.done += out.hidden.dim(0).unwrap_or(0);
+        self.compute_us += out.compute_us;
+        self.batch_size = self.batch_size.max(out.batch_size);
+        if out.backfill_hidden.is_some() {
+            self.backfill_hidden = out.backfill_hidden;
+        }
+        self.hidden.push(out.hidden);
+        if self.done < self.rows {
+            return;
+        }
+        let hidden = if self.hidden.len() == 1 {
+            self.hidden.pop().map(Ok)
+        } else {
+            Some(Tensor::cat(&self.hidden, 0))
+        };
+        let res = match hidden {
+            Some(Ok(hidden)) => Ok(StepOut {
+                hidden,
+                backfill_hidden: self.backfill_hidden.take(),
+                logits: out.logits,
+                compute_us: self.compute_us,
+                batch_size: self.batch_size,
+            }),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(NodeError::Internal("a step finished with no rows".into())),
+        };
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(res);
+        }
+    }
+
+    /// Answered (or failed): nothing more to run.
+    fn finished(&self) -> bool {
+        self.tx.is_none()
+    }
+}
+
 fn job_rows(j: &StepJob) -> usize {
     match &j.input {
         Input::Tokens(t) => t.len(),
         Input::Hidden(h) => h.dim(0).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flow_familial::config::Layout;
+    use flow_familial::init::{init_checkpoint, Preset};
+
+    use super::*;
+
+    fn engine(dir: &std::path::Path, budget: usize) -> EngineHandle {
+        let model = FamilialModel::load(dir).unwrap();
+        let stage = Stage {
+            a: 0,
+            b: 5,
+            exit: true,
+        };
+        let cfg = EngineConfig {
+            max_batch_tokens: budget,
+            ..Default::default()
+        };
+        EngineHandle::spawn(model, stage, cfg).unwrap()
+    }
+
+    fn step(session: u64, start: usize, tokens: Vec<u32>, logit_rows: usize) -> StepJob {
+        StepJob {
+            session,
+            start,
+            input: Input::Tokens(tokens),
+            backfill: None,
+            logit_rows,
+            exit_kv: true,
+            stage: None,
+        }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// A prompt longer than the token budget is split into chunks across iterations (while
+    /// another session decodes) and gives the same states and logits as one whole step.
+    #[tokio::test(flavor = "current_thread")]
+    async fn long_prefill_is_chunked_and_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        init_checkpoint(Preset::Tiny, Layout::Qwen2, 3, dir.path()).unwrap();
+        let prompt: Vec<u32> = (0..50).map(|i| 40 + (i * 7 % 60) as u32).collect();
+        let whole = engine(dir.path(), 4096);
+        let chunked = engine(dir.path(), 8);
+        let a = whole.step(step(1, 0, prompt.clone(), 2)).await.unwrap();
+        // Session 2 is decoding while session 1's prompt arrives.
+        chunked.step(step(2, 0, vec![65, 66, 67], 1)).await.unwrap();
+        let (b, d) = tokio::join!(
+            chunked.step(step(1, 0, prompt.clone(), 2)),
+            chunked.step(step(2, 3, vec![68], 1)),
+        );
+        let (b, d) = (b.unwrap(), d.unwrap());
+        assert_eq!(d.logits.as_ref().map(Vec::len), Some(1));
+        assert_eq!(b.hidden.dims(), a.hidden.dims());
+        assert!(max_diff(&a.hidden, &b.hidden) < 1e-4);
+        let (la, lb) = (a.logits.unwrap(), b.logits.unwrap());
+        assert_eq!(lb.len(), 2);
+        for (x, y) in la.iter().flatten().zip(lb.iter().flatten()) {
+            assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+        }
+        let s = chunked.stats().await;
+        // 50 rows at <= 8 per iteration: at least 6 chunks leave rows for later.
+        assert!(s.partial_chunks >= 6, "{s:?}");
+        assert_eq!(whole.stats().await.partial_chunks, 0);
+        // The next decode of session 1 continues from position 50 in both.
+        let a2 = whole.step(step(1, 50, vec![70], 1)).await.unwrap();
+        let b2 = chunked.step(step(1, 50, vec![70], 1)).await.unwrap();
+        for (x, y) in a2.logits.unwrap()[0].iter().zip(&b2.logits.unwrap()[0]) {
+            assert!((x - y).abs() < 1e-3);
+        }
     }
 }

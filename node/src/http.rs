@@ -155,7 +155,7 @@ async fn models(State(agent): State<Agent>) -> Json<Value> {
 
 async fn metrics(State(agent): State<Agent>) -> Response {
     let s = agent.engine_stats().await;
-    let text = agent.metrics().render(&[
+    let mut text = agent.metrics().render(&[
         (
             "aiflow_engine_sessions",
             "Sessions holding KV on this node.",
@@ -177,6 +177,7 @@ async fn metrics(State(agent): State<Agent>) -> Response {
             s.evictions as f64,
         ),
     ]);
+    text.push_str(&agent.planning_metrics());
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 

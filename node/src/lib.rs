@@ -14,15 +14,18 @@
 //!   `escalate` (per-token confidence escalation with exact KV backfill), `speculate` (the
 //!   device drafts, the top tier verifies a whole draft in one batched pass), `local`.
 //! - [`engine`] — the compute thread with continuous batching across sessions;
-//!   [`tier`] — one tier's per-request logic; [`metrics`] — Prometheus text.
+//!   [`tier`] — one tier's per-request logic; [`metrics`] — Prometheus text;
+//!   [`delta`] — versioned weights and delta-checkpoint transfers from edge to device.
 
 pub mod agent;
 pub mod cluster;
+pub mod delta;
 pub mod engine;
 pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod parent;
+pub mod planning;
 pub mod tier;
 
 pub use agent::{Agent, AgentBuilder, AgentConfig, GenEvent, GenStats, GenerateRequest};

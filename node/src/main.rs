@@ -4,6 +4,10 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 
+/// Counts heap bytes so `flow-node bench finetune` can report peak training memory.
+#[global_allocator]
+static ALLOC: flow_finetune::mem::CountingAlloc = flow_finetune::mem::CountingAlloc;
+
 /// aiflow node agent: device-edge-cloud collaborative inference with familial models.
 ///
 /// Every tier runs this binary. The subcommands below build, inspect and benchmark the
@@ -40,6 +44,19 @@ enum Cmd {
     /// Plan where to cut the family across device, edge and cloud (predicted latency per
     /// tier and link, escalation thresholds), from a self-benchmark and link estimates.
     Plan(commands::plan::PlanArgs),
+    /// The multi-host testbed on Docker: build the image, up/down, run a fault scenario
+    /// with replayed load and write a report.
+    #[command(subcommand)]
+    Testbed(commands::testbed::TestbedCmd),
+    /// Edge traffic management: SUMO closed loop, camera datasets.
+    #[command(subcommand)]
+    Traffic(commands::traffic::TrafficCmd),
+    /// Mixture-of-Experts serving tools (expert profiling per task for pruning).
+    #[command(subcommand)]
+    Moe(commands::moe::MoeCmd),
+    /// Sparse fine-tuning of the shallow member(s) on local data into a delta checkpoint
+    /// (only changed tensors, with the base fingerprint) that devices apply.
+    Finetune(Box<commands::finetune::FinetuneArgs>),
 }
 
 fn main() {
@@ -68,5 +85,9 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Certs(c) => commands::certs::run(c),
         Cmd::Bench(b) => commands::run_bench(b),
         Cmd::Plan(p) => commands::plan::run(p),
+        Cmd::Testbed(t) => commands::testbed::run(t),
+        Cmd::Traffic(t) => commands::traffic::run(t),
+        Cmd::Moe(m) => commands::moe::run(m),
+        Cmd::Finetune(f) => commands::finetune::run(*f),
     }
 }

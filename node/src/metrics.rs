@@ -101,6 +101,8 @@ pub struct Metrics {
     pub tokens: Labeled,
     pub escalations: Counter,
     pub degraded: Counter,
+    /// Escalations whose reply missed its deadline.
+    pub parent_timeouts: Counter,
     pub bytes_up: Counter,
     pub sessions_served: Counter,
     pub request_latency: Histogram,
@@ -121,6 +123,7 @@ impl Default for Metrics {
             tokens: Labeled::default(),
             escalations: Counter::default(),
             degraded: Counter::default(),
+            parent_timeouts: Counter::default(),
             bytes_up: Counter::default(),
             sessions_served: Counter::default(),
             request_latency: Histogram::new(&lat),
@@ -162,6 +165,12 @@ impl Metrics {
             "aiflow_degraded_tokens_total",
             "Tokens answered locally because the parent failed.",
             self.degraded.get(),
+        );
+        counter(
+            &mut o,
+            "aiflow_parent_reply_timeouts_total",
+            "Escalations whose reply missed its deadline.",
+            self.parent_timeouts.get(),
         );
         counter(
             &mut o,

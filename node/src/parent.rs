@@ -1,13 +1,177 @@
-//! The link to this node's parent tier: one QUIC connection (re-dialled when it breaks),
-//! one stream per request session, and the wire encoding used on this link.
+//! The link to a parent tier: one QUIC connection (re-dialled when it breaks), one stream
+//! per request session, the wire encoding used on this link, and a live estimate of the
+//! link (RTT and goodput, smoothed by a [`flow_partition::LinkEstimator`]).
+//!
+//! The estimate is fed by a probe task on the connection's control stream: every
+//! `probe_interval` it sends a small [`Probe`] and then a larger one and records
+//! - the QUIC path RTT of the connection ([`ConnStats::rtt`]) as the RTT sample, and
+//! - `(big − small) bytes · 8 / (t_big − t_small)` as the goodput sample (the fixed costs —
+//!   propagation, framing, the parent's turnaround — cancel in the difference).
+//!
+//! The big probe is sized to ~25 ms of transfer at the current estimate (2 KiB to
+//! 64 KiB), so probing costs a few percent of the link at most.
+//!
+//! Dead parents are noticed fast ([`LinkHealth`]): parent connections use a short QUIC
+//! keep-alive and idle timeout, a probe that gets no reply within its deadline counts as
+//! missed and `missed_probes` misses in a row mark the link down (new requests then answer
+//! locally, degraded, or use another parent, without trying it), and a supervisor task
+//! re-dials a lost connection with a short bounded backoff so escalation resumes within a
+//! couple of seconds of the parent coming back. Each escalation waits for the parent's
+//! reply at most [`ParentLink::reply_deadline`]: the link RTT times a factor plus the
+//! parent's observed service time, never less than a floor.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
+use flow_partition::{LinkEstimate, LinkEstimator, LinkEstimatorConfig, LinkSample};
 use flow_protocol::transport::{ConnStats, Endpoint, PeerConnection, SessionStream};
-use flow_protocol::{Encoding, Hello};
+use flow_protocol::{Encoding, Hello, Message, Probe};
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use crate::error::{NodeError, Result};
+
+/// How a parent link is probed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProbeConfig {
+    /// Time between probe rounds; `None` disables probing (the estimate stays the prior).
+    pub interval: Option<Duration>,
+    /// Smoothing and prior of the estimator.
+    pub estimator: LinkEstimatorConfig,
+    /// Dead-parent detection, reply deadlines and re-dialling.
+    pub health: LinkHealth,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            interval: Some(Duration::from_millis(1000)),
+            estimator: LinkEstimatorConfig::default(),
+            health: LinkHealth::default(),
+        }
+    }
+}
+
+/// How a parent link notices that the parent is gone and how it comes back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkHealth {
+    /// QUIC keep-alive on parent connections.
+    pub keep_alive: Duration,
+    /// A parent connection closes after this long without a packet from the parent.
+    pub idle_timeout: Duration,
+    /// Least time an escalation (or a probe) waits for the parent's reply.
+    pub reply_floor: Duration,
+    /// The reply deadline allows this many link RTTs ...
+    pub rtt_factor: f64,
+    /// ... plus this many times the parent's smoothed service time for such a step.
+    pub service_factor: f64,
+    /// Service time assumed before any reply has been observed.
+    pub service_prior: Duration,
+    /// Reply deadlines never exceed this.
+    pub reply_cap: Duration,
+    /// Probe rounds missed in a row before the link is marked down.
+    pub missed_probes: u32,
+    /// Time one re-dial may take (TLS + `Hello`) before it counts as failed.
+    pub dial_timeout: Duration,
+    /// First re-dial backoff; doubles after each failed dial up to `redial_max`.
+    pub redial_min: Duration,
+    pub redial_max: Duration,
+}
+
+impl Default for LinkHealth {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(3),
+            reply_floor: Duration::from_millis(250),
+            rtt_factor: 8.0,
+            service_factor: 4.0,
+            service_prior: Duration::from_millis(1500),
+            reply_cap: Duration::from_secs(5),
+            missed_probes: 2,
+            dial_timeout: Duration::from_secs(2),
+            redial_min: Duration::from_millis(200),
+            redial_max: Duration::from_secs(2),
+        }
+    }
+}
+
+impl LinkHealth {
+    /// Check the values; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, why: &str| Err(NodeError::Config(format!("link health {f}: {why}")));
+        if self.keep_alive.is_zero() || self.keep_alive >= self.idle_timeout {
+            return bad(
+                "keep_alive",
+                "must be positive and shorter than idle_timeout",
+            );
+        }
+        if !(self.rtt_factor.is_finite() && self.rtt_factor >= 0.0) {
+            return bad("rtt_factor", "must be a finite number ≥ 0");
+        }
+        if !(self.service_factor.is_finite() && self.service_factor >= 0.0) {
+            return bad("service_factor", "must be a finite number ≥ 0");
+        }
+        if self.reply_floor.is_zero() || self.reply_cap < self.reply_floor {
+            return bad("reply_floor", "must be positive and at most reply_cap");
+        }
+        if self.missed_probes == 0 {
+            return bad("missed_probes", "must be at least 1");
+        }
+        if self.redial_min.is_zero() || self.redial_max < self.redial_min {
+            return bad("redial_min", "must be positive and at most redial_max");
+        }
+        if self.dial_timeout.is_zero() {
+            return bad("dial_timeout", "must be positive");
+        }
+        Ok(())
+    }
+
+    /// Reply deadline for a step of `rows` rows: `max(floor, rtt_factor · rtt +
+    /// service_factor · service)`, capped; `service` is the parent's smoothed service time
+    /// for such a step (`None` = not observed yet: the prior).
+    pub fn reply_deadline(&self, rtt_ms: f64, service_ms: Option<f64>) -> Duration {
+        let service = service_ms.unwrap_or(self.service_prior.as_secs_f64() * 1e3);
+        let ms = self.rtt_factor * rtt_ms.max(0.0) + self.service_factor * service.max(0.0);
+        let d = if ms.is_finite() {
+            Duration::from_secs_f64(ms / 1e3)
+        } else {
+            self.reply_cap
+        };
+        d.clamp(self.reply_floor, self.reply_cap)
+    }
+}
+
+/// Smoothed service time of the parent (reply time minus RTT): per decode step (one row)
+/// and per row of a multi-row step (prefill, backfill).
+#[derive(Debug, Default, Clone, Copy)]
+struct ServiceTimes {
+    step_ms: Option<f64>,
+    row_ms: Option<f64>,
+}
+
+/// Weight of a new observation in the service-time averages.
+const SERVICE_ALPHA: f64 = 0.2;
+
+fn ewma(old: Option<f64>, x: f64) -> f64 {
+    match old {
+        Some(o) => o + SERVICE_ALPHA * (x - o),
+        None => x,
+    }
+}
+
+/// Bytes of the small probe.
+const SMALL_PROBE: u32 = 64;
+/// Bounds of the big probe (bytes).
+const BIG_PROBE_MIN: f64 = 2048.0;
+const BIG_PROBE_MAX: f64 = 65536.0;
+/// Seconds of transfer the big probe aims at.
+const BIG_PROBE_SECS: f64 = 0.025;
+/// Time the big probe gets beyond the small probe's deadline (its transfer: 64 KiB take
+/// 0.5 s at 1 Mbit/s).
+const BIG_PROBE_ALLOWANCE: Duration = Duration::from_secs(1);
 
 /// A parent tier this node escalates to.
 #[derive(Debug)]
@@ -16,7 +180,34 @@ pub struct ParentLink {
     addr: SocketAddr,
     server_name: String,
     encoding: Encoding,
-    conn: Mutex<Option<PeerConnection>>,
+    conn: Mutex<Option<Arc<PeerConnection>>>,
+    estimator: std::sync::Mutex<LinkEstimator>,
+    probe: ProbeConfig,
+    /// Clock origin of the estimator's timestamps.
+    epoch: Instant,
+    /// Probe rounds completed.
+    probes: AtomicU64,
+    /// Whether the last dial or probe round succeeded.
+    reachable: AtomicBool,
+    /// A request failed on this link since it was last dialled (fail-over skips it).
+    failed: AtomicBool,
+    /// Probe rounds missed in a row.
+    missed: AtomicU32,
+    /// Smoothed service times of the parent.
+    service: std::sync::Mutex<ServiceTimes>,
+    /// The supervisor (re-dialler) runs.
+    supervised: AtomicBool,
+    /// [`ParentLink::close`] was called: no more re-dials.
+    closing: AtomicBool,
+}
+
+impl Drop for ParentLink {
+    fn drop(&mut self) {
+        // Wakes the supervisor, which then ends.
+        if let Some(c) = self.conn.get_mut().take() {
+            c.close("parent link dropped");
+        }
+    }
 }
 
 impl ParentLink {
@@ -26,28 +217,88 @@ impl ParentLink {
         addr: SocketAddr,
         server_name: String,
         encoding: Encoding,
-    ) -> Result<Self> {
-        let link = Self {
+        probe: ProbeConfig,
+    ) -> Result<Arc<Self>> {
+        let link = Self::lazy(endpoint, addr, server_name, encoding, probe)?;
+        link.dial().await?;
+        if !link.supervised.swap(true, Ordering::AcqRel) {
+            tokio::spawn(supervise(Arc::downgrade(&link), probe.health));
+        }
+        Ok(link)
+    }
+
+    /// A link that dials on first use (a fail-over parent that may be down at start).
+    pub fn lazy(
+        endpoint: Endpoint,
+        addr: SocketAddr,
+        server_name: String,
+        encoding: Encoding,
+        probe: ProbeConfig,
+    ) -> Result<Arc<Self>> {
+        let estimator = LinkEstimator::new(probe.estimator)
+            .map_err(|e| NodeError::Config(format!("link estimator: {e}")))?;
+        probe.health.validate()?;
+        Ok(Arc::new(Self {
             endpoint,
             addr,
             server_name,
             encoding,
             conn: Mutex::new(None),
-        };
-        link.dial().await?;
-        Ok(link)
+            estimator: std::sync::Mutex::new(estimator),
+            probe,
+            epoch: Instant::now(),
+            probes: AtomicU64::new(0),
+            reachable: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            missed: AtomicU32::new(0),
+            service: std::sync::Mutex::new(ServiceTimes::default()),
+            supervised: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+        }))
     }
 
-    async fn dial(&self) -> Result<()> {
-        let c = self
-            .endpoint
-            .connect(self.addr, &self.server_name)
-            .await
-            .map_err(|e| NodeError::Parent {
-                addr: self.addr.to_string(),
-                msg: e.to_string(),
-            })?;
+    /// Dial once, bounded by the dial timeout, and make sure the supervisor re-dials the
+    /// link whenever its connection is lost.
+    async fn dial_bounded(self: &Arc<Self>) -> Result<()> {
+        let r = match tokio::time::timeout(self.probe.health.dial_timeout, self.dial()).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.reachable.store(false, Ordering::Release);
+                Err(NodeError::Parent {
+                    addr: self.addr.to_string(),
+                    msg: format!(
+                        "no connection within {} ms",
+                        self.probe.health.dial_timeout.as_millis()
+                    ),
+                })
+            }
+        };
+        if !self.supervised.swap(true, Ordering::AcqRel) {
+            tokio::spawn(supervise(Arc::downgrade(self), self.probe.health));
+        }
+        r
+    }
+
+    async fn dial(self: &Arc<Self>) -> Result<()> {
+        let c = match self.endpoint.connect(self.addr, &self.server_name).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                self.reachable.store(false, Ordering::Release);
+                return Err(NodeError::Parent {
+                    addr: self.addr.to_string(),
+                    msg: e.to_string(),
+                });
+            }
+        };
         tracing::info!(parent = %self.addr, node = %c.peer_hello().node_id, role = %c.peer_hello().role, "connected to parent");
+        self.reachable.store(true, Ordering::Release);
+        self.failed.store(false, Ordering::Release);
+        self.missed.store(0, Ordering::Release);
+        if let (Some(every), Some(control)) = (self.probe.interval, c.take_control()) {
+            let me = Arc::downgrade(self);
+            let conn = c.clone();
+            tokio::spawn(probe_loop(me, conn, control, every, self.probe.health));
+        }
         *self.conn.lock().await = Some(c);
         Ok(())
     }
@@ -76,27 +327,127 @@ impl ParentLink {
         self.conn.lock().await.as_ref().map(|c| c.stats())
     }
 
-    /// A new request session; re-dials once if the connection is gone.
-    pub async fn open_session(&self) -> Result<SessionStream> {
+    /// Milliseconds since this link was created (the estimator's clock).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The smoothed link estimate now (the prior while no probe has completed).
+    pub fn estimate(&self) -> LinkEstimate {
+        let now = self.now_ms();
+        match self.estimator.lock() {
+            Ok(e) => e.estimate(now),
+            Err(p) => p.into_inner().estimate(now),
+        }
+    }
+
+    /// The estimate to plan with: smoothed values blended with the prior by confidence.
+    pub fn planning_estimate(&self) -> LinkEstimate {
+        let now = self.now_ms();
+        match self.estimator.lock() {
+            Ok(e) => e.planning_estimate(now),
+            Err(p) => p.into_inner().planning_estimate(now),
+        }
+    }
+
+    /// Feed one sample (probes do; tests and operators may inject one). Invalid samples
+    /// are refused with an error naming the field.
+    pub fn observe(&self, sample: LinkSample) -> Result<()> {
+        let mut e = self
+            .estimator
+            .lock()
+            .map_err(|_| NodeError::Internal("link estimator lock poisoned".into()))?;
+        e.observe(sample)
+            .map_err(|e| NodeError::BadRequest(format!("link sample: {e}")))
+    }
+
+    /// Probe rounds completed on this link.
+    pub fn probe_rounds(&self) -> u64 {
+        self.probes.load(Ordering::Acquire)
+    }
+
+    /// Whether the last dial or probe round succeeded.
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Acquire)
+    }
+
+    /// Record that a request failed on this link: fail-over avoids it until a dial
+    /// succeeds again. (Whether new requests still try it is [`ParentLink::is_down`]'s
+    /// call: a slow reply alone does not take a live parent down.)
+    pub fn mark_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Whether a request failed on this link since it was last dialled.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Whether the link is known to be down (dial failed, connection lost, or probes
+    /// missed): requests do not try it until a dial or a probe succeeds again. A link
+    /// never dialled yet (a lazy fail-over parent) is not down.
+    pub fn is_down(&self) -> bool {
+        !self.reachable() && self.supervised.load(Ordering::Acquire)
+    }
+
+    /// How long an escalation of `rows` rows waits for the parent's reply
+    /// ([`LinkHealth::reply_deadline`] with this link's RTT estimate and the parent's
+    /// smoothed service time for such a step).
+    pub fn reply_deadline(&self, rows: usize) -> Duration {
+        let rtt = self.estimate().rtt_ms;
+        let service = match self.service.lock() {
+            Ok(s) => *s,
+            Err(p) => *p.into_inner(),
+        };
+        let svc = if rows <= 1 {
+            service.step_ms
+        } else {
+            service.row_ms.map(|r| r * rows as f64)
+        };
+        self.probe.health.reply_deadline(rtt, svc)
+    }
+
+    /// Record the time the parent took to reply to a step of `rows` rows.
+    pub fn observe_reply(&self, rows: usize, elapsed: Duration) {
+        let ms = (elapsed.as_secs_f64() * 1e3 - self.estimate().rtt_ms).max(0.0);
+        let mut s = match self.service.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        if rows <= 1 {
+            s.step_ms = Some(ewma(s.step_ms, ms));
+        } else {
+            s.row_ms = Some(ewma(s.row_ms, ms / rows as f64));
+        }
+    }
+
+    /// A new request session; re-dials once if the connection is gone. Fails at once when
+    /// the link is down (the supervisor re-dials it in the background).
+    pub async fn open_session(self: &Arc<Self>) -> Result<SessionStream> {
+        if self.is_down() {
+            return Err(NodeError::Parent {
+                addr: self.addr.to_string(),
+                msg: "the parent link is down (connection lost or probes missed)".into(),
+            });
+        }
         for attempt in 0..2 {
-            let stream = {
-                let guard = self.conn.lock().await;
-                match guard.as_ref() {
-                    Some(c) => Some(c.open_session().await),
-                    None => None,
-                }
+            let conn = self.conn.lock().await.clone();
+            let stream = match conn {
+                Some(c) => Some(c.open_session().await),
+                None => None,
             };
             match stream {
                 Some(Ok(s)) => return Ok(s),
                 Some(Err(e)) if attempt == 1 => {
+                    self.reachable.store(false, Ordering::Release);
                     return Err(NodeError::Parent {
                         addr: self.addr.to_string(),
                         msg: e.to_string(),
-                    })
+                    });
                 }
                 _ => {
                     *self.conn.lock().await = None;
-                    self.dial().await?;
+                    self.dial_bounded().await?;
                 }
             }
         }
@@ -108,8 +459,345 @@ impl ParentLink {
 
     /// Close the connection.
     pub async fn close(&self) {
+        self.closing.store(true, Ordering::Release);
         if let Some(c) = self.conn.lock().await.take() {
             c.close("shutdown");
         }
+    }
+}
+
+/// The parents of a node in preference order (`--parent A --parent B`) and the one in
+/// use. A request that loses its parent fails over with [`Parents::fail_over`]; later
+/// requests start on the parent in use.
+#[derive(Debug)]
+pub struct Parents {
+    links: Vec<Arc<ParentLink>>,
+    active: std::sync::atomic::AtomicUsize,
+    failovers: AtomicU64,
+}
+
+impl Parents {
+    /// A set of at least one parent; the first is in use.
+    pub fn new(links: Vec<Arc<ParentLink>>) -> Result<Arc<Self>> {
+        if links.is_empty() {
+            return Err(NodeError::Config(
+                "a parent set needs at least one parent".into(),
+            ));
+        }
+        Ok(Arc::new(Self {
+            links,
+            active: std::sync::atomic::AtomicUsize::new(0),
+            failovers: AtomicU64::new(0),
+        }))
+    }
+
+    /// Every configured parent, in preference order.
+    pub fn all(&self) -> &[Arc<ParentLink>] {
+        &self.links
+    }
+
+    /// The parent in use.
+    pub fn active(&self) -> Arc<ParentLink> {
+        let i = self
+            .active
+            .load(Ordering::Acquire)
+            .min(self.links.len() - 1);
+        self.links[i].clone()
+    }
+
+    /// The parent a new request should use: the one in use unless it is down, then the
+    /// first other parent that is not down (it becomes the one in use); the one in use
+    /// when all are down (its escalations then fail at once and answer degraded).
+    pub fn pick(&self) -> Arc<ParentLink> {
+        let cur = self.active();
+        if !cur.is_down() {
+            return cur;
+        }
+        match self.links.iter().position(|l| !l.is_down() && !l.failed()) {
+            Some(i) => {
+                self.active.store(i, Ordering::Release);
+                tracing::info!(from = %cur.addr(), to = %self.links[i].addr(), "parent in use is down; new requests use another");
+                self.links[i].clone()
+            }
+            None => cur,
+        }
+    }
+
+    /// Fail-overs so far.
+    pub fn failovers(&self) -> u64 {
+        self.failovers.load(Ordering::Acquire)
+    }
+
+    /// `failed` just lost a request: mark it and switch to the best other parent that has
+    /// not failed ([`flow_partition::choose_parent`]: the lowest predicted RTT, ties to
+    /// the earlier one). `None` when there is none (one parent, or all failed).
+    pub fn fail_over(&self, failed: &Arc<ParentLink>) -> Option<Arc<ParentLink>> {
+        failed.mark_failed();
+        let options: Vec<flow_partition::ParentOption> = self
+            .links
+            .iter()
+            .enumerate()
+            .map(|(i, l)| flow_partition::ParentOption {
+                id: i.to_string(),
+                reachable: !Arc::ptr_eq(l, failed) && !l.failed() && !l.is_down(),
+                predicted_ms: l.planning_estimate().rtt_ms.max(0.0),
+            })
+            .collect();
+        let pick = flow_partition::choose_parent(&options)
+            .ok()
+            .flatten()
+            .and_then(|o| o.id.parse::<usize>().ok())?;
+        self.active.store(pick, Ordering::Release);
+        self.failovers.fetch_add(1, Ordering::AcqRel);
+        tracing::warn!(from = %failed.addr(), to = %self.links[pick].addr(), "failing over to another parent");
+        Some(self.links[pick].clone())
+    }
+}
+
+/// Size of the big probe for the current goodput estimate.
+fn big_probe_bytes(goodput_bps: f64) -> u32 {
+    (goodput_bps * BIG_PROBE_SECS / 8.0).clamp(BIG_PROBE_MIN, BIG_PROBE_MAX) as u32
+}
+
+/// One probe exchange; returns the elapsed time.
+async fn probe_once(control: &mut SessionStream, seq: u64, bytes: u32) -> Result<Duration> {
+    let t0 = Instant::now();
+    control
+        .send(&Message::Probe(Probe::new(seq, bytes, 16)))
+        .await?;
+    loop {
+        match control.recv().await? {
+            Some(Message::ProbeReply(r)) if r.seq == seq => return Ok(t0.elapsed()),
+            Some(Message::ProbeReply(_)) | Some(Message::Heartbeat(_)) => continue,
+            Some(other) => {
+                return Err(NodeError::Protocol(format!(
+                    "unexpected {} on the control stream",
+                    other.name()
+                )))
+            }
+            None => {
+                return Err(NodeError::Protocol(
+                    "the parent closed the control stream".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// Probe rounds until the connection or the link goes away. A probe with no reply within
+/// the probe deadline is a miss; `missed_probes` misses in a row mark the link down until a
+/// round succeeds again.
+async fn probe_loop(
+    link: Weak<ParentLink>,
+    conn: Arc<PeerConnection>,
+    mut control: SessionStream,
+    every: Duration,
+    health: LinkHealth,
+) {
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(l) = link.upgrade() else { return };
+        let big = big_probe_bytes(l.estimate().goodput_bps);
+        // A probe is a one-row step with no compute: the RTT part of a reply deadline.
+        let wait = health.reply_deadline(l.estimate().rtt_ms, Some(0.0));
+        drop(l);
+        // The small probe decides liveness. The big one measures goodput only: it may take
+        // its transfer time on a slow link (and the estimate it was sized from may be far
+        // too high), so it gets a transfer allowance on top, and running out of it is a
+        // goodput sample — not a missed probe. (Counting it as a miss marked a live 1 Mbit/s
+        // link down for good: the estimate never shrank, so the next big probe missed too.)
+        let big_wait = wait + BIG_PROBE_ALLOWANCE;
+        seq += 2;
+        let small_t = tokio::time::timeout(wait, probe_once(&mut control, seq, SMALL_PROBE)).await;
+        let big_t = match &small_t {
+            Ok(Ok(_)) => {
+                Some(tokio::time::timeout(big_wait, probe_once(&mut control, seq + 1, big)).await)
+            }
+            _ => None,
+        };
+        let Some(l) = link.upgrade() else { return };
+        let goodput = match (&small_t, &big_t) {
+            (Ok(Ok(s)), Some(Ok(Ok(b)))) => {
+                let extra = b.saturating_sub(*s).as_secs_f64();
+                (extra > 0.0).then(|| f64::from(big - SMALL_PROBE) * 8.0 / extra)
+            }
+            // The big probe outlived its allowance: goodput is below what it would have
+            // needed to make it, a pessimistic sample that shrinks the next big probe.
+            (Ok(Ok(_)), Some(Err(_))) => Some(f64::from(big) * 8.0 / big_wait.as_secs_f64()),
+            _ => None,
+        }
+        .filter(|g| g.is_finite() && *g > 0.0);
+        match (small_t, big_t) {
+            (Ok(Err(e)), _) | (Ok(Ok(_)), Some(Ok(Err(e)))) => {
+                tracing::info!(parent = %l.addr, error = %e, "link probe failed; probing stops until the link is re-dialled");
+                l.reachable.store(false, Ordering::Release);
+                return;
+            }
+            (Err(_), _) => {
+                let missed = l.missed.fetch_add(1, Ordering::AcqRel) + 1;
+                if missed >= health.missed_probes && l.reachable.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(parent = %l.addr, missed, wait_ms = wait.as_millis() as u64, "parent missed probes; link marked down");
+                }
+            }
+            (Ok(Ok(_)), _) => {
+                let now = l.now_ms();
+                let rtt = conn.stats().rtt.as_secs_f64() * 1e3;
+                let sample = LinkSample {
+                    at_ms: now,
+                    rtt_ms: Some(rtt),
+                    goodput_bps: goodput,
+                };
+                if let Err(e) = l.observe(sample) {
+                    tracing::debug!(error = %e, "probe sample refused");
+                }
+                l.probes.fetch_add(1, Ordering::AcqRel);
+                l.missed.store(0, Ordering::Release);
+                if !l.reachable.swap(true, Ordering::AcqRel) {
+                    tracing::info!(parent = %l.addr, "parent answers probes again; link up");
+                }
+                tracing::trace!(parent = %l.addr, rtt_ms = rtt, goodput_bps = ?goodput, "link probe");
+            }
+        }
+    }
+}
+
+/// Keeps a parent link connected: waits for its connection to close, then re-dials with a
+/// bounded backoff (`redial_min` doubling to `redial_max`) until a dial succeeds. Ends when
+/// the link is dropped or closed.
+async fn supervise(link: Weak<ParentLink>, health: LinkHealth) {
+    let mut backoff = health.redial_min;
+    loop {
+        let Some(l) = link.upgrade() else { return };
+        let conn = l.conn.lock().await.clone();
+        match conn {
+            Some(c) => {
+                drop(l);
+                let why = c.closed().await;
+                let Some(l) = link.upgrade() else { return };
+                let mut slot = l.conn.lock().await;
+                if slot.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, &c)) {
+                    *slot = None;
+                    drop(slot);
+                    if l.closing.load(Ordering::Acquire) {
+                        return;
+                    }
+                    l.reachable.store(false, Ordering::Release);
+                    tracing::warn!(parent = %l.addr, reason = %why, "parent connection lost; re-dialling");
+                }
+                backoff = health.redial_min;
+            }
+            None => {
+                if l.closing.load(Ordering::Acquire) {
+                    return;
+                }
+                let r = tokio::time::timeout(health.dial_timeout, l.dial()).await;
+                match r {
+                    Ok(Ok(())) => {
+                        tracing::info!(parent = %l.addr, "parent re-dialled");
+                        backoff = health.redial_min;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(parent = %l.addr, error = %e, backoff_ms = backoff.as_millis() as u64, "re-dial failed");
+                    }
+                    Err(_) => {
+                        l.reachable.store(false, Ordering::Release);
+                        tracing::debug!(parent = %l.addr, backoff_ms = backoff.as_millis() as u64, "re-dial timed out");
+                    }
+                }
+                let connected = l.conn.lock().await.is_some();
+                drop(l);
+                if !connected {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(health.redial_max);
+                }
+            }
+        }
+    }
+}
+
+/// Answers probes on a child's control stream until it closes.
+pub async fn answer_probes(mut control: SessionStream, limits: flow_protocol::Limits) {
+    loop {
+        match control.recv().await {
+            Ok(Some(Message::Probe(p))) => {
+                if control
+                    .send(&Message::ProbeReply(p.reply(&limits)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(Some(Message::Heartbeat(_))) => {}
+            Ok(Some(other)) => {
+                tracing::debug!(
+                    kind = other.name(),
+                    "ignoring a frame on the control stream"
+                );
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_probe_is_bounded_and_follows_the_estimate() {
+        assert_eq!(big_probe_bytes(1e3), 2048);
+        assert_eq!(big_probe_bytes(1e12), 65536);
+        // 10 Mbit/s for 25 ms = 31 250 bytes.
+        assert_eq!(big_probe_bytes(10e6), 31_250);
+    }
+
+    #[test]
+    fn reply_deadline_follows_rtt_and_service_within_floor_and_cap() {
+        let h = LinkHealth::default();
+        // Fast link, fast parent: the floor.
+        assert_eq!(h.reply_deadline(1.0, Some(1.0)), h.reply_floor);
+        // 8 × 40 ms + 4 × 100 ms.
+        assert_eq!(
+            h.reply_deadline(40.0, Some(100.0)),
+            Duration::from_millis(720)
+        );
+        // Nothing observed yet: the service prior (4 × 1.5 s), capped.
+        assert_eq!(h.reply_deadline(1.0, None), h.reply_cap);
+        assert_eq!(h.reply_deadline(f64::NAN, Some(1.0)), h.reply_floor);
+        assert_eq!(h.reply_deadline(f64::INFINITY, Some(1.0)), h.reply_cap);
+    }
+
+    #[test]
+    fn link_health_rejects_bad_values_naming_the_field() {
+        assert!(LinkHealth::default().validate().is_ok());
+        let e = LinkHealth {
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(3),
+            ..LinkHealth::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("keep_alive"), "{e}");
+        let e = LinkHealth {
+            missed_probes: 0,
+            ..LinkHealth::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("missed_probes"), "{e}");
+        let e = LinkHealth {
+            redial_max: Duration::from_millis(10),
+            ..LinkHealth::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("redial_min"), "{e}");
     }
 }

@@ -6,8 +6,24 @@
 //! answered itself are *owed* to its parent: their states after this stage are kept and
 //! sent as a backfill with the next escalation, so the parent's KV is always exact
 //! (DESIGN.md §3, step 4).
+//!
+//! Fail-over: when the parent fails mid-request, the step is answered from the local exit
+//! (marked `degraded`) and, if another parent is configured, the session continues there.
+//! A tier with several parents keeps the states after its stage for every position of the
+//! session (`history`); on fail-over all of them become owed, so the first escalation to
+//! the new parent carries them as a backfill and the new parent's KV (and, through its own
+//! backfill, its parent's) is exact again.
+//!
+//! Every exchange with the parent is bounded by a reply deadline
+//! ([`crate::parent::ParentLink::reply_deadline`], shortened to the request's own time
+//! budget when the child sent one in `Continue.deadline_ms`). A parent that misses it is
+//! treated like one that failed: the step is answered degraded (or fails over), the
+//! upstream session is dropped so a late reply can never be read as a later step's, and the
+//! tier answers locally for the rest of the request — tokens it would have escalated are
+//! marked degraded. A parent link that is down (see [`crate::parent`]) is not tried.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use flow_familial::confidence::{Confidence, Measure};
@@ -18,10 +34,10 @@ use flow_protocol::{
     Sampling, TokenOut, Tokens, Verdict, WireTensor,
 };
 
-use crate::engine::{EngineHandle, Input, StepJob};
+use crate::engine::{EngineHandle, Input, Stage, StepJob};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
-use crate::parent::ParentLink;
+use crate::parent::{ParentLink, Parents};
 
 /// Candle tensor `[rows, hidden]` → wire tensor in `enc`.
 pub fn to_wire(t: &Tensor, enc: Encoding) -> Result<WireTensor> {
@@ -81,8 +97,19 @@ pub struct TierSession {
     pub id: u64,
     pub request: u64,
     engine: EngineHandle,
+    /// Layers (and exit) this session runs: the engine's loaded stage or, when the split
+    /// moved, a sub-range of it. Fixed for the session's life.
+    stage: Stage,
     role: Role,
     parent: Option<Arc<ParentLink>>,
+    parents: Option<Arc<Parents>>,
+    /// States after this stage for positions `0..`, kept when there is a parent to fail
+    /// over to.
+    history: Vec<Tensor>,
+    /// Fail-overs during this session.
+    pub failovers: u32,
+    /// Wire encoding of hidden states to the parent (the plan's choice for this link).
+    encoding: Option<Encoding>,
     upstream: Option<SessionStream>,
     policy: Policy,
     sampling: Sampling,
@@ -97,6 +124,8 @@ pub struct TierSession {
     /// The parent failed during this request: answer locally from here on (its KV can no
     /// longer be completed, so later escalations would be wrong).
     parent_failed: bool,
+    /// End of the time budget the child gave the current step (`Continue.deadline_ms`).
+    budget_until: Option<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for TierSession {
@@ -116,7 +145,7 @@ impl TierSession {
         request: u64,
         engine: EngineHandle,
         role: Role,
-        parent: Option<Arc<ParentLink>>,
+        parents: Option<Arc<Parents>>,
         policy: Policy,
         sampling: Sampling,
         metrics: Arc<Metrics>,
@@ -124,9 +153,14 @@ impl TierSession {
         Self {
             id,
             request,
+            stage: engine.stage(),
             engine,
             role,
-            parent,
+            parent: parents.as_ref().map(|p| p.pick()),
+            parents,
+            history: Vec::new(),
+            failovers: 0,
+            encoding: None,
             upstream: None,
             policy,
             sampling,
@@ -137,11 +171,62 @@ impl TierSession {
             hops: 0,
             closed: false,
             parent_failed: false,
+            budget_until: None,
         }
     }
 
+    /// The child gave the next step `budget` to answer (`Continue.deadline_ms`): waits for
+    /// this tier's parent end before it (with a tenth left for the reply's way back).
+    pub fn set_step_budget(&mut self, budget: Option<Duration>) {
+        self.budget_until = budget.map(|b| tokio::time::Instant::now() + b);
+    }
+
+    /// How long to wait for the parent's reply to a step of `rows` rows.
+    fn reply_deadline(&self, rows: usize) -> Duration {
+        let link = self
+            .parent
+            .as_ref()
+            .map(|p| p.reply_deadline(rows))
+            .unwrap_or(Duration::from_secs(5));
+        match self.budget_until {
+            Some(until) => {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                link.min(left.saturating_sub(left / 10))
+            }
+            None => link,
+        }
+    }
+
+    /// Use `enc` for hidden states sent to the parent in this session (instead of the
+    /// link's configured encoding).
+    pub fn set_encoding(&mut self, enc: Encoding) {
+        self.encoding = Some(enc);
+    }
+
+    /// Run `stage` (a sub-range of the engine's loaded layers) in this session instead
+    /// of the whole loaded stage. Call before the first step; the engine refuses a range
+    /// it has not loaded.
+    pub fn set_stage(&mut self, stage: Stage) {
+        self.stage = stage;
+    }
+
+    /// The layers (and exit) this session runs.
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    fn keeps_history(&self) -> bool {
+        self.parents.as_ref().is_some_and(|p| p.all().len() > 1)
+    }
+
+    fn wire_encoding(&self) -> Encoding {
+        self.encoding
+            .or_else(|| self.parent.as_ref().map(|p| p.encoding()))
+            .unwrap_or(Encoding::F32)
+    }
+
     fn exit_point(&self) -> Option<u32> {
-        let st = self.engine.stage();
+        let st = self.stage;
         st.exit.then_some(st.b as u32)
     }
 
@@ -150,7 +235,7 @@ impl TierSession {
         let Some(exit) = self.exit_point() else {
             return Some(Decision::Escalate);
         };
-        if self.parent.is_none() || self.parent_failed {
+        if self.parent.is_none() {
             return Some(Decision::Answer);
         }
         match self.policy.mode {
@@ -181,19 +266,29 @@ impl TierSession {
         backfill: Option<(usize, Tensor)>,
     ) -> Result<StepResult> {
         let pre = self.predetermined();
+        // After the parent failed, this tier answers whatever it would have escalated.
+        let local =
+            pre != Some(Decision::Escalate) || (self.parent_failed && self.exit_point().is_some());
         let job = StepJob {
             session: self.id,
             start,
             input,
             backfill,
-            logit_rows: usize::from(pre != Some(Decision::Escalate)),
-            exit_kv: pre != Some(Decision::Escalate),
+            logit_rows: usize::from(local),
+            exit_kv: local,
+            stage: Some(self.stage),
         };
         let out = self.engine.step(job).await?;
         self.metrics.batch_size.observe(out.batch_size as f64);
         let rows = out.hidden.dim(0)?;
         if let Some(bf) = out.backfill_hidden {
+            if self.keeps_history() {
+                self.history.push(bf.clone());
+            }
             self.owed.push(bf);
+        }
+        if self.keeps_history() {
+            self.history.push(out.hidden.clone());
         }
         let conf = out
             .logits
@@ -219,18 +314,18 @@ impl TierSession {
             let (c, row) =
                 conf.ok_or_else(|| NodeError::Internal("no logits at an answering tier".into()))?;
             self.owed.push(out.hidden);
-            return Ok(StepResult {
-                token: TokenOut {
-                    id: choose(&row, &self.sampling, position),
-                    position: position as u32,
-                    tier: self.role,
-                    exit: self.exit_point().unwrap_or(0),
-                    confidence: c.max_prob,
-                },
-                degraded: false,
-            });
+            return Ok(self.local_answer(&c, &row, position, false));
+        }
+        if self.parent_failed {
+            if let Some((c, row)) = conf {
+                // The parent is gone for this request: answer from the local exit.
+                self.metrics.degraded.inc();
+                self.owed.push(out.hidden);
+                return Ok(self.local_answer(&c, &row, position, true));
+            }
         }
         // Escalate: ship the owed rows as a backfill and this step's rows as the input.
+        let step_rows = out.hidden.clone();
         match self.escalate(start, out.hidden).await {
             Ok(r) => Ok(r),
             Err(e) => match conf {
@@ -238,34 +333,92 @@ impl TierSession {
                     tracing::warn!(session = self.id, error = %e, "parent failed; answering from the local exit (degraded)");
                     self.metrics.degraded.inc();
                     self.upstream = None;
-                    self.parent_failed = true;
-                    Ok(StepResult {
-                        token: TokenOut {
-                            id: choose(&row, &self.sampling, position),
-                            position: position as u32,
-                            tier: self.role,
-                            exit: self.exit_point().unwrap_or(0),
-                            confidence: c.max_prob,
-                        },
-                        degraded: true,
-                    })
+                    self.fail_over();
+                    Ok(self.local_answer(&c, &row, position, true))
                 }
-                None => Err(e),
+                // No local exit here: the step can only be answered above. Retry it once
+                // on another parent, with every earlier state as its backfill.
+                None => {
+                    self.upstream = None;
+                    self.fail_over();
+                    if self.parent_failed || self.failovers == 0 {
+                        return Err(e);
+                    }
+                    tracing::warn!(session = self.id, error = %e, "parent failed on a step this tier cannot answer; retrying it on the next parent");
+                    // The step's own rows travel as the input, not in the backfill.
+                    self.owed.pop();
+                    self.escalate(start, step_rows).await
+                }
             },
+        }
+    }
+
+    /// The token for `position` from this tier's exit (`row` = its logits).
+    fn local_answer(
+        &self,
+        c: &Confidence,
+        row: &[f32],
+        position: usize,
+        degraded: bool,
+    ) -> StepResult {
+        StepResult {
+            token: TokenOut {
+                id: choose(row, &self.sampling, position),
+                position: position as u32,
+                tier: self.role,
+                exit: self.exit_point().unwrap_or(0),
+                confidence: c.max_prob,
+            },
+            degraded,
+        }
+    }
+
+    /// The parent failed: switch to another one (every kept state becomes owed to it), or
+    /// answer locally for the rest of the request when there is none.
+    fn fail_over(&mut self) {
+        let next = match (&self.parents, &self.parent) {
+            (Some(set), Some(cur)) => set.fail_over(cur),
+            _ => None,
+        };
+        match next {
+            Some(p) if self.keeps_history() => {
+                tracing::warn!(session = self.id, parent = %p.addr(), positions = self.history.iter().map(|t| t.dim(0).unwrap_or(0)).sum::<usize>(), "continuing the session on another parent; its states are re-sent as a backfill");
+                self.parent = Some(p);
+                self.owed = self.history.clone();
+                self.owed_start = 0;
+                self.failovers += 1;
+            }
+            _ => self.parent_failed = true,
         }
     }
 
     /// Take the upstream session (opening one if needed); put it back with
     /// `self.upstream = Some(..)` after a successful exchange.
     async fn take_upstream(&mut self) -> Result<SessionStream> {
-        if let Some(s) = self.upstream.take() {
-            return Ok(s);
-        }
         let parent = self
             .parent
             .as_ref()
             .ok_or_else(|| NodeError::Internal("escalation without a parent".into()))?;
+        if parent.is_down() {
+            self.upstream = None;
+            return Err(NodeError::Parent {
+                addr: parent.addr().to_string(),
+                msg: "the parent link is down (connection lost or probes missed)".into(),
+            });
+        }
+        if let Some(s) = self.upstream.take() {
+            return Ok(s);
+        }
         parent.open_session().await
+    }
+
+    /// The error for a reply that did not come within `wait`.
+    fn missed_deadline(&self, wait: Duration) -> NodeError {
+        self.metrics.parent_timeouts.inc();
+        NodeError::Parent {
+            addr: self.parent_addr(),
+            msg: format!("no reply within the {} ms deadline", wait.as_millis()),
+        }
     }
 
     fn parent_addr(&self) -> String {
@@ -276,12 +429,8 @@ impl TierSession {
     }
 
     async fn escalate(&mut self, start: usize, hidden: Tensor) -> Result<StepResult> {
-        let enc = self
-            .parent
-            .as_ref()
-            .map(|p| p.encoding())
-            .unwrap_or(Encoding::F32);
-        let layer = self.engine.stage().b as u32;
+        let enc = self.wire_encoding();
+        let layer = self.stage.b as u32;
         let rows = hidden.dim(0)?;
         let backfill = if self.owed.is_empty() {
             None
@@ -300,6 +449,8 @@ impl TierSession {
                 hidden: to_wire(&h, enc)?,
             })
         };
+        let backfill_rows = backfill.as_ref().map_or(0, |b| b.positions.len());
+        let wait = self.reply_deadline(rows + backfill_rows);
         let msg = Message::Continue(Continue {
             request_id: self.request,
             session_id: self.id,
@@ -308,7 +459,7 @@ impl TierSession {
             hidden: to_wire(&hidden, enc)?,
             backfill,
             sampling: self.sampling.clone(),
-            deadline_ms: None,
+            deadline_ms: Some(u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)),
             policy: self.policy.clone(),
         });
         let bytes = message_tensor_bytes(&msg);
@@ -316,19 +467,28 @@ impl TierSession {
         // Everything up to this step's end is now in the message for the parent.
         self.owed.clear();
         self.owed_start = start + rows;
+        let t0 = tokio::time::Instant::now();
         let mut up = self.take_upstream().await?;
-        up.send(&msg).await.map_err(|e| NodeError::Parent {
-            addr: addr.clone(),
-            msg: e.to_string(),
-        })?;
         self.bytes_up += bytes;
         self.metrics.bytes_up.add(bytes);
         self.metrics.escalations.inc();
         self.hops += 1;
-        let reply = up.recv().await.map_err(|e| NodeError::Parent {
-            addr: addr.clone(),
-            msg: e.to_string(),
-        })?;
+        let exchange = async {
+            up.send(&msg).await?;
+            up.recv().await
+        };
+        // On a miss `up` is dropped with the future's borrow: the session is reset, so
+        // a late reply is never read.
+        let reply = match tokio::time::timeout(wait.saturating_sub(t0.elapsed()), exchange).await {
+            Ok(r) => r.map_err(|e| NodeError::Parent {
+                addr: addr.clone(),
+                msg: e.to_string(),
+            })?,
+            Err(_) => return Err(self.missed_deadline(wait)),
+        };
+        if let Some(p) = &self.parent {
+            p.observe_reply(rows + backfill_rows, t0.elapsed());
+        }
         self.upstream = Some(up);
         match reply {
             Some(Message::Tokens(t)) => {
@@ -386,6 +546,7 @@ impl TierSession {
                 backfill: None,
                 logit_rows: if verify { n + 1 } else { 0 },
                 exit_kv: verify,
+                stage: Some(self.stage),
             })
             .await?;
         let r = rows - n;
@@ -414,14 +575,10 @@ impl TierSession {
                 exit: self.exit_point().unwrap_or(0),
             }
         } else {
-            let enc = self
-                .parent
-                .as_ref()
-                .map(|p| p.encoding())
-                .unwrap_or(Encoding::F32);
+            let enc = self.wire_encoding();
             let msg = Message::Draft(Draft {
                 hidden: to_wire(&out.hidden, enc)?,
-                layer: self.engine.stage().b as u32,
+                layer: self.stage.b as u32,
                 ..d
             });
             self.exchange_draft(msg).await?
@@ -445,17 +602,13 @@ impl TierSession {
         hidden: Tensor,
         drafts: Vec<u32>,
     ) -> Result<Verdict> {
-        let enc = self
-            .parent
-            .as_ref()
-            .map(|p| p.encoding())
-            .unwrap_or(Encoding::F32);
+        let enc = self.wire_encoding();
         let rows = hidden.dim(0)?;
         let msg = Message::Draft(Draft {
             request_id: self.request,
             session_id: self.id,
             positions: (start as u32..(start + rows) as u32).collect(),
-            layer: self.engine.stage().b as u32,
+            layer: self.stage.b as u32,
             tokens: drafts,
             hidden: to_wire(&hidden, enc)?,
             deadline_ms: None,
@@ -472,12 +625,20 @@ impl TierSession {
         self.metrics.bytes_up.add(bytes);
         self.hops += 1;
         let addr = self.parent_addr();
+        let rows = match &msg {
+            Message::Draft(d) => d.positions.len(),
+            _ => 1,
+        };
+        let wait = self.reply_deadline(rows);
         let mut up = self.take_upstream().await?;
-        up.send(&msg).await.map_err(|e| NodeError::Parent {
-            addr: addr.clone(),
-            msg: e.to_string(),
-        })?;
-        let reply = up.recv().await;
+        let exchange = async {
+            up.send(&msg).await?;
+            up.recv().await
+        };
+        let reply = match tokio::time::timeout(wait, exchange).await {
+            Ok(r) => r,
+            Err(_) => return Err(self.missed_deadline(wait)),
+        };
         self.upstream = Some(up);
         match reply {
             Ok(Some(Message::Verdict(v))) => Ok(v),

@@ -342,3 +342,27 @@ fn bench_model_smoke_on_tiny() {
     assert!(reference["ratio_decode"].as_f64().expect("ratio") > 0.0);
     assert!(run["peak_rss_kb"].as_u64().expect("rss") > 0);
 }
+
+/// `model init --preset moe-small` alone gives a qwen2_moe family whose deep layers are MoE.
+#[test]
+fn moe_small_defaults_to_qwen2_moe_with_deep_moe_layers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("moe");
+    ok(&[
+        "model",
+        "init",
+        "--preset",
+        "moe-small",
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("config.json")).expect("config.json"),
+    )
+    .expect("json");
+    assert_eq!(cfg["model_type"], "qwen2_moe");
+    assert_eq!(cfg["num_experts"], 8);
+    assert_eq!(cfg["num_experts_per_tok"], 2);
+    // Layers 0-3 dense, 4-7 MoE.
+    assert_eq!(cfg["mlp_only_layers"], serde_json::json!([0, 1, 2, 3]));
+}

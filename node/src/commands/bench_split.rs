@@ -57,6 +57,9 @@ pub struct BenchSplitArgs {
     /// Compute threads of each node's engine.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Tokio worker threads shared by the agents (QUIC, sessions, timers).
+    #[arg(long, default_value_t = 2)]
+    pub io_threads: usize,
     /// Wire encoding of hidden states between tiers: f32, f16, bf16 or int8.
     #[arg(long, default_value = "f32")]
     pub encoding: String,
@@ -186,11 +189,11 @@ fn median(v: &[f64]) -> f64 {
 }
 
 pub fn run(a: BenchSplitArgs) -> anyhow::Result<()> {
-    if a.requests == 0 || a.reps == 0 || a.max_tokens < 2 || a.threads == 0 {
-        bail!("--requests, --reps and --threads must be at least 1, --max-tokens at least 2");
+    if a.requests == 0 || a.reps == 0 || a.max_tokens < 2 || a.threads == 0 || a.io_threads == 0 {
+        bail!("--requests, --reps, --threads and --io-threads must be at least 1, --max-tokens at least 2");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(a.io_threads)
         .enable_all()
         .build()?;
     rt.block_on(bench(a))
@@ -236,11 +239,7 @@ async fn bench(a: BenchSplitArgs) -> anyhow::Result<()> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))
         .with_context(|| format!("reading {} (train it or pass --model)", dir.display()))?;
     let exits = cfg.exit_points();
-    anyhow::ensure!(
-        exits.len() >= 3,
-        "bench split needs a family with at least 3 exits (this one has {exits:?})"
-    );
-    let (dev_exit, edge_exit, last) = (exits[0], exits[exits.len() / 2], exits[exits.len() - 1]);
+    let (dev_exit, edge_exit, last) = super::cluster::three_tier_exits(&exits, "bench split")?;
     let encoding = super::node::parse_encoding(&a.encoding)?;
     // Held-out prompts: add, lookup, reverse in turn.
     let per_task = a.requests.div_ceil(3);

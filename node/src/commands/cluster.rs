@@ -44,15 +44,12 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
             }
         };
         let exits = ModelConfig::from_file(&dir.join("config.json"))?.exit_points();
-        anyhow::ensure!(
-            exits.len() >= 3,
-            "need a family with at least 3 exits, got {exits:?}"
-        );
+        let (device_exit, edge_exit, _) = three_tier_exits(&exits, "flow-node cluster")?;
         let cluster = LocalCluster::start(ClusterSpec {
             model_dir: dir,
             declare_exits: None,
-            device_exit: exits[0],
-            edge_exit: exits[exits.len() / 2],
+            device_exit,
+            edge_exit,
             certs_dir: tmp.path().join("certs"),
             policy: Policy::default(),
             encoding: super::node::parse_encoding(&a.encoding)?,
@@ -68,4 +65,17 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         cluster.shutdown().await;
         Ok(())
     })
+}
+
+/// Where a family is cut for device, edge and cloud: the shallowest exit, the middle one
+/// and the deepest. `what` names the command in the error for families with fewer than 3.
+pub(crate) fn three_tier_exits(
+    exits: &[usize],
+    what: &str,
+) -> anyhow::Result<(usize, usize, usize)> {
+    anyhow::ensure!(
+        exits.len() >= 3,
+        "{what} needs a family with at least 3 exits (this one has {exits:?})"
+    );
+    Ok((exits[0], exits[exits.len() / 2], exits[exits.len() - 1]))
 }

@@ -80,11 +80,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let cfg = ModelConfig::from_file(&dir.join("config.json"))
         .with_context(|| format!("reading {}", dir.display()))?;
     let exits = cfg.exit_points();
-    anyhow::ensure!(
-        exits.len() >= 3,
-        "the demo needs a family with at least 3 exits (this one has {exits:?})"
-    );
-    let (dev_exit, edge_exit, last) = (exits[0], exits[exits.len() / 2], exits[exits.len() - 1]);
+    let (dev_exit, edge_exit, last) = super::cluster::three_tier_exits(&exits, "the demo")?;
     let encoding = super::node::parse_encoding(&a.encoding)?;
     println!(
         "aiflow demo — family {} ({}), exits {exits:?}",

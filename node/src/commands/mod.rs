@@ -2,16 +2,28 @@
 
 use clap::Subcommand;
 
+pub mod bench_batching;
+pub mod bench_finetune;
 pub mod bench_model;
+pub mod bench_moe;
+pub mod bench_plan;
 pub mod bench_split;
 pub mod bench_wire;
 pub mod calibrate;
 pub mod certs;
 pub mod cluster;
 pub mod demo;
+pub mod finetune;
 pub mod model;
+pub mod moe;
 pub mod node;
 pub mod plan;
+pub mod testbed;
+pub mod testbed_link;
+pub mod testbed_load;
+pub mod testbed_run;
+pub mod traffic;
+pub mod traffic_bench;
 pub mod train;
 
 /// `flow-node model ...`
@@ -39,6 +51,16 @@ pub enum BenchCmd {
     Wire(bench_wire::BenchWireArgs),
     /// Single node vs device+edge+cloud (escalate-always, speculate) on loopback: decode tokens/s, TTFT, bytes per token per link.
     Split(bench_split::BenchSplitArgs),
+    /// MoE expert pruning: task accuracy and resident expert memory vs experts kept (all, 1/2, 1/4, 1/8), with pattern retrieval.
+    Moe(bench_moe::BenchMoeArgs),
+    /// Continuous batching on a BurstGPT-style replay: p50/p99 time-between-tokens and throughput, chunked prefill vs prefill-first.
+    Batching(bench_batching::BenchBatchingArgs),
+    /// Cloud-only, device-only, static split and the adaptive planner on shaped loopback links: ms/token, agreement, predicted vs measured.
+    Plan(bench_plan::BenchPlanArgs),
+    /// Traffic app: fixed/adaptive/preempt controllers in SUMO per camera condition, detector accuracy per exit, frames escalated.
+    Traffic(traffic_bench::BenchTrafficArgs),
+    /// Sparse fine-tuning schemes vs full fine-tuning on a domain shift: peak memory, time per step, device-exit accuracy.
+    Finetune(bench_finetune::BenchFinetuneArgs),
 }
 
 pub fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
@@ -56,5 +78,10 @@ pub fn run_bench(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Model(a) => bench_model::run(a),
         BenchCmd::Wire(a) => bench_wire::run(a),
         BenchCmd::Split(a) => bench_split::run(a),
+        BenchCmd::Moe(a) => bench_moe::run(a),
+        BenchCmd::Batching(a) => bench_batching::run(a),
+        BenchCmd::Plan(a) => bench_plan::run(a),
+        BenchCmd::Traffic(a) => traffic_bench::bench(a),
+        BenchCmd::Finetune(a) => bench_finetune::run(a),
     }
 }

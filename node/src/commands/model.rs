@@ -72,14 +72,15 @@ impl DtypeArg {
 Then: `flow-node model inspect DIR` and `flow-node model run DIR --exit E --prompt TEXT`.", exit_help!()))]
 pub struct InitArgs {
     /// Family size: `tiny` (tests, ~0.4M parameters, exits 1/3/5), `small` (demo, ~2.4M,
-    /// exits 1/3/5/7) or `moe-small` (Mixture-of-Experts FFNs; needs --layout mixtral or
-    /// qwen2_moe).
+    /// exits 1/3/5/7) or `moe-small` (layers 4-7 Mixture-of-Experts, 8 experts, top-2;
+    /// layout qwen2_moe unless --layout mixtral).
     #[arg(long, default_value = "tiny", value_parser = parse_preset)]
     pub preset: Preset,
     /// Tensor naming / architecture (HF `model_type`): ruyi_qwen2 (own exit blocks, norms and
     /// heads), qwen2, llama (exits reuse the final norm and head), mixtral, qwen2_moe.
-    #[arg(long, default_value = "ruyi_qwen2", value_parser = parse_layout)]
-    pub layout: Layout,
+    /// Default: ruyi_qwen2, or qwen2_moe for `--preset moe-small`.
+    #[arg(long, value_parser = parse_layout)]
+    pub layout: Option<Layout>,
     /// Seed of the weight initialisation: the same seed gives the same weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -183,7 +184,11 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("removing the stale {}", index.display()))?;
         }
     }
-    let cfg = preset_config(a.preset, a.layout).context("choosing the configuration")?;
+    let layout = a.layout.unwrap_or(match a.preset {
+        Preset::MoeSmall => Layout::Qwen2Moe,
+        _ => Layout::RuyiQwen2,
+    });
+    let cfg = preset_config(a.preset, layout).context("choosing the configuration")?;
     let t0 = Instant::now();
     let weights = init_weights(&cfg, a.seed).context("initialising weights")?;
     write_checkpoint(&cfg, &weights, a.dtype.dtype(), &a.out)

@@ -4,9 +4,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use flow_node::planning::PlanningConfig;
 use flow_node::{Agent, AgentConfig, EngineConfig, Stage};
+use flow_partition::{PlanInput, ReplanConfig};
 use flow_protocol::transport::Security;
-use flow_protocol::{Encoding, InferMode, Policy, Role};
+use flow_protocol::{ConfidenceMeasure, Encoding, InferMode, Policy, Role};
 use serde::Deserialize;
 
 /// Flags of a node. Every flag can also be set in the `--config` TOML file (same names,
@@ -34,12 +36,15 @@ pub struct NodeArgs {
     /// UDP address to accept children on (edge, cloud), e.g. 0.0.0.0:7000.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Parent address (device → edge, edge → cloud).
+    /// Parent address (device → edge, edge → cloud). Repeat to add parents to fail over
+    /// to, in preference order: a session that loses its parent continues on the next one
+    /// (the tokens in between are answered locally and marked degraded).
     #[arg(long)]
-    pub parent: Option<SocketAddr>,
-    /// Name in the parent's certificate. Default: the parent's role (edge or cloud).
+    pub parent: Vec<SocketAddr>,
+    /// Name in the parent's certificate, one per --parent (the last one is reused).
+    /// Default: the parent's role (edge or cloud).
     #[arg(long)]
-    pub parent_name: Option<String>,
+    pub parent_name: Vec<String>,
     /// Cluster CA certificate (from `flow-node certs init`).
     #[arg(long)]
     pub ca: Option<PathBuf>,
@@ -69,6 +74,24 @@ pub struct NodeArgs {
     /// KV cache budget in MiB.
     #[arg(long)]
     pub kv_budget_mb: Option<usize>,
+    /// Token budget of one engine iteration (default 4096): decodes first, then prefill
+    /// chunks; longer prompts are split across iterations (chunked prefill), so a small
+    /// budget keeps decodes smooth while a long prompt is prefilled.
+    #[arg(long)]
+    pub batch_tokens: Option<usize>,
+    /// Entry node: further points inside --layers where the split may move at run time,
+    /// e.g. `1,3` with `--layers 0..5`; their exits are loaded too and the plan (--plan)
+    /// picks the cut among them and the end of --layers. The parent must host layers from
+    /// the lowest split point on (it continues from whatever layer a request was cut at).
+    #[arg(long, value_delimiter = ',')]
+    pub split_points: Vec<usize>,
+    /// Re-plan at run time from live link estimates: FILE is the planner input as JSON
+    /// (a PlanInput, or the report of `flow-node plan --json`, whose `input` is used). The
+    /// first link is replaced by the measured estimate of the parent in use; new requests
+    /// take the policy, uplink encoding and (with --split-points) the cut of the plan in
+    /// force. Pin the upper boundaries to the loaded stages with `config.allowed_cuts`.
+    #[arg(long, value_name = "FILE")]
+    pub plan: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,8 +103,8 @@ struct FileConfig {
     layers: Option<String>,
     no_exit: Option<bool>,
     listen: Option<SocketAddr>,
-    parent: Option<SocketAddr>,
-    parent_name: Option<String>,
+    parent: Option<OneOrMany<SocketAddr>>,
+    parent_name: Option<OneOrMany<String>>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -92,6 +115,26 @@ struct FileConfig {
     threshold: Option<f32>,
     encoding: Option<String>,
     kv_budget_mb: Option<usize>,
+    batch_tokens: Option<usize>,
+    split_points: Option<Vec<usize>>,
+    plan: Option<PathBuf>,
+}
+
+/// A TOML value that may be one item or a list (`parent = "a"` or `parent = ["a", "b"]`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn into_vec(self) -> Vec<T> {
+        match self {
+            Self::One(x) => vec![x],
+            Self::Many(v) => v,
+        }
+    }
 }
 
 pub fn parse_encoding(s: &str) -> anyhow::Result<Encoding> {
@@ -158,14 +201,41 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
             key: a.key.or(f.key).context("--key is required")?,
         }
     };
-    let parent = a.parent.or(f.parent);
-    let parent_name = a.parent_name.or(f.parent_name).unwrap_or_else(|| {
-        match role {
-            Role::Device => "edge",
-            _ => "cloud",
-        }
-        .to_string()
-    });
+    let parents = if a.parent.is_empty() {
+        f.parent.map(OneOrMany::into_vec).unwrap_or_default()
+    } else {
+        a.parent
+    };
+    let names = if a.parent_name.is_empty() {
+        f.parent_name.map(OneOrMany::into_vec).unwrap_or_default()
+    } else {
+        a.parent_name
+    };
+    if names.len() > parents.len().max(1) {
+        anyhow::bail!(
+            "{} parent names for {} parents; give one --parent-name per --parent",
+            names.len(),
+            parents.len()
+        );
+    }
+    let default_name = match role {
+        Role::Device => "edge",
+        _ => "cloud",
+    }
+    .to_string();
+    let mut parents: Vec<(SocketAddr, String)> = parents
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let name = names
+                .get(i)
+                .or(names.last())
+                .cloned()
+                .unwrap_or_else(|| default_name.clone());
+            (p, name)
+        })
+        .collect();
+    let parent = (!parents.is_empty()).then(|| parents.remove(0));
     let mut policy = Policy::default();
     if let Some(m) = a.mode.or(f.mode) {
         policy.mode = m.parse::<InferMode>().map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -181,6 +251,19 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
     if let Some(mb) = a.kv_budget_mb.or(f.kv_budget_mb) {
         engine.kv_budget_bytes = mb << 20;
     }
+    if let Some(t) = a.batch_tokens.or(f.batch_tokens) {
+        anyhow::ensure!(t > 0, "--batch-tokens must be positive");
+        engine.max_batch_tokens = t;
+    }
+    let split_points = if a.split_points.is_empty() {
+        f.split_points.unwrap_or_default()
+    } else {
+        a.split_points
+    };
+    let planning = match a.plan.or(f.plan) {
+        Some(p) => Some(planning_from_file(&p, &model)?),
+        None => None,
+    };
     let cfg = AgentConfig {
         node_id: a
             .name
@@ -195,13 +278,50 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
             exit: !(a.no_exit || f.no_exit.unwrap_or(false)),
         },
         listen: a.listen.or(f.listen),
-        parent: parent.map(|p| (p, parent_name)),
+        parent,
+        fallback_parents: parents,
+        probe: flow_node::parent::ProbeConfig::default(),
+        planning,
+        split_points,
         security,
         parent_encoding: encoding,
         engine,
         default_policy: policy,
     };
     Ok((cfg, a.http.or(f.http)))
+}
+
+/// Run-time planning from a planner input file (see `--plan`), with the family's exit
+/// depths and the default hysteresis, checked every second.
+fn planning_from_file(p: &Path, model: &Path) -> anyhow::Result<PlanningConfig> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+    let v = match v.get("input") {
+        Some(inner) if v.get("adaptive").is_some() => inner.clone(),
+        _ => v,
+    };
+    let input: PlanInput = serde_json::from_value(v).with_context(|| {
+        format!(
+            "{}: not a planner input (a PlanInput or `flow-node plan --json` output)",
+            p.display()
+        )
+    })?;
+    let cfg = flow_familial::ModelConfig::from_file(&model.join("config.json"))
+        .with_context(|| format!("reading {}", model.join("config.json").display()))?;
+    let exit_depths: Vec<(u32, usize)> = cfg
+        .exit_points()
+        .iter()
+        .zip(super::calibrate::planner_depths(&cfg))
+        .map(|(&p, d)| (p as u32, d))
+        .collect();
+    Ok(PlanningConfig {
+        input,
+        exit_depths,
+        replan: ReplanConfig::default(),
+        check_interval: std::time::Duration::from_secs(1),
+        measure: ConfidenceMeasure::MaxProb,
+    })
 }
 
 pub fn run(a: NodeArgs) -> anyhow::Result<()> {
@@ -224,4 +344,114 @@ pub fn run(a: NodeArgs) -> anyhow::Result<()> {
         agent.shutdown().await;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flow_familial::init::{init_checkpoint, Preset};
+    use flow_partition::planner::{ExitSpec, ModelShape, TierRole, TierSpec};
+    use flow_partition::profile::{BlockCost, Linear, NodeProfile, ProfileKey};
+    use flow_partition::{LinkEstimate, PlannerConfig};
+
+    /// A made-up two-tier planner input for the tiny family.
+    fn input() -> PlanInput {
+        let cost = BlockCost {
+            prefill: Linear { a: 1.0, b: 0.1 },
+            decode: Linear { a: 1.0, b: 0.0 },
+            weight_bytes: 1 << 20,
+            kv_bytes_per_token: 1024,
+        };
+        let key = ProfileKey {
+            model_fingerprint: "tiny".into(),
+            cpu: "made-up".into(),
+        };
+        let prof = NodeProfile::uniform(key, 6, cost, &[1, 3, 6], cost, cost);
+        let tier = |role| TierSpec {
+            role,
+            profile: prof.clone(),
+            memory_limit_bytes: 1 << 30,
+            load_factor: 1.0,
+            compute_power_w: 0.0,
+            radio_power_w: 0.0,
+        };
+        PlanInput {
+            model: ModelShape {
+                num_layers: 6,
+                hidden_size: 64,
+                token_id_bytes: 4,
+                exits: [1, 3, 6]
+                    .iter()
+                    .map(|&depth| ExitSpec {
+                        depth,
+                        curve: vec![],
+                    })
+                    .collect(),
+            },
+            tiers: vec![tier(TierRole::Device), tier(TierRole::Edge)],
+            links: vec![LinkEstimate::fixed(5.0, 10e6)],
+            config: PlannerConfig::default(),
+        }
+    }
+
+    #[test]
+    fn plan_and_split_points_from_flags_and_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m");
+        init_checkpoint(Preset::Tiny, flow_familial::Layout::RuyiQwen2, 1, &model).unwrap();
+        // `flow-node plan --json` report form: its `input` is used.
+        let report = dir.path().join("report.json");
+        let v = serde_json::json!({ "input": input(), "adaptive": {} });
+        std::fs::write(&report, v.to_string()).unwrap();
+        let args = NodeArgs {
+            role: Some("device".into()),
+            model: Some(model.clone()),
+            layers: Some("0..3".into()),
+            parent: vec!["127.0.0.1:9".parse().unwrap()],
+            insecure_loopback: true,
+            split_points: vec![1],
+            plan: Some(report),
+            ..NodeArgs::default()
+        };
+        let (cfg, _) = agent_config(args).unwrap();
+        assert_eq!(cfg.split_points, vec![1]);
+        let p = cfg.planning.expect("planning configured");
+        assert_eq!(p.input, input());
+        assert_eq!(p.exit_depths, vec![(1, 1), (3, 3), (5, 6)]);
+
+        // TOML, with a bare PlanInput.
+        let plan = dir.path().join("plan.json");
+        std::fs::write(&plan, serde_json::to_string(&input()).unwrap()).unwrap();
+        let toml = dir.path().join("device.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "role = \"device\"\nmodel = {:?}\nlayers = \"0..5\"\nparent = \"127.0.0.1:9\"\ninsecure_loopback = true\nsplit_points = [1, 3]\nplan = {:?}\n",
+                model.display().to_string(),
+                plan.display().to_string()
+            ),
+        )
+        .unwrap();
+        let (cfg, _) = agent_config(NodeArgs {
+            config: Some(toml),
+            ..NodeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.split_points, vec![1, 3]);
+        assert!(cfg.planning.is_some());
+
+        // Not a planner input: a clear error naming the file.
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\"tiers\": 3}").unwrap();
+        let e = agent_config(NodeArgs {
+            role: Some("device".into()),
+            model: Some(model),
+            layers: Some("0..3".into()),
+            insecure_loopback: true,
+            plan: Some(bad),
+            ..NodeArgs::default()
+        })
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("not a planner input"), "{e:#}");
+    }
 }

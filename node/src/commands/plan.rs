@@ -318,7 +318,7 @@ fn run_in_pool(a: PlanArgs) -> anyhow::Result<()> {
 }
 
 /// CPU model from /proc/cpuinfo (or the architecture), core count and compute threads.
-fn cpu_description() -> String {
+pub(crate) fn cpu_description() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -341,7 +341,7 @@ fn cache_dir() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".cache").join("aiflow"))
 }
 
-fn measured_profile(
+pub(crate) fn measured_profile(
     a: &PlanArgs,
     model: &FamilialModel,
     key: &ProfileKey,
@@ -390,7 +390,7 @@ fn measured_profile(
     Ok((prof, source))
 }
 
-fn exit_specs(
+pub(crate) fn exit_specs(
     a: &PlanArgs,
     model: &FamilialModel,
     cfg: &ModelConfig,

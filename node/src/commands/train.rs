@@ -76,9 +76,10 @@ pub struct TrainArgs {
     /// Start from fresh seeded weights of this preset instead of --model (tiny, small, moe-small).
     #[arg(long, conflicts_with = "model")]
     pub init_preset: Option<String>,
-    /// Layout for --init-preset (ruyi_qwen2, qwen2, llama, mixtral, qwen2_moe).
-    #[arg(long, default_value = "ruyi_qwen2")]
-    pub init_layout: String,
+    /// Layout for --init-preset (ruyi_qwen2, qwen2, llama, mixtral, qwen2_moe; default
+    /// ruyi_qwen2, or qwen2_moe for moe-small).
+    #[arg(long)]
+    pub init_layout: Option<String>,
     /// Seed of the initial weights for --init-preset.
     #[arg(long, default_value_t = 0)]
     pub init_seed: u64,
@@ -150,7 +151,23 @@ pub struct TrainArgs {
 
 /// Raise glibc's mmap threshold so the large temporaries of every step are reused from the
 /// heap instead of being mapped and unmapped each time (25-30% of training time otherwise).
-fn tune_malloc() {
+/// A progress bar over `n` training steps (hidden when stderr is not a terminal).
+pub(crate) fn step_progress(n: u64) -> anyhow::Result<ProgressBar> {
+    let pb = if std::io::stderr().is_terminal() {
+        ProgressBar::new(n)
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    Ok(pb)
+}
+
+pub(crate) fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         extern "C" {
@@ -343,11 +360,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         t
     } else if let Some(p) = &args.init_preset {
         let preset: Preset = p.parse().map_err(anyhow::Error::msg)?;
-        let layout = Layout::from_model_type(&args.init_layout)?;
+        let layout_name = args.init_layout.clone().unwrap_or_else(|| {
+            match preset {
+                Preset::MoeSmall => "qwen2_moe",
+                _ => "ruyi_qwen2",
+            }
+            .to_string()
+        });
+        let layout = Layout::from_model_type(&layout_name)?;
         let cfg = preset_config(preset, layout)?;
         let w = init_weights(&cfg, args.init_seed)?;
         extra["init"] =
-            serde_json::json!({"preset": p, "layout": args.init_layout, "seed": args.init_seed});
+            serde_json::json!({"preset": p, "layout": layout_name, "seed": args.init_seed});
         Trainer::new(cfg, &w, opts)?
     } else {
         let m = args
@@ -375,17 +399,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
     let tty = std::io::stderr().is_terminal();
-    let pb = if tty {
-        ProgressBar::new(o.steps)
-    } else {
-        ProgressBar::hidden()
-    };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:30.cyan/blue} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )?
-        .progress_chars("=> "),
-    );
+    let pb = step_progress(o.steps)?;
     pb.set_position(trainer.step_count());
 
     let prior_wall = extra.get("wall_s").and_then(|v| v.as_f64()).unwrap_or(0.0);

@@ -1,0 +1,201 @@
+//! `flow-node bench finetune`: sparse schemes against full fine-tuning on a domain shift.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use flow_finetune::data::FtData;
+use flow_finetune::mem::{counting, PeakScope};
+use flow_finetune::select::{batch_shape, estimate};
+use flow_finetune::sparse::exact_match;
+use flow_finetune::{FtOptions, Scheme, SparseTrainer};
+use serde::Serialize;
+
+use super::bench_model::{loadavg, median};
+use super::finetune::{family_with, load_base};
+use super::train::step_progress;
+
+const LONG_ABOUT: &str = "\
+Sparse fine-tuning schemes against full fine-tuning of the device member, on a domain shift.
+
+The family in --model was trained on one distribution (models/small: the `mix` task);
+every scheme fine-tunes the device member (the shallowest exit) on a shifted one
+(--task, default add-long: only 3-4 digit sums, where the device exit is weak), from the
+same base, with the same data, steps and learning rate. Per scheme it reports:
+  - trainable parameters, and the estimated training memory `--scheme auto` uses
+  - peak training memory: the peak heap growth (counting allocator) while training, above
+    the resident base weights (frozen tensors share the base's storage)
+  - time per step (median over the run) and its ratio to full fine-tuning
+  - device-exit exact-match accuracy on held-out shifted examples, before and after
+The target: the best sparse scheme within 1 point of full fine-tuning's accuracy with
+>= 3x less peak memory and >= 2x faster steps.";
+
+/// Arguments of `flow-node bench finetune`.
+#[derive(clap::Args, Debug)]
+#[command(before_long_help = LONG_ABOUT)]
+pub struct BenchFinetuneArgs {
+    /// Base family.
+    #[arg(long, default_value = "models/small")]
+    pub model: PathBuf,
+    /// Shifted task to fine-tune on.
+    #[arg(long, default_value = "add-long")]
+    pub task: String,
+    /// Schemes to compare (full fine-tuning is always added).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "exit-heads,bias-norm:2,channels:1:0.25,channels:1:0.5,lora:1:8"
+    )]
+    pub schemes: Vec<String>,
+    /// Steps per scheme.
+    #[arg(long, default_value_t = 300)]
+    pub steps: u64,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Learning rate (every scheme).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Held-out examples for accuracy.
+    #[arg(long, default_value_t = 200)]
+    pub eval_examples: usize,
+    /// Data seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the report as JSON too.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    scheme: String,
+    trainable: usize,
+    est_mb: f64,
+    peak_mb: f64,
+    step_ms: f64,
+    acc_before: f64,
+    acc_after: f64,
+    final_loss: f64,
+}
+
+pub fn run(a: BenchFinetuneArgs) -> anyhow::Result<()> {
+    super::train::tune_malloc();
+    if !counting() {
+        bail!("the counting allocator is not installed; peak memory cannot be measured");
+    }
+    let base = load_base(&a.model)?;
+    let data = FtData::task(&a.task)?;
+    let mut schemes: Vec<Scheme> = a
+        .schemes
+        .iter()
+        .map(|s| s.parse::<Scheme>())
+        .collect::<Result<_, _>>()?;
+    schemes.retain(|s| *s != Scheme::Full);
+    schemes.push(Scheme::Full);
+    let opts = FtOptions {
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let point = opts.points(&base.cfg)?[0];
+    let eval = data.eval_examples(a.eval_examples, 0);
+    let before = exact_match(&family_with(&base, &HashMap::new())?, &eval, point)?;
+    let (len, rows) = batch_shape(&data, a.seed);
+    let load_start = loadavg();
+    let mut out = Vec::new();
+    for s in &schemes {
+        let est = estimate(&base.cfg, s, &opts, len, rows)?;
+        let scope = PeakScope::start();
+        let mut tr = SparseTrainer::new(base.cfg.clone(), &base.tensors, s.clone(), opts.clone())
+            .with_context(|| format!("scheme {s}"))?;
+        let pb = step_progress(a.steps)?;
+        pb.set_message(s.to_string());
+        let mut times = Vec::with_capacity(a.steps as usize);
+        let mut last = f64::NAN;
+        for step in 0..a.steps {
+            let batch = data.train_batch(a.batch, a.seed, step);
+            let t0 = Instant::now();
+            last = tr.train_step(&batch)?.loss;
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        let peak = scope.peak_bytes();
+        let acc = exact_match(&tr.infer_model()?, &eval, point)?;
+        let row = Row {
+            scheme: s.to_string(),
+            trainable: tr.num_trainable(),
+            est_mb: est.total() as f64 / 1e6,
+            peak_mb: peak as f64 / 1e6,
+            step_ms: median(&times),
+            acc_before: before,
+            acc_after: acc,
+            final_loss: last,
+        };
+        eprintln!(
+            "{}: {:.2} MB peak, {:.2} ms/step, exit {point} {:.1}% -> {:.1}%",
+            row.scheme,
+            row.peak_mb,
+            row.step_ms,
+            before * 100.0,
+            acc * 100.0
+        );
+        out.push(row);
+    }
+    let full = out.last().context("no schemes")?;
+    println!(
+        "bench finetune: {} -> {} (device exit {point}), {} steps x {} seqs, lr {}, {} held-out; load {} -> {}",
+        a.model.display(),
+        data.name(),
+        a.steps,
+        a.batch,
+        a.lr,
+        a.eval_examples,
+        load_start,
+        loadavg()
+    );
+    println!("| scheme | trainable params | est. MB | peak MB | mem vs full | ms/step | speed vs full | exit {point} before | after | final loss |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &out {
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {:.1}x less | {:.2} | {:.1}x | {:.1}% | {:.1}% | {:.3} |",
+            r.scheme,
+            r.trainable,
+            r.est_mb,
+            r.peak_mb,
+            full.peak_mb / r.peak_mb.max(1e-9),
+            r.step_ms,
+            full.step_ms / r.step_ms.max(1e-9),
+            r.acc_before * 100.0,
+            r.acc_after * 100.0,
+            r.final_loss
+        );
+    }
+    let best = out[..out.len() - 1]
+        .iter()
+        .max_by(|x, y| x.acc_after.total_cmp(&y.acc_after));
+    if let Some(b) = best {
+        let gap = (full.acc_after - b.acc_after) * 100.0;
+        let mem = full.peak_mb / b.peak_mb.max(1e-9);
+        let speed = full.step_ms / b.step_ms.max(1e-9);
+        println!(
+            "best sparse: {} ({:.1} points {} full FT, {mem:.1}x less peak memory, {speed:.1}x faster steps): target {}",
+            b.scheme,
+            gap.abs(),
+            if gap >= 0.0 { "below" } else { "above" },
+            if gap <= 1.0 && mem >= 3.0 && speed >= 2.0 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,948 @@
+//! `flow-node testbed up|down|run`: the host side of the compose testbed.
+//!
+//! `run` = up (certs, links, the scenario's nodes; waits for health checks) → the load
+//! generator container replays the schedule open-loop from a shared wall-clock start →
+//! the scenario's faults are injected at their times (kill/restart: `compose kill/start`;
+//! partition/heal: `docker network disconnect/connect` of the lower node from the network
+//! towards its parent, same fixed address on reconnect; degrade_link: the shaper's control
+//! port via `docker exec`) → every request's record and the shapers' byte counters are
+//! collected → report (JSON, Markdown, PNG/SVG) → down -v (also on failure).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use flow_testbed::loadgen::{Outcome, RequestRecord, Schedule, ScheduleOptions};
+use flow_testbed::report::{write_report, LinkBytes, ReportInput};
+use flow_testbed::scenario::{Action, Scenario, ScenarioEvent};
+use flow_testbed::shaper::ShaperStats;
+use flow_testbed::trace::{SyntheticConfig, Trace};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::testbed::{image, ImageArgs, DEFAULT_IMAGE};
+
+/// Services the compose file defines that a scenario may name.
+const NODES: [&str; 7] = [
+    "cloud", "edge1", "edge2", "device1", "device2", "device3", "device4",
+];
+
+/// Where to find the testbed (shared by up, down and run).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ComposeArgs {
+    /// The compose file.
+    #[arg(long, default_value = "testbed/docker-compose.yml")]
+    pub compose_file: PathBuf,
+    /// Compose project name (prefixes containers, networks and volumes).
+    #[arg(long, default_value = "aiflowtb")]
+    pub project: String,
+    /// Node image (built by `flow-node testbed image`).
+    #[arg(long, default_value = DEFAULT_IMAGE)]
+    pub image: String,
+}
+
+/// `docker compose` (v2) or `docker-compose` (v1), whichever exists, bound to one project.
+pub struct Compose {
+    program: Vec<String>,
+    args: ComposeArgs,
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn docker(args: &[&str], what: &str) -> anyhow::Result<String> {
+    run_ok(Command::new("docker").args(args), what)
+}
+
+impl Compose {
+    /// Find a compose implementation; errors say how to get one.
+    pub fn detect(args: &ComposeArgs) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            args.compose_file.is_file(),
+            "{}: compose file not found (run from the repository root or pass --compose-file)",
+            args.compose_file.display()
+        );
+        let works = |p: &[&str]| {
+            Command::new(p[0])
+                .args(&p[1..])
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let program: Vec<String> = if works(&["docker", "compose"]) {
+            vec!["docker".into(), "compose".into()]
+        } else if works(&["docker-compose"]) {
+            vec!["docker-compose".into()]
+        } else {
+            bail!("neither `docker compose` nor `docker-compose` works; install Docker with the compose plugin (or Debian's docker-compose)")
+        };
+        Ok(Self {
+            program,
+            args: args.clone(),
+        })
+    }
+
+    /// A compose command with the project, file and image set.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.program[0]);
+        c.args(&self.program[1..])
+            .arg("-p")
+            .arg(&self.args.project)
+            .arg("-f")
+            .arg(&self.args.compose_file)
+            .args(args)
+            .env("AIFLOW_IMAGE", &self.args.image);
+        c
+    }
+
+    fn run(&self, args: &[&str], what: &str) -> anyhow::Result<String> {
+        run_ok(&mut self.cmd(args), what)
+    }
+
+    fn version(&self) -> String {
+        let mut c = Command::new(&self.program[0]);
+        c.args(&self.program[1..]).args(["version", "--short"]);
+        let v = run_ok(&mut c, "compose version").unwrap_or_else(|_| "?".into());
+        format!("{} {v}", self.program.join(" "))
+    }
+
+    /// The container id of a service.
+    fn container(&self, service: &str) -> anyhow::Result<String> {
+        // -a: compose v2 lists only running containers otherwise (a killed edge must be found)
+        let id = self.run(&["ps", "-a", "-q", service], "compose ps")?;
+        let id = id.lines().next().unwrap_or("").trim().to_string();
+        anyhow::ensure!(!id.is_empty(), "service {service} has no container");
+        Ok(id)
+    }
+
+    fn network(&self, net: &str) -> String {
+        format!("{}_{net}", self.args.project)
+    }
+
+    /// Stop and remove everything, volumes included.
+    pub fn down(&self) -> anyhow::Result<()> {
+        self.run(
+            &[
+                "--profile",
+                "load",
+                "down",
+                "-v",
+                "--remove-orphans",
+                "-t",
+                "2",
+            ],
+            "compose down",
+        )?;
+        Ok(())
+    }
+}
+
+/// Flags of `testbed up`.
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub compose: ComposeArgs,
+    /// Services to start (default: the full testbed). Certs and links always start.
+    pub services: Vec<String>,
+    /// Build the image from this binary first if it does not exist.
+    #[arg(long)]
+    pub build_image: bool,
+    /// Give up waiting for health checks after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    pub health_timeout_s: u64,
+}
+
+/// Flags of `testbed down`.
+#[derive(clap::Args, Debug)]
+pub struct DownArgs {
+    #[command(flatten)]
+    pub compose: ComposeArgs,
+}
+
+pub fn down(a: DownArgs) -> anyhow::Result<()> {
+    Compose::detect(&a.compose)?.down()?;
+    println!(
+        "testbed {} is down (containers, networks, volumes removed)",
+        a.compose.project
+    );
+    Ok(())
+}
+
+fn ensure_image(c: &ComposeArgs, build: bool) -> anyhow::Result<()> {
+    if docker(
+        &["image", "inspect", "-f", "{{.Id}}", &c.image],
+        "docker image inspect",
+    )
+    .is_ok()
+    {
+        return Ok(());
+    }
+    if !build {
+        bail!(
+            "image {} does not exist; build it with `flow-node testbed image --tag {}` (or pass --build-image)",
+            c.image,
+            c.image
+        );
+    }
+    image(ImageArgs {
+        binary: None,
+        tag: c.image.clone(),
+        models: "models/small".into(),
+        keep_debug_info: false,
+    })
+}
+
+fn health_of(id: &str) -> String {
+    docker(
+        &[
+            "inspect",
+            "-f",
+            "{{.State.Status}}/{{if .State.Health}}{{.State.Health.Status}}{{end}}",
+            id,
+        ],
+        "docker inspect",
+    )
+    .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+fn up_services(compose: &Compose, services: &[String], timeout: Duration) -> anyhow::Result<()> {
+    for s in services {
+        anyhow::ensure!(
+            NODES.contains(&s.as_str()),
+            "unknown service `{s}` (known: {NODES:?})"
+        );
+    }
+    let mut all: Vec<&str> = vec!["links"];
+    all.extend(services.iter().map(String::as_str));
+    let pb = ProgressBar::new_spinner().with_message(format!("starting {}", all.join(", ")));
+    pb.enable_steady_tick(Duration::from_millis(200));
+    let mut args = vec!["up", "-d", "--no-build"];
+    args.extend(&all);
+    let res = compose.run(&args, "compose up");
+    pb.finish_and_clear();
+    res?;
+    let start = Instant::now();
+    let pb = ProgressBar::new(all.len() as u64).with_style(ProgressStyle::with_template(
+        "{msg} {bar:20} {pos}/{len} healthy",
+    )?);
+    loop {
+        let mut healthy = 0;
+        let mut waiting = Vec::new();
+        for s in &all {
+            let id = compose.container(s)?;
+            let h = health_of(&id);
+            if h == "running/healthy" {
+                healthy += 1;
+            } else if h.starts_with("exited") || h.starts_with("dead") {
+                bail!("{s} stopped during start-up ({h}); see `docker logs {id}`");
+            } else {
+                waiting.push(format!("{s}: {h}"));
+            }
+        }
+        pb.set_position(healthy);
+        pb.set_message("testbed");
+        if waiting.is_empty() {
+            pb.finish_and_clear();
+            eprintln!(
+                "testbed up: {} healthy in {:.1} s",
+                all.join(", "),
+                start.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("not healthy after {timeout:?}: {}", waiting.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+pub fn up(a: UpArgs) -> anyhow::Result<()> {
+    let compose = Compose::detect(&a.compose)?;
+    ensure_image(&a.compose, a.build_image)?;
+    let services = if a.services.is_empty() {
+        NODES.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.services
+    };
+    up_services(&compose, &services, Duration::from_secs(a.health_timeout_s))?;
+    println!(
+        "testbed {} is up; `flow-node testbed down` removes it",
+        a.compose.project
+    );
+    Ok(())
+}
+
+/// Flags of `testbed run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Scenario file (see testbed/scenarios/): duration, topology (which nodes run), faults.
+    pub scenario: PathBuf,
+    #[command(flatten)]
+    pub compose: ComposeArgs,
+    /// Report directory. Default: target/testbed/<scenario file stem>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// BurstGPT-format CSV trace to replay. Default: the shipped sample
+    /// (testbed/traces/sample_burstgpt.csv).
+    #[arg(long, conflicts_with = "synthetic")]
+    pub trace: Option<PathBuf>,
+    /// Generate the load instead: this many requests, Gamma inter-arrivals, Zipf lengths.
+    #[arg(long)]
+    pub synthetic: Option<usize>,
+    /// Time compression of the trace; default: fit the trace into 80% of the run.
+    #[arg(long)]
+    pub speed: Option<f64>,
+    /// Inference mode asked for per request: route, escalate, speculate or local.
+    #[arg(long, default_value = "escalate")]
+    pub mode: String,
+    /// Cap of prompt tokens per request (the small family's context is 1024).
+    #[arg(long, default_value_t = 192)]
+    pub prompt_tokens_cap: u32,
+    /// Cap of answer tokens per request.
+    #[arg(long, default_value_t = 24)]
+    pub max_tokens_cap: u32,
+    /// A request not answered within this many seconds is an explicit `timeout` error.
+    #[arg(long, default_value_t = 15.0)]
+    pub timeout_s: f64,
+    /// Build the image from this binary first if it does not exist.
+    #[arg(long)]
+    pub build_image: bool,
+    /// Leave the testbed running afterwards (default: down -v, also on failure).
+    #[arg(long)]
+    pub keep_up: bool,
+    /// Fail unless every scheduled request got an answer or an explicit error (none lost,
+    /// none shed) and every fault was applied. CI runs with this.
+    #[arg(long)]
+    pub check: bool,
+    /// Give up waiting for health checks after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    pub health_timeout_s: u64,
+}
+
+/// Brings the testbed down when dropped (unless kept).
+struct DownGuard<'a> {
+    compose: &'a Compose,
+    keep: bool,
+}
+
+impl Drop for DownGuard<'_> {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("testbed left running (--keep-up); `flow-node testbed down` removes it");
+            return;
+        }
+        match self.compose.down() {
+            Ok(()) => eprintln!("testbed down (containers, networks, volumes removed)"),
+            Err(e) => eprintln!("warning: compose down failed: {e:#}"),
+        }
+    }
+}
+
+/// A fault as it was applied.
+#[derive(Debug, serde::Serialize)]
+struct AppliedEvent {
+    at_s: f64,
+    applied_at_s: f64,
+    action: String,
+    target: String,
+    ok: bool,
+    detail: String,
+}
+
+/// The lower node of a link and the network towards its parent.
+fn partition_side(link: &str) -> anyhow::Result<(&str, &'static str)> {
+    let (a, b) = link
+        .split_once(':')
+        .with_context(|| format!("link `{link}` is not a:b"))?;
+    let lower = if a.starts_with("device") || b == "cloud" {
+        a
+    } else {
+        b
+    };
+    let net = if lower.starts_with("device") {
+        "dev_edge"
+    } else {
+        "edge_cloud"
+    };
+    Ok((lower, net))
+}
+
+struct Faults<'a> {
+    compose: &'a Compose,
+    /// (container, network) → its address before a partition, for the reconnect.
+    addresses: BTreeMap<(String, String), String>,
+}
+
+impl Faults<'_> {
+    fn apply(&mut self, ev: &ScenarioEvent) -> anyhow::Result<String> {
+        let c = self.compose;
+        match &ev.action {
+            Action::Kill => {
+                c.run(&["kill", "-s", "SIGKILL", &ev.target], "compose kill")?;
+                Ok("SIGKILL".into())
+            }
+            Action::Restart => {
+                let id = c.container(&ev.target)?;
+                if health_of(&id).starts_with("running") {
+                    c.run(&["restart", "-t", "2", &ev.target], "compose restart")?;
+                    Ok("restarted".into())
+                } else {
+                    c.run(&["start", &ev.target], "compose start")?;
+                    Ok("started".into())
+                }
+            }
+            Action::Partition => {
+                let (node, net) = partition_side(&ev.target)?;
+                let id = c.container(node)?;
+                let network = c.network(net);
+                let ip = address_on(c, node, net)?;
+                docker(
+                    &["network", "disconnect", "-f", &network, &id],
+                    "docker network disconnect",
+                )?;
+                let detail = format!("{node} disconnected from {network} (was {ip})");
+                self.addresses.insert((id, network), ip);
+                Ok(detail)
+            }
+            Action::Heal => {
+                let (node, net) = partition_side(&ev.target)?;
+                let id = c.container(node)?;
+                let network = c.network(net);
+                let ip = self
+                    .addresses
+                    .remove(&(id.clone(), network.clone()))
+                    .with_context(|| format!("heal {}: it was not partitioned", ev.target))?;
+                docker(
+                    &["network", "connect", "--ip", &ip, &network, &id],
+                    "docker network connect",
+                )?;
+                Ok(format!("{node} reconnected to {network} at {ip}"))
+            }
+            Action::DegradeLink(change) => {
+                let id = c.container("links")?;
+                let mut args: Vec<String> = [
+                    "exec",
+                    &id,
+                    "/flow-node",
+                    "testbed",
+                    "link-ctl",
+                    "apply",
+                    &ev.target,
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                for (flag, v) in [
+                    ("--delay-ms", change.delay_ms),
+                    ("--jitter-ms", change.jitter_ms),
+                    ("--rate-mbit", change.rate_mbit),
+                    ("--loss", change.loss),
+                ] {
+                    if let Some(v) = v {
+                        args.push(flag.into());
+                        args.push(v.to_string());
+                    }
+                }
+                run_ok(Command::new("docker").args(&args), "link-ctl apply")
+            }
+        }
+    }
+}
+
+fn unix_ms() -> anyhow::Result<u64> {
+    Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64)
+}
+
+fn build_schedule(a: &RunArgs, scenario: &Scenario) -> anyhow::Result<(Schedule, String)> {
+    let (trace, source) = match (&a.trace, a.synthetic) {
+        (Some(p), _) => (Trace::load(p)?, p.display().to_string()),
+        (None, Some(n)) => {
+            let cfg = SyntheticConfig {
+                requests: n,
+                ..Default::default()
+            };
+            (
+                cfg.generate()?,
+                format!("synthetic ({n} requests, seed {})", cfg.seed),
+            )
+        }
+        (None, None) => {
+            let p = Path::new("testbed/traces/sample_burstgpt.csv");
+            (
+                Trace::load(p).context(
+                    "the shipped sample trace (run from the repository root, or pass --trace)",
+                )?,
+                p.display().to_string(),
+            )
+        }
+    };
+    let run_s = scenario.duration.as_secs_f64();
+    let speed = match a.speed {
+        Some(s) => s,
+        None if trace.span() > 0.0 => (trace.span() / (0.8 * run_s)).max(1e-3),
+        None => 1.0,
+    };
+    let trace = trace.speed_up(speed)?.window(0.0, 0.85 * run_s);
+    let schedule = Schedule::from_trace(
+        &trace,
+        &ScheduleOptions {
+            max_tokens_cap: a.max_tokens_cap,
+            prompt_tokens_cap: a.prompt_tokens_cap,
+            failed_max_tokens: a.max_tokens_cap.min(4),
+        },
+    )?;
+    anyhow::ensure!(
+        !schedule.is_empty(),
+        "the trace has no requests in the run window"
+    );
+    Ok((schedule, format!("{source} ×{speed:.2}")))
+}
+
+/// Every scheduled request has exactly one record, answered or with an explicit error.
+fn check_records(schedule: &Schedule, records: &[RequestRecord]) -> anyhow::Result<()> {
+    let mut ids: Vec<u64> = records.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    let want: Vec<u64> = schedule.requests.iter().map(|r| r.id).collect();
+    anyhow::ensure!(
+        ids == want,
+        "lost requests: {} scheduled, {} records",
+        want.len(),
+        ids.len()
+    );
+    let shed = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Shed)
+        .count();
+    anyhow::ensure!(shed == 0, "{shed} requests were shed (never sent)");
+    Ok(())
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<()> {
+    let scenario = Scenario::load(&a.scenario)?;
+    for n in &scenario.topology.nodes {
+        anyhow::ensure!(
+            NODES.contains(&n.as_str()),
+            "{}: node `{n}` is not a service of the compose file ({NODES:?})",
+            a.scenario.display()
+        );
+    }
+    let devices: Vec<&String> = scenario
+        .topology
+        .nodes
+        .iter()
+        .filter(|n| n.starts_with("device"))
+        .collect();
+    anyhow::ensure!(
+        !devices.is_empty(),
+        "the topology has no device to send load to"
+    );
+    let (schedule, load_source) = build_schedule(&a, &scenario)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        let stem = a
+            .scenario
+            .file_stem()
+            .map_or("run".into(), |s| s.to_string_lossy().to_string());
+        PathBuf::from("target/testbed").join(stem)
+    });
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+
+    let compose = Compose::detect(&a.compose)?;
+    ensure_image(&a.compose, a.build_image)?;
+    // a previous run that was killed may have left the project behind
+    compose.down().ok();
+    let guard = DownGuard {
+        compose: &compose,
+        keep: a.keep_up,
+    };
+    let result = run_inner(&a, &compose, &scenario, &schedule, &load_source, &out);
+    // logs help when a node misbehaved; kept next to the report
+    if let Ok(logs) = compose.run(&["logs", "--no-color", "-t"], "compose logs") {
+        std::fs::write(out.join("compose.log"), logs).ok();
+    }
+    drop(guard);
+    result
+}
+
+fn run_inner(
+    a: &RunArgs,
+    compose: &Compose,
+    scenario: &Scenario,
+    schedule: &Schedule,
+    load_source: &str,
+    out: &Path,
+) -> anyhow::Result<()> {
+    up_services(
+        compose,
+        &scenario.topology.nodes,
+        Duration::from_secs(a.health_timeout_s),
+    )?;
+    if a.check {
+        check_isolation(compose, scenario)?;
+    }
+    let mut targets = Vec::new();
+    for d in scenario
+        .topology
+        .nodes
+        .iter()
+        .filter(|n| n.starts_with("device"))
+    {
+        let ip = address_on(compose, d, "access")?;
+        targets.push(format!("http://{ip}:8080"));
+    }
+    // the load and the faults share a wall-clock start a few seconds ahead (container start)
+    let lead = Duration::from_secs(4);
+    let t0_ms = unix_ms()? + lead.as_millis() as u64;
+    let mut args: Vec<String> = vec!["run".into(), "--rm".into(), "-T".into(), "loadgen".into()];
+    for t in &targets {
+        args.push("--target".into());
+        args.push(t.clone());
+    }
+    args.extend([
+        "--mode".into(),
+        a.mode.clone(),
+        "--timeout-s".into(),
+        a.timeout_s.to_string(),
+        "--start-at-unix-ms".into(),
+        t0_ms.to_string(),
+    ]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = compose
+        .cmd(&argv)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the load generator")?;
+    {
+        let mut stdin = child.stdin.take().context("loadgen stdin")?;
+        stdin.write_all(serde_json::to_string(schedule)?.as_bytes())?;
+    } // closing stdin ends the schedule
+    let mut stdout = child.stdout.take().context("loadgen stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).map(|_| s)
+    });
+
+    let t0 = Instant::now() + lead;
+    let total = scenario.duration + Duration::from_secs_f64(a.timeout_s + 5.0);
+    let pb = ProgressBar::new(scenario.duration.as_secs())
+        .with_style(ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {pos}/{len} s  {wide_msg}",
+        )?)
+        .with_message(scenario.name.clone());
+    let mut faults = Faults {
+        compose,
+        addresses: BTreeMap::new(),
+    };
+    let mut applied = Vec::new();
+    let mut pending = scenario.events.iter().peekable();
+    let status = loop {
+        let now = Instant::now().saturating_duration_since(t0);
+        pb.set_position(now.as_secs().min(scenario.duration.as_secs()));
+        while let Some(ev) = pending.next_if(|e| Instant::now() >= t0 + e.at) {
+            let at = Instant::now().saturating_duration_since(t0).as_secs_f64();
+            let res = faults.apply(ev);
+            let action = action_label(&ev.action);
+            let ok = res.is_ok();
+            let detail = match res {
+                Ok(d) => d,
+                Err(e) => format!("{e:#}"),
+            };
+            pb.println(format!(
+                "t={at:6.2}s {action} {}: {}{detail}",
+                ev.target,
+                if ok { "" } else { "FAILED: " }
+            ));
+            applied.push(AppliedEvent {
+                at_s: ev.at.as_secs_f64(),
+                applied_at_s: at,
+                action: action.into(),
+                target: ev.target.clone(),
+                ok,
+                detail,
+            });
+        }
+        if let Some(st) = child.try_wait()? {
+            if pending.peek().is_none() {
+                break st;
+            }
+        }
+        if Instant::now() > t0 + total {
+            child.kill().ok();
+            bail!("the load generator did not finish within {total:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    pb.finish_and_clear();
+    let stdout = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("loadgen reader thread panicked"))??;
+    anyhow::ensure!(status.success(), "the load generator failed ({status})");
+    let records: Vec<RequestRecord> =
+        serde_json::from_str(stdout.trim()).context("parsing the load generator's records")?;
+
+    let links_id = compose.container("links")?;
+    let stats_json = docker(
+        &[
+            "exec",
+            &links_id,
+            "/flow-node",
+            "testbed",
+            "link-ctl",
+            "stats",
+        ],
+        "link-ctl stats",
+    )?;
+    let stats: BTreeMap<String, ShaperStats> =
+        serde_json::from_str(&stats_json).context("parsing link stats")?;
+    let used = |name: &str| {
+        name.split_once(':').is_some_and(|(x, y)| {
+            let nodes = &scenario.topology.nodes;
+            nodes.iter().any(|n| n == x) && nodes.iter().any(|n| n == y)
+        })
+    };
+    let links: Vec<LinkBytes> = stats
+        .into_iter()
+        .filter(|(n, _)| used(n))
+        .map(|(name, stats)| LinkBytes { name, stats })
+        .collect();
+
+    let mut versions = BTreeMap::new();
+    versions.insert(
+        "flow-node".to_string(),
+        format!(
+            "{} ({})",
+            env!("CARGO_PKG_VERSION"),
+            if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+        ),
+    );
+    if let Ok(rev) = run_ok(
+        Command::new("git").args(["rev-parse", "--short", "HEAD"]),
+        "git",
+    ) {
+        versions.insert("git".into(), rev);
+    }
+    if let Ok(v) = docker(&["version", "-f", "{{.Server.Version}}"], "docker version") {
+        versions.insert("docker".into(), v);
+    }
+    versions.insert("compose".into(), compose.version());
+    if let Ok(id) = docker(
+        &["image", "inspect", "-f", "{{.Id}}", &a.compose.image],
+        "image id",
+    ) {
+        versions.insert("image".into(), format!("{} {id}", a.compose.image));
+    }
+    versions.insert("load".into(), load_source.to_string());
+    versions.insert("mode".into(), a.mode.clone());
+
+    std::fs::write(
+        out.join("events.json"),
+        serde_json::to_vec_pretty(&applied)?,
+    )?;
+    let input = ReportInput {
+        title: format!("testbed: {}", scenario.name),
+        records: records.clone(),
+        links,
+        scenario: Some(scenario.clone()),
+        versions,
+    };
+    let (summary, files) = write_report(out, &input)?;
+    println!(
+        "{}: {} requests: {} answered, {} errors, {} shed; p50 {} ms; escalated {:.0}%; degraded {}",
+        scenario.name,
+        summary.sent,
+        summary.answered,
+        summary.errored,
+        summary.shed,
+        summary
+            .latency_ms
+            .as_ref()
+            .map_or("-".into(), |p| format!("{:.0}", p.p50)),
+        summary.escalation_rate * 100.0,
+        summary.degraded
+    );
+    for (e, n) in &summary.errors {
+        println!("  error x{n}: {e}");
+    }
+    println!("report: {}", files.markdown.display());
+    if a.check {
+        check_records(schedule, &records)?;
+        let failed: Vec<_> = applied.iter().filter(|e| !e.ok).collect();
+        anyhow::ensure!(failed.is_empty(), "faults not applied: {failed:?}");
+        anyhow::ensure!(
+            applied.len() == scenario.events.len(),
+            "{} of {} faults applied",
+            applied.len(),
+            scenario.events.len()
+        );
+        anyhow::ensure!(summary.answered > 0, "no request was answered");
+        println!(
+            "check passed: all {} requests answered or failed explicitly, {} faults applied",
+            records.len(),
+            applied.len()
+        );
+    }
+    Ok(())
+}
+
+/// The address of a service's container on one of the project's networks.
+fn address_on(compose: &Compose, service: &str, net: &str) -> anyhow::Result<String> {
+    let id = compose.container(service)?;
+    let network = compose.network(net);
+    docker(
+        &[
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+            &id,
+        ],
+        "docker inspect (address)",
+    )
+}
+
+/// Devices reach their edge but not the cloud (separate networks per tier).
+fn check_isolation(compose: &Compose, scenario: &Scenario) -> anyhow::Result<()> {
+    let nodes = &scenario.topology.nodes;
+    let (Some(device), Some(edge)) = (
+        nodes.iter().find(|n| n.starts_with("device")),
+        nodes.iter().find(|n| n.starts_with("edge")),
+    ) else {
+        return Ok(());
+    };
+    let probe = |to: &str| {
+        let id = compose.container(device)?;
+        let url = format!("http://{to}:8080/healthz");
+        anyhow::Ok(
+            Command::new("docker")
+                .args([
+                    "exec",
+                    &id,
+                    "/flow-node",
+                    "testbed",
+                    "health",
+                    "--timeout-s",
+                    "2",
+                    &url,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?
+                .success(),
+        )
+    };
+    let edge_ip = address_on(compose, edge, "dev_edge")?;
+    anyhow::ensure!(
+        probe(&edge_ip)?,
+        "{device} cannot reach {edge} at {edge_ip}"
+    );
+    if nodes.iter().any(|n| n == "cloud") {
+        let cloud_ip = address_on(compose, "cloud", "edge_cloud")?;
+        anyhow::ensure!(
+            !probe(&cloud_ip)?,
+            "{device} reaches the cloud at {cloud_ip}: the tier networks are not separate"
+        );
+    }
+    eprintln!("isolation: {device} reaches {edge}, not the cloud");
+    Ok(())
+}
+
+fn action_label(a: &Action) -> &'static str {
+    match a {
+        Action::Kill => "kill",
+        Action::Restart => "restart",
+        Action::Partition => "partition",
+        Action::Heal => "heal",
+        Action::DegradeLink(_) => "degrade_link",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_cut_the_lower_node_towards_its_parent() {
+        assert_eq!(
+            partition_side("device2:edge1").unwrap(),
+            ("device2", "dev_edge")
+        );
+        assert_eq!(
+            partition_side("edge1:device2").unwrap(),
+            ("device2", "dev_edge")
+        );
+        assert_eq!(
+            partition_side("edge1:cloud").unwrap(),
+            ("edge1", "edge_cloud")
+        );
+        assert_eq!(
+            partition_side("cloud:edge2").unwrap(),
+            ("edge2", "edge_cloud")
+        );
+        assert!(partition_side("edge1").is_err());
+    }
+
+    #[test]
+    fn lost_or_shed_requests_fail_the_check() {
+        let sched = Schedule {
+            requests: (0..3)
+                .map(|i| flow_testbed::loadgen::ScheduledRequest {
+                    id: i,
+                    send_at: Duration::from_millis(i * 10),
+                    prompt_tokens: 4,
+                    max_tokens: 2,
+                    session: None,
+                    model: "m".into(),
+                    failed_in_trace: false,
+                })
+                .collect(),
+        };
+        let rec = |id: u64, outcome: Outcome| RequestRecord {
+            id,
+            scheduled_ms: 0.0,
+            sent_ms: Some(0.0),
+            outcome,
+            latency_ms: Some(1.0),
+            ttft_ms: None,
+            prompt_tokens: 4,
+            tokens_out: 1,
+            tier: None,
+            escalated: false,
+            degraded: false,
+        };
+        let ok = vec![
+            rec(0, Outcome::Answered),
+            rec(1, Outcome::Error("timeout".into())),
+            rec(2, Outcome::Answered),
+        ];
+        check_records(&sched, &ok).unwrap();
+        let e = check_records(&sched, &ok[..2]).unwrap_err();
+        assert!(e.to_string().contains("lost"), "{e}");
+        let mut shed = ok.clone();
+        shed[2].outcome = Outcome::Shed;
+        assert!(check_records(&sched, &shed)
+            .unwrap_err()
+            .to_string()
+            .contains("shed"));
+    }
+}

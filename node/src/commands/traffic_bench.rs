@@ -1,0 +1,313 @@
+//! `flow-node traffic train` and `flow-node bench traffic`: the familial vision model of
+//! the traffic app, and the benchmark of the whole loop (controllers × conditions in
+//! SUMO, detector accuracy per exit and condition, share of frames escalated).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use flow_traffic::controller::Mode;
+use flow_traffic::dataset::{self, DatasetSpec, Sample};
+use flow_traffic::scene::{Camera, Condition};
+use flow_traffic::sumo::{self, RunOptions, Scenario};
+use flow_traffic::vision::{self, ModelDetector, TrainConfig, VisionConfig, VisionFamily};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use super::traffic::{print_reports, sim_progress};
+
+#[derive(clap::Args, Debug)]
+#[command(before_long_help = "\
+Train the traffic app's familial vision model (a small ViT with a device exit and an edge
+exit) on rendered camera frames, then report each exit's accuracy per condition on held-out
+frames.
+
+The model answers two questions per frame: is an emergency vehicle in view, and what is the
+approach's congestion index. Every exit is trained jointly (sum of exit losses).
+
+Example:
+  flow-node traffic train --out models/traffic --samples 6000 --steps 600")]
+pub struct TrainArgs {
+    /// Output folder (vision.json, vision.safetensors, eval.json).
+    #[arg(long, default_value = "models/traffic")]
+    pub out: PathBuf,
+    /// Training frames (rendered in memory).
+    #[arg(long, default_value_t = 6000)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 600)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Held-out frames per condition for the report.
+    #[arg(long, default_value_t = 150)]
+    pub eval_per_condition: usize,
+}
+
+/// Accuracy of every exit, and of the escalating split, on one condition.
+#[derive(Debug, Serialize)]
+pub struct ConditionEval {
+    pub condition: String,
+    pub exits: Vec<vision::ExitAccuracy>,
+    /// Split detector (device exit, escalating below the threshold).
+    pub split_recall: f64,
+    pub split_accuracy: f64,
+    pub escalated_share: f64,
+}
+
+fn eval_sets(per_condition: usize, seed: u64) -> anyhow::Result<Vec<(String, Vec<Sample>)>> {
+    Condition::PRESETS
+        .iter()
+        .map(|c| {
+            let spec = DatasetSpec {
+                samples: per_condition,
+                seed: seed.wrapping_add(1_000),
+                conditions: vec![c.to_string()],
+                emergency_rate: 0.5,
+                ..DatasetSpec::default()
+            };
+            Ok((c.to_string(), dataset::generate(&spec)?))
+        })
+        .collect()
+}
+
+/// Per-condition accuracy of every exit and of the split at `threshold`.
+pub fn evaluate_all(
+    model: VisionFamily,
+    sets: &[(String, Vec<Sample>)],
+    threshold: f32,
+) -> anyhow::Result<(Vec<ConditionEval>, VisionFamily)> {
+    let det = ModelDetector { model, threshold };
+    let mut out = Vec::new();
+    for (cond, samples) in sets {
+        let refs: Vec<&Sample> = samples.iter().collect();
+        let exits = vision::evaluate(&det.model, &refs)?;
+        let (mut ok, mut evs, mut found, mut esc) = (0usize, 0usize, 0usize, 0usize);
+        for s in samples {
+            let d = det.infer(&s.frame)?;
+            ok += (d.emergency == s.labels.emergency) as usize;
+            esc += d.escalated as usize;
+            if s.labels.emergency {
+                evs += 1;
+                found += d.emergency as usize;
+            }
+        }
+        let n = samples.len().max(1) as f64;
+        out.push(ConditionEval {
+            condition: cond.clone(),
+            exits,
+            split_recall: found as f64 / evs.max(1) as f64,
+            split_accuracy: ok as f64 / n,
+            escalated_share: esc as f64 / n,
+        });
+    }
+    Ok((out, det.model))
+}
+
+fn print_evals(evals: &[ConditionEval], exits: &[usize], threshold: f32) {
+    print!("{:<10}", "condition");
+    for e in exits {
+        print!(
+            " {:>12} {:>10} {:>9}",
+            format!("exit{e} acc"),
+            "recall",
+            "CI MAE"
+        );
+    }
+    println!(
+        " {:>14} {:>12} {:>10}",
+        format!("split@{threshold:.2} acc"),
+        "recall",
+        "escalated"
+    );
+    for c in evals {
+        print!("{:<10}", c.condition);
+        for a in &c.exits {
+            print!(
+                " {:>12.3} {:>10.3} {:>9.3}",
+                a.accuracy, a.recall, a.congestion_mae
+            );
+        }
+        println!(
+            " {:>14.3} {:>12.3} {:>9.1}%",
+            c.split_accuracy,
+            c.split_recall,
+            100.0 * c.escalated_share
+        );
+    }
+}
+
+pub fn train(a: TrainArgs) -> anyhow::Result<()> {
+    let camera = Camera::default();
+    let spin = ProgressBar::new_spinner();
+    spin.set_message(format!("rendering {} training frames", a.samples));
+    let samples = dataset::generate(&DatasetSpec {
+        samples: a.samples,
+        seed: a.seed,
+        ..DatasetSpec::default()
+    })?;
+    spin.finish_and_clear();
+    let mut model = VisionFamily::new(VisionConfig::small(&camera))?;
+    println!(
+        "vision family: {} parameters, exits after blocks {:?}, {} training frames",
+        model.parameters(),
+        model.cfg.exits,
+        samples.len()
+    );
+    let pb = ProgressBar::new(a.steps as u64);
+    pb.set_style(
+        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let cfg = TrainConfig {
+        steps: a.steps,
+        batch: a.batch,
+        lr: a.lr,
+        ..TrainConfig::default()
+    };
+    let t = std::time::Instant::now();
+    let mut ema = None::<f32>;
+    vision::train(&mut model, &samples, &cfg, &mut |step, loss| {
+        let e = ema.map_or(loss, |m| 0.95 * m + 0.05 * loss);
+        ema = Some(e);
+        pb.set_position(step as u64 + 1);
+        pb.set_message(format!("loss {e:.3}"));
+    })?;
+    pb.finish_and_clear();
+    println!(
+        "trained {} steps in {:.0} s (final loss ~{:.3})",
+        a.steps,
+        t.elapsed().as_secs_f64(),
+        ema.unwrap_or(0.0)
+    );
+    model.save(&a.out)?;
+    let exits = model.cfg.exits.clone();
+    let sets = eval_sets(a.eval_per_condition, a.seed)?;
+    let (evals, _) = evaluate_all(model, &sets, 0.9)?;
+    print_evals(&evals, &exits, 0.9);
+    std::fs::write(
+        a.out.join("eval.json"),
+        serde_json::to_string_pretty(&evals)?,
+    )?;
+    println!("saved to {}", a.out.display());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+#[command(before_long_help = "\
+Benchmark the traffic app end to end.
+
+1. Detector accuracy per exit and camera condition on held-out rendered frames, and for
+   the split detector (device exit, escalating to the edge exit below --threshold), with the
+   share of frames escalated.
+2. SUMO runs of the scenario for every condition in --conditions and every controller
+   (fixed-time, adaptive, adaptive + preemption), all with the split vision detector in the
+   loop: emergency-vehicle travel time, mean waiting time of all vehicles, recall of
+   emergency vehicles in the loop, share of frames escalated.
+
+Example:
+  flow-node bench traffic --model models/traffic --end 1800")]
+pub struct BenchTrafficArgs {
+    /// Trained vision family (from `flow-node traffic train`).
+    #[arg(long, default_value = "models/traffic")]
+    pub model: PathBuf,
+    #[arg(long, default_value = "testbed/traffic/peak-hour")]
+    pub scenario: PathBuf,
+    /// Simulated seconds per run.
+    #[arg(long, default_value_t = 1800.0)]
+    pub end: f64,
+    /// Camera conditions of the SUMO runs.
+    #[arg(long, value_delimiter = ',', default_value = "clear,fog,night")]
+    pub conditions: Vec<String>,
+    /// Device exit confidence below which a frame escalates to the edge exit.
+    #[arg(long, default_value_t = 0.9)]
+    pub threshold: f32,
+    /// Held-out frames per condition for the accuracy table.
+    #[arg(long, default_value_t = 200)]
+    pub eval_per_condition: usize,
+    #[arg(long, default_value = "sumo")]
+    pub sumo: String,
+    /// Also print everything as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn bench(a: BenchTrafficArgs) -> anyhow::Result<()> {
+    for c in &a.conditions {
+        Condition::preset(c)?;
+    }
+    let model = VisionFamily::load(&a.model).with_context(|| {
+        format!(
+            "loading {} (train one with `flow-node traffic train`)",
+            a.model.display()
+        )
+    })?;
+    let exits = model.cfg.exits.clone();
+    let sets = eval_sets(a.eval_per_condition, 77)?;
+    let (evals, model) = evaluate_all(model, &sets, a.threshold)?;
+    println!(
+        "== detector accuracy per exit and condition ({} held-out frames each)",
+        a.eval_per_condition
+    );
+    print_evals(&evals, &exits, a.threshold);
+
+    let scenario = Scenario::load(&a.scenario)?;
+    let mut det = ModelDetector {
+        model,
+        threshold: a.threshold,
+    };
+    let mut reports = Vec::new();
+    for cond in &a.conditions {
+        for mode in [Mode::Fixed, Mode::Adaptive, Mode::Preempt] {
+            let dir = tempfile::tempdir()?;
+            let mut opts = RunOptions::new(mode, dir.path().to_path_buf());
+            opts.end_s = Some(a.end);
+            opts.condition = Some(cond.clone());
+            opts.sumo = a.sumo.clone();
+            let pb = sim_progress(&format!("{cond} {}", mode.name()), a.end);
+            let r = sumo::run(&scenario, &opts, &mut det, &mut |now, _| {
+                pb.set_position(now as u64)
+            })?;
+            pb.finish_and_clear();
+            reports.push(r);
+        }
+    }
+    println!(
+        "\n== SUMO {} ({} s simulated per run), split vision detector @ {:.2}",
+        a.scenario.display(),
+        a.end,
+        a.threshold
+    );
+    print_reports(&reports);
+    println!(
+        "\n{:<10} {:>22} {:>22} {:>20}",
+        "condition", "EV travel vs fixed", "mean wait vs fixed", "frames escalated"
+    );
+    for chunk in reports.chunks(3) {
+        let (f, p) = (&chunk[0], &chunk[2]);
+        println!(
+            "{:<10} {:>21.1}% {:>21.2}x {:>19.1}%",
+            f.condition,
+            100.0 * (p.emergency_mean_travel_s / f.emergency_mean_travel_s - 1.0),
+            p.mean_waiting_s / f.mean_waiting_s.max(1e-9),
+            100.0 * p.detection.escalated_share(),
+        );
+    }
+    if a.json {
+        #[derive(Serialize)]
+        struct All<'a> {
+            detector: &'a [ConditionEval],
+            runs: &'a [sumo::RunReport],
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&All {
+                detector: &evals,
+                runs: &reports
+            })?
+        );
+    }
+    Ok(())
+}
