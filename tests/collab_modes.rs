@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+mod common;
+
 use flow_familial::confidence::Confidence;
 use flow_familial::init::{init_checkpoint, Preset};
 use flow_familial::{FamilialModel, Layout};
@@ -58,15 +60,11 @@ fn ids(t: &[flow_protocol::TokenOut]) -> Vec<u32> {
 /// The tiny model emits eos sometimes; the family has no eos stop here because stop tokens
 /// include the model's eos. Strip generation at eos on both sides the same way.
 fn fixture() -> (tempfile::TempDir, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    init_checkpoint(Preset::Tiny, Layout::RuyiQwen2, 21, dir.path()).unwrap();
     // No eos in the config: generation always runs NEW tokens, so every position counts.
-    let cfg_path = dir.path().join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    v.as_object_mut().unwrap().remove("eos_token_id");
-    std::fs::write(&cfg_path, v.to_string()).unwrap();
-    (dir, tempfile::tempdir().unwrap())
+    (
+        common::tiny_family_without_eos(),
+        tempfile::tempdir().unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

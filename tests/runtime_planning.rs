@@ -1,0 +1,268 @@
+//! Run-time planning and fail-over across real agents on loopback (QUIC), with the
+//! testbed's user-space link shaper between device and edge:
+//! - a link that slows down (shaper schedule) is seen by the device's live link estimate
+//!   (probes + QUIC stats) and the device re-plans: new requests answer more at the device;
+//! - an edge killed mid-generation: the device answers the step from its own exit
+//!   (`degraded`), fails over to a second edge and continues the session there; the
+//!   hidden states it re-sends make the continuation exactly what a single node gives.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use flow_node::agent::wait_until;
+use flow_node::parent::ProbeConfig;
+use flow_node::planning::PlanningConfig;
+use flow_node::{Agent, AgentConfig, GenEvent, GenerateRequest};
+use flow_partition::planner::TierRole;
+use flow_partition::{LinkEstimate, LinkEstimatorConfig, PlannerConfig};
+use flow_protocol::{Policy, Role, Sampling};
+use flow_testbed::shaper::{LinkParams, LinkSchedule, ScheduleStep, ShaperConfig, ShaperHandle};
+
+const PROMPT: &[u32] = &[256, 49, 50, 43, 51, 52, 61];
+
+mod common;
+
+fn fixture() -> tempfile::TempDir {
+    common::tiny_family_without_eos()
+}
+
+fn node(dir: &Path, role: Role, name: &str, a: usize, b: usize) -> AgentConfig {
+    common::node_config(dir, role, name, a, b)
+}
+
+async fn start(cfg: AgentConfig) -> Agent {
+    Agent::start(cfg).await.expect("agent starts")
+}
+
+/// Cloud (3..5 + deepest exit) and an edge (1..3 + exit 3) connected to it.
+async fn upper(dir: &Path) -> (Agent, Agent) {
+    let cloud = start(node(dir, Role::Cloud, "cloud", 3, 5)).await;
+    let mut e = node(dir, Role::Edge, "edge", 1, 3);
+    e.parent = Some((cloud.local_addr().unwrap(), "cloud".into()));
+    (cloud, start(e).await)
+}
+
+async fn shaper(upstream: SocketAddr, delay_ms: u64, schedule: LinkSchedule) -> ShaperHandle {
+    let mut cfg = ShaperConfig::loopback(upstream);
+    cfg.up = LinkParams::with_delay(Duration::from_millis(delay_ms));
+    cfg.down = cfg.up.clone();
+    cfg.schedule = schedule;
+    ShaperHandle::spawn(cfg).await.expect("shaper starts")
+}
+
+fn request(prompt: &[u32], n: usize, policy: Option<Policy>) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.to_vec(),
+        max_new_tokens: n,
+        sampling: Sampling::default(),
+        policy,
+        stop_tokens: vec![],
+    }
+}
+
+// ----- re-planning ------------------------------------------------------------------------
+
+/// The tiny family's planner view (exit depths 1, 3, 6) with made-up curves and a slow
+/// device; the cut is pinned to the loaded stages (device 0..1, edge 1..3, cloud 3..6).
+fn planning() -> PlanningConfig {
+    use common::{pt, tier_spec as tier};
+    common::tiny_planning(
+        [
+            vec![
+                pt(0.9, 0.995, 0.8),
+                pt(0.6, 0.985, 0.5),
+                pt(0.3, 0.975, 0.2),
+                pt(0.0, 0.9, 0.0),
+            ],
+            vec![pt(0.9, 0.998, 0.6), pt(0.0, 0.95, 0.0)],
+        ],
+        vec![
+            tier(TierRole::Device, 10.0),
+            tier(TierRole::Edge, 0.5),
+            tier(TierRole::Cloud, 0.1),
+        ],
+        vec![
+            LinkEstimate::fixed(2.0, 100e6),
+            LinkEstimate::fixed(2.0, 1e9),
+        ],
+        PlannerConfig {
+            allowed_cuts: vec![vec![1], vec![3]],
+            ..PlannerConfig::default()
+        },
+        300,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slower_link_is_measured_and_the_device_replans() {
+    let dir = fixture();
+    let (cloud, edge) = upper(dir.path()).await;
+    // 1 ms each way, then from 2 s on 100 ms each way (RTT ~2 ms -> ~200 ms).
+    let schedule = LinkSchedule {
+        steps: vec![ScheduleStep {
+            at_ms: 2_000,
+            direction: Default::default(),
+            delay_ms: Some(100.0),
+            jitter_ms: None,
+            rate_mbit: None,
+            loss: None,
+        }],
+    };
+    let link = shaper(edge.local_addr().unwrap(), 1, schedule).await;
+    let mut d = node(dir.path(), Role::Device, "device", 0, 1);
+    d.parent = Some((link.local_addr(), "edge".into()));
+    d.probe = ProbeConfig {
+        interval: Some(Duration::from_millis(100)),
+        estimator: LinkEstimatorConfig {
+            half_life_ms: 200.0,
+            prior: LinkEstimate {
+                confidence: 0.0,
+                ..LinkEstimate::fixed(2.0, 100e6)
+            },
+            ..LinkEstimatorConfig::default()
+        },
+        ..ProbeConfig::default()
+    };
+    d.planning = Some(planning());
+    let device = start(d).await;
+    let parent = device.parents().unwrap().active();
+    assert!(wait_until(Duration::from_secs(20), || parent.probe_rounds() >= 3).await);
+    let before = device.applied_plan().expect("a plan is in force");
+    let plan_before = device.current_plan().unwrap();
+    assert!(parent.estimate().rtt_ms < 50.0, "{:?}", parent.estimate());
+    // Requests run on the plan in force while the link changes under them.
+    let (toks, _) = device
+        .generate_collect(request(PROMPT, 8, None))
+        .await
+        .unwrap();
+    assert_eq!(toks.len(), 8);
+    assert!(
+        wait_until(Duration::from_secs(20), || device.replans() >= 1).await,
+        "no re-plan; estimate {:?}, plan {}",
+        parent.estimate(),
+        device.current_plan().unwrap().summary()
+    );
+    // The estimate follows the shaper's new delay (~200 ms RTT).
+    assert!(
+        wait_until(Duration::from_secs(10), || parent.estimate().rtt_ms > 150.0).await,
+        "{:?}",
+        parent.estimate()
+    );
+    let after = device.applied_plan().unwrap();
+    let plan_after = device.current_plan().unwrap();
+    assert_ne!(before, after, "{}", plan_after.explain());
+    // A slow uplink: the device answers more tokens itself.
+    assert!(
+        after.policy.threshold_for(1) < before.policy.threshold_for(1),
+        "before: {}\nafter: {}",
+        plan_before.summary(),
+        plan_after.summary()
+    );
+    assert!(plan_after.tiers[1].reach < plan_before.tiers[1].reach);
+    let metrics = device.planning_metrics();
+    assert!(metrics.contains("aiflow_replans_total 1"), "{metrics}");
+    assert!(metrics.contains("aiflow_link_rtt_ms{"), "{metrics}");
+    // New requests take the new plan and still complete.
+    let (toks, _) = device
+        .generate_collect(request(PROMPT, 4, None))
+        .await
+        .unwrap();
+    assert_eq!(toks.len(), 4);
+    device.shutdown().await;
+    edge.shutdown().await;
+    cloud.shutdown().await;
+}
+
+// ----- fail-over --------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_killed_mid_generation_degrades_then_fails_over_exactly() {
+    const NEW: usize = 24;
+    let dir = fixture();
+    let (cloud, edge_a) = upper(dir.path()).await;
+    let mut e = node(dir.path(), Role::Edge, "edge-b", 1, 3);
+    e.parent = Some((cloud.local_addr().unwrap(), "cloud".into()));
+    let edge_b = start(e).await;
+    // 10 ms each way to edge A: a generation takes long enough to kill A in the middle.
+    let link = shaper(edge_a.local_addr().unwrap(), 10, LinkSchedule::default()).await;
+    let mut d = node(dir.path(), Role::Device, "device", 0, 1);
+    d.parent = Some((link.local_addr(), "edge".into()));
+    d.fallback_parents = vec![(edge_b.local_addr().unwrap(), "edge".into())];
+    let device = start(d).await;
+    // Every token is answered by the cloud's deepest exit, unless a tier fails.
+    let policy = common::escalate_to_the_cloud();
+    let mut rx = device
+        .generate(request(PROMPT, NEW, Some(policy.clone())))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut stats = None;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::Token { token, degraded } => {
+                got.push((token, degraded));
+                if got.len() == 4 {
+                    edge_a.abort().await;
+                }
+            }
+            GenEvent::Done(s) => stats = Some(s),
+            GenEvent::Error(e) => panic!("the request failed: {e}"),
+        }
+    }
+    let stats = stats.expect("the request finished");
+    assert_eq!(got.len(), NEW, "no token lost");
+    assert_eq!(stats.completion_tokens, NEW);
+    let degraded: Vec<usize> = (0..NEW).filter(|&i| got[i].1).collect();
+    assert!(!degraded.is_empty(), "{got:?}");
+    assert_eq!(stats.degraded_tokens, degraded.len());
+    assert_eq!(stats.failovers, 1);
+    let d = *degraded.last().unwrap();
+    assert!(d >= 4, "the first tokens came before the kill: {got:?}");
+    for (t, deg) in &got[d + 1..] {
+        assert!(!deg && t.tier == Role::Cloud, "{got:?}");
+    }
+    for &i in &degraded {
+        assert_eq!((got[i].0.tier, got[i].0.exit), (Role::Device, 1));
+    }
+    assert_eq!(device.parents().unwrap().failovers(), 1);
+
+    // Exactness against one node holding the whole family.
+    let single = common::single_reference(dir.path()).await;
+    let ids = |v: &[(flow_protocol::TokenOut, bool)]| v.iter().map(|t| t.0.id).collect::<Vec<_>>();
+    let (want, _) = single
+        .generate_collect(request(PROMPT, NEW, None))
+        .await
+        .unwrap();
+    let want: Vec<u32> = want.iter().map(|t| t.id).collect();
+    let first_degraded = degraded[0];
+    assert_eq!(ids(&got[..first_degraded]), want[..first_degraded].to_vec());
+    // After the last degraded token: single-node greedy continuation of everything so far.
+    let mut prefix = PROMPT.to_vec();
+    prefix.extend(ids(&got[..=d]));
+    let (cont, _) = single
+        .generate_collect(request(&prefix, NEW - d - 1, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&got[d + 1..]),
+        cont.iter().map(|t| t.id).collect::<Vec<_>>(),
+        "the session continued on edge B exactly"
+    );
+
+    // The next request starts on edge B and is not degraded.
+    let (again, s2) = device
+        .generate_collect(request(PROMPT, 6, Some(policy)))
+        .await
+        .unwrap();
+    assert_eq!(s2.degraded_tokens, 0);
+    assert_eq!(
+        again.iter().map(|t| t.id).collect::<Vec<_>>(),
+        want[..6].to_vec()
+    );
+    let m = device.planning_metrics();
+    assert!(m.contains("aiflow_parent_failovers_total 1"), "{m}");
+    device.shutdown().await;
+    edge_b.shutdown().await;
+    cloud.shutdown().await;
+}
