@@ -317,7 +317,18 @@ fn run_in_pool(a: PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU model from /proc/cpuinfo (or the architecture), core count and compute threads.
+/// Build profile of this binary: `debug` or `release`. Part of the profile cache key,
+/// because the same CPU spends very different times in a debug and a release build.
+pub(crate) fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+/// CPU model from /proc/cpuinfo (or the architecture), core count, compute threads and
+/// the build profile (see [`build_profile`]).
 pub(crate) fn cpu_description() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -329,7 +340,11 @@ pub(crate) fn cpu_description() -> String {
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{model} x{cores} t{}", rayon::current_num_threads().max(1))
+    format!(
+        "{model} x{cores} t{} {}",
+        rayon::current_num_threads().max(1),
+        build_profile()
+    )
 }
 
 fn cache_dir() -> Option<PathBuf> {
