@@ -4,7 +4,9 @@
 //!   (probes + QUIC stats) and the device re-plans: new requests answer more at the device;
 //! - an edge killed mid-generation: the device answers the step from its own exit
 //!   (`degraded`), fails over to a second edge and continues the session there; the
-//!   hidden states it re-sends make the continuation exactly what a single node gives.
+//!   hidden states it re-sends make the continuation exactly what a single node gives;
+//! - the same kill during speculative decoding: the session continues on the second edge
+//!   (accepted rows re-sent) and the output stays exactly the single node's.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -16,7 +18,7 @@ use flow_node::planning::PlanningConfig;
 use flow_node::{Agent, AgentConfig, GenEvent, GenerateRequest};
 use flow_partition::planner::TierRole;
 use flow_partition::{LinkEstimate, LinkEstimatorConfig, PlannerConfig};
-use flow_protocol::{Policy, Role, Sampling};
+use flow_protocol::{InferMode, Policy, Role, Sampling};
 use flow_testbed::shaper::{LinkParams, LinkSchedule, ScheduleStep, ShaperConfig, ShaperHandle};
 
 const PROMPT: &[u32] = &[256, 49, 50, 43, 51, 52, 61];
@@ -262,6 +264,61 @@ async fn edge_killed_mid_generation_degrades_then_fails_over_exactly() {
     );
     let m = device.planning_metrics();
     assert!(m.contains("aiflow_parent_failovers_total 1"), "{m}");
+    device.shutdown().await;
+    edge_b.shutdown().await;
+    cloud.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculate_session_fails_over_to_a_second_edge_exactly() {
+    const NEW: usize = 24;
+    let dir = fixture();
+    let (cloud, edge_a) = upper(dir.path()).await;
+    let mut e = node(dir.path(), Role::Edge, "edge-b", 1, 3);
+    e.parent = Some((cloud.local_addr().unwrap(), "cloud".into()));
+    let edge_b = start(e).await;
+    let link = shaper(edge_a.local_addr().unwrap(), 10, LinkSchedule::default()).await;
+    let mut d = node(dir.path(), Role::Device, "device", 0, 1);
+    d.parent = Some((link.local_addr(), "edge".into()));
+    d.fallback_parents = vec![(edge_b.local_addr().unwrap(), "edge".into())];
+    let device = start(d).await;
+    // The device drafts at its exit 1; the cloud's deepest exit verifies every draft.
+    let policy = Policy {
+        mode: InferMode::Speculate,
+        draft_len: 2,
+        ..Policy::default()
+    };
+    let mut rx = device
+        .generate(request(PROMPT, NEW, Some(policy)))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut stats = None;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::Token { token, degraded } => {
+                assert!(!degraded, "speculation never answers degraded");
+                got.push(token.id);
+                if got.len() == 4 {
+                    edge_a.abort().await;
+                }
+            }
+            GenEvent::Done(s) => stats = Some(s),
+            GenEvent::Error(e) => panic!("the request failed: {e}"),
+        }
+    }
+    let stats = stats.expect("the request finished");
+    assert_eq!(got.len(), NEW, "no token lost");
+    assert_eq!(stats.failovers, 1, "{stats:?}");
+    assert_eq!(device.parents().unwrap().failovers(), 1);
+    // Verified speculation is exact: the whole output is the single node's greedy one,
+    // before and after the fail-over (edge B rebuilt the session from the re-sent rows).
+    let single = common::single_reference(dir.path()).await;
+    let (want, _) = single
+        .generate_collect(request(PROMPT, NEW, None))
+        .await
+        .unwrap();
+    assert_eq!(got, want.iter().map(|t| t.id).collect::<Vec<_>>());
     device.shutdown().await;
     edge_b.shutdown().await;
     cloud.shutdown().await;

@@ -1086,6 +1086,14 @@ impl Agent {
             cut: stage.b,
             ..GenStats::default()
         };
+        // With another parent to fail over to, keep the rows of every accepted position:
+        // a new parent rebuilds the session from them.
+        let keep_history = self
+            .inner
+            .parents
+            .as_ref()
+            .is_some_and(|p| p.all().len() > 1);
+        let mut history: Vec<Tensor> = Vec::new();
         // `pending` = accepted tokens the verifier has not processed, starting at `s`.
         let mut pending = req.prompt.clone();
         let mut s = 0usize;
@@ -1126,11 +1134,16 @@ impl Agent {
                 let hidden = Tensor::cat(&rows, 0)?;
                 self.inner.metrics.drafts_proposed.add(drafts.len() as u64);
                 stats.drafts_proposed += drafts.len();
-                let v = tier.verify_upstream(s, hidden, drafts.clone()).await?;
+                let v = tier
+                    .verify_or_fail_over(s, hidden.clone(), drafts.clone(), &history)
+                    .await?;
                 let a = (v.accepted as usize).min(drafts.len());
                 self.inner.metrics.drafts_accepted.add(a as u64);
                 stats.drafts_accepted += a;
                 let r = pending.len();
+                if keep_history {
+                    history.push(hidden.narrow(0, 0, r + a)?);
+                }
                 engine.truncate(tier.id, s + r + a).await;
                 let mut emitted: Vec<TokenOut> = drafts[..a]
                     .iter()

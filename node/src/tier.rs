@@ -618,6 +618,42 @@ impl TierSession {
         self.exchange_draft(msg).await
     }
 
+    /// Speculate mode at the entry node: [`Self::verify_upstream`]; when the parent fails
+    /// and another is configured, the session continues there like escalate's fail-over:
+    /// the same draft goes to the next parent from position 0 with `history` (the rows of
+    /// every accepted position before `start`, in order) in front, so the new parent
+    /// rebuilds the session's KV before it verifies. Without another parent, the error.
+    pub async fn verify_or_fail_over(
+        &mut self,
+        start: usize,
+        hidden: Tensor,
+        drafts: Vec<u32>,
+        history: &[Tensor],
+    ) -> Result<Verdict> {
+        let err = match self
+            .verify_upstream(start, hidden.clone(), drafts.clone())
+            .await
+        {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        self.upstream = None;
+        let next = match (&self.parents, &self.parent) {
+            (Some(set), Some(cur)) => set.fail_over(cur),
+            _ => None,
+        };
+        let Some(p) = next else {
+            return Err(err);
+        };
+        tracing::warn!(session = self.id, error = %err, parent = %p.addr(), positions = start, "speculation continues on another parent; the accepted states are re-sent");
+        self.parent = Some(p);
+        self.failovers += 1;
+        let mut rows = history.to_vec();
+        rows.push(hidden);
+        self.verify_upstream(0, Tensor::cat(&rows, 0)?, drafts)
+            .await
+    }
+
     /// Send a `Draft` to the parent and wait for its `Verdict`.
     async fn exchange_draft(&mut self, msg: Message) -> Result<Verdict> {
         let bytes = message_tensor_bytes(&msg);

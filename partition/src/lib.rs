@@ -11,6 +11,7 @@
 //! | fit a node's profile from self-benchmark samples | [`profile::fit_node_profile`], [`profile::fit_linear`] |
 //! | cache key for a profile | [`profile::ProfileKey`] (`file_stem()`) |
 //! | smooth RTT/goodput samples of a link | [`link::LinkEstimator`] (`observe`, `planning_estimate`) |
+//! | thresholds of composed deciding exits (a cascade) on its own decodes | [`cascade::calibrate_cascade`], planner curves: [`cascade::cascade_curves`] |
 //! | agreement curve and threshold of an exit | [`calibrate::agreement_curve`], [`calibrate::calibrate_exit`], whole family: [`calibrate::calibrate_family`] |
 //! | choose a plan | [`planner::plan`] (also [`planner::cloud_only`], [`planner::device_only`], [`planner::best_static_split`]) |
 //! | explain it | [`planner::Plan::explain`] |
@@ -80,6 +81,7 @@
 //! (shipping token ids while answering locally).
 
 pub mod calibrate;
+pub mod cascade;
 pub mod degrade;
 pub mod error;
 pub mod link;
@@ -90,6 +92,10 @@ pub mod replan;
 pub use calibrate::{
     agreement_curve, calibrate_exit, calibrate_family, Bound, BoundKind, Calibration,
     CalibrationConfig, ConfidenceMeasure, CurvePoint, ExitCalibration, ExitRecords, Record,
+};
+pub use cascade::{
+    calibrate_cascade, cascade_curves, composed_agreement, CascadeCalibration, CascadeConfig,
+    CascadeToken,
 };
 pub use degrade::{
     choose_parent, decide, DegradeDecision, DegradePolicy, DegradeReason, EscalationContext,

@@ -41,7 +41,9 @@ Prints mean latency per generated token (request time / tokens, prefill included
 agreement with cloud-only, and the planner's predicted latency. Agreement is per token
 with the same context (the cloud's next token after the prompt and the config's own
 earlier tokens, as calibration measures it); static is compared position by position.
-Requests stop at eos.")]
+Requests stop at eos. Every reply on both links may take up to 5 s (the run measures slow
+links, not fault handling: the default deadlines would fail a slow step over to a degraded
+local answer).")]
 pub struct BenchPlanArgs {
     /// Checkpoint directory of the family (with aiflow_calibration.json).
     #[arg(long, default_value = "models/small")]
@@ -153,22 +155,14 @@ async fn run_async(a: BenchPlanArgs) -> anyhow::Result<()> {
         .collect();
     // Planner inputs: this machine's profile for every tier (all three run here).
     let pa = PlanArgs {
-        model: dir.clone(),
-        device_mbit: 10.0,
-        device_rtt_ms: 20.0,
-        cloud_mbit: 100.0,
-        cloud_rtt_ms: 40.0,
         device_slowdown: 1.0,
         cloud_speedup: 1.0,
         device_memory_mib: 1024.0,
         target: a.target,
         prompt_tokens: 16,
         gen_tokens: a.max_tokens as u32,
-        calibration: None,
-        explain: false,
-        json: false,
-        no_cache: false,
         threads: Some(1),
+        ..PlanArgs::defaults(dir.clone())
     };
     let (profile, profile_src, exits, acc_src) = calibrate::in_pool(Some(1), || {
         let model = flow_familial::FamilialModel::load(&dir)?;
@@ -388,6 +382,10 @@ async fn run_async(a: BenchPlanArgs) -> anyhow::Result<()> {
         edge.abort().await;
         cloud.abort().await;
     }
+    println!(
+        "every reply may take up to {} s on both links (patient link health: a slow link is measured, not failed over)",
+        patient().reply_cap.as_secs()
+    );
     println!(
         "{:<9} {:<12} {:>10} {:>10} {:>7} {:>9}  plan",
         "scenario", "config", "meas ms/t", "pred ms/t", "pred/m", "agree"

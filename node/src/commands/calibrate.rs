@@ -26,8 +26,9 @@ use flow_familial::train::greedy_batch;
 use flow_familial::weights::Checkpoint;
 use flow_familial::{FamilialModel, ModelConfig, Rows, Seg, SeqCache};
 use flow_partition::{
-    agreement_curve, calibrate_family, Bound, BoundKind, CalibrationConfig, ConfidenceMeasure,
-    CurvePoint, ExitRecords, Record,
+    agreement_curve, calibrate_cascade, calibrate_exit, calibrate_family, cascade_curves,
+    composed_agreement, Bound, BoundKind, CalibrationConfig, CascadeConfig, CascadeToken,
+    ConfidenceMeasure, CurvePoint, ExitRecords, Record,
 };
 use serde::{Deserialize, Serialize};
 
@@ -35,9 +36,11 @@ use serde::{Deserialize, Serialize};
 pub const FORMAT: &str = "aiflow-calibration/1";
 /// File name under the checkpoint directory.
 pub const FILE_NAME: &str = "aiflow_calibration.json";
-/// How the reference tokens are produced (recorded in the file).
+/// How the reference tokens are produced (recorded in the file), `--teacher-forced`.
 pub const REFERENCE: &str =
     "deepest exit's greedy continuation (KV-cached decoding); every exit teacher-forced on it";
+/// How the records are produced by default (recorded in the file).
+pub const REFERENCE_CASCADE: &str = "the cascade's own greedy decode (deciding exits answer when confident, else the deepest exit); every exit scored against the deepest exit on the same context";
 
 /// Which lower bound `--bound` selects.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,9 +87,22 @@ down and the search stops at the first failure (Learn-then-Test, as in CALM): wi
 probability at least 1 - delta, the agreement among accepted tokens at the chosen threshold
 is at least the target on new data from the same distribution.
 
-Records: one per generated answer token and exit. The reference is the deepest exit's greedy
-continuation; every exit is run teacher-forced on it (so each record asks: given the deepest
-exit's prefix, does this exit pick the same next token?).")]
+Records (default): the cascade's own decodes. The deciding exits (--deciders, by default the
+two shallowest: the device's and the edge's) answer a token when confident, else the deepest
+exit does, exactly as a deployment serves; every exit is scored on every generated token
+against the deepest exit on the same context. The thresholds of the deciders are chosen
+jointly: over a grid of --grid candidates per exit, the combination with the least mean
+--escalation-cost whose composed agreement (all tokens, the deepest exit's counted as
+agreeing) has a Clopper-Pearson lower bound >= --target at level delta / combinations
+(Bonferroni). The records depend on the thresholds they were decoded with, so the command
+decodes with the last choice and chooses again, up to --rounds times (round 1 decodes with
+the deepest exit alone); the file reports the final thresholds' own decode. Exits outside
+the cascade are calibrated on their own on the cascade's contexts. Check a file on a
+held-out split with --check: it decodes the cascade there and bounds its composed agreement.
+
+With --teacher-forced (the old method): the reference is the deepest exit's greedy
+continuation; every exit is run teacher-forced on it and calibrated on its own (each record
+asks: given the deepest exit's prefix, does this exit pick the same next token?).")]
 #[command(after_long_help = "\
 Examples:
   flow-node model calibrate models/small
@@ -147,6 +163,55 @@ pub struct CalibrateArgs {
     /// Compute threads (default: $RAYON_NUM_THREADS, else 1).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Old method: every exit calibrated on its own, teacher-forced on the deepest exit's
+    /// continuation (no cascade, no on-policy decode).
+    #[arg(long)]
+    pub teacher_forced: bool,
+    /// Exit points that decide in the cascade, shallowest first (default: the two
+    /// shallowest exits: the device's and the edge's in the three-tier placement).
+    #[arg(long, value_delimiter = ',', value_name = "POINTS")]
+    pub deciders: Vec<usize>,
+    /// Cost of a token escalating past each deciding exit (same order as --deciders),
+    /// e.g. the next hop's latency in ms; the thresholds minimise the mean cost per token.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "20,45",
+        value_name = "COSTS"
+    )]
+    pub escalation_cost: Vec<f64>,
+    /// Candidate thresholds per deciding exit (the bound is Bonferroni-corrected for the
+    /// number of combinations).
+    #[arg(long, default_value_t = 24)]
+    pub grid: usize,
+    /// Decode-and-choose rounds (each decodes the validation set with the last choice).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+/// The composed policy in the calibration file (`--deciders`), checked on its own decode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CascadeEntry {
+    /// Deciding exit points, shallowest first.
+    pub deciders: Vec<usize>,
+    /// Their thresholds (`null`: always escalate).
+    pub thresholds: Vec<Option<f64>>,
+    /// Escalation cost per deciding exit the choice minimised.
+    pub escalation_cost: Vec<f64>,
+    /// Threshold combinations searched (Bonferroni factor of the choice).
+    pub candidates: usize,
+    /// Rounds run, and whether the last choice equalled the thresholds it decoded with.
+    pub rounds: usize,
+    pub converged: bool,
+    /// On the final decode with these thresholds: tokens, agreeing tokens, composed
+    /// agreement, its lower bound at the file's delta, tokens answered per decider then
+    /// the deepest exit, mean escalation cost.
+    pub tokens: usize,
+    pub agreeing: usize,
+    pub agreement: f64,
+    pub bounded_agreement: f64,
+    pub answered: Vec<usize>,
+    pub cost: f64,
 }
 
 /// One exit in the calibration file.
@@ -200,6 +265,9 @@ pub struct CalibrationFile {
     pub deepest_exit: usize,
     /// Every exit, shallowest first (the deepest last, threshold `None`).
     pub exits: Vec<ExitEntry>,
+    /// The cascade the deciders' thresholds were chosen for (absent: `--teacher-forced`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cascade: Option<CascadeEntry>,
 }
 
 impl CalibrationFile {
@@ -464,7 +532,340 @@ pub fn calibrate(
         reference: REFERENCE.into(),
         deepest_exit: collected.deepest,
         exits,
+        cascade: None,
     })
+}
+
+/// What [`cascade_decode`] recorded.
+pub struct CascadeDecode {
+    /// One per generated token: the deciding exits' records.
+    pub tokens: Vec<CascadeToken>,
+    /// Every non-deepest exit's records on the same tokens, shallowest first.
+    pub exits: Vec<ExitTokens>,
+    /// Point of the deepest exit.
+    pub deepest: usize,
+}
+
+/// Decodes `examples` greedily with the cascade `deciders` (indices into the exit points)
+/// at `thresholds`: a token is the first deciding exit's whose confidence reaches its
+/// threshold, else the deepest exit's. Every exit runs on every token (what a split
+/// deployment computes once it has back-filled), so each token records, per exit, its
+/// confidence and whether its token equals the deepest exit's on this context.
+pub fn cascade_decode(
+    model: &FamilialModel,
+    examples: &[Example],
+    measure: Measure,
+    deciders: &[usize],
+    thresholds: &[Option<f64>],
+) -> anyhow::Result<CascadeDecode> {
+    let cfg = model.config();
+    let points = cfg.exit_points();
+    let depths = planner_depths(cfg);
+    let Some(&deepest) = points.last() else {
+        bail!("the family has no exit");
+    };
+    let eos: Vec<u32> = if cfg.eos_token_ids.is_empty() {
+        vec![flow_familial::tokenizer::BYTE_EOS]
+    } else {
+        cfg.eos_token_ids.clone()
+    };
+    let mut exits: Vec<ExitTokens> = points[..points.len() - 1]
+        .iter()
+        .zip(&depths)
+        .map(|(&point, &depth)| ExitTokens {
+            point,
+            depth,
+            records: Vec::new(),
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    const CHUNK: usize = 32;
+    for chunk in examples.chunks(CHUNK) {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
+        let max_new = chunk.iter().map(|e| e.answer.len() + 2).max().unwrap_or(1);
+        let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
+        let mut done = vec![false; prompts.len()];
+        let mut segs: Vec<Seg> = prompts.iter().map(|p| Seg::new(0, p.len())).collect();
+        let mut input: Vec<u32> = prompts.concat();
+        for _ in 0..max_new {
+            let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
+            let mut h = model.embed(&input)?;
+            let mut at = 0usize;
+            let mut conf: Vec<Vec<Confidence>> = Vec::new(); // [exit][sequence]
+            for &p in &points {
+                h = model.run_layers(&h, at..p, &segs, &mut refs)?;
+                at = p;
+                let logits: Vec<Vec<f32>> =
+                    model.exit(&h, p, &segs, &mut refs, Rows::Last)?.to_vec2()?;
+                conf.push(logits.iter().map(|r| Confidence::of_row(r)).collect());
+            }
+            let mut next = Vec::with_capacity(prompts.len());
+            for s in 0..prompts.len() {
+                let deep = conf[points.len() - 1][s].token;
+                let record = |i: usize| Record {
+                    confidence: f64::from(conf[i][s].score(measure)),
+                    agrees: conf[i][s].token == deep,
+                };
+                let answer = deciders
+                    .iter()
+                    .zip(thresholds)
+                    .find(|(&i, t)| t.is_some_and(|t| record(i).confidence >= t))
+                    .map_or(deep, |(&i, _)| conf[i][s].token);
+                next.push(answer);
+                if done[s] {
+                    continue;
+                }
+                for (i, e) in exits.iter_mut().enumerate() {
+                    e.records.push(record(i));
+                }
+                tokens.push(CascadeToken {
+                    exits: deciders.iter().map(|&i| record(i)).collect(),
+                });
+                done[s] = eos.contains(&answer);
+            }
+            if done.iter().all(|d| *d) {
+                break;
+            }
+            segs = segs.iter().map(|s| Seg::new(s.start + s.len, 1)).collect();
+            input = next;
+        }
+    }
+    Ok(CascadeDecode {
+        tokens,
+        exits,
+        deepest,
+    })
+}
+
+/// Indices (into the exit points) of the deciding exits named by `points` (default: the
+/// two shallowest non-deepest exits).
+fn decider_indices(cfg: &ModelConfig, points: &[usize]) -> anyhow::Result<Vec<usize>> {
+    let all = cfg.exit_points();
+    let shallow = &all[..all.len().saturating_sub(1)];
+    if points.is_empty() {
+        return Ok((0..shallow.len().min(2)).collect());
+    }
+    let mut out = Vec::new();
+    for &p in points {
+        let Some(i) = shallow.iter().position(|&x| x == p) else {
+            bail!("--deciders: {p} is no exit point below the deepest (exits: {shallow:?})");
+        };
+        if out.last().is_some_and(|&l| l >= i) {
+            bail!("--deciders must be increasing, got {points:?}");
+        }
+        out.push(i);
+    }
+    Ok(out)
+}
+
+/// Calibrates the cascade on its own decodes (see the command's help) and builds the file.
+fn calibrate_on_policy(
+    a: &CalibrateArgs,
+    model: &FamilialModel,
+    examples: &[Example],
+) -> anyhow::Result<CalibrationFile> {
+    let cfg = model.config();
+    let deciders = decider_indices(cfg, &a.deciders)?;
+    let points = cfg.exit_points();
+    if a.escalation_cost.len() != deciders.len() {
+        bail!(
+            "--escalation-cost has {} values for {} deciding exits ({:?})",
+            a.escalation_cost.len(),
+            deciders.len(),
+            deciders.iter().map(|&i| points[i]).collect::<Vec<_>>()
+        );
+    }
+    let bound = bound_of(a);
+    let ccfg = CascadeConfig {
+        target_agreement: a.target,
+        bound,
+        costs: a.escalation_cost.clone(),
+        grid: a.grid,
+    };
+    let mut thresholds: Vec<Option<f64>> = vec![None; deciders.len()];
+    let (mut rounds, mut converged) = (0usize, false);
+    let mut dec = cascade_decode(model, examples, a.measure, &deciders, &thresholds)?;
+    let mut candidates = 0;
+    while rounds < a.rounds.max(1) {
+        rounds += 1;
+        let c = calibrate_cascade(&dec.tokens, &ccfg)?;
+        candidates = c.candidates;
+        println!(
+            "round {rounds}: decoded {} tokens with {}; chose {} (composed agreement {:.4}, bound {:.4}, cost {:.2})",
+            dec.tokens.len(),
+            show_thresholds(&thresholds),
+            show_thresholds(&c.thresholds),
+            c.empirical_agreement,
+            c.bounded_agreement,
+            c.cost
+        );
+        if c.thresholds == thresholds {
+            converged = true;
+            break;
+        }
+        thresholds = c.thresholds;
+        dec = cascade_decode(model, examples, a.measure, &deciders, &thresholds)?;
+    }
+    // `dec` is the decode with `thresholds`: the on-policy outcome.
+    let (agreeing, answered, cost) =
+        composed_agreement(&dec.tokens, &thresholds, &a.escalation_cost);
+    let n = dec.tokens.len();
+    let lower = |k: usize, n: usize| match bound {
+        Some(b) => b.lower(k as u64, n as u64),
+        None => k as f64 / n.max(1) as f64,
+    };
+    let curves = cascade_curves(&dec.tokens, &thresholds, a.curve_points, bound)?;
+    let config = CalibrationConfig {
+        target_agreement: a.target,
+        bound,
+        min_accepted: 1,
+    };
+    let mut exits = Vec::new();
+    for (i, e) in dec.exits.iter().enumerate() {
+        if let Some(j) = deciders.iter().position(|&d| d == i) {
+            let th = thresholds[j];
+            // Tokens this decider answered, and how many agreed.
+            let mut agr = 0usize;
+            for t in &dec.tokens {
+                let first = t
+                    .exits
+                    .iter()
+                    .zip(&thresholds)
+                    .position(|(r, th)| th.is_some_and(|th| r.confidence >= th));
+                if first == Some(j) && t.exits[j].agrees {
+                    agr += 1;
+                }
+            }
+            let acc = answered[j];
+            exits.push(ExitEntry {
+                point: e.point,
+                depth: e.depth,
+                threshold: th,
+                tokens: n,
+                accepted: acc,
+                empirical_agreement: if acc == 0 {
+                    1.0
+                } else {
+                    agr as f64 / acc as f64
+                },
+                bounded_agreement: if acc == 0 { 1.0 } else { lower(agr, acc) },
+                escalation: answered[j + 1..].iter().sum::<usize>() as f64 / n.max(1) as f64,
+                curve: curves[j].clone(),
+            });
+        } else {
+            // Not in the cascade: on its own, on the cascade's contexts.
+            let c = calibrate_exit(&e.records, &config)?;
+            exits.push(ExitEntry {
+                point: e.point,
+                depth: e.depth,
+                threshold: c.threshold,
+                tokens: c.total,
+                accepted: c.accepted,
+                empirical_agreement: c.empirical_agreement,
+                bounded_agreement: c.bounded_agreement,
+                escalation: c.escalation,
+                curve: agreement_curve(&e.records, a.curve_points, bound)?,
+            });
+        }
+    }
+    let depths = planner_depths(cfg);
+    exits.push(ExitEntry {
+        point: dec.deepest,
+        depth: depths.last().copied().unwrap_or(cfg.num_layers),
+        threshold: None,
+        tokens: n,
+        accepted: answered.last().copied().unwrap_or(0),
+        empirical_agreement: 1.0,
+        bounded_agreement: 1.0,
+        escalation: 0.0,
+        curve: Vec::new(),
+    });
+    Ok(CalibrationFile {
+        format: FORMAT.into(),
+        measure: to_partition_measure(a.measure),
+        target_agreement: a.target,
+        bound,
+        model_fingerprint: fingerprint(&a.dir)?,
+        task: a.task.name().into(),
+        examples_per_task: a.examples,
+        split: a.split_seed,
+        reference: REFERENCE_CASCADE.into(),
+        deepest_exit: dec.deepest,
+        exits,
+        cascade: Some(CascadeEntry {
+            deciders: deciders.iter().map(|&i| points[i]).collect(),
+            thresholds,
+            escalation_cost: a.escalation_cost.clone(),
+            candidates,
+            rounds,
+            converged,
+            tokens: n,
+            agreeing,
+            agreement: agreeing as f64 / n.max(1) as f64,
+            bounded_agreement: lower(agreeing, n),
+            answered,
+            cost,
+        }),
+    })
+}
+
+/// The file's cascade decoded on `examples` with its thresholds.
+fn check_cascade(
+    model: &FamilialModel,
+    examples: &[Example],
+    measure: Measure,
+    f: &CalibrationFile,
+    c: &CascadeEntry,
+) -> anyhow::Result<CascadeCheck> {
+    let deciders = decider_indices(model.config(), &c.deciders)?;
+    if c.thresholds.len() != deciders.len() {
+        bail!(
+            "the calibration file's cascade has {} thresholds for {} deciders",
+            c.thresholds.len(),
+            deciders.len()
+        );
+    }
+    let dec = cascade_decode(model, examples, measure, &deciders, &c.thresholds)?;
+    let zero = vec![0.0; deciders.len()];
+    let (agreeing, answered, _) = composed_agreement(&dec.tokens, &c.thresholds, &zero);
+    let n = dec.tokens.len();
+    Ok(CascadeCheck {
+        deciders: c.deciders.clone(),
+        thresholds: c.thresholds.clone(),
+        tokens: n,
+        agreeing,
+        agreement: agreeing as f64 / n.max(1) as f64,
+        bounded_agreement: match f.bound {
+            Some(b) => b.lower(agreeing as u64, n as u64),
+            None => agreeing as f64 / n.max(1) as f64,
+        },
+        answered,
+    })
+}
+
+fn show_thresholds(t: &[Option<f64>]) -> String {
+    let v: Vec<String> = t
+        .iter()
+        .map(|t| t.map_or_else(|| "escalate".to_string(), |t| format!("{t:.4}")))
+        .collect();
+    format!("[{}]", v.join(", "))
+}
+
+/// Prints the cascade of a calibration file (its own decode's outcome).
+fn print_cascade(c: &CascadeEntry) {
+    println!(
+        "cascade: deciding exits {:?} at {} ({} rounds, {}), escalation cost {:?}, {} combinations searched",
+        c.deciders,
+        show_thresholds(&c.thresholds),
+        c.rounds,
+        if c.converged { "converged" } else { "not converged: last choice decoded once more" },
+        c.escalation_cost,
+        c.candidates
+    );
+    println!(
+        "  on its own decode: {} tokens, composed agreement {:.4} (lower bound {:.4}), answered per stage {:?}, mean cost {:.2}",
+        c.tokens, c.agreement, c.bounded_agreement, c.answered, c.cost
+    );
 }
 
 /// Held-out check of one exit.
@@ -490,6 +891,23 @@ pub struct CheckReport {
     pub split: u64,
     pub calibrated_on_split: u64,
     pub exits: Vec<CheckEntry>,
+    /// The file's cascade on its own decode of this split: tokens, agreeing tokens,
+    /// composed agreement, its lower bound at the file's delta (thresholds fixed before
+    /// this split was seen: a valid held-out bound), tokens answered per stage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cascade: Option<CascadeCheck>,
+}
+
+/// Held-out check of a cascade.
+#[derive(Debug, Clone, Serialize)]
+pub struct CascadeCheck {
+    pub deciders: Vec<usize>,
+    pub thresholds: Vec<Option<f64>>,
+    pub tokens: usize,
+    pub agreeing: usize,
+    pub agreement: f64,
+    pub bounded_agreement: f64,
+    pub answered: Vec<usize>,
 }
 
 fn bound_of(a: &CalibrateArgs) -> Option<Bound> {
@@ -528,25 +946,46 @@ fn run_in_pool(a: CalibrateArgs) -> anyhow::Result<()> {
     let model = load(&a.dir)?;
     let examples = validation_set(a.task, a.examples, a.split_seed);
     let t0 = std::time::Instant::now();
-    let collected = collect_records(&model, &examples, a.measure)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let config = CalibrationConfig {
-        target_agreement: a.target,
-        bound: bound_of(&a),
-        min_accepted: 1,
+    let file = if a.teacher_forced {
+        let collected = collect_records(&model, &examples, a.measure)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let config = CalibrationConfig {
+            target_agreement: a.target,
+            bound: bound_of(&a),
+            min_accepted: 1,
+        };
+        let file = calibrate(
+            model.config(),
+            &collected,
+            a.measure,
+            &config,
+            a.curve_points,
+            fingerprint(&a.dir)?,
+            a.task,
+            a.examples,
+            a.split_seed,
+        )?;
+        print_table(&a, &file, &collected, examples.len(), secs)?;
+        file
+    } else {
+        let file = calibrate_on_policy(&a, &model, &examples)?;
+        print_header(&a, &file);
+        println!(
+            "validation: task {}, {} examples ({} per task, split {}), {:.1} s",
+            file.task,
+            examples.len(),
+            file.examples_per_task,
+            file.split,
+            t0.elapsed().as_secs_f64()
+        );
+        println!("records: {REFERENCE_CASCADE}");
+        if let Some(c) = &file.cascade {
+            print_cascade(c);
+        }
+        println!();
+        print_exits(&file);
+        file
     };
-    let file = calibrate(
-        model.config(),
-        &collected,
-        a.measure,
-        &config,
-        a.curve_points,
-        fingerprint(&a.dir)?,
-        a.task,
-        a.examples,
-        a.split_seed,
-    )?;
-    print_table(&a, &file, &collected, examples.len(), secs)?;
     if let Some(p) = &a.json {
         write_json(p, &file)?;
         println!("report written to {}", p.display());
@@ -559,13 +998,7 @@ fn run_in_pool(a: CalibrateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(
-    a: &CalibrateArgs,
-    f: &CalibrationFile,
-    c: &Collected,
-    n_examples: usize,
-    secs: f64,
-) -> anyhow::Result<()> {
+fn print_header(a: &CalibrateArgs, f: &CalibrationFile) {
     let bound = match f.bound {
         Some(b) => format!(
             "{} lower bound at delta {}",
@@ -583,15 +1016,10 @@ fn print_table(
         f.measure.name(),
         f.target_agreement
     );
-    println!(
-        "validation: task {}, {} examples ({} per task, split {}), {} answer tokens per exit, {:.1} s",
-        f.task, n_examples, f.examples_per_task, f.split, c.tokens, secs
-    );
-    println!(
-        "reference: {REFERENCE} ({} teacher-forced mismatches)",
-        c.reference_mismatches
-    );
-    println!();
+}
+
+/// Per exit: threshold, accepted tokens, agreement, bound, escalation.
+fn print_exits(f: &CalibrationFile) {
     println!(
         "{:>5}  {:>10}  {:>13}  {:>10}  {:>11}  {:>10}",
         "exit", "threshold", "accepted", "agreement", "lower bound", "escalation"
@@ -625,6 +1053,26 @@ fn print_table(
             ),
         }
     }
+}
+
+fn print_table(
+    a: &CalibrateArgs,
+    f: &CalibrationFile,
+    c: &Collected,
+    n_examples: usize,
+    secs: f64,
+) -> anyhow::Result<()> {
+    print_header(a, f);
+    println!(
+        "validation: task {}, {} examples ({} per task, split {}), {} answer tokens per exit, {:.1} s",
+        f.task, n_examples, f.examples_per_task, f.split, c.tokens, secs
+    );
+    println!(
+        "reference: {REFERENCE} ({} teacher-forced mismatches)",
+        c.reference_mismatches
+    );
+    println!();
+    print_exits(f);
     println!();
     println!("agreement with the deepest exit vs threshold (empirical; accept when confidence >= threshold):");
     for e in &c.exits {
@@ -696,6 +1144,10 @@ fn check(a: &CalibrateArgs, path: &Path) -> anyhow::Result<()> {
         split: a.split_seed,
         calibrated_on_split: f.split,
         exits,
+        cascade: match &f.cascade {
+            Some(c) => Some(check_cascade(&model, &examples, measure, &f, c)?),
+            None => None,
+        },
     };
     println!(
         "held-out check of {} (calibrated on split {}) on task {}, split {}, {} answer tokens per exit; target {:.3}",
@@ -722,6 +1174,17 @@ fn check(a: &CalibrateArgs, path: &Path) -> anyhow::Result<()> {
             format!("{}/{}", e.accepted, e.tokens),
             e.agreement,
             e.escalation * 100.0
+        );
+    }
+    if let Some(c) = &report.cascade {
+        println!(
+            "cascade {:?} at {} on its own decode: {} tokens, composed agreement {:.4} (lower bound {:.4}), answered per stage {:?}",
+            c.deciders,
+            show_thresholds(&c.thresholds),
+            c.tokens,
+            c.agreement,
+            c.bounded_agreement,
+            c.answered
         );
     }
     if let Some(p) = &a.json {

@@ -90,7 +90,13 @@ pub struct NodeArgs {
     /// first link is replaced by the measured estimate of the parent in use; new requests
     /// take the policy, uplink encoding and (with --split-points) the cut of the plan in
     /// force. Pin the upper boundaries to the loaded stages with `config.allowed_cuts`.
-    #[arg(long, value_name = "FILE")]
+    /// `--plan auto`: no file, the node asks the planner at start: it plans from this
+    /// machine's self-benchmark profile (cached), the calibration curves
+    /// (MODEL/aiflow_calibration.json) and the live estimate of its uplink (priors as
+    /// `flow-node plan`'s defaults), and hosts what it decides: the policy (which exits
+    /// answer, at which threshold), the encoding and, at a device without --split-points,
+    /// the cut among every exit inside --layers.
+    #[arg(long, value_name = "FILE|auto")]
     pub plan: Option<PathBuf>,
 }
 
@@ -255,12 +261,29 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         anyhow::ensure!(t > 0, "--batch-tokens must be positive");
         engine.max_batch_tokens = t;
     }
-    let split_points = if a.split_points.is_empty() {
+    let mut split_points = if a.split_points.is_empty() {
         f.split_points.unwrap_or_default()
     } else {
         a.split_points
     };
     let planning = match a.plan.or(f.plan) {
+        Some(p) if p.as_os_str() == "auto" => {
+            anyhow::ensure!(
+                parent.is_some(),
+                "--plan auto plans this node's share with its parent: give --parent"
+            );
+            let auto = auto_planning(&model, role)?;
+            if split_points.is_empty() && role == Role::Device {
+                // Let the plan choose the cut among every exit inside --layers.
+                split_points = auto
+                    .exit_depths
+                    .iter()
+                    .map(|&(p, _)| p as usize)
+                    .filter(|&p| p > start && p < end)
+                    .collect();
+            }
+            Some(auto)
+        }
         Some(p) => Some(planning_from_file(&p, &model)?),
         None => None,
     };
@@ -307,6 +330,31 @@ fn planning_from_file(p: &Path, model: &Path) -> anyhow::Result<PlanningConfig> 
             p.display()
         )
     })?;
+    planning_config(input, model)
+}
+
+/// `--plan auto`: the planner input `flow-node plan --model MODEL` builds with its default
+/// links and tiers (this machine's cached self-benchmark profile, the calibration curves);
+/// an edge drops the device tier and plans edge + cloud. The first link is replaced by the
+/// live estimate of the parent from the first check on, so the priors only seed it.
+fn auto_planning(model: &Path, role: Role) -> anyhow::Result<PlanningConfig> {
+    let pa = super::plan::PlanArgs {
+        threads: Some(1),
+        ..super::plan::PlanArgs::defaults(model.to_path_buf())
+    };
+    let (mut input, profile, accuracy) =
+        super::calibrate::in_pool(Some(1), || super::plan::planner_input(&pa))?;
+    if role == Role::Edge {
+        input.tiers.remove(0);
+        input.links.remove(0);
+    }
+    tracing::info!(%profile, %accuracy, tiers = input.tiers.len(), "--plan auto: planner input");
+    planning_config(input, model)
+}
+
+/// Run-time planning of `input` for the family in `model`: its exit depths, the default
+/// hysteresis, checked every second.
+fn planning_config(input: PlanInput, model: &Path) -> anyhow::Result<PlanningConfig> {
     let cfg = flow_familial::ModelConfig::from_file(&model.join("config.json"))
         .with_context(|| format!("reading {}", model.join("config.json").display()))?;
     let exit_depths: Vec<(u32, usize)> = cfg

@@ -176,61 +176,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
 }
 
 fn run_in_pool(a: PlanArgs) -> anyhow::Result<()> {
-    let dir = &a.model;
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))
-        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
-    let fingerprint = calibrate::fingerprint(dir)?;
-    let model = FamilialModel::load(dir)
-        .with_context(|| format!("loading the family in {}", dir.display()))?;
-    let key = ProfileKey {
-        model_fingerprint: fingerprint.clone(),
-        cpu: cpu_description(),
-    };
-    let (measured, profile_source) = measured_profile(&a, &model, &key)?;
-    let (exits, accuracy_source) = exit_specs(&a, &model, &cfg, &fingerprint)?;
-    let shape = ModelShape {
-        num_layers: cfg.num_layers,
-        hidden_size: cfg.hidden_size,
-        token_id_bytes: 4,
-        exits,
-    };
-    let tier = |role: TierRole, profile: NodeProfile, mem: f64| TierSpec {
-        role,
-        profile,
-        memory_limit_bytes: (mem * 1024.0 * 1024.0) as u64,
-        load_factor: 1.0,
-        compute_power_w: if role == TierRole::Device { 2.0 } else { 0.0 },
-        radio_power_w: if role == TierRole::Device { 1.0 } else { 0.0 },
-    };
-    let input = PlanInput {
-        model: shape,
-        tiers: vec![
-            tier(
-                TierRole::Device,
-                measured.time_scaled(a.device_slowdown),
-                a.device_memory_mib,
-            ),
-            tier(TierRole::Edge, measured.clone(), 16.0 * 1024.0),
-            tier(
-                TierRole::Cloud,
-                measured.time_scaled(1.0 / a.cloud_speedup),
-                256.0 * 1024.0,
-            ),
-        ],
-        links: vec![
-            LinkEstimate::fixed(a.device_rtt_ms, a.device_mbit * 1e6),
-            LinkEstimate::fixed(a.cloud_rtt_ms, a.cloud_mbit * 1e6),
-        ],
-        config: PlannerConfig {
-            accuracy_target: a.target,
-            workload: flow_partition::planner::Workload {
-                prompt_tokens: a.prompt_tokens,
-                gen_tokens: a.gen_tokens,
-                concurrent_sessions: 1,
-            },
-            ..PlannerConfig::default()
-        },
-    };
+    let (input, profile_source, accuracy_source) = planner_input(&a)?;
     let adaptive = plan(&input).context("planning")?;
     let cloud = cloud_only(&input).context("planning cloud-only")?;
     // These two can be infeasible (memory, accuracy); report why instead of failing.
@@ -249,11 +195,12 @@ fn run_in_pool(a: PlanArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    let fingerprint = &input.tiers[0].profile.key.model_fingerprint;
     println!(
         "model {} ({} layers, hidden {}, exit depths {:?}), fingerprint {fingerprint}",
-        dir.display(),
-        cfg.num_layers,
-        cfg.hidden_size,
+        a.model.display(),
+        input.model.num_layers,
+        input.model.hidden_size,
         input
             .model
             .exits
@@ -262,6 +209,8 @@ fn run_in_pool(a: PlanArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
     );
     println!("profile: {profile_source}");
+    // The edge tier plans with this machine's profile unscaled.
+    let measured = &input.tiers[1].profile;
     println!(
         "  this machine, per decoded token at context {}: layers {:.3} ms total, overhead {:.3} ms; device x{}, edge x1, cloud x1/{}",
         a.prompt_tokens + a.gen_tokens / 2,
@@ -315,6 +264,84 @@ fn run_in_pool(a: PlanArgs) -> anyhow::Result<()> {
         Err(e) => println!("  {:<18} infeasible: {e}", "best static split"),
     }
     Ok(())
+}
+
+/// What `flow-node plan` plans with (see its help): this machine's cached self-benchmark
+/// profile (device scaled by `--device-slowdown`, cloud by `--cloud-speedup`), the
+/// calibration curves and the links of the arguments. Returns the input and where the
+/// profile and the curves came from. Run it inside [`calibrate::in_pool`].
+pub(crate) fn planner_input(a: &PlanArgs) -> anyhow::Result<(PlanInput, String, String)> {
+    let dir = &a.model;
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))
+        .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
+    let fingerprint = calibrate::fingerprint(dir)?;
+    let model = FamilialModel::load(dir)
+        .with_context(|| format!("loading the family in {}", dir.display()))?;
+    let key = ProfileKey {
+        model_fingerprint: fingerprint.clone(),
+        cpu: cpu_description(),
+    };
+    let (measured, profile_source) = measured_profile(a, &model, &key)?;
+    let (exits, accuracy_source) = exit_specs(a, &model, &cfg, &fingerprint)?;
+    let shape = ModelShape {
+        num_layers: cfg.num_layers,
+        hidden_size: cfg.hidden_size,
+        token_id_bytes: 4,
+        exits,
+    };
+    let tier = |role: TierRole, profile: NodeProfile, mem: f64| TierSpec {
+        role,
+        profile,
+        memory_limit_bytes: (mem * 1024.0 * 1024.0) as u64,
+        load_factor: 1.0,
+        compute_power_w: if role == TierRole::Device { 2.0 } else { 0.0 },
+        radio_power_w: if role == TierRole::Device { 1.0 } else { 0.0 },
+    };
+    let input = PlanInput {
+        model: shape,
+        tiers: vec![
+            tier(
+                TierRole::Device,
+                measured.time_scaled(a.device_slowdown),
+                a.device_memory_mib,
+            ),
+            tier(TierRole::Edge, measured.clone(), 16.0 * 1024.0),
+            tier(
+                TierRole::Cloud,
+                measured.time_scaled(1.0 / a.cloud_speedup),
+                256.0 * 1024.0,
+            ),
+        ],
+        links: vec![
+            LinkEstimate::fixed(a.device_rtt_ms, a.device_mbit * 1e6),
+            LinkEstimate::fixed(a.cloud_rtt_ms, a.cloud_mbit * 1e6),
+        ],
+        config: PlannerConfig {
+            accuracy_target: a.target,
+            workload: flow_partition::planner::Workload {
+                prompt_tokens: a.prompt_tokens,
+                gen_tokens: a.gen_tokens,
+                concurrent_sessions: 1,
+            },
+            ..PlannerConfig::default()
+        },
+    };
+    Ok((input, profile_source, accuracy_source))
+}
+
+impl PlanArgs {
+    /// The command's defaults, planning for the family in `model`.
+    pub(crate) fn defaults(model: PathBuf) -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            a: PlanArgs,
+        }
+        let mut a = Wrap::parse_from(["plan"]).a;
+        a.model = model;
+        a
+    }
 }
 
 /// Build profile of this binary: `debug` or `release`. Part of the profile cache key,
