@@ -178,20 +178,27 @@ async fn a_slower_link_is_measured_and_the_device_replans() {
 
 // ----- fail-over --------------------------------------------------------------------------
 
+/// Cloud, edges A and B under it, and a device whose parent is A (through a shaper, 10 ms
+/// each way: a generation takes long enough to kill A in the middle) with B to fail over to.
+/// Returns (cloud, edge A, edge B, the shaper, device).
+async fn two_edges(dir: &Path) -> (Agent, Agent, Agent, ShaperHandle, Agent) {
+    let (cloud, edge_a) = upper(dir).await;
+    let mut e = node(dir, Role::Edge, "edge-b", 1, 3);
+    e.parent = Some((cloud.local_addr().unwrap(), "cloud".into()));
+    let edge_b = start(e).await;
+    let link = shaper(edge_a.local_addr().unwrap(), 10, LinkSchedule::default()).await;
+    let mut d = node(dir, Role::Device, "device", 0, 1);
+    d.parent = Some((link.local_addr(), "edge".into()));
+    d.fallback_parents = vec![(edge_b.local_addr().unwrap(), "edge".into())];
+    let device = start(d).await;
+    (cloud, edge_a, edge_b, link, device)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_killed_mid_generation_degrades_then_fails_over_exactly() {
     const NEW: usize = 24;
     let dir = fixture();
-    let (cloud, edge_a) = upper(dir.path()).await;
-    let mut e = node(dir.path(), Role::Edge, "edge-b", 1, 3);
-    e.parent = Some((cloud.local_addr().unwrap(), "cloud".into()));
-    let edge_b = start(e).await;
-    // 10 ms each way to edge A: a generation takes long enough to kill A in the middle.
-    let link = shaper(edge_a.local_addr().unwrap(), 10, LinkSchedule::default()).await;
-    let mut d = node(dir.path(), Role::Device, "device", 0, 1);
-    d.parent = Some((link.local_addr(), "edge".into()));
-    d.fallback_parents = vec![(edge_b.local_addr().unwrap(), "edge".into())];
-    let device = start(d).await;
+    let (cloud, edge_a, edge_b, _link, device) = two_edges(dir.path()).await;
     // Every token is answered by the cloud's deepest exit, unless a tier fails.
     let policy = common::escalate_to_the_cloud();
     let mut rx = device
@@ -273,15 +280,7 @@ async fn edge_killed_mid_generation_degrades_then_fails_over_exactly() {
 async fn speculate_session_fails_over_to_a_second_edge_exactly() {
     const NEW: usize = 24;
     let dir = fixture();
-    let (cloud, edge_a) = upper(dir.path()).await;
-    let mut e = node(dir.path(), Role::Edge, "edge-b", 1, 3);
-    e.parent = Some((cloud.local_addr().unwrap(), "cloud".into()));
-    let edge_b = start(e).await;
-    let link = shaper(edge_a.local_addr().unwrap(), 10, LinkSchedule::default()).await;
-    let mut d = node(dir.path(), Role::Device, "device", 0, 1);
-    d.parent = Some((link.local_addr(), "edge".into()));
-    d.fallback_parents = vec![(edge_b.local_addr().unwrap(), "edge".into())];
-    let device = start(d).await;
+    let (cloud, edge_a, edge_b, _link, device) = two_edges(dir.path()).await;
     // The device drafts at its exit 1; the cloud's deepest exit verifies every draft.
     let policy = Policy {
         mode: InferMode::Speculate,

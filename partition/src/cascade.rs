@@ -159,7 +159,9 @@ pub fn calibrate_cascade(
         Some(b) => b.lower(agreeing as u64, n as u64),
         None => agreeing as f64 / n as f64,
     };
-    let mut best: Option<(f64, usize, Vec<Option<f64>>, Vec<usize>)> = None;
+    // (cost, agreeing, thresholds, answered) of the best combination so far.
+    type Best = (f64, usize, Vec<Option<f64>>, Vec<usize>);
+    let mut best: Option<Best> = None;
     let mut idx = vec![0usize; k];
     loop {
         let th: Vec<Option<f64>> = idx.iter().zip(&grids).map(|(&j, g)| g[j]).collect();
@@ -247,8 +249,8 @@ pub fn cascade_curves(
             // The calibrated threshold itself, from the full curve.
             if let Some(p) = agreement_curve(&reached, 0, bound)?
                 .into_iter()
-                .filter(|p| p.threshold >= th)
-                .last()
+                .rev()
+                .find(|p| p.threshold >= th)
             {
                 curve.push(to_all(p));
             }

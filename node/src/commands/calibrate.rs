@@ -1,20 +1,27 @@
-//! `flow-node model calibrate`: per-exit escalation thresholds from a validation set.
+//! `flow-node model calibrate`: escalation thresholds from a validation set.
 //!
-//! For every generated answer token of a validation set of the family's own tasks, each
-//! non-deepest exit gives a confidence and a greedy token; the record is whether that token
-//! agrees with the deepest exit's token. The reference continuation is the deepest exit's
+//! Default: the cascade's own decodes ([`cascade_decode`], [`calibrate_on_policy`]). The
+//! deciding exits (the device's and the edge's by default) answer a token when confident,
+//! else the deepest exit does, as a deployment serves; every exit is scored on every
+//! generated token against the deepest exit on the same context, and
+//! `flow_partition::calibrate_cascade` picks the deciders' thresholds jointly, with a
+//! Clopper–Pearson bound on the composed agreement, re-decoding with each choice.
+//!
+//! `--teacher-forced` (the session-2 method): for every answer token, each non-deepest exit
+//! gives a confidence and a greedy token; the reference continuation is the deepest exit's
 //! greedy answer (incremental decoding with the KV cache); every exit is then run
 //! *teacher-forced* on `prompt + that continuation` in one batched forward, so exit `e`'s
 //! record at answer position `j` is "given the deepest exit's prefix, would `e` have said
 //! the same next token". `flow_partition::calibrate_family` turns the records into the
 //! threshold with the least escalation whose agreement (or its lower confidence bound)
-//! meets the target.
+//! meets the target, per exit.
 //!
 //! The calibration file (`DIR/aiflow_calibration.json`, format `aiflow-calibration/1`) is
 //! [`CalibrationFile`]: the measure, target and bound, where the records came from, and
 //! per exit its `point` (as in `early_exit_points`), its planner `depth`, the `threshold`
 //! (`null`: always escalate) and the planner curve. The agent reads `measure` and
-//! `exits[].{point, threshold}`; `flow-node plan` reads the curves.
+//! `exits[].{point, threshold}`; `flow-node plan` reads the curves; `cascade` records the
+//! deciders, their thresholds and the final decode's outcome (absent with --teacher-forced).
 
 use std::path::{Path, PathBuf};
 
@@ -372,6 +379,24 @@ pub fn validation_set(task: Task, n: usize, split: u64) -> Vec<Example> {
         .collect()
 }
 
+/// The exit points, the deepest one, and an empty record list per non-deepest exit.
+fn empty_records(cfg: &ModelConfig) -> anyhow::Result<(Vec<usize>, usize, Vec<ExitTokens>)> {
+    let points = cfg.exit_points();
+    let Some(&deepest) = points.last() else {
+        bail!("the family has no exit");
+    };
+    let exits = points[..points.len() - 1]
+        .iter()
+        .zip(planner_depths(cfg))
+        .map(|(&point, depth)| ExitTokens {
+            point,
+            depth,
+            records: Vec::new(),
+        })
+        .collect();
+    Ok((points, deepest, exits))
+}
+
 /// Per-exit records on `examples` (see the module docs).
 pub fn collect_records(
     model: &FamilialModel,
@@ -379,20 +404,7 @@ pub fn collect_records(
     measure: Measure,
 ) -> anyhow::Result<Collected> {
     let cfg = model.config();
-    let points = cfg.exit_points();
-    let depths = planner_depths(cfg);
-    let Some(&deepest) = points.last() else {
-        bail!("the family has no exit");
-    };
-    let mut exits: Vec<ExitTokens> = points[..points.len() - 1]
-        .iter()
-        .zip(&depths)
-        .map(|(&point, &depth)| ExitTokens {
-            point,
-            depth,
-            records: Vec::new(),
-        })
-        .collect();
+    let (points, deepest, mut exits) = empty_records(cfg)?;
     let (mut tokens, mut mismatches) = (0usize, 0usize);
     const CHUNK: usize = 32;
     for chunk in examples.chunks(CHUNK) {
@@ -559,25 +571,12 @@ pub fn cascade_decode(
     thresholds: &[Option<f64>],
 ) -> anyhow::Result<CascadeDecode> {
     let cfg = model.config();
-    let points = cfg.exit_points();
-    let depths = planner_depths(cfg);
-    let Some(&deepest) = points.last() else {
-        bail!("the family has no exit");
-    };
+    let (points, deepest, mut exits) = empty_records(cfg)?;
     let eos: Vec<u32> = if cfg.eos_token_ids.is_empty() {
         vec![flow_familial::tokenizer::BYTE_EOS]
     } else {
         cfg.eos_token_ids.clone()
     };
-    let mut exits: Vec<ExitTokens> = points[..points.len() - 1]
-        .iter()
-        .zip(&depths)
-        .map(|(&point, &depth)| ExitTokens {
-            point,
-            depth,
-            records: Vec::new(),
-        })
-        .collect();
     let mut tokens = Vec::new();
     const CHUNK: usize = 32;
     for chunk in examples.chunks(CHUNK) {
@@ -659,7 +658,7 @@ fn decider_indices(cfg: &ModelConfig, points: &[usize]) -> anyhow::Result<Vec<us
 }
 
 /// Calibrates the cascade on its own decodes (see the command's help) and builds the file.
-fn calibrate_on_policy(
+pub fn calibrate_on_policy(
     a: &CalibrateArgs,
     model: &FamilialModel,
     examples: &[Example],
