@@ -443,6 +443,38 @@ mod tests {
     }
 
     #[test]
+    fn plan_auto_asks_the_planner_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m");
+        init_checkpoint(Preset::Tiny, flow_familial::Layout::RuyiQwen2, 1, &model).unwrap();
+        let args = |role: &str, layers: &str, parent: bool| NodeArgs {
+            role: Some(role.into()),
+            model: Some(model.clone()),
+            layers: Some(layers.into()),
+            parent: if parent {
+                vec!["127.0.0.1:9".parse().unwrap()]
+            } else {
+                vec![]
+            },
+            insecure_loopback: true,
+            plan: Some("auto".into()),
+            ..NodeArgs::default()
+        };
+        let (cfg, _) = agent_config(args("device", "0..5", true)).unwrap();
+        // Every exit inside the device's layers is a cut the plan may choose.
+        assert_eq!(cfg.split_points, vec![1, 3]);
+        let p = cfg.planning.expect("planning configured");
+        assert_eq!(p.input.tiers.len(), 3);
+        assert_eq!(p.exit_depths, vec![(1, 1), (3, 3), (5, 6)]);
+        // An edge plans its own share with the cloud.
+        let (cfg, _) = agent_config(args("edge", "1..3", true)).unwrap();
+        assert_eq!(cfg.planning.expect("planning").input.tiers.len(), 2);
+        // Without a parent there is nothing to plan with.
+        let e = agent_config(args("device", "0..3", false)).unwrap_err();
+        assert!(format!("{e:#}").contains("--plan auto"), "{e:#}");
+    }
+
+    #[test]
     fn plan_and_split_points_from_flags_and_toml() {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m");
