@@ -194,6 +194,30 @@ async fn two_edges(dir: &Path) -> (Agent, Agent, Agent, ShaperHandle, Agent) {
     (cloud, edge_a, edge_b, link, device)
 }
 
+/// Every token (with its `degraded` flag) and the stats of a generation; `victim` is
+/// aborted once `kill_after` tokens have arrived. Panics if the request fails.
+async fn collect_killing_after(
+    rx: &mut tokio::sync::mpsc::Receiver<GenEvent>,
+    kill_after: usize,
+    victim: &Agent,
+) -> (Vec<(flow_protocol::TokenOut, bool)>, flow_node::GenStats) {
+    let mut got = Vec::new();
+    let mut stats = None;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            GenEvent::Token { token, degraded } => {
+                got.push((token, degraded));
+                if got.len() == kill_after {
+                    victim.abort().await;
+                }
+            }
+            GenEvent::Done(s) => stats = Some(s),
+            GenEvent::Error(e) => panic!("the request failed: {e}"),
+        }
+    }
+    (got, stats.expect("the request finished"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_killed_mid_generation_degrades_then_fails_over_exactly() {
     const NEW: usize = 24;
@@ -205,21 +229,7 @@ async fn edge_killed_mid_generation_degrades_then_fails_over_exactly() {
         .generate(request(PROMPT, NEW, Some(policy.clone())))
         .await
         .unwrap();
-    let mut got = Vec::new();
-    let mut stats = None;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            GenEvent::Token { token, degraded } => {
-                got.push((token, degraded));
-                if got.len() == 4 {
-                    edge_a.abort().await;
-                }
-            }
-            GenEvent::Done(s) => stats = Some(s),
-            GenEvent::Error(e) => panic!("the request failed: {e}"),
-        }
-    }
-    let stats = stats.expect("the request finished");
+    let (got, stats) = collect_killing_after(&mut rx, 4, &edge_a).await;
     assert_eq!(got.len(), NEW, "no token lost");
     assert_eq!(stats.completion_tokens, NEW);
     let degraded: Vec<usize> = (0..NEW).filter(|&i| got[i].1).collect();
@@ -291,22 +301,12 @@ async fn speculate_session_fails_over_to_a_second_edge_exactly() {
         .generate(request(PROMPT, NEW, Some(policy)))
         .await
         .unwrap();
-    let mut got = Vec::new();
-    let mut stats = None;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            GenEvent::Token { token, degraded } => {
-                assert!(!degraded, "speculation never answers degraded");
-                got.push(token.id);
-                if got.len() == 4 {
-                    edge_a.abort().await;
-                }
-            }
-            GenEvent::Done(s) => stats = Some(s),
-            GenEvent::Error(e) => panic!("the request failed: {e}"),
-        }
-    }
-    let stats = stats.expect("the request finished");
+    let (got, stats) = collect_killing_after(&mut rx, 4, &edge_a).await;
+    assert!(
+        got.iter().all(|(_, degraded)| !degraded),
+        "speculation never answers degraded"
+    );
+    let got: Vec<u32> = got.iter().map(|(t, _)| t.id).collect();
     assert_eq!(got.len(), NEW, "no token lost");
     assert_eq!(stats.failovers, 1, "{stats:?}");
     assert_eq!(device.parents().unwrap().failovers(), 1);

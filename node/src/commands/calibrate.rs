@@ -520,18 +520,12 @@ pub fn calibrate(
             curve,
         });
     }
-    let depths = planner_depths(cfg);
-    exits.push(ExitEntry {
-        point: collected.deepest,
-        depth: depths.last().copied().unwrap_or(cfg.num_layers),
-        threshold: None,
-        tokens: collected.tokens,
-        accepted: collected.tokens,
-        empirical_agreement: 1.0,
-        bounded_agreement: 1.0,
-        escalation: 0.0,
-        curve: Vec::new(),
-    });
+    exits.push(deepest_entry(
+        cfg,
+        collected.deepest,
+        collected.tokens,
+        collected.tokens,
+    ));
     Ok(CalibrationFile {
         format: FORMAT.into(),
         measure: pm,
@@ -767,18 +761,12 @@ pub fn calibrate_on_policy(
             });
         }
     }
-    let depths = planner_depths(cfg);
-    exits.push(ExitEntry {
-        point: dec.deepest,
-        depth: depths.last().copied().unwrap_or(cfg.num_layers),
-        threshold: None,
-        tokens: n,
-        accepted: answered.last().copied().unwrap_or(0),
-        empirical_agreement: 1.0,
-        bounded_agreement: 1.0,
-        escalation: 0.0,
-        curve: Vec::new(),
-    });
+    exits.push(deepest_entry(
+        cfg,
+        dec.deepest,
+        n,
+        answered.last().copied().unwrap_or(0),
+    ));
     Ok(CalibrationFile {
         format: FORMAT.into(),
         measure: to_partition_measure(a.measure),
@@ -865,6 +853,24 @@ fn print_cascade(c: &CascadeEntry) {
         "  on its own decode: {} tokens, composed agreement {:.4} (lower bound {:.4}), answered per stage {:?}, mean cost {:.2}",
         c.tokens, c.agreement, c.bounded_agreement, c.answered, c.cost
     );
+}
+
+/// The deepest exit's entry: no threshold (it answers every token reaching it).
+fn deepest_entry(cfg: &ModelConfig, point: usize, tokens: usize, accepted: usize) -> ExitEntry {
+    ExitEntry {
+        point,
+        depth: planner_depths(cfg)
+            .last()
+            .copied()
+            .unwrap_or(cfg.num_layers),
+        threshold: None,
+        tokens,
+        accepted,
+        empirical_agreement: 1.0,
+        bounded_agreement: 1.0,
+        escalation: 0.0,
+        curve: Vec::new(),
+    }
 }
 
 /// Held-out check of one exit.
