@@ -22,8 +22,10 @@
 //! runs on the caller's thread instead of waking the engine thread and being woken back,
 //! which saves two cross-thread wake-ups per step (on loopback the larger part of a hop's
 //! cost). Everything else still goes through the queue and is batched; both paths run the
-//! same batch code, so results are identical. [`EngineStats`] counts both paths and the
-//! hand-off times of queued steps (enqueue → batch start, answer → caller resumed).
+//! same batch code, so results are identical. An inline step still yields to the
+//! scheduler, so concurrent sessions on the same IO thread interleave step by step.
+//! [`EngineStats`] counts both paths and the hand-off times of queued steps (enqueue →
+//! batch start, answer → caller resumed).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -343,6 +345,10 @@ impl EngineHandle {
             Ok(out) => {
                 self.observe(small, &out);
                 self.shared.handoffs.record(true, &out, 0, 0);
+                // A step stays a scheduling point: without this, a generation whose steps
+                // all run inline would never yield and hold its IO thread (and starve
+                // other sessions' tasks on it) for the whole request.
+                tokio::task::yield_now().await;
                 return out;
             }
             Err(job) => job,
