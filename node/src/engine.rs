@@ -29,7 +29,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
@@ -189,10 +189,12 @@ struct Shared {
     /// exceeds [`INLINE_MAX_COMPUTE_US`], so a large model never blocks its callers'
     /// (IO) threads for long.
     small_step_us: AtomicU64,
-    /// Whoever holds `core` is running (or about to run) a batch. A fast-path caller that
-    /// finds the lock taken waits for it only when this is false (the holder is only doing
-    /// bookkeeping, e.g. the engine thread just answered a step and is about to park).
-    busy: AtomicBool,
+    /// Holders (or, for the engine thread, soon-to-be holders) of `core` that run or may
+    /// run a batch. A fast-path caller that finds the lock taken waits for it only when
+    /// this is 0 (the holder is only doing bookkeeping, e.g. the engine thread just
+    /// answered a step and is about to park); the engine thread counts itself before it
+    /// locks, so a caller never waits behind a batch it could not see coming.
+    busy: AtomicUsize,
 }
 
 /// Longest compute a fast-path step may take on the caller's thread (µs).
@@ -296,7 +298,7 @@ impl EngineHandle {
             queued: AtomicUsize::new(0),
             handoffs: Handoffs::default(),
             small_step_us: AtomicU64::new(0),
-            busy: AtomicBool::new(false),
+            busy: AtomicUsize::new(0),
         });
         let sh = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -396,7 +398,7 @@ impl EngineHandle {
         let (tx, mut rx) = oneshot::channel();
         let Core { engine, pending } = &mut *core;
         pending.push(Pend::new(job, tx, Instant::now()));
-        self.shared.busy.store(true, Ordering::Release);
+        self.shared.busy.fetch_add(1, Ordering::AcqRel);
         // A step within the token budget completes in one iteration; the bound only
         // guards against a plan that makes no progress.
         for _ in 0..=rows {
@@ -411,7 +413,7 @@ impl EngineHandle {
             ));
         }
         pending.clear();
-        self.shared.busy.store(false, Ordering::Release);
+        self.shared.busy.fetch_sub(1, Ordering::AcqRel);
         drop(core);
         Ok(match rx.try_recv() {
             Ok(a) => a.out,
@@ -428,7 +430,7 @@ impl EngineHandle {
         let core = match self.shared.core.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) if self.shared.busy.load(Ordering::Acquire) => {
+            Err(TryLockError::WouldBlock) if self.shared.busy.load(Ordering::Acquire) > 0 => {
                 return None
             }
             Err(TryLockError::WouldBlock) => self.shared.lock(),
@@ -458,7 +460,8 @@ impl EngineHandle {
     /// Whether the engine is idle: nothing queued, no batch running (a small step now
     /// would take the fast path).
     pub fn idle(&self) -> bool {
-        self.shared.queued.load(Ordering::Acquire) == 0 && !self.shared.busy.load(Ordering::Acquire)
+        self.shared.queued.load(Ordering::Acquire) == 0
+            && self.shared.busy.load(Ordering::Acquire) == 0
     }
 
     /// Queue `job`, counting it until the engine thread has accepted it.
@@ -506,8 +509,8 @@ impl EngineHandle {
 /// The engine thread: wait for work, then run batches until nothing is pending.
 fn run(shared: &Shared, mut rx: mpsc::Receiver<Job>) {
     while let Some(j) = rx.blocking_recv() {
+        shared.busy.fetch_add(1, Ordering::AcqRel);
         let mut core = shared.lock();
-        shared.busy.store(true, Ordering::Release);
         let Core { engine, pending } = &mut *core;
         shared.queued.fetch_sub(1, Ordering::AcqRel);
         engine.accept(j, pending);
@@ -521,7 +524,7 @@ fn run(shared: &Shared, mut rx: mpsc::Receiver<Job>) {
             }
             engine.iterate(pending);
         }
-        shared.busy.store(false, Ordering::Release);
+        shared.busy.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
