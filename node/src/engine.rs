@@ -16,8 +16,21 @@
 //! `b` when that exit is loaded). One batch only carries jobs of the same sub-range, so
 //! sessions cut at different layers share an engine and each stays exact; a session's KV
 //! only grows for the layers it runs. A sub-range outside what is loaded is refused.
+//!
+//! Fast path ([`EngineConfig::inline_max_rows`]): a small step (a decode step of one
+//! session) that finds the engine idle — nothing queued, nothing pending, no batch running —
+//! runs on the caller's thread instead of waking the engine thread and being woken back,
+//! which saves two cross-thread wake-ups per step (on loopback the larger part of a hop's
+//! cost). Everything else still goes through the queue and is batched; both paths run the
+//! same batch code, so results are identical. An inline step still yields to the
+//! scheduler, so concurrent sessions on the same IO thread interleave step by step.
+//! [`EngineStats`] counts both paths and the hand-off times of queued steps (enqueue →
+//! batch start, answer → caller resumed).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -83,8 +96,18 @@ pub struct StepOut {
     pub batch_size: usize,
 }
 
+/// A step's answer with its hand-off timing.
+struct Answer {
+    out: Result<StepOut>,
+    /// Enqueue → start of the batch that ran the step's first rows.
+    queue_us: u64,
+    /// When the engine sent the answer.
+    at: Instant,
+}
+
 enum Job {
-    Step(StepJob, oneshot::Sender<Result<StepOut>>),
+    /// The step, where to answer, and when it was enqueued.
+    Step(StepJob, oneshot::Sender<Answer>, Instant),
     Truncate(u64, usize),
     Close(u64),
     Stats(oneshot::Sender<EngineStats>),
@@ -101,6 +124,96 @@ pub struct EngineStats {
     pub queue_depth: usize,
     /// Prefill chunks that left part of their step for a later iteration (chunked prefill).
     pub partial_chunks: u64,
+    /// Steps run on the caller's thread (idle engine, small step; see the module docs).
+    pub inline_steps: u64,
+    /// Steps that went through the queue to the engine thread.
+    pub queued_steps: u64,
+    /// Sum over queued steps of enqueue → batch start (µs): the wake-up of the engine
+    /// thread plus any wait behind other work.
+    pub queue_wait_us: u64,
+    /// Sum over queued steps of answer sent → caller resumed (µs): the wake-up back.
+    pub wake_back_us: u64,
+    /// Sum over all steps of the compute time of their batches (µs).
+    pub step_compute_us: u64,
+}
+
+/// Hand-off counters, updated by the callers of [`EngineHandle::step`].
+#[derive(Debug, Default)]
+struct Handoffs {
+    inline_steps: AtomicU64,
+    queued_steps: AtomicU64,
+    queue_wait_us: AtomicU64,
+    wake_back_us: AtomicU64,
+    step_compute_us: AtomicU64,
+}
+
+impl Handoffs {
+    fn record(&self, inline: bool, out: &Result<StepOut>, queue_us: u64, wake_us: u64) {
+        let n = if inline {
+            &self.inline_steps
+        } else {
+            self.queue_wait_us.fetch_add(queue_us, Ordering::Relaxed);
+            self.wake_back_us.fetch_add(wake_us, Ordering::Relaxed);
+            &self.queued_steps
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        if let Ok(o) = out {
+            self.step_compute_us
+                .fetch_add(o.compute_us, Ordering::Relaxed);
+        }
+    }
+
+    fn fill(&self, s: &mut EngineStats) {
+        s.inline_steps = self.inline_steps.load(Ordering::Relaxed);
+        s.queued_steps = self.queued_steps.load(Ordering::Relaxed);
+        s.queue_wait_us = self.queue_wait_us.load(Ordering::Relaxed);
+        s.wake_back_us = self.wake_back_us.load(Ordering::Relaxed);
+        s.step_compute_us = self.step_compute_us.load(Ordering::Relaxed);
+    }
+}
+
+/// The engine's state, shared by the engine thread and the inline fast path.
+struct Core {
+    engine: Engine,
+    pending: Vec<Pend>,
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    /// Jobs sent to the queue and not yet accepted by the engine thread (accepting
+    /// happens under the `core` lock), so an inline step never overtakes an earlier
+    /// truncate/close/step of the same caller.
+    queued: AtomicUsize,
+    handoffs: Handoffs,
+    /// Compute time of the last small step (µs; `u64::MAX` until one has run through the
+    /// queue): the fast path is skipped while it exceeds [`INLINE_MAX_COMPUTE_US`], so a
+    /// large model never blocks its callers' (IO) threads for long — not even once.
+    small_step_us: AtomicU64,
+    /// Holders (or, for the engine thread, soon-to-be holders) of `core` that run or may
+    /// run a batch. A fast-path caller that finds the lock taken waits for it only when
+    /// this is 0 (the holder is only doing bookkeeping, e.g. the engine thread just
+    /// answered a step and is about to park); the engine thread counts itself before it
+    /// locks, so a caller never waits behind a batch it could not see coming.
+    busy: AtomicUsize,
+}
+
+/// Longest compute a fast-path step may take on the caller's thread (µs).
+pub const INLINE_MAX_COMPUTE_US: u64 = 2_000;
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("queued", &self.queued)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The state, also after a panic elsewhere left the lock poisoned (every method of
+    /// `Engine` leaves it consistent between batches).
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 struct SessionKv {
@@ -112,6 +225,9 @@ struct SessionKv {
 #[derive(Clone, Debug)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    /// Largest step (rows incl. backfill) that may run inline; 0 = never.
+    inline_max_rows: usize,
     stage: Stage,
     hidden_size: usize,
     vocab: usize,
@@ -134,6 +250,13 @@ pub struct EngineConfig {
     /// size: candle's kernels dispatch to rayon, and calling them from a thread outside a
     /// pool costs a hand-off per op (measured: ~20% of decode time).
     pub threads: usize,
+    /// Steps of at most this many rows (backfill included) run on the caller's thread
+    /// when the engine is idle, skipping two thread wake-ups (see the module docs); 0
+    /// turns the fast path off. Only used with `threads == 1` (a multi-threaded engine
+    /// computes in its own pool). The caller's thread is blocked for the step's compute,
+    /// so keep it to decode-sized steps; the fast path also pauses while small steps take
+    /// longer than [`INLINE_MAX_COMPUTE_US`].
+    pub inline_max_rows: usize,
 }
 
 impl Default for EngineConfig {
@@ -143,6 +266,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 4096,
             kv_budget_bytes: 512 << 20,
             threads: 1,
+            inline_max_rows: 8,
         }
     }
 }
@@ -166,12 +290,29 @@ impl EngineHandle {
             .thread_name(|i| format!("flow-engine-{i}"))
             .build()
             .map_err(|e| NodeError::Internal(format!("cannot start the engine pool: {e}")))?;
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                engine: Engine::new(model, stage, cfg),
+                pending: Vec::new(),
+            }),
+            queued: AtomicUsize::new(0),
+            handoffs: Handoffs::default(),
+            small_step_us: AtomicU64::new(u64::MAX),
+            busy: AtomicUsize::new(0),
+        });
+        let sh = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("flow-engine".into())
-            .spawn(move || pool.install(move || Engine::new(model, stage, cfg).run(rx)))
+            .spawn(move || pool.install(move || run(&sh, rx)))
             .map_err(|e| NodeError::Internal(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             tx,
+            shared,
+            inline_max_rows: if cfg.threads <= 1 {
+                cfg.inline_max_rows
+            } else {
+                0
+            },
             stage,
             hidden_size,
             vocab,
@@ -195,41 +336,231 @@ impl EngineHandle {
 
     /// Run one step (batched with whatever else is ready).
     pub async fn step(&self, job: StepJob) -> Result<StepOut> {
+        let t0 = Instant::now();
+        let rows = job_rows(&job).saturating_add(
+            job.backfill
+                .as_ref()
+                .map_or(0, |(_, h)| h.dim(0).unwrap_or(usize::MAX)),
+        );
+        let small = rows <= self.inline_max_rows;
+        let job = match self.try_inline(job, rows) {
+            Ok(out) => {
+                self.observe(small, &out);
+                self.shared.handoffs.record(true, &out, 0, 0);
+                // A step stays a scheduling point: without this, a generation whose steps
+                // all run inline would never yield and hold its IO thread (and starve
+                // other sessions' tasks on it) for the whole request.
+                tokio::task::yield_now().await;
+                return out;
+            }
+            Err(job) => job,
+        };
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Job::Step(job, tx))
+        self.send(Job::Step(job, tx, t0))
             .await
             .map_err(|_| NodeError::Internal("the engine thread has stopped".into()))?;
-        rx.await
-            .map_err(|_| NodeError::Internal("the engine dropped a step".into()))?
+        let a = rx
+            .await
+            .map_err(|_| NodeError::Internal("the engine dropped a step".into()))?;
+        let wake_us = a.at.elapsed().as_micros() as u64;
+        self.observe(small, &a.out);
+        self.shared
+            .handoffs
+            .record(false, &a.out, a.queue_us, wake_us);
+        a.out
+    }
+
+    fn observe(&self, small: bool, out: &Result<StepOut>) {
+        if let (true, Ok(o)) = (small, out) {
+            self.shared
+                .small_step_us
+                .store(o.compute_us, Ordering::Relaxed);
+        }
+    }
+
+    /// The fast path: run `job` here if it is small and the engine is idle; otherwise
+    /// hand it back for the queue.
+    fn try_inline(
+        &self,
+        job: StepJob,
+        rows: usize,
+    ) -> std::result::Result<Result<StepOut>, StepJob> {
+        if rows == 0
+            || rows > self.inline_max_rows
+            || self.shared.small_step_us.load(Ordering::Relaxed) > INLINE_MAX_COMPUTE_US
+            || !inline_thread_ready()
+        {
+            return Err(job);
+        }
+        let Some(mut core) = self.lock_if_idle() else {
+            return Err(job);
+        };
+        let (tx, mut rx) = oneshot::channel();
+        let Core { engine, pending } = &mut *core;
+        pending.push(Pend::new(job, tx, Instant::now()));
+        self.shared.busy.fetch_add(1, Ordering::AcqRel);
+        // A step within the token budget completes in one iteration; the bound only
+        // guards against a plan that makes no progress.
+        for _ in 0..=rows {
+            if pending.is_empty() {
+                break;
+            }
+            engine.iterate(pending);
+        }
+        for p in pending.iter_mut() {
+            p.fail(NodeError::Internal(
+                "an inline step did not complete".into(),
+            ));
+        }
+        pending.clear();
+        self.shared.busy.fetch_sub(1, Ordering::AcqRel);
+        drop(core);
+        Ok(match rx.try_recv() {
+            Ok(a) => a.out,
+            Err(_) => Err(NodeError::Internal("the engine dropped a step".into())),
+        })
+    }
+
+    /// The engine's state if it is idle — nothing queued or waiting, no batch running —
+    /// without waiting behind a batch (only behind the engine thread's bookkeeping).
+    fn lock_if_idle(&self) -> Option<MutexGuard<'_, Core>> {
+        if self.shared.queued.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let core = match self.shared.core.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) if self.shared.busy.load(Ordering::Acquire) > 0 => {
+                return None
+            }
+            Err(TryLockError::WouldBlock) => self.shared.lock(),
+        };
+        // Under the lock: nothing accepted and waiting, nothing sent and not yet accepted.
+        (core.pending.is_empty() && self.shared.queued.load(Ordering::Acquire) == 0).then_some(core)
+    }
+
+    /// Apply a truncate/close right here when the engine is idle (no wake-up of the
+    /// engine thread); otherwise queue it behind what is already queued.
+    async fn apply_or_send(&self, job: Job) {
+        if let Some(job) = self.try_apply(job) {
+            let _ = self.send(job).await;
+        }
+    }
+
+    /// `job` applied here when the engine is idle (`None`), or handed back.
+    fn try_apply(&self, job: Job) -> Option<Job> {
+        let Some(mut core) = self.lock_if_idle() else {
+            return Some(job);
+        };
+        let Core { engine, pending } = &mut *core;
+        engine.accept(job, pending);
+        None
+    }
+
+    /// Whether the engine is idle: nothing queued, no batch running (a small step now
+    /// would take the fast path).
+    pub fn idle(&self) -> bool {
+        self.shared.queued.load(Ordering::Acquire) == 0
+            && self.shared.busy.load(Ordering::Acquire) == 0
+    }
+
+    /// Queue `job`, counting it until the engine thread has accepted it.
+    async fn send(&self, job: Job) -> std::result::Result<(), ()> {
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(job).await.is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(());
+        }
+        Ok(())
     }
 
     /// Forget positions `len..` of `session` (speculative rollback).
     pub async fn truncate(&self, session: u64, len: usize) {
-        let _ = self.tx.send(Job::Truncate(session, len)).await;
+        self.apply_or_send(Job::Truncate(session, len)).await;
     }
 
     /// Free `session`'s KV.
     pub async fn close(&self, session: u64) {
-        let _ = self.tx.send(Job::Close(session)).await;
+        self.apply_or_send(Job::Close(session)).await;
     }
 
     /// Free `session`'s KV without waiting (from `Drop`); skipped if the queue is full,
     /// in which case LRU eviction reclaims it later.
     pub fn close_now(&self, session: u64) {
-        let _ = self.tx.try_send(Job::Close(session));
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.try_send(Job::Close(session)).is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Current statistics.
     pub async fn stats(&self) -> EngineStats {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Job::Stats(tx)).await.is_err() {
+        if self.send(Job::Stats(tx)).await.is_err() {
             return EngineStats::default();
         }
         let mut s = rx.await.unwrap_or_default();
         s.queue_depth = self.tx.max_capacity() - self.tx.capacity();
+        self.shared.handoffs.fill(&mut s);
         s
     }
+}
+
+/// The engine thread: wait for work, then run batches until nothing is pending.
+fn run(shared: &Shared, mut rx: mpsc::Receiver<Job>) {
+    while let Some(j) = rx.blocking_recv() {
+        shared.busy.fetch_add(1, Ordering::AcqRel);
+        let mut core = shared.lock();
+        let Core { engine, pending } = &mut *core;
+        shared.queued.fetch_sub(1, Ordering::AcqRel);
+        engine.accept(j, pending);
+        loop {
+            while let Ok(j) = rx.try_recv() {
+                shared.queued.fetch_sub(1, Ordering::AcqRel);
+                engine.accept(j, pending);
+            }
+            if pending.is_empty() {
+                break;
+            }
+            engine.iterate(pending);
+        }
+        shared.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+thread_local! {
+    /// Whether this thread may compute fast-path steps (decided on first use).
+    static INLINE_READY: RefCell<Option<bool>> = const { RefCell::new(None) };
+    /// The one-thread rayon pool whose only worker is this thread, kept alive with it.
+    static INLINE_POOL: RefCell<Option<rayon::ThreadPool>> = const { RefCell::new(None) };
+}
+
+/// Whether this thread can compute a fast-path step inline: it is (or now becomes) the
+/// only worker of a one-thread rayon pool, so candle's kernels (which dispatch to the
+/// current rayon pool) run right here instead of handing every op to the global pool. A
+/// thread already in a larger pool cannot.
+fn inline_thread_ready() -> bool {
+    INLINE_READY.with(|ready| {
+        *ready.borrow_mut().get_or_insert_with(|| {
+            if rayon::current_thread_index().is_some() {
+                return rayon::current_num_threads() == 1;
+            }
+            match rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .use_current_thread()
+                .build()
+            {
+                Ok(pool) => {
+                    INLINE_POOL.with(|h| *h.borrow_mut() = Some(pool));
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "no inline engine steps on this thread");
+                    false
+                }
+            }
+        })
+    })
 }
 
 struct Engine {
@@ -252,22 +583,6 @@ impl Engine {
             evicted: HashMap::new(),
             clock: 0,
             stats: EngineStats::default(),
-        }
-    }
-
-    fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        let mut pending: Vec<Pend> = Vec::new();
-        loop {
-            if pending.is_empty() {
-                match rx.blocking_recv() {
-                    Some(j) => self.accept(j, &mut pending),
-                    None => return,
-                }
-            }
-            while let Ok(j) = rx.try_recv() {
-                self.accept(j, &mut pending);
-            }
-            self.iterate(&mut pending);
         }
     }
 
@@ -322,6 +637,10 @@ impl Engine {
             .zip(&chunks)
             .filter(|(&i, c)| pending[i].done + job_rows(c) < pending[i].rows)
             .count() as u64;
+        let now = Instant::now();
+        for &i in &picked {
+            pending[i].started.get_or_insert(now);
+        }
         let outs = self.run_batch(chunks, stage);
         for (i, out) in picked.iter().zip(outs) {
             pending[*i].absorb(out);
@@ -331,7 +650,7 @@ impl Engine {
 
     fn accept(&mut self, job: Job, pending: &mut Vec<Pend>) {
         match job {
-            Job::Step(j, tx) => pending.push(Pend::new(j, tx)),
+            Job::Step(j, tx, t0) => pending.push(Pend::new(j, tx, t0)),
             Job::Truncate(s, len) => {
                 if let Some(kv) = self.sessions.get_mut(&s) {
                     kv.cache.truncate(len);
@@ -647,7 +966,10 @@ impl Engine {
 /// A step waiting in the engine, possibly part-way through its rows (chunked prefill).
 struct Pend {
     job: StepJob,
-    tx: Option<oneshot::Sender<Result<StepOut>>>,
+    tx: Option<oneshot::Sender<Answer>>,
+    /// When the step was handed to the engine, and when its first rows ran.
+    enqueued: Instant,
+    started: Option<Instant>,
     rows: usize,
     done: usize,
     hidden: Vec<Tensor>,
@@ -657,11 +979,13 @@ struct Pend {
 }
 
 impl Pend {
-    fn new(job: StepJob, tx: oneshot::Sender<Result<StepOut>>) -> Self {
+    fn new(job: StepJob, tx: oneshot::Sender<Answer>, enqueued: Instant) -> Self {
         let rows = job_rows(&job);
         Self {
             job,
             tx: Some(tx),
+            enqueued,
+            started: None,
             rows,
             done: 0,
             hidden: Vec::new(),
@@ -696,8 +1020,18 @@ impl Pend {
     }
 
     fn fail(&mut self, e: NodeError) {
+        self.answer(Err(e));
+    }
+
+    fn answer(&mut self, out: Result<StepOut>) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Err(e));
+            let at = Instant::now();
+            let queue_us = self
+                .started
+                .unwrap_or(at)
+                .saturating_duration_since(self.enqueued)
+                .as_micros() as u64;
+            let _ = tx.send(Answer { out, queue_us, at });
         }
     }
 
@@ -733,9 +1067,7 @@ impl Pend {
             Some(Err(e)) => Err(e.into()),
             None => Err(NodeError::Internal("a step finished with no rows".into())),
         };
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(res);
-        }
+        self.answer(res);
     }
 
     /// Answered (or failed): nothing more to run.
@@ -755,6 +1087,9 @@ fn job_rows(j: &StepJob) -> usize {
 mod tests {
     use flow_familial::config::Layout;
     use flow_familial::init::{init_checkpoint, Preset};
+    use std::time::Duration;
+
+    use crate::agent::wait_until;
 
     use super::*;
 
@@ -770,6 +1105,59 @@ mod tests {
             ..Default::default()
         };
         EngineHandle::spawn(model, stage, cfg).unwrap()
+    }
+
+    /// Decode steps on an idle engine run on the caller's thread and give the same logits
+    /// as steps through the queue; a truncate sent before a step is applied before it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn inline_steps_match_queued_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        init_checkpoint(Preset::Tiny, Layout::Qwen2, 3, dir.path()).unwrap();
+        let stage = Stage {
+            a: 0,
+            b: 5,
+            exit: true,
+        };
+        let spawn = |inline_max_rows| {
+            let model = FamilialModel::load(dir.path()).unwrap();
+            let cfg = EngineConfig {
+                inline_max_rows,
+                ..Default::default()
+            };
+            EngineHandle::spawn(model, stage, cfg).unwrap()
+        };
+        let (fast, queued) = (spawn(8), spawn(0));
+        let prompt: Vec<u32> = (0..12).map(|i| 40 + i).collect();
+        let mut got = Vec::new();
+        for e in [&fast, &queued] {
+            let mut logits = Vec::new();
+            // The prompt (12 rows) is over the fast-path size: it goes through the queue.
+            logits.push(e.step(step(1, 0, prompt.clone(), 1)).await.unwrap().logits);
+            for (i, t) in [70u32, 71, 72, 73, 74, 75].into_iter().enumerate() {
+                // Idle before each decode step (the engine thread may still be finishing
+                // the previous answer), so the fast path is taken where it is on.
+                assert!(wait_until(Duration::from_secs(30), || e.idle()).await);
+                logits.push(e.step(step(1, 12 + i, vec![t], 1)).await.unwrap().logits);
+            }
+            // Roll back to 13 positions and decode position 13 again with another token.
+            assert!(wait_until(Duration::from_secs(30), || e.idle()).await);
+            e.truncate(1, 13).await;
+            logits.push(e.step(step(1, 13, vec![90], 1)).await.unwrap().logits);
+            got.push(logits);
+        }
+        for (x, y) in got[0].iter().zip(&got[1]) {
+            let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+            for (p, q) in x[0].iter().zip(&y[0]) {
+                assert!((p - q).abs() < 1e-5, "{p} vs {q}");
+            }
+        }
+        let (f, q) = (fast.stats().await, queued.stats().await);
+        // The first decode step is queued (no small step measured yet); later ones run
+        // inline unless the last small step took longer than INLINE_MAX_COMPUTE_US (a
+        // tiny-model step on a very loaded machine: then it is measured again).
+        assert!(f.inline_steps >= 1, "{f:?}");
+        assert_eq!(f.queued_steps + f.inline_steps, 8, "{f:?}");
+        assert_eq!((q.queued_steps, q.inline_steps), (8, 0), "{q:?}");
     }
 
     fn step(session: u64, start: usize, tokens: Vec<u32>, logit_rows: usize) -> StepJob {

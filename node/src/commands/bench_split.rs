@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use flow_familial::tasks::{eval_set, Task};
 use flow_familial::ModelConfig;
 use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
+use flow_node::engine::EngineStats;
 use flow_node::{Agent, EngineConfig, GenEvent, GenerateRequest};
 use flow_protocol::{InferMode, Policy, Sampling};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -60,6 +61,12 @@ pub struct BenchSplitArgs {
     /// Tokio worker threads shared by the agents (QUIC, sessions, timers).
     #[arg(long, default_value_t = 2)]
     pub io_threads: usize,
+    /// Engine fast path: steps of at most this many rows run on the calling (tokio)
+    /// thread when the engine is idle, skipping two thread wake-ups per step; 0 sends
+    /// every step through the engine queue (the pre-fast-path behaviour). Applies to
+    /// every node alike, single nodes included, so the ratios stay fair.
+    #[arg(long, default_value_t = EngineConfig::default().inline_max_rows)]
+    pub inline_max_rows: usize,
     /// Wire encoding of hidden states between tiers: f32, f16, bf16 or int8.
     #[arg(long, default_value = "f32")]
     pub encoding: String,
@@ -135,6 +142,39 @@ pub struct ConfigSummary {
     pub per_round_e2e_tok_s: Vec<f64>,
 }
 
+/// Hand-offs of one engine over the measured rounds (every configuration that used it).
+#[derive(Debug, Clone, Serialize)]
+pub struct HandoffRow {
+    pub engine: String,
+    /// Steps computed on the caller's thread (engine idle, small step).
+    pub inline_steps: u64,
+    /// Steps that went through the queue to the engine thread.
+    pub queued_steps: u64,
+    /// Mean enqueue → batch start of queued steps (µs): waking the engine thread.
+    pub queue_wait_us: f64,
+    /// Mean answer → caller resumed of queued steps (µs): waking the caller back.
+    pub wake_back_us: f64,
+    /// Mean compute per step (µs, the step's batch).
+    pub compute_us: f64,
+}
+
+fn handoff_row(engine: &str, before: &EngineStats, after: &EngineStats) -> HandoffRow {
+    let inline = after.inline_steps - before.inline_steps;
+    let queued = after.queued_steps - before.queued_steps;
+    let per = |x: u64, n: u64| x as f64 / n.max(1) as f64;
+    HandoffRow {
+        engine: engine.into(),
+        inline_steps: inline,
+        queued_steps: queued,
+        queue_wait_us: per(after.queue_wait_us - before.queue_wait_us, queued),
+        wake_back_us: per(after.wake_back_us - before.wake_back_us, queued),
+        compute_us: per(
+            after.step_compute_us - before.step_compute_us,
+            inline + queued,
+        ),
+    }
+}
+
 /// The whole run.
 #[derive(Debug, Serialize)]
 pub struct SplitReport {
@@ -165,6 +205,9 @@ pub struct SplitReport {
     pub c_vs_b_decode: f64,
     pub target_c_met: bool,
     pub outputs_equal: bool,
+    pub inline_max_rows: usize,
+    /// Per engine, over the measured rounds: how its steps were handed over.
+    pub handoffs: Vec<HandoffRow>,
     pub results: BTreeMap<String, Vec<RequestResult>>,
 }
 
@@ -261,6 +304,7 @@ async fn bench(a: BenchSplitArgs) -> anyhow::Result<()> {
     }
     let engine = EngineConfig {
         threads: a.threads,
+        inline_max_rows: a.inline_max_rows,
         ..EngineConfig::default()
     };
     let loadavg_before = loadavg();
@@ -371,6 +415,17 @@ async fn bench(a: BenchSplitArgs) -> anyhow::Result<()> {
         }
     }
 
+    let engines = [
+        ("a single", &single),
+        ("e single@edge", &single_e),
+        ("device", &cluster.device),
+        ("edge", &cluster.edge),
+        ("cloud", &cluster.cloud),
+    ];
+    let mut stats0 = Vec::new();
+    for (_, agent) in &engines {
+        stats0.push(agent.engine_stats().await);
+    }
     let pb = ProgressBar::new((a.reps * prompts.len() * configs.len()) as u64);
     pb.set_style(
         ProgressStyle::with_template(
@@ -447,6 +502,10 @@ async fn bench(a: BenchSplitArgs) -> anyhow::Result<()> {
         }
     }
     pb.finish_and_clear();
+    let mut handoffs = Vec::new();
+    for ((name, agent), before) in engines.iter().zip(&stats0) {
+        handoffs.push(handoff_row(name, before, &agent.engine_stats().await));
+    }
     let loadavg_after = loadavg();
     cluster.shutdown().await;
     single.shutdown().await;
@@ -563,6 +622,8 @@ async fn bench(a: BenchSplitArgs) -> anyhow::Result<()> {
         c_vs_b_decode,
         target_c_met: c_vs_b >= 1.0 && sc.requests_identical == sc.requests,
         outputs_equal,
+        inline_max_rows: a.inline_max_rows,
+        handoffs,
         results,
     };
     print_report(&report);
@@ -586,7 +647,7 @@ async fn bench(a: BenchSplitArgs) -> anyhow::Result<()> {
 
 fn print_report(r: &SplitReport) {
     println!(
-        "bench split — {} | device 0..{} | edge ..{} | cloud ..{} | hidden states {} | {} prompts × {} rounds, ≤{} tokens | engine threads {} | {} cores, load {} → {}",
+        "bench split — {} | device 0..{} | edge ..{} | cloud ..{} | hidden states {} | {} prompts × {} rounds, ≤{} tokens | engine threads {}, inline ≤{} rows | {} cores, load {} → {}",
         r.model,
         r.device_exit,
         r.edge_exit,
@@ -596,6 +657,7 @@ fn print_report(r: &SplitReport) {
         r.reps,
         r.max_tokens,
         r.threads,
+        r.inline_max_rows,
         r.cores,
         r.loadavg_before,
         r.loadavg_after
@@ -645,6 +707,20 @@ fn print_report(r: &SplitReport) {
             println!("{}: tokens by tier:exit {}", s.name, share.join(", "));
         }
     }
+    println!();
+    println!("| engine | inline steps | queued steps | enqueue → batch start µs (mean, queued) | answer → caller resumed µs (mean, queued) | compute µs/step |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for h in &r.handoffs {
+        println!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.0} |",
+            h.engine, h.inline_steps, h.queued_steps, h.queue_wait_us, h.wake_back_us, h.compute_us
+        );
+    }
+    println!(
+        "engine hand-offs over the measured rounds (every configuration that used the engine): \
+         inline = computed on the caller's thread (engine idle, ≤ --inline-max-rows rows); \
+         queued steps pay the two wake-ups in the last columns"
+    );
     println!(
         "per-token hop cost (median gaps): device→edge {:.3} ms (f − e), edge→cloud {:.3} ms ((b − a) − (f − e))",
         r.hop_ms_device_edge, r.hop_ms_edge_cloud
