@@ -403,7 +403,13 @@ impl SparseTrainer {
             .params
             .iter()
             .flat_map(|p| p.vars())
-            .map(|v| store.remove(v.as_tensor()))
+            // candle's backward detaches the gradient of every interior node but not of the
+            // variables: a variable's gradient keeps its backward op, which references the
+            // other operand (for LoRA, `B`'s gradient references the `A` variable, so it is
+            // "tracked"). Kept as is, the AdamW moments built from it would chain every
+            // step's gradient and graph to the next one (the memory of `lora:*` grew with
+            // the number of steps); detached, a gradient is a plain tensor.
+            .map(|v| store.remove(v.as_tensor()).map(|g| g.detach()))
             .collect();
         Ok((grads, value))
     }
