@@ -4,7 +4,8 @@
 //! delta checkpoints that devices apply, and hierarchical federated averaging.
 //!
 //! - [`scheme`] — sparse update schemes as configuration ([`Scheme`]: exit heads, biases and
-//!   norms, channel slices by weight magnitude, LoRA, full) and their plans.
+//!   norms, channel slices by weight magnitude, FFN output channels (`ffn-out`), LoRA,
+//!   full) and their plans.
 //! - [`sparse`] — [`SparseTrainer`]: only the planned slices are candle `Var`s, so the
 //!   backward graph is pruned by construction; per-parameter AdamW updates.
 //! - [`select`] — memory estimate per scheme and the contribution analysis that picks the

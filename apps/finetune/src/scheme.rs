@@ -30,6 +30,11 @@ pub enum Scheme {
     Channels { last: usize, ratio: f64 },
     /// Exit heads + rank-`rank` LoRA adapters on every projection of the last `last` blocks.
     Lora { last: usize, rank: usize },
+    /// Exit heads + a `ratio` of the output channels (rows of largest L2 norm) of the FFN
+    /// output projection (`down_proj`) of the last `last` blocks (tiny-training: the later
+    /// layers matter most). With `last` 1 the backward pass stops at that projection's
+    /// input: nothing else in the block needs a gradient, so its activations are not kept.
+    FfnOut { last: usize, ratio: f64 },
     /// Every tensor of the member (the baseline).
     Full,
 }
@@ -43,6 +48,10 @@ impl Scheme {
                 v.push(Scheme::Channels { last, ratio });
             }
         }
+        v.push(Scheme::FfnOut {
+            last: 1,
+            ratio: 1.0,
+        });
         v.push(Scheme::Lora { last: 1, rank: 8 });
         v.push(Scheme::Full);
         v
@@ -53,6 +62,7 @@ impl Scheme {
             Scheme::BiasNorm { last }
             | Scheme::Lora { last, .. }
             | Scheme::Channels { last, .. }
+            | Scheme::FfnOut { last, .. }
                 if last == 0 =>
             {
                 Err(Error::invalid(
@@ -60,9 +70,14 @@ impl Scheme {
                     format!("`{self}`: needs at least 1 block"),
                 ))
             }
-            Scheme::Channels { ratio, .. } if !(ratio > 0.0 && ratio <= 1.0) => Err(
-                Error::invalid("scheme", format!("`{self}`: ratio must be in (0, 1]")),
-            ),
+            Scheme::Channels { ratio, .. } | Scheme::FfnOut { ratio, .. }
+                if !(ratio > 0.0 && ratio <= 1.0) =>
+            {
+                Err(Error::invalid(
+                    "scheme",
+                    format!("`{self}`: ratio must be in (0, 1]"),
+                ))
+            }
             Scheme::Lora { rank: 0, .. } => Err(Error::invalid(
                 "scheme",
                 format!("`{self}`: rank must be >= 1"),
@@ -95,7 +110,8 @@ impl Scheme {
         let last = match *self {
             Scheme::BiasNorm { last }
             | Scheme::Channels { last, .. }
-            | Scheme::Lora { last, .. } => last,
+            | Scheme::Lora { last, .. }
+            | Scheme::FfnOut { last, .. } => last,
             _ => 0,
         };
         for &p in points {
@@ -109,6 +125,15 @@ impl Scheme {
                         }
                         (Scheme::Channels { ratio, .. }, false) => add(n, SliceKind::Rows(*ratio)),
                         (Scheme::Lora { rank, .. }, false) => add(n, SliceKind::Lora(*rank)),
+                        (Scheme::FfnOut { ratio, .. }, false)
+                            if n.ends_with("down_proj.weight") =>
+                        {
+                            if *ratio >= 1.0 {
+                                add(n, SliceKind::Full)
+                            } else {
+                                add(n, SliceKind::Rows(*ratio))
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -125,6 +150,7 @@ impl fmt::Display for Scheme {
             Scheme::BiasNorm { last } => write!(f, "bias-norm:{last}"),
             Scheme::Channels { last, ratio } => write!(f, "channels:{last}:{ratio}"),
             Scheme::Lora { last, rank } => write!(f, "lora:{last}:{rank}"),
+            Scheme::FfnOut { last, ratio } => write!(f, "ffn-out:{last}:{ratio}"),
             Scheme::Full => f.write_str("full"),
         }
     }
@@ -144,7 +170,7 @@ impl FromStr for Scheme {
             Error::invalid(
                 "scheme",
                 format!(
-                    "`{s}` (use exit-heads, bias-norm:N, channels:N:RATIO, lora:N:RANK or full)"
+                    "`{s}` (use exit-heads, bias-norm:N, channels:N:RATIO, ffn-out:N:RATIO, lora:N:RANK or full)"
                 ),
             )
         };
@@ -157,6 +183,10 @@ impl FromStr for Scheme {
                 rank: num(2)?,
             },
             ("channels", 3) => Scheme::Channels {
+                last: num(1)?,
+                ratio: parts[2].parse().map_err(|_| bad())?,
+            },
+            ("ffn-out", 3) => Scheme::FfnOut {
                 last: num(1)?,
                 ratio: parts[2].parse().map_err(|_| bad())?,
             },
@@ -248,6 +278,8 @@ mod tests {
             "exit-heads",
             "bias-norm:2",
             "channels:1:0.25",
+            "ffn-out:1:0.5",
+            "ffn-out:1:1",
             "lora:1:8",
             "full",
         ] {
@@ -284,6 +316,14 @@ mod tests {
         .plan(&cfg, &[p])
         .unwrap();
         assert!(ch.iter().any(|s| s.kind == SliceKind::Rows(0.5)));
+        let fo = Scheme::FfnOut {
+            last: 1,
+            ratio: 1.0,
+        }
+        .plan(&cfg, &[p])
+        .unwrap();
+        assert_eq!(fo.len(), 3);
+        assert!(fo[2].name.ends_with("mlp.down_proj.weight") && fo[2].kind == SliceKind::Full);
         let full = Scheme::Full.plan(&cfg, &[p]).unwrap();
         let part = member_part(&cfg, &[p]).unwrap();
         assert_eq!(

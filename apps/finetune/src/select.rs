@@ -92,8 +92,12 @@ pub fn estimate(
             flow_familial::config::Ffn::Dense { intermediate } => *intermediate,
             flow_familial::config::Ffn::Moe(m) => m.expert_intermediate * m.top_k,
         };
-        let per_token =
-            10 * h + 3 * (cfg.q_dim() + 2 * cfg.kv_dim()) + 5 * inter + 3 * cfg.num_heads * seq_len;
+        let per_token = if matches!(scheme, Scheme::FfnOut { last: 1, .. }) {
+            // only the FFN output projection's input (and the residual stream after it)
+            inter + 2 * h
+        } else {
+            10 * h + 3 * (cfg.q_dim() + 2 * cfg.kv_dim()) + 5 * inter + 3 * cfg.num_heads * seq_len
+        };
         activations +=
             4 * (kept * tokens * per_token + 4 * loss_rows * opts.batch * cfg.vocab_size);
     }

@@ -42,10 +42,14 @@ pub struct FtOptions {
     pub steps: u64,
     /// Sequences per step.
     pub batch: usize,
-    /// Learning rate (constant after a linear warm-up).
+    /// Peak learning rate (reached after the linear warm-up).
     pub lr: f64,
     /// Linear warm-up steps.
     pub warmup: u64,
+    /// After warm-up the rate follows a cosine from `lr` down to `lr * min_lr_ratio` at the
+    /// last step (1.0 = constant).
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
     /// Decoupled weight decay on matrices and LoRA factors.
     pub weight_decay: f64,
     pub beta1: f64,
@@ -66,6 +70,7 @@ impl Default for FtOptions {
             batch: 16,
             lr: 1e-3,
             warmup: 20,
+            min_lr_ratio: default_min_lr_ratio(),
             weight_decay: 0.0,
             beta1: 0.9,
             beta2: 0.98,
@@ -77,14 +82,24 @@ impl Default for FtOptions {
     }
 }
 
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+
 impl FtOptions {
-    /// Learning rate at 0-based `step`.
+    /// Learning rate at 0-based `step`: linear warm-up, then cosine decay to
+    /// `lr * min_lr_ratio` at step `steps - 1`.
     pub fn lr_at(&self, step: u64) -> f64 {
         if self.warmup > 0 && step < self.warmup {
-            self.lr * (step + 1) as f64 / self.warmup as f64
-        } else {
-            self.lr
+            return self.lr * (step + 1) as f64 / self.warmup as f64;
         }
+        let span = self.steps.saturating_sub(self.warmup).saturating_sub(1);
+        if span == 0 {
+            return self.lr;
+        }
+        let t = ((step - self.warmup) as f64 / span as f64).min(1.0);
+        let floor = self.min_lr_ratio.clamp(0.0, 1.0);
+        self.lr * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
     }
 
     /// The exit points trained for a family of `cfg`.
@@ -403,7 +418,13 @@ impl SparseTrainer {
             .params
             .iter()
             .flat_map(|p| p.vars())
-            .map(|v| store.remove(v.as_tensor()))
+            // candle's backward detaches the gradient of every interior node but not of the
+            // variables: a variable's gradient keeps its backward op, which references the
+            // other operand (for LoRA, `B`'s gradient references the `A` variable, so it is
+            // "tracked"). Kept as is, the AdamW moments built from it would chain every
+            // step's gradient and graph to the next one (the memory of `lora:*` grew with
+            // the number of steps); detached, a gradient is a plain tensor.
+            .map(|v| store.remove(v.as_tensor()).map(|g| g.detach()))
             .collect();
         Ok((grads, value))
     }
@@ -500,6 +521,10 @@ mod tests {
             Scheme::Channels {
                 last: 1,
                 ratio: 0.25,
+            },
+            Scheme::FfnOut {
+                last: 1,
+                ratio: 0.5,
             },
             Scheme::Lora { last: 1, rank: 4 },
             Scheme::Full,
@@ -614,6 +639,26 @@ mod tests {
         }
         let after = tr.eval_loss(&val).unwrap();
         assert!(after < before, "{before} -> {after}");
+    }
+
+    #[test]
+    fn lr_warms_up_then_decays_to_the_floor() {
+        let o = FtOptions {
+            steps: 110,
+            lr: 1e-3,
+            warmup: 10,
+            min_lr_ratio: 0.1,
+            ..Default::default()
+        };
+        assert!((o.lr_at(0) - 1e-4).abs() < 1e-12);
+        assert!((o.lr_at(10) - 1e-3).abs() < 1e-12);
+        assert!(o.lr_at(60) < 1e-3 && o.lr_at(60) > 1e-4);
+        assert!((o.lr_at(109) - 1e-4).abs() < 1e-12);
+        let flat = FtOptions {
+            min_lr_ratio: 1.0,
+            ..o
+        };
+        assert!((flat.lr_at(80) - 1e-3).abs() < 1e-12);
     }
 
     #[test]

@@ -31,6 +31,9 @@ SCHEMES (--scheme)
   bias-norm:N         + biases and norm weights of the member's last N blocks
   channels:N:RATIO    + RATIO of the output channels (rows of largest L2 norm) of every
                         weight matrix of the last N blocks, plus their biases/norms
+  ffn-out:N:RATIO     + RATIO of the output channels of the FFN output projection
+                        (down_proj) of the last N blocks; with N = 1 the backward pass
+                        stops at that projection (RATIO 1 = the whole matrix)
   lora:N:RANK         + rank-RANK LoRA adapters on every projection of the last N blocks
   full                every tensor of the member (the baseline)
   auto                the best scheme whose estimated training memory fits --budget-mb:
@@ -38,6 +41,20 @@ SCHEMES (--scheme)
                         that lowers the validation loss most wins (contribution analysis)
 Only the trained slices are candle variables, so no backward graph is built below the
 first of them; gradients are applied and freed parameter by parameter.
+
+WHAT CANDLE DOES NOT PERMIT (PockEngine's update-as-soon-as-the-gradient-exists)
+  candle's Tensor::backward walks the whole graph in one call and returns a GradStore
+  with every gradient; there is no per-parameter hook during the pass. So the optimizer
+  step cannot be interleaved with backpropagation, and all of one step's gradients are
+  alive together at the end of backward. What runs instead: the graph and activations
+  are dropped right after backward, then each gradient is taken out of the store, used
+  for its parameter's AdamW update (per-parameter norm clip, no global clip) and freed
+  before the next. Peak = max(forward+backward, weights + optimizer state + remaining
+  gradients), not their sum. Row-sliced (channels, ffn-out < 1) matrices are also
+  merged (frozen rows + trainable rows) into a whole matrix every step, and the model's
+  matmul computes that whole matrix's gradient before the rows are picked out: candle
+  has no sliced-weight matmul, so the saving of a row slice is in optimizer state, not
+  in the weight gradient.
 
 DATA
   --task add|lookup|reverse|mix   the built-in tasks (see `flow-node model train --help`)
@@ -87,12 +104,15 @@ pub struct FinetuneArgs {
     /// Sequences per step.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
-    /// Learning rate (AdamW, constant after warm-up).
+    /// Peak learning rate (AdamW). Sparse schemes: ~1e-3; full: <= 3e-4.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// Warm-up steps.
+    /// Warm-up steps (linear), then a cosine decay to --min-lr-ratio x the peak.
     #[arg(long, default_value_t = 20)]
     pub warmup: u64,
+    /// Final learning rate as a fraction of the peak (1 = constant after warm-up).
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
     /// Per-parameter gradient-norm clip (0 = off).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
@@ -192,6 +212,7 @@ pub fn run(a: FinetuneArgs) -> anyhow::Result<()> {
         batch: a.batch,
         lr: a.lr,
         warmup: a.warmup,
+        min_lr_ratio: a.min_lr_ratio,
         clip_norm: a.clip,
         seed: a.seed,
         exits: a.exits.clone(),
