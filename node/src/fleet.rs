@@ -237,6 +237,11 @@ impl Agent {
         self.fleet().store.fingerprint()
     }
 
+    /// The live weights of this node's part (a snapshot).
+    pub fn weights(&self) -> Result<Arc<crate::delta::Versioned>> {
+        self.fleet().store.current()
+    }
+
     /// The live weights version (0 = the base).
     pub fn weights_version(&self) -> u64 {
         self.fleet().store.version().unwrap_or(0)
