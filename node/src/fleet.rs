@@ -215,7 +215,9 @@ pub struct RoundReport {
     pub distribution: Option<Distribution>,
 }
 
-fn largest_change(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> Result<f64> {
+/// Largest absolute difference between same-named tensors of `a` and `b` (infinite when
+/// `b` lacks one).
+pub fn largest_change(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> Result<f64> {
     let mut m = 0f64;
     for (n, t) in a {
         let Some(u) = b.get(n) else {
@@ -381,7 +383,7 @@ impl Agent {
             jobs.push((
                 name,
                 Box::pin(async move {
-                    ask_child(&c, n2, round, cfg.deadline, fp)
+                    ask_for_update(&c, n2, round, cfg.deadline, Some(fp))
                         .await
                         .map_err(|e| flow_finetune::Error::Aggregate(e.to_string()))
                 }),
@@ -512,14 +514,33 @@ fn check_base(o: &DeltaOffer, fp: &[u8; 32]) -> Result<()> {
     Ok(())
 }
 
-/// Aggregator side: ask `conn` for its update of `round`.
-async fn ask_child(
+/// Aggregator side: ask `conn` (a child, or for an operator the node it connected to)
+/// for its update of `round`, answered within `deadline`; `fp` = the base the update must
+/// name (`None`: any).
+pub async fn ask_for_update(
     conn: &PeerConnection,
     name: String,
     round: u64,
     deadline: Duration,
-    fp: [u8; 32],
+    fp: Option<[u8; 32]>,
 ) -> Result<Update> {
+    let (samples, delta) = ask_for_delta(conn, &name, round, deadline, fp).await?;
+    Ok(Update {
+        samples,
+        tensors: delta.tensors.into_iter().collect(),
+        contributors: vec![name],
+    })
+}
+
+/// [`ask_for_update`] answered as the sample count and the delta as sent (a node with
+/// children names its average as its next version).
+pub async fn ask_for_delta(
+    conn: &PeerConnection,
+    name: &str,
+    round: u64,
+    deadline: Duration,
+    fp: Option<[u8; 32]>,
+) -> Result<(u64, Delta)> {
     let mut s = conn.open_session().await?;
     s.send(&Message::RoundUpdate(RoundUpdate {
         round,
@@ -552,7 +573,10 @@ async fn ask_child(
             )))
         }
     };
-    let check = check_base(&offer, &fp);
+    let check = match fp {
+        Some(fp) => check_base(&offer, &fp),
+        None => Ok(()),
+    };
     let id = offer.update_id;
     let delta = receive_transfer(&mut s, offer, check, 0).await?;
     s.send(&ack_message(
@@ -563,11 +587,7 @@ async fn ask_child(
     ))
     .await?;
     let _ = s.finish();
-    Ok(Update {
-        samples,
-        tensors: delta.tensors.into_iter().collect(),
-        contributors: vec![name],
-    })
+    Ok((samples, delta))
 }
 
 /// Serve one fleet session whose first message is `first`: from the parent (a push, a
