@@ -287,14 +287,15 @@ impl Agent {
         Ok(())
     }
 
-    /// Children connected now.
+    /// Children connected now. A peer that hosts no layers (an operator running
+    /// `flow-node fleet`) is not a child: nothing is pushed to it and no round asks it.
     pub fn children(&self) -> Vec<Arc<PeerConnection>> {
         let Ok(c) = self.fleet().children.lock() else {
             return Vec::new();
         };
         c.iter()
             .filter_map(Weak::upgrade)
-            .filter(|c| c.quic().close_reason().is_none())
+            .filter(|c| c.quic().close_reason().is_none() && !c.peer_hello().hosted.is_empty())
             .collect()
     }
 

@@ -35,7 +35,7 @@ pub enum FleetCmd {
     /// `flow-node fleet push --to 10.0.0.2:7000 --model models/small --delta ft.delta --ca ca.pem --cert op.pem --key op.key`
     Push(PushArgs),
     /// Undo a version on a running edge or cloud and everything below it. Example:
-    /// `flow-node fleet rollback --to 10.0.0.2:7000 --model models/small --version 3 --insecure-loopback`
+    /// `flow-node fleet rollback --to 10.0.0.2:7000 --model models/small --from-version 3 --insecure-loopback`
     Rollback(RollbackArgs),
     /// Federated rounds: the node at --to (the cloud, or an edge) collects its children's
     /// updates (devices post theirs after local training), averages them by samples,
@@ -89,7 +89,7 @@ pub struct RollbackArgs {
     pub target: Target,
     /// The version to undo (must be live on the node).
     #[arg(long)]
-    pub version: u64,
+    pub from_version: u64,
 }
 
 #[derive(Args, Debug)]
@@ -130,7 +130,7 @@ pub fn run(cmd: FleetCmd) -> anyhow::Result<()> {
             }
             FleetCmd::Rollback(a) => {
                 let conn = connect(&a.target).await?;
-                let ack = push_rollback(&conn, 1, a.version).await?;
+                let ack = push_rollback(&conn, 1, a.from_version).await?;
                 report(&ack)
             }
             FleetCmd::Round(a) => round(a).await,
@@ -230,6 +230,7 @@ async fn connect(t: &Target) -> anyhow::Result<PeerConnection> {
     let digest = ck.fingerprint(all.iter().map(String::as_str))?;
     let hello = Hello {
         node_id: "fleet-operator".into(),
+        // Hosting no layers marks this peer as an operator, not a child.
         role,
         protocol_version: PROTOCOL_VERSION,
         min_protocol_version: MIN_PROTOCOL_VERSION,
