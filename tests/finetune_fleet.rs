@@ -281,6 +281,33 @@ async fn rounds_average_by_samples_and_drop_the_silent_at_the_deadline() {
             assert!(values(&w.tensors[&name]).iter().all(|&x| x == 4.0));
         }
         assert_eq!(edge_b.weights_version(), 1);
+
+        // Stop condition: devices keep offering the same updates; round 2's average equals
+        // round 1's, so the federation stops there although 5 rounds were allowed.
+        let (a1, a2) = (d1.clone(), d2.clone());
+        let (n2, s2) = (name.clone(), shape.clone());
+        let feeder = tokio::spawn(async move {
+            loop {
+                a1.offer_update(1, update(fp, &n2, &s2, 1.0));
+                a2.offer_update(3, update(fp, &n2, &s2, 5.0));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let plan = FederationPlan {
+            rounds: 5,
+            round: RoundConfig {
+                deadline: Duration::from_secs(3),
+                min_participants: 1,
+            },
+            min_change: 1e-9,
+        };
+        let reports = cloud.federate(plan).await.unwrap();
+        feeder.abort();
+        assert_eq!(reports.len(), 2, "{reports:?}");
+        assert_eq!(reports[0].version, Some(2));
+        assert_eq!(reports[1].version, Some(3));
+        assert_eq!(reports[1].max_change, Some(0.0));
+        assert_eq!(d1.weights_version(), 3);
     };
     tokio::time::timeout(Duration::from_secs(120), run)
         .await
