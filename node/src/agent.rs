@@ -102,7 +102,10 @@ pub struct GenStats {
 struct Inner {
     cfg: AgentConfig,
     model_cfg: ModelConfig,
-    engine: EngineHandle,
+    /// The engine new sessions run on (swapped when a delta is applied).
+    engine: crate::fleet::EngineSlot,
+    /// Versioned weights, children, the update on offer (see [`crate::fleet`]).
+    fleet: crate::fleet::FleetState,
     parents: Option<Arc<Parents>>,
     server: Option<Endpoint>,
     /// Run-time planning state (when configured and there is a parent).
@@ -133,6 +136,16 @@ struct InflightGuard(Arc<Inner>);
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A weak handle to an agent (background tasks that must not keep it alive).
+#[derive(Clone)]
+pub(crate) struct WeakAgent(std::sync::Weak<Inner>);
+
+impl WeakAgent {
+    pub(crate) fn upgrade(&self) -> Option<Agent> {
+        self.0.upgrade().map(|inner| Agent { inner })
     }
 }
 
@@ -200,50 +213,49 @@ impl Agent {
             trunk: a..b,
             exits,
         };
-        let (model, hello) = {
+        let (model, hello, store) = {
             let cfg2 = cfg.clone();
             let mc = model_cfg.clone();
             let part2 = part.clone();
-            tokio::task::spawn_blocking(move || -> Result<(FamilialModel, Hello)> {
-                let ck = Checkpoint::open(&cfg2.model_dir)?;
-                let all = FamilialModel::tensor_names(&mc, &Part::full(&mc))?;
-                let family = ck.fingerprint(all.iter().map(String::as_str))?;
-                let hosted_names = FamilialModel::tensor_names(&mc, &part2)?;
-                let hosted = ck.fingerprint(hosted_names.iter().map(String::as_str))?;
-                let model = FamilialModel::from_source(
-                    mc.clone(),
-                    part2.clone(),
-                    &ck,
-                    flow_familial::Mode::Infer,
-                )?;
-                let hello = Hello {
-                    node_id: cfg2.node_id.clone(),
-                    role: cfg2.role,
-                    protocol_version: PROTOCOL_VERSION,
-                    min_protocol_version: MIN_PROTOCOL_VERSION,
-                    model: ModelFingerprint {
-                        family: format!("{}:{}", mc.layout.model_type(), digest_hex(&family)),
-                        digest: family,
-                    },
-                    hosted: vec![HostedLayers {
-                        start: part2.trunk.start as u32,
-                        end: part2.trunk.end as u32,
-                        digest: hosted,
-                    }],
-                    capacity: Capacity {
-                        max_sessions: 1024,
-                        max_batch_tokens: cfg2.engine.max_batch_tokens as u32,
-                        layer_tokens_per_s: 0.0,
-                        free_memory_bytes: cfg2.engine.kv_budget_bytes as u64,
-                    },
-                };
-                Ok((model, hello))
-            })
+            tokio::task::spawn_blocking(
+                move || -> Result<(FamilialModel, Hello, crate::delta::WeightStore)> {
+                    let ck = Checkpoint::open(&cfg2.model_dir)?;
+                    let all = FamilialModel::tensor_names(&mc, &Part::full(&mc))?;
+                    let family = ck.fingerprint(all.iter().map(String::as_str))?;
+                    let hosted_names = FamilialModel::tensor_names(&mc, &part2)?;
+                    let hosted = ck.fingerprint(hosted_names.iter().map(String::as_str))?;
+                    let (store, model) = crate::fleet::load_store(&ck, &mc, &part2, &all, family)?;
+                    let hello = Hello {
+                        node_id: cfg2.node_id.clone(),
+                        role: cfg2.role,
+                        protocol_version: PROTOCOL_VERSION,
+                        min_protocol_version: MIN_PROTOCOL_VERSION,
+                        model: ModelFingerprint {
+                            family: format!("{}:{}", mc.layout.model_type(), digest_hex(&family)),
+                            digest: family,
+                        },
+                        hosted: vec![HostedLayers {
+                            start: part2.trunk.start as u32,
+                            end: part2.trunk.end as u32,
+                            digest: hosted,
+                        }],
+                        capacity: Capacity {
+                            max_sessions: 1024,
+                            max_batch_tokens: cfg2.engine.max_batch_tokens as u32,
+                            layer_tokens_per_s: 0.0,
+                            free_memory_bytes: cfg2.engine.kv_budget_bytes as u64,
+                        },
+                    };
+                    Ok((model, hello, store))
+                },
+            )
             .await
             .map_err(|e| NodeError::Internal(format!("model loading task: {e}")))??
         };
         let tokenizer = Tokenizer::from_dir(&dir)?;
-        let engine = EngineHandle::spawn(model, cfg.stage, cfg.engine)?;
+        let engine =
+            crate::fleet::EngineSlot::new(EngineHandle::spawn(model, cfg.stage, cfg.engine)?);
+        let fleet = crate::fleet::FleetState::new(Arc::new(store), part.clone());
         let metrics = Arc::new(Metrics::default());
         let server = match cfg.listen {
             Some(addr) => {
@@ -339,6 +351,7 @@ impl Agent {
             cfg,
             model_cfg,
             engine,
+            fleet,
             parents,
             server,
             planner,
@@ -353,6 +366,7 @@ impl Agent {
             draining: AtomicBool::new(false),
         });
         let agent = Agent { inner };
+        crate::fleet::spawn_parent_sessions(&agent);
         if agent.inner.server.is_some() {
             let a2 = agent.clone();
             tokio::spawn(async move { a2.accept_loop().await });
@@ -406,6 +420,18 @@ impl Agent {
         &self.inner.metrics
     }
 
+    pub(crate) fn fleet(&self) -> &crate::fleet::FleetState {
+        &self.inner.fleet
+    }
+
+    pub(crate) fn engine_slot(&self) -> &crate::fleet::EngineSlot {
+        &self.inner.engine
+    }
+
+    pub(crate) fn downgrade(&self) -> WeakAgent {
+        WeakAgent(Arc::downgrade(&self.inner))
+    }
+
     /// Our `Hello` (fingerprints).
     pub fn hello(&self) -> &Hello {
         &self.inner.hello
@@ -413,7 +439,7 @@ impl Agent {
 
     /// Engine statistics.
     pub async fn engine_stats(&self) -> crate::engine::EngineStats {
-        self.inner.engine.stats().await
+        self.inner.engine.get().stats().await
     }
 
     /// Stop accepting children and close the parent link.
@@ -655,7 +681,7 @@ impl Agent {
         let mut t = TierSession::new(
             id,
             request,
-            self.inner.engine.clone(),
+            self.inner.engine.get(),
             self.inner.cfg.role,
             self.inner.parents.clone(),
             policy,
@@ -682,7 +708,9 @@ impl Agent {
                         tokio::spawn(answer_probes(control, server.config().codec.limits));
                     }
                     let me = self.clone();
-                    tokio::spawn(async move { me.serve_connection(Arc::new(c)).await });
+                    let c = Arc::new(c);
+                    self.inner.fleet.add_child(&c);
+                    tokio::spawn(async move { me.serve_connection(c).await });
                 }
                 Err(e) => tracing::warn!(error = %e, "refused a child connection"),
             }
@@ -753,6 +781,14 @@ impl Agent {
                 },
                 Message::Cancel(_) | Message::Done(_) => break,
                 Message::Heartbeat(_) => continue,
+                // An operator's push, rollback or round request (`flow-node fleet`).
+                m @ (Message::DeltaOffer(_)
+                | Message::DeltaRollback(_)
+                | Message::RoundUpdate(_))
+                    if tier.is_none() =>
+                {
+                    return crate::fleet::serve_fleet_session(self.clone(), m, stream).await;
+                }
                 other => Err(NodeError::Protocol(format!(
                     "unexpected {} on a request session",
                     other.name()

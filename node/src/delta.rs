@@ -116,10 +116,29 @@ impl WeightStore {
         Ok(())
     }
 
-    /// Verify and apply `delta` atomically; returns the new live version.
+    /// Verify and apply `delta` atomically; returns the new live version. A node hosting
+    /// part of the family applies the delta's tensors it hosts and ignores the others
+    /// (they belong to other tiers); the version moves either way, so every tier of a
+    /// cluster reports the same version.
     pub fn apply(&self, delta: &Delta) -> Result<u64> {
         self.check(&delta.base_fingerprint, delta.version)?;
-        let tensors = delta
+        let hosted = Delta {
+            tensors: delta
+                .tensors
+                .iter()
+                .filter(|(n, _)| self.base.tensors.contains_key(*n))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect(),
+            ..delta.clone()
+        };
+        if hosted.tensors.len() < delta.tensors.len() {
+            tracing::debug!(
+                hosted = hosted.tensors.len(),
+                total = delta.tensors.len(),
+                "delta touches tensors this node does not host; applying the hosted ones"
+            );
+        }
+        let tensors = hosted
             .apply(&self.base.tensors, &self.fingerprint)
             .map_err(|e| NodeError::BadRequest(e.to_string()))?;
         let next = Arc::new(Versioned {
@@ -169,10 +188,10 @@ struct Pending {
     next: u32,
 }
 
-/// The device side of delta transfers (sans-IO): feed it messages, send what it returns.
-#[derive(Debug)]
-pub struct DeltaReceiver {
-    store: Arc<WeightStore>,
+/// Reassembles one transfer (offer → chunks in order → SHA-256 check) into a [`Delta`]
+/// (sans-IO). Used by devices receiving a push and by aggregators receiving updates.
+#[derive(Debug, Default)]
+pub struct Assembler {
     pending: Option<Box<PendingDebug>>,
 }
 
@@ -188,46 +207,114 @@ impl std::fmt::Debug for PendingDebug {
     }
 }
 
+impl Assembler {
+    /// Start a transfer (the offer was already checked by the caller).
+    pub fn offer(&mut self, o: DeltaOffer) {
+        self.pending = Some(Box::new(PendingDebug(Pending {
+            buf: Vec::with_capacity(o.total_bytes as usize),
+            offer: o,
+            next: 0,
+        })));
+    }
+
+    /// Add a chunk: `Ok(None)` = more to come, `Ok(Some(delta))` = complete and verified
+    /// (size, SHA-256, base and version equal to the offer's); `Err` = refused, the
+    /// transfer is dropped.
+    pub fn chunk(&mut self, c: DeltaChunk) -> Result<Option<Delta>> {
+        let Some(mut boxed) = self.pending.take() else {
+            return Err(NodeError::BadRequest(
+                "chunk without an accepted offer".into(),
+            ));
+        };
+        let p = &mut boxed.0;
+        if c.update_id != p.offer.update_id || c.index != p.next {
+            return Err(NodeError::BadRequest(format!(
+                "chunk {} of transfer {} out of order (expected chunk {} of transfer {})",
+                c.index, c.update_id, p.next, p.offer.update_id
+            )));
+        }
+        if p.buf.len() + c.data.len() > p.offer.total_bytes as usize {
+            return Err(NodeError::BadRequest(format!(
+                "chunks exceed the announced {} bytes",
+                p.offer.total_bytes
+            )));
+        }
+        p.buf.extend_from_slice(&c.data);
+        p.next += 1;
+        if p.next < p.offer.chunks {
+            self.pending = Some(boxed);
+            return Ok(None);
+        }
+        finish(&boxed.0).map(Some)
+    }
+}
+
+fn finish(p: &Pending) -> Result<Delta> {
+    if p.buf.len() as u64 != p.offer.total_bytes {
+        return Err(NodeError::BadRequest(format!(
+            "received {} bytes, the offer announced {}",
+            p.buf.len(),
+            p.offer.total_bytes
+        )));
+    }
+    let digest: [u8; 32] = Sha256::digest(&p.buf).into();
+    if digest != p.offer.sha256 {
+        return Err(NodeError::BadRequest(
+            "SHA-256 of the received delta does not match the offer".into(),
+        ));
+    }
+    let delta = Delta::from_bytes(&p.buf).map_err(|e| NodeError::BadRequest(e.to_string()))?;
+    if delta.base_fingerprint != p.offer.base_digest || delta.version != p.offer.version {
+        return Err(NodeError::BadRequest(
+            "the delta file's base or version differs from its offer".into(),
+        ));
+    }
+    Ok(delta)
+}
+
+/// The device side of delta transfers (sans-IO): feed it messages, send what it returns.
+#[derive(Debug)]
+pub struct DeltaReceiver {
+    store: Arc<WeightStore>,
+    asm: Assembler,
+}
+
 impl DeltaReceiver {
     /// A receiver applying to `store`.
     pub fn new(store: Arc<WeightStore>) -> Self {
         Self {
             store,
-            pending: None,
+            asm: Assembler::default(),
         }
     }
 
     fn ack(&self, update_id: u64, status: DeltaStatus, message: String) -> Message {
         let version = self.store.version().unwrap_or(0);
-        if status == DeltaStatus::Refused {
-            tracing::warn!(update_id, %message, "delta refused");
-        }
-        let mut message = message;
-        message.truncate(flow_protocol::delta::MAX_DELTA_TEXT);
-        Message::DeltaAck(DeltaAck {
-            update_id,
-            status,
-            version,
-            message,
-        })
+        ack_message(update_id, status, version, message)
     }
 
     /// Handle one message of a transfer; `Some` is the answer to send back.
     pub fn handle(&mut self, msg: Message) -> Option<Message> {
         match msg {
             Message::DeltaOffer(o) => {
-                self.pending = None;
+                self.asm = Assembler::default();
                 if let Err(e) = self.store.check(&o.base_digest, o.version) {
                     return Some(self.ack(o.update_id, DeltaStatus::Refused, e.to_string()));
                 }
-                self.pending = Some(Box::new(PendingDebug(Pending {
-                    buf: Vec::with_capacity(o.total_bytes as usize),
-                    offer: o,
-                    next: 0,
-                })));
+                self.asm.offer(o);
                 None
             }
-            Message::DeltaChunk(c) => self.chunk(c),
+            Message::DeltaChunk(c) => {
+                let id = c.update_id;
+                match self.asm.chunk(c) {
+                    Ok(None) => None,
+                    Ok(Some(delta)) => Some(match self.store.apply(&delta) {
+                        Ok(v) => self.ack(id, DeltaStatus::Applied, format!("version {v} live")),
+                        Err(e) => self.ack(id, DeltaStatus::Refused, e.to_string()),
+                    }),
+                    Err(e) => Some(self.ack(id, DeltaStatus::Refused, e.to_string())),
+                }
+            }
             Message::DeltaRollback(DeltaRollback {
                 update_id,
                 from_version,
@@ -246,62 +333,25 @@ impl DeltaReceiver {
             )),
         }
     }
+}
 
-    fn chunk(&mut self, c: DeltaChunk) -> Option<Message> {
-        let Some(mut boxed) = self.pending.take() else {
-            return Some(self.ack(
-                c.update_id,
-                DeltaStatus::Refused,
-                "chunk without an accepted offer".into(),
-            ));
-        };
-        let p = &mut boxed.0;
-        if c.update_id != p.offer.update_id || c.index != p.next {
-            let msg = format!(
-                "chunk {} of transfer {} out of order (expected chunk {} of transfer {})",
-                c.index, c.update_id, p.next, p.offer.update_id
-            );
-            return Some(self.ack(c.update_id, DeltaStatus::Refused, msg));
-        }
-        if p.buf.len() + c.data.len() > p.offer.total_bytes as usize {
-            let msg = format!("chunks exceed the announced {} bytes", p.offer.total_bytes);
-            return Some(self.ack(c.update_id, DeltaStatus::Refused, msg));
-        }
-        p.buf.extend_from_slice(&c.data);
-        p.next += 1;
-        if p.next < p.offer.chunks {
-            self.pending = Some(boxed);
-            return None;
-        }
-        let id = boxed.0.offer.update_id;
-        Some(match self.finish(&boxed.0) {
-            Ok(v) => self.ack(id, DeltaStatus::Applied, format!("version {v} live")),
-            Err(e) => self.ack(id, DeltaStatus::Refused, e.to_string()),
-        })
+/// A [`DeltaAck`] with its message cut to the protocol's limit (refusals are logged).
+pub fn ack_message(update_id: u64, status: DeltaStatus, version: u64, message: String) -> Message {
+    if status == DeltaStatus::Refused {
+        tracing::warn!(update_id, %message, "delta refused");
     }
-
-    fn finish(&self, p: &Pending) -> Result<u64> {
-        if p.buf.len() as u64 != p.offer.total_bytes {
-            return Err(NodeError::BadRequest(format!(
-                "received {} bytes, the offer announced {}",
-                p.buf.len(),
-                p.offer.total_bytes
-            )));
-        }
-        let digest: [u8; 32] = Sha256::digest(&p.buf).into();
-        if digest != p.offer.sha256 {
-            return Err(NodeError::BadRequest(
-                "SHA-256 of the received delta does not match the offer".into(),
-            ));
-        }
-        let delta = Delta::from_bytes(&p.buf).map_err(|e| NodeError::BadRequest(e.to_string()))?;
-        if delta.base_fingerprint != p.offer.base_digest || delta.version != p.offer.version {
-            return Err(NodeError::BadRequest(
-                "the delta file's base or version differs from its offer".into(),
-            ));
-        }
-        self.store.apply(&delta)
+    let mut message = message;
+    let mut cut = message.len().min(flow_protocol::delta::MAX_DELTA_TEXT);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
     }
+    message.truncate(cut);
+    Message::DeltaAck(DeltaAck {
+        update_id,
+        status,
+        version,
+        message,
+    })
 }
 
 /// The messages of one transfer of `delta`: an offer, then its chunks.
@@ -342,10 +392,20 @@ async fn await_ack(s: &mut SessionStream) -> Result<DeltaAck> {
 /// Edge side: send `delta` on a new session of `conn` and wait for the device's answer.
 /// A refusal at the offer stops the transfer early.
 pub async fn push_delta(conn: &PeerConnection, update_id: u64, delta: &Delta) -> Result<DeltaAck> {
-    let msgs = transfer_messages(update_id, delta)?;
     let mut s = conn.open_session().await?;
-    // A device that refuses at the offer answers and stops reading: the next send fails,
-    // but its ack is already on the way back.
+    send_transfer_await_ack(&mut s, update_id, delta).await
+}
+
+/// Send `delta` as a transfer on `s` (already open, possibly after other messages) and
+/// wait for the receiver's [`DeltaAck`].
+pub async fn send_transfer_await_ack(
+    s: &mut SessionStream,
+    update_id: u64,
+    delta: &Delta,
+) -> Result<DeltaAck> {
+    let msgs = transfer_messages(update_id, delta)?;
+    // A receiver that refuses at the offer answers and stops reading: the next send
+    // fails, but its ack is already on the way back.
     let mut send_err = None;
     for m in &msgs {
         if let Err(e) = s.send(m).await {
@@ -353,7 +413,7 @@ pub async fn push_delta(conn: &PeerConnection, update_id: u64, delta: &Delta) ->
             break;
         }
     }
-    match await_ack(&mut s).await {
+    match await_ack(s).await {
         Ok(ack) => {
             let _ = s.finish();
             Ok(ack)

@@ -15,13 +15,16 @@
 //!   device drafts, the top tier verifies a whole draft in one batched pass), `local`.
 //! - [`engine`] — the compute thread with continuous batching across sessions;
 //!   [`tier`] — one tier's per-request logic; [`metrics`] — Prometheus text;
-//!   [`delta`] — versioned weights and delta-checkpoint transfers from edge to device.
+//!   [`delta`] — versioned weights and delta-checkpoint transfers from edge to device;
+//!   [`fleet`] — deltas distributed down a running cluster ([`Agent::distribute`]) and
+//!   federated rounds aggregated up it ([`Agent::federate`]).
 
 pub mod agent;
 pub mod cluster;
 pub mod delta;
 pub mod engine;
 pub mod error;
+pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod parent;

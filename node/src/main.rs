@@ -57,6 +57,10 @@ enum Cmd {
     /// Sparse fine-tuning of the shallow member(s) on local data into a delta checkpoint
     /// (only changed tensors, with the base fingerprint) that devices apply.
     Finetune(Box<commands::finetune::FinetuneArgs>),
+    /// Push fine-tuned deltas into a running cluster, roll them back, and run federated
+    /// rounds (edges average their devices, the cloud its edges) over QUIC.
+    #[command(subcommand)]
+    Fleet(commands::finetune_fleet::FleetCmd),
 }
 
 fn main() {
@@ -89,5 +93,6 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Traffic(t) => commands::traffic::run(t),
         Cmd::Moe(m) => commands::moe::run(m),
         Cmd::Finetune(f) => commands::finetune::run(*f),
+        Cmd::Fleet(f) => commands::finetune_fleet::run(f),
     }
 }

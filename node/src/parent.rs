@@ -303,6 +303,12 @@ impl ParentLink {
         Ok(())
     }
 
+    /// The live connection, if any (the parent opens fleet sessions on it: delta pushes,
+    /// rollbacks, round requests).
+    pub async fn connection(&self) -> Option<Arc<PeerConnection>> {
+        self.conn.lock().await.clone()
+    }
+
     /// The parent's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr

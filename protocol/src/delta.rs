@@ -3,7 +3,9 @@
 //! A transfer is one session stream: edge → device [`DeltaOffer`] (base fingerprint,
 //! version, size, SHA-256 of the whole file, chunk count), then [`DeltaChunk`]s in order,
 //! then device → edge [`DeltaAck`] (applied, or refused with the reason). [`DeltaRollback`]
-//! asks a device to return to the version before `from_version`. The delta file itself is
+//! asks a device to return to the version before `from_version`. [`RoundUpdate`] frames a
+//! federated round: the aggregator (a parent) asks a child for its update of a round, and
+//! the child answers with its sample count followed by the update as a delta transfer. The delta file itself is
 //! opaque bytes here (a safetensors file, see `flow-finetune`); chunks carry it in the
 //! postcard header, bounded by [`DELTA_CHUNK_BYTES`], so a transfer never needs a frame
 //! larger than that plus a few bytes, and the receiver allocates at most the announced
@@ -79,6 +81,34 @@ pub struct DeltaRollback {
     pub update_id: u64,
     /// The version to undo.
     pub from_version: u64,
+}
+
+/// One federated-averaging round on a session the aggregator (the parent) opened.
+///
+/// Aggregator → participant: `RoundUpdate { samples: 0, .. }` asks for the participant's
+/// update of `round` within `deadline_ms`. Participant → aggregator: `RoundUpdate` with the
+/// samples behind its update (the FedAvg weight), then a [`DeltaOffer`] and its
+/// [`DeltaChunk`]s carrying the trained tensors; the aggregator answers with a [`DeltaAck`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundUpdate {
+    /// Round number (>= 1).
+    pub round: u64,
+    /// Training samples behind the update (0 in the aggregator's request).
+    pub samples: u64,
+    /// How long the aggregator waits for this answer, ms.
+    pub deadline_ms: u64,
+}
+
+impl RoundUpdate {
+    pub(crate) fn check(&self) -> crate::Result<()> {
+        if self.round == 0 {
+            return Err(crate::Error::malformed(
+                "round_update.round",
+                "rounds are numbered from 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl DeltaOffer {

@@ -7,7 +7,8 @@
 //!   [`Continue`], [`Draft`]/[`Verdict`] (speculative decoding), [`Tokens`], [`Cancel`],
 //!   [`Done`], [`Probe`]/[`ProbeReply`], and typed errors ([`ErrorMsg`] + [`ErrorCode`]);
 //!   [`delta`]: pushing fine-tuned delta checkpoints to devices ([`DeltaOffer`],
-//!   [`DeltaChunk`], [`DeltaAck`], [`DeltaRollback`]).
+//!   [`DeltaChunk`], [`DeltaAck`], [`DeltaRollback`]) and federated rounds
+//!   ([`RoundUpdate`]).
 //! - **Framing** ([`codec`]): magic, version, kind, header length, payload length, a
 //!   postcard header, then raw little-endian tensor bytes. [`Codec`] encodes;
 //!   [`FrameDecoder`] decodes incrementally (push bytes, pull messages) and checks every
@@ -55,7 +56,7 @@ pub mod transport;
 /// Re-exported: [`WireTensor::bytes`] hands out `bytes::Bytes`.
 pub use bytes;
 pub use codec::{Codec, Compression, FrameDecoder, MAGIC, PREFIX_LEN};
-pub use delta::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus};
+pub use delta::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus, RoundUpdate};
 pub use error::{Error, Result};
 pub use limits::Limits;
 pub use message::{

@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::delta::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback};
+use crate::delta::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, RoundUpdate};
 use crate::tensor::WireTensor;
 
 /// Newest protocol version this build speaks (frame prefix and `Hello`).
@@ -578,6 +578,8 @@ pub enum Message {
     DeltaAck(DeltaAck),
     /// Undo a delta version.
     DeltaRollback(DeltaRollback),
+    /// A federated round: the aggregator's request, or a participant's sample count.
+    RoundUpdate(RoundUpdate),
 }
 
 /// Frame kind bytes. Stable: new kinds get new numbers.
@@ -598,6 +600,7 @@ pub mod kind {
     pub const DELTA_CHUNK: u8 = 13;
     pub const DELTA_ACK: u8 = 14;
     pub const DELTA_ROLLBACK: u8 = 15;
+    pub const ROUND_UPDATE: u8 = 17;
 }
 
 impl Message {
@@ -619,6 +622,7 @@ impl Message {
             Message::DeltaChunk(_) => kind::DELTA_CHUNK,
             Message::DeltaAck(_) => kind::DELTA_ACK,
             Message::DeltaRollback(_) => kind::DELTA_ROLLBACK,
+            Message::RoundUpdate(_) => kind::ROUND_UPDATE,
         }
     }
 
@@ -640,6 +644,7 @@ impl Message {
             Message::DeltaChunk(_) => "DeltaChunk",
             Message::DeltaAck(_) => "DeltaAck",
             Message::DeltaRollback(_) => "DeltaRollback",
+            Message::RoundUpdate(_) => "RoundUpdate",
         }
     }
 
@@ -704,6 +709,7 @@ impl Message {
             Message::DeltaOffer(o) => o.check()?,
             Message::DeltaChunk(c) => c.check()?,
             Message::DeltaAck(a) => crate::delta::check_text("delta_ack.message", &a.message)?,
+            Message::RoundUpdate(r) => r.check()?,
             _ => {}
         }
         Ok(())

@@ -7,7 +7,7 @@ use flow_protocol::{
     HostedLayers, InferMode, Limits, Load, Message, ModelFingerprint, Policy, Probe, ProbeReply,
     Role, Sampling, TokenOut, Tokens, Verdict, WireTensor,
 };
-use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus};
+use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus, RoundUpdate};
 use proptest::prelude::*;
 
 fn role() -> impl Strategy<Value = Role> {
@@ -382,9 +382,17 @@ fn message() -> impl Strategy<Value = Message> {
             from_version,
         })
     });
+    let round =
+        (1u64..u64::MAX, any::<u64>(), any::<u64>()).prop_map(|(round, samples, deadline_ms)| {
+            Message::RoundUpdate(RoundUpdate {
+                round,
+                samples,
+                deadline_ms,
+            })
+        });
     prop_oneof![
         hello, heartbeat, cont, draft, verdict, tokens, cancel, error, done, probe, reply, offer,
-        chunk, ack, rollback
+        chunk, ack, rollback, round
     ]
 }
 

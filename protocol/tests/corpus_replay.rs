@@ -10,7 +10,7 @@ use flow_protocol::{
     Backfill, Codec, Compression, Continue, Encoding, ErrorCode, FrameDecoder, Heartbeat, Hello,
     Limits, Message, ModelFingerprint, Probe, Role, Sampling, TokenOut, Tokens, WireTensor,
 };
-use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus};
+use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus, RoundUpdate};
 
 fn corpus_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -88,6 +88,45 @@ fn delta_transfer(codec: &Codec) -> Vec<u8> {
         Message::DeltaRollback(DeltaRollback {
             update_id: 10,
             from_version: 2,
+        }),
+    ];
+    msgs.iter().flat_map(|m| codec.encode(m).unwrap()).collect()
+}
+
+/// A federated round on one session: the aggregator's request, the participant's sample
+/// count, a one-chunk update, the aggregator's ack.
+fn fed_round(codec: &Codec) -> Vec<u8> {
+    let data = b"update bytes".to_vec();
+    let msgs = [
+        Message::RoundUpdate(RoundUpdate {
+            round: 3,
+            samples: 0,
+            deadline_ms: 5000,
+        }),
+        Message::RoundUpdate(RoundUpdate {
+            round: 3,
+            samples: 640,
+            deadline_ms: 5000,
+        }),
+        Message::DeltaOffer(DeltaOffer {
+            update_id: 3,
+            base_digest: [5; 32],
+            version: 3,
+            total_bytes: data.len() as u64,
+            chunks: 1,
+            sha256: [6; 32],
+            scheme: "bias-norm:1".into(),
+        }),
+        Message::DeltaChunk(DeltaChunk {
+            update_id: 3,
+            index: 0,
+            data,
+        }),
+        Message::DeltaAck(DeltaAck {
+            update_id: 3,
+            status: DeltaStatus::Applied,
+            version: 0,
+            message: "joined round 3".into(),
         }),
     ];
     msgs.iter().flat_map(|m| codec.encode(m).unwrap()).collect()
@@ -176,6 +215,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("valid-probe-zstd", zstd.encode(&compressible).unwrap()),
         ("valid-two-frames", two),
         ("valid-delta-transfer", delta_transfer(&codec)),
+        ("valid-fed-round", fed_round(&codec)),
         ("bad-lying-payload-len", lying),
         (
             "bad-magic",

@@ -14,6 +14,7 @@ pub mod certs;
 pub mod cluster;
 pub mod demo;
 pub mod finetune;
+pub mod finetune_fleet;
 pub mod model;
 pub mod moe;
 pub mod node;
