@@ -722,7 +722,8 @@ impl Agent {
             match conn.accept_session().await {
                 Ok(stream) => {
                     let me = self.clone();
-                    tokio::spawn(async move { me.serve_session(stream).await });
+                    let local = conn.remote_address().ip().is_loopback();
+                    tokio::spawn(async move { me.serve_session(stream, local).await });
                 }
                 Err(e) => {
                     tracing::info!(child = %conn.peer_hello().node_id, reason = %e, "child connection ended");
@@ -732,7 +733,10 @@ impl Agent {
         }
     }
 
-    async fn serve_session(self, mut stream: SessionStream) {
+    /// Serves one child session. `from_loopback`: the child connected from this host;
+    /// only such a peer may send operator requests (`flow-node fleet` push, rollback,
+    /// round), since a child's certificate cannot tell an operator from a device.
+    async fn serve_session(self, mut stream: SessionStream, from_loopback: bool) {
         let Ok(_guard) = self.enter() else {
             let _ = stream
                 .send(&Message::error(
@@ -787,6 +791,22 @@ impl Agent {
                 | Message::RoundUpdate(_))
                     if tier.is_none() =>
                 {
+                    if !from_loopback {
+                        tracing::warn!(
+                            kind = m.name(),
+                            "refused an operator request from another host"
+                        );
+                        let _ = stream
+                            .send(&Message::error(
+                                ErrorCode::Unauthorized,
+                                "operator requests (fleet push, rollback, round) are accepted only \
+                                 from this node's own host: run `flow-node fleet` on it (e.g. \
+                                 `docker exec`) against its loopback address",
+                                None,
+                            ))
+                            .await;
+                        return;
+                    }
                     return crate::fleet::serve_fleet_session(self.clone(), m, stream).await;
                 }
                 other => Err(NodeError::Protocol(format!(

@@ -6,6 +6,9 @@
 //! itself and passes it on to every child, recursively; a round request makes it run the
 //! round over its children (each edge over its devices) and answer with the
 //! sample-weighted average, which this command pushes back as the next version.
+//!
+//! Nodes take fleet requests only from peers on their own host (loopback): the certificate
+//! a fleet command presents is a child's, which cannot tell an operator from a device.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,23 +35,25 @@ pub enum FleetCmd {
     /// Push a delta checkpoint (from `flow-node finetune`) to a running edge or cloud; it
     /// applies it (new requests use it, running ones finish on the old weights) and pushes
     /// it on to its devices. Example:
-    /// `flow-node fleet push --to 10.0.0.2:7000 --model models/small --delta ft.delta --ca ca.pem --cert op.pem --key op.key`
+    /// `flow-node fleet push --to 127.0.0.1:7000 --model models/small --delta ft.delta --ca ca.pem --cert op.pem --key op.key`
     Push(PushArgs),
     /// Undo a version on a running edge or cloud and everything below it. Example:
-    /// `flow-node fleet rollback --to 10.0.0.2:7000 --model models/small --from-version 3 --insecure-loopback`
+    /// `flow-node fleet rollback --to 127.0.0.1:7000 --model models/small --from-version 3 --insecure-loopback`
     Rollback(RollbackArgs),
     /// Federated rounds: the node at --to (the cloud, or an edge) collects its children's
     /// updates (devices post theirs after local training), averages them by samples,
     /// drops whoever misses the deadline; the average is pushed back as the next version.
     /// Stops after --rounds or when the average moves less than --min-change. Example:
-    /// `flow-node fleet round --to 10.0.0.1:7000 --model models/small --rounds 5 --deadline-ms 30000 --insecure-loopback`
+    /// `flow-node fleet round --to 127.0.0.1:7000 --model models/small --rounds 5 --deadline-ms 30000 --insecure-loopback`
     Round(RoundArgs),
 }
 
 /// How to reach the node.
 #[derive(Args, Debug)]
 pub struct Target {
-    /// Address of the running edge or cloud (its --listen address).
+    /// Address of the running edge or cloud (its --listen address). Nodes accept fleet
+    /// requests only over loopback (a child certificate cannot tell an operator from a
+    /// device), so run this on the node's host (e.g. `docker exec`) against 127.0.0.1.
     #[arg(long)]
     pub to: SocketAddr,
     /// Name in that node's certificate (default: edge).
