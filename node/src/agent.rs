@@ -57,6 +57,21 @@ pub struct AgentConfig {
     pub engine: EngineConfig,
     /// Policy for requests that do not set one.
     pub default_policy: Policy,
+    /// MoE expert pruning (cloud tier): serve each request with only its task's top-k
+    /// experts per layer resident. `None` = every expert resident.
+    pub moe: Option<MoePruning>,
+}
+
+/// Expert pruning of an MoE family (`--moe-patterns DIR --moe-experts K`, see
+/// `flow_moe::cloud`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoePruning {
+    /// Pattern store written by `flow-node moe profile`.
+    pub patterns: PathBuf,
+    /// Experts kept resident per MoE layer for a request's task.
+    pub experts: usize,
+    /// Memory budget of resident experts (bytes).
+    pub budget_bytes: usize,
 }
 
 /// An OpenAI-style generation request at the entry node.
@@ -210,12 +225,20 @@ impl Agent {
                 let family = ck.fingerprint(all.iter().map(String::as_str))?;
                 let hosted_names = FamilialModel::tensor_names(&mc, &part2)?;
                 let hosted = ck.fingerprint(hosted_names.iter().map(String::as_str))?;
-                let model = FamilialModel::from_source(
-                    mc.clone(),
-                    part2.clone(),
-                    &ck,
-                    flow_familial::Mode::Infer,
-                )?;
+                let model = if cfg2.moe.is_some() {
+                    FamilialModel::load_part_without_experts(
+                        &cfg2.model_dir,
+                        mc.clone(),
+                        part2.clone(),
+                    )?
+                } else {
+                    FamilialModel::from_source(
+                        mc.clone(),
+                        part2.clone(),
+                        &ck,
+                        flow_familial::Mode::Infer,
+                    )?
+                };
                 let hello = Hello {
                     node_id: cfg2.node_id.clone(),
                     role: cfg2.role,
@@ -243,7 +266,20 @@ impl Agent {
             .map_err(|e| NodeError::Internal(format!("model loading task: {e}")))??
         };
         let tokenizer = Tokenizer::from_dir(&dir)?;
-        let engine = EngineHandle::spawn(model, cfg.stage, cfg.engine)?;
+        let pruning = match &cfg.moe {
+            Some(m) => Some(
+                flow_moe::cloud::PrunedServing::open(
+                    &model,
+                    &dir,
+                    &m.patterns,
+                    m.experts,
+                    m.budget_bytes,
+                )
+                .map_err(|e| NodeError::Config(format!("MoE expert pruning: {e}")))?,
+            ),
+            None => None,
+        };
+        let engine = EngineHandle::spawn_pruned(model, cfg.stage, cfg.engine, pruning)?;
         let metrics = Arc::new(Metrics::default());
         let server = match cfg.listen {
             Some(addr) => {
@@ -1297,6 +1333,7 @@ impl Agent {
                 parent_encoding: Encoding::F32,
                 engine: EngineConfig::default(),
                 default_policy: Policy::default(),
+                moe: None,
             },
             layers: None,
         }
