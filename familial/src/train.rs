@@ -880,6 +880,60 @@ mod tests {
         assert!(!decays("model.layers.0.input_layernorm.weight", &[8]));
     }
 
+    /// The router auxiliary losses: reported for an MoE family, zero for a dense one; with a
+    /// positive weight they change the router gradients but not the exit losses.
+    #[test]
+    fn router_aux_losses_reach_the_routers() -> Result<()> {
+        use crate::config::Layout;
+        use crate::init::{init_weights, preset_config, Preset};
+        let batch: Vec<Sequence> = crate::tasks::train_example_batch(Task::Mix, 4, 1, 0)
+            .iter()
+            .map(Sequence::from)
+            .collect();
+        let cfg = preset_config(Preset::MoeSmall, Layout::Qwen2Moe)?;
+        let w = init_weights(&cfg, 5)?;
+        let plain = Trainer::new(cfg.clone(), &w, TrainOptions::default())?;
+        let balanced = Trainer::new(
+            cfg,
+            &w,
+            TrainOptions {
+                router_balance: 1.0,
+                router_z: 0.1,
+                ..TrainOptions::default()
+            },
+        )?;
+        let (g0, l0, a0) = plain.gradients_with_router_aux(&batch)?;
+        let (g1, l1, a1) = balanced.gradients_with_router_aux(&batch)?;
+        assert_eq!(l0, l1, "exit losses do not include the auxiliary losses");
+        assert_eq!(a0, a1, "the statistics do not depend on the weights");
+        // Uniform routing gives 1.0; top-2 of 8 on one pair of experts gives 4.0.
+        assert!(a0.balance > 0.5 && a0.balance < 4.01, "{a0:?}");
+        assert!(a0.z > 0.0, "{a0:?}");
+        let router = plain
+            .param_names()
+            .iter()
+            .position(|n| n == "model.layers.4.mlp.gate.weight")
+            .ok_or_else(|| Error::Invalid("no router of layer 4".into()))?;
+        let diff = (g0[router].as_ref().unwrap() - g1[router].as_ref().unwrap())?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff > 0.0, "the auxiliary losses move the router");
+
+        let dense = preset_config(Preset::Tiny, Layout::RuyiQwen2)?;
+        let t = Trainer::new(
+            dense.clone(),
+            &init_weights(&dense, 5)?,
+            TrainOptions {
+                router_balance: 1.0,
+                ..TrainOptions::default()
+            },
+        )?;
+        let (_, _, a) = t.gradients_with_router_aux(&batch)?;
+        assert_eq!(a, RouterAuxStats::default());
+        Ok(())
+    }
+
     #[test]
     fn nll_matches_candle_cross_entropy() {
         let logits = Tensor::new(&[[1.0f32, 2.0, 0.5], [0.1, -1.0, 3.0]], &Device::Cpu).unwrap();
