@@ -353,7 +353,24 @@ pub struct Moe {
     /// Tensor-name prefix of the layer (`model.layers.i`), for loading experts later.
     prefix: String,
     hidden: usize,
+    /// Where [`Mode::Train`] forwards record their router auxiliary losses (`None` = off).
+    aux: Option<RouterAuxSink>,
 }
+
+/// Router auxiliary losses of one MoE forward in [`Mode::Train`] (both differentiable
+/// scalars): the Switch-Transformer load-balancing loss `E · Σ_j f_j · P_j` (`f_j` the
+/// fraction of the `tokens · top_k` routing slots given to expert `j`, `P_j` the mean router
+/// probability of `j`; 1.0 when perfectly balanced) and the ST-MoE router z-loss
+/// `mean_t logsumexp(logits_t)²`.
+#[derive(Debug, Clone)]
+pub struct RouterAux {
+    pub balance: Tensor,
+    pub z: Tensor,
+}
+
+/// Collects [`RouterAux`] from every MoE forward of a training model (see
+/// [`crate::model::FamilialModel::set_router_aux_sink`]).
+pub type RouterAuxSink = std::sync::Arc<std::sync::Mutex<Vec<RouterAux>>>;
 
 /// Per-token routing decided by an MoE layer (for profiling and expert pruning).
 #[derive(Debug, Clone)]
@@ -395,6 +412,7 @@ impl Moe {
             shared,
             prefix: p.to_string(),
             hidden: h,
+            aux: None,
         };
         if experts {
             for j in 0..e {
@@ -447,6 +465,11 @@ impl Moe {
         3 * self.hidden * self.spec.expert_intermediate * std::mem::size_of::<f32>()
     }
 
+    /// Record router auxiliary losses of [`Mode::Train`] forwards into `sink` (`None`: stop).
+    pub fn set_aux_sink(&mut self, sink: Option<RouterAuxSink>) {
+        self.aux = sink;
+    }
+
     /// Router logits for `x` (`[tokens, experts]`).
     pub fn router_logits(&self, x: &Tensor) -> Result<Tensor> {
         self.router.forward(x)
@@ -487,6 +510,12 @@ impl Moe {
                 rows[j].push(t as u32);
             }
         }
+        if let (Mode::Train, Some(sink)) = (mode, &self.aux) {
+            let aux = self.router_aux(&logits, &probs, &rows, n)?;
+            sink.lock()
+                .map_err(|_| Error::Invalid("router aux sink poisoned".into()))?
+                .push(aux);
+        }
         let mask = Tensor::from_vec(mask, (n, e), x.device())?;
         let mut w = (probs * mask)?;
         if self.spec.norm_topk_prob || restricted {
@@ -513,6 +542,33 @@ impl Moe {
             out = (out + m.forward(x)?.broadcast_mul(&gate)?)?;
         }
         Ok(out)
+    }
+}
+
+impl Moe {
+    /// [`RouterAux`] of one forward: `rows[j]` are the tokens routed to expert `j`.
+    fn router_aux(
+        &self,
+        logits: &Tensor,
+        probs: &Tensor,
+        rows: &[Vec<u32>],
+        n: usize,
+    ) -> Result<RouterAux> {
+        let e = self.spec.num_experts;
+        let slots = (n * self.spec.top_k).max(1) as f32;
+        let f: Vec<f32> = rows.iter().map(|r| r.len() as f32 / slots).collect();
+        let f = Tensor::from_vec(f, e, logits.device())?;
+        let p = probs.mean(0)?;
+        let balance = ((p * f)?.sum_all()? * e as f64)?;
+        let max = logits.max_keepdim(1)?.detach();
+        let lse = logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(1)?
+            .log()?
+            .broadcast_add(&max)?;
+        let z = lse.sqr()?.mean_all()?;
+        Ok(RouterAux { balance, z })
     }
 }
 

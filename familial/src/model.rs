@@ -264,6 +264,22 @@ impl FamilialModel {
         }
     }
 
+    /// Record the router auxiliary losses of every MoE FFN (trunk and exit blocks) of this
+    /// [`Mode::Train`] model into `sink` (`None`: stop); used by the trainer's
+    /// load-balancing loss.
+    pub fn set_router_aux_sink(&mut self, sink: Option<crate::layers::RouterAuxSink>) {
+        for b in self
+            .trunk
+            .iter_mut()
+            .chain(self.exit_blocks.iter_mut())
+            .flatten()
+        {
+            if let FfnBlock::Moe(m) = &mut b.ffn {
+                m.set_aux_sink(sink.clone());
+            }
+        }
+    }
+
     /// The hosted trunk layers whose FFN is MoE, in order.
     pub fn moe_layers(&self) -> Vec<usize> {
         (0..self.trunk.len())

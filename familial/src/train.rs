@@ -10,6 +10,12 @@
 //!
 //! `loss = Σ_e w_e · CE_e`, where `CE_e` is the mean over the loss positions of the batch.
 //!
+//! MoE families can add router auxiliary losses ([`TrainOptions::router_balance`],
+//! [`TrainOptions::router_z`]): `+ α · mean_l LB_l + β · mean_l Z_l` over the MoE layer
+//! forwards, with the Switch-Transformer load-balancing loss `LB = E · Σ_j f_j P_j` and the
+//! ST-MoE z-loss (see [`crate::layers::RouterAux`]); they keep routers from collapsing onto
+//! one or two experts. Reported losses ([`StepStats::loss`]) exclude them.
+//!
 //! The trunk is run once: `embed → layers [0, e0) → exit e0 → layers [e0, e1) → exit e1 …`,
 //! so the trunk layers below a shallow exit receive gradient from every exit above them.
 //! The batch can be split over several worker threads (data parallel, gradients summed);
@@ -72,6 +78,13 @@ pub struct TrainOptions {
     pub workers: usize,
     /// Seed of the data stream.
     pub seed: u64,
+    /// Weight of the Switch-style router load-balancing loss, averaged over MoE layers
+    /// (0 = off; ~0.01 is usual). Dense families ignore it.
+    #[serde(default)]
+    pub router_balance: f64,
+    /// Weight of the ST-MoE router z-loss, averaged over MoE layers (0 = off; ~1e-3).
+    #[serde(default)]
+    pub router_z: f64,
 }
 
 impl Default for TrainOptions {
@@ -90,6 +103,8 @@ impl Default for TrainOptions {
             exit_weights: Vec::new(),
             workers: 1,
             seed: 0,
+            router_balance: 0.0,
+            router_z: 0.0,
         }
     }
 }
@@ -129,8 +144,17 @@ impl Data {
     }
 }
 
-/// A worker's gradients (per variable) and summed per-exit NLL.
-type WorkerOut = (Vec<Option<Tensor>>, Vec<f64>);
+/// A worker's gradients (per variable), summed per-exit NLL and router auxiliary losses.
+type WorkerOut = (Vec<Option<Tensor>>, Vec<f64>, RouterAuxStats);
+
+/// Router auxiliary losses of a step (unweighted means over MoE layer forwards and workers).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RouterAuxStats {
+    /// Load-balancing loss (1.0 = perfectly balanced routing, `E/top_k` = all on one expert).
+    pub balance: f64,
+    /// Router z-loss.
+    pub z: f64,
+}
 
 /// What one optimiser step did.
 #[derive(Debug, Clone)]
@@ -149,6 +173,8 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Learning rate used.
     pub lr: f64,
+    /// Router auxiliary losses (zero for dense families).
+    pub router: RouterAuxStats,
 }
 
 /// A training run's weights and optimiser state.
@@ -347,6 +373,18 @@ impl Trainer {
     /// `options.workers` threads; the loss is normalised by the loss positions of the whole
     /// batch, so the summed gradients equal those of one big batch.
     pub fn gradients(&self, batch: &[Sequence]) -> Result<(Vec<Option<Tensor>>, Vec<f64>)> {
+        let (g, means, _) = self.gradients_with_router_aux(batch)?;
+        Ok((g, means))
+    }
+
+    /// [`Trainer::gradients`] plus the router auxiliary losses: when
+    /// `options.router_balance` or `options.router_z` is positive, their weighted means over
+    /// the MoE layer forwards join the loss (each worker's share divided by the number of
+    /// workers, so the sum is the mean over the batch).
+    pub fn gradients_with_router_aux(
+        &self,
+        batch: &[Sequence],
+    ) -> Result<(Vec<Option<Tensor>>, Vec<f64>, RouterAuxStats)> {
         if batch.is_empty() {
             return Err(Error::Invalid("empty batch".into()));
         }
@@ -358,9 +396,36 @@ impl Trainer {
         let workers = self.opts.workers.min(batch.len()).max(1);
         let chunk = batch.len().div_ceil(workers);
         let chunks: Vec<&[Sequence]> = batch.chunks(chunk).collect();
+        let n_chunks = chunks.len() as f64;
+        let (cb, cz) = (self.opts.router_balance, self.opts.router_z);
         let run = |part: &[Sequence]| -> Result<WorkerOut> {
-            let model = self.train_model()?;
+            let mut model = self.train_model()?;
+            let sink = crate::layers::RouterAuxSink::default();
+            model.set_router_aux_sink(Some(sink.clone()));
             let sums = exit_nll_sums(&model, part)?;
+            let recs = std::mem::take(
+                &mut *sink
+                    .lock()
+                    .map_err(|_| Error::Invalid("router aux sink poisoned".into()))?,
+            );
+            let mut aux_stats = RouterAuxStats::default();
+            let mut aux_loss: Option<Tensor> = None;
+            if !recs.is_empty() {
+                let k = recs.len() as f64;
+                for r in &recs {
+                    aux_stats.balance += f64::from(r.balance.to_scalar::<f32>()?) / k / n_chunks;
+                    aux_stats.z += f64::from(r.z.to_scalar::<f32>()?) / k / n_chunks;
+                    for (c, t) in [(cb, &r.balance), (cz, &r.z)] {
+                        if c > 0.0 {
+                            let term = (t * (c / k / n_chunks))?;
+                            aux_loss = Some(match aux_loss {
+                                Some(l) => (l + term)?,
+                                None => term,
+                            });
+                        }
+                    }
+                }
+            }
             let mut loss: Option<Tensor> = None;
             let mut per_exit = Vec::with_capacity(sums.len());
             for (s, w) in sums.iter().zip(&weights) {
@@ -375,13 +440,17 @@ impl Trainer {
                 });
             }
             let loss = loss.ok_or_else(|| Error::Invalid("every exit weight is 0".into()))?;
+            let loss = match aux_loss {
+                Some(a) => (loss + a)?,
+                None => loss,
+            };
             let grads = loss.backward()?;
             let g = self
                 .vars
                 .iter()
                 .map(|v| grads.get(v.as_tensor()).cloned())
                 .collect();
-            Ok((g, per_exit))
+            Ok((g, per_exit, aux_stats))
         };
         let results: Vec<Result<WorkerOut>> = if chunks.len() == 1 {
             vec![run(chunks[0])]
@@ -399,8 +468,11 @@ impl Trainer {
         };
         let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let mut sums = vec![0f64; self.cfg.exits.len()];
+        let mut router = RouterAuxStats::default();
         for r in results {
-            let (g, s) = r?;
+            let (g, s, a) = r?;
+            router.balance += a.balance;
+            router.z += a.z;
             for (acc, gi) in grads.iter_mut().zip(g) {
                 if let Some(gi) = gi {
                     *acc = Some(match acc.take() {
@@ -414,12 +486,12 @@ impl Trainer {
             }
         }
         let means = sums.iter().map(|s| s / total as f64).collect();
-        Ok((grads, means))
+        Ok((grads, means, router))
     }
 
     /// One optimiser step on `batch`.
     pub fn train_step(&mut self, batch: &[Sequence]) -> Result<StepStats> {
-        let (grads, exit_losses) = self.gradients(batch)?;
+        let (grads, exit_losses, router) = self.gradients_with_router_aux(batch)?;
         let weights = self.exit_weights();
         let loss = exit_losses.iter().zip(&weights).map(|(l, w)| l * w).sum();
         let mut sq = 0f64;
@@ -472,6 +544,7 @@ impl Trainer {
             loss_tokens: batch.iter().map(Sequence::loss_positions).sum(),
             grad_norm,
             lr,
+            router,
         })
     }
 
@@ -805,6 +878,60 @@ mod tests {
         assert!(!decays("model.layers.0.self_attn.q_proj.bias", &[8]));
         assert!(!decays("model.norms.0.weight", &[8]));
         assert!(!decays("model.layers.0.input_layernorm.weight", &[8]));
+    }
+
+    /// The router auxiliary losses: reported for an MoE family, zero for a dense one; with a
+    /// positive weight they change the router gradients but not the exit losses.
+    #[test]
+    fn router_aux_losses_reach_the_routers() -> Result<()> {
+        use crate::config::Layout;
+        use crate::init::{init_weights, preset_config, Preset};
+        let batch: Vec<Sequence> = crate::tasks::train_example_batch(Task::Mix, 4, 1, 0)
+            .iter()
+            .map(Sequence::from)
+            .collect();
+        let cfg = preset_config(Preset::MoeSmall, Layout::Qwen2Moe)?;
+        let w = init_weights(&cfg, 5)?;
+        let plain = Trainer::new(cfg.clone(), &w, TrainOptions::default())?;
+        let balanced = Trainer::new(
+            cfg,
+            &w,
+            TrainOptions {
+                router_balance: 1.0,
+                router_z: 0.1,
+                ..TrainOptions::default()
+            },
+        )?;
+        let (g0, l0, a0) = plain.gradients_with_router_aux(&batch)?;
+        let (g1, l1, a1) = balanced.gradients_with_router_aux(&batch)?;
+        assert_eq!(l0, l1, "exit losses do not include the auxiliary losses");
+        assert_eq!(a0, a1, "the statistics do not depend on the weights");
+        // Uniform routing gives 1.0; top-2 of 8 on one pair of experts gives 4.0.
+        assert!(a0.balance > 0.5 && a0.balance < 4.01, "{a0:?}");
+        assert!(a0.z > 0.0, "{a0:?}");
+        let router = plain
+            .param_names()
+            .iter()
+            .position(|n| n == "model.layers.4.mlp.gate.weight")
+            .ok_or_else(|| Error::Invalid("no router of layer 4".into()))?;
+        let diff = (g0[router].as_ref().unwrap() - g1[router].as_ref().unwrap())?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff > 0.0, "the auxiliary losses move the router");
+
+        let dense = preset_config(Preset::Tiny, Layout::RuyiQwen2)?;
+        let t = Trainer::new(
+            dense.clone(),
+            &init_weights(&dense, 5)?,
+            TrainOptions {
+                router_balance: 1.0,
+                ..TrainOptions::default()
+            },
+        )?;
+        let (_, _, a) = t.gradients_with_router_aux(&batch)?;
+        assert_eq!(a, RouterAuxStats::default());
+        Ok(())
     }
 
     #[test]

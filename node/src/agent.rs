@@ -57,6 +57,21 @@ pub struct AgentConfig {
     pub engine: EngineConfig,
     /// Policy for requests that do not set one.
     pub default_policy: Policy,
+    /// MoE expert pruning (cloud tier): serve each request with only its task's top-k
+    /// experts per layer resident. `None` = every expert resident.
+    pub moe: Option<MoePruning>,
+}
+
+/// Expert pruning of an MoE family (`--moe-patterns DIR --moe-experts K`, see
+/// `flow_moe::cloud`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoePruning {
+    /// Pattern store written by `flow-node moe profile`.
+    pub patterns: PathBuf,
+    /// Experts kept resident per MoE layer for a request's task.
+    pub experts: usize,
+    /// Memory budget of resident experts (bytes).
+    pub budget_bytes: usize,
 }
 
 /// An OpenAI-style generation request at the entry node.
@@ -224,7 +239,24 @@ impl Agent {
                     let family = ck.fingerprint(all.iter().map(String::as_str))?;
                     let hosted_names = FamilialModel::tensor_names(&mc, &part2)?;
                     let hosted = ck.fingerprint(hosted_names.iter().map(String::as_str))?;
-                    let (store, model) = crate::fleet::load_store(&ck, &mc, &part2, &all, family)?;
+                    let (store, model) = if cfg2.moe.is_some() {
+                        // Experts are paged in per task pattern (flow_moe::cloud); this node
+                        // refuses deltas (see `Agent::apply_delta`), so its store is empty.
+                        let model = FamilialModel::load_part_without_experts(
+                            &cfg2.model_dir,
+                            mc.clone(),
+                            part2.clone(),
+                        )?;
+                        (
+                            crate::delta::WeightStore::new(
+                                std::collections::HashMap::new(),
+                                family,
+                            ),
+                            model,
+                        )
+                    } else {
+                        crate::fleet::load_store(&ck, &mc, &part2, &all, family)?
+                    };
                     let hello = Hello {
                         node_id: cfg2.node_id.clone(),
                         role: cfg2.role,
@@ -253,8 +285,22 @@ impl Agent {
             .map_err(|e| NodeError::Internal(format!("model loading task: {e}")))??
         };
         let tokenizer = Tokenizer::from_dir(&dir)?;
-        let engine =
-            crate::fleet::EngineSlot::new(EngineHandle::spawn(model, cfg.stage, cfg.engine)?);
+        let pruning = match &cfg.moe {
+            Some(m) => Some(
+                flow_moe::cloud::PrunedServing::open(
+                    &model,
+                    &dir,
+                    &m.patterns,
+                    m.experts,
+                    m.budget_bytes,
+                )
+                .map_err(|e| NodeError::Config(format!("MoE expert pruning: {e}")))?,
+            ),
+            None => None,
+        };
+        let engine = crate::fleet::EngineSlot::new(EngineHandle::spawn_pruned(
+            model, cfg.stage, cfg.engine, pruning,
+        )?);
         let fleet = crate::fleet::FleetState::new(Arc::new(store), part.clone());
         let metrics = Arc::new(Metrics::default());
         let server = match cfg.listen {
@@ -1366,6 +1412,7 @@ impl Agent {
                 parent_encoding: Encoding::F32,
                 engine: EngineConfig::default(),
                 default_policy: Policy::default(),
+                moe: None,
             },
             layers: None,
         }

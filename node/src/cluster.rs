@@ -81,6 +81,7 @@ impl LocalCluster {
                 parent_encoding: spec.encoding,
                 engine: spec.engine,
                 default_policy: spec.policy.clone(),
+                moe: None,
             })
         };
         let loopback: std::net::SocketAddr = "127.0.0.1:0"
@@ -175,6 +176,7 @@ pub async fn single_node(
         parent_encoding: Encoding::F32,
         engine,
         default_policy: policy,
+        moe: None,
     })
     .await
 }

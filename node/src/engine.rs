@@ -26,6 +26,11 @@
 //! scheduler, so concurrent sessions on the same IO thread interleave step by step.
 //! [`EngineStats`] counts both paths and the hand-off times of queued steps (enqueue →
 //! batch start, answer → caller resumed).
+//!
+//! MoE expert pruning ([`EngineHandle::spawn_pruned`], the cloud role's `--moe-patterns`):
+//! each session gets a task pattern on its first step (signature at the first hosted MoE
+//! layer from its prompt's states, see `flow_moe::cloud`); one batch only carries sessions
+//! of one pattern, and that pattern's experts are made resident before it runs.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -37,6 +42,7 @@ use candle_core::{Device, Tensor};
 use flow_familial::{FamilialModel, Seg, SeqCache};
 use tokio::sync::{mpsc, oneshot};
 
+use flow_moe::cloud::{PrunedServing, ServingStats};
 use flow_moe::scheduler::{plan_chunks, Pending};
 
 use crate::error::{NodeError, Result};
@@ -135,6 +141,8 @@ pub struct EngineStats {
     pub wake_back_us: u64,
     /// Sum over all steps of the compute time of their batches (µs).
     pub step_compute_us: u64,
+    /// MoE expert pruning counters (resident expert memory, retrievals), when enabled.
+    pub moe: Option<ServingStats>,
 }
 
 /// Hand-off counters, updated by the callers of [`EngineHandle::step`].
@@ -274,8 +282,20 @@ impl Default for EngineConfig {
 impl EngineHandle {
     /// Start the engine thread for `model` computing `stage`.
     pub fn spawn(model: FamilialModel, stage: Stage, cfg: EngineConfig) -> Result<Self> {
+        Self::spawn_pruned(model, stage, cfg, None)
+    }
+
+    /// [`EngineHandle::spawn`] with MoE expert pruning: `model` is loaded without experts
+    /// and `moe` pages in each session's task experts (see the module docs).
+    pub fn spawn_pruned(
+        model: FamilialModel,
+        stage: Stage,
+        cfg: EngineConfig,
+        moe: Option<PrunedServing>,
+    ) -> Result<Self> {
         let hidden_size = model.config().hidden_size;
         let vocab = model.config().vocab_size;
+        let pruned = moe.is_some();
         if stage.a > stage.b || stage.b > model.config().num_layers {
             return Err(NodeError::Config(format!(
                 "stage layers {}..{} do not fit a {}-layer model",
@@ -292,7 +312,11 @@ impl EngineHandle {
             .map_err(|e| NodeError::Internal(format!("cannot start the engine pool: {e}")))?;
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
-                engine: Engine::new(model, stage, cfg),
+                engine: {
+                    let mut e = Engine::new(model, stage, cfg);
+                    e.moe = moe;
+                    e
+                },
                 pending: Vec::new(),
             }),
             queued: AtomicUsize::new(0),
@@ -308,7 +332,8 @@ impl EngineHandle {
         Ok(Self {
             tx,
             shared,
-            inline_max_rows: if cfg.threads <= 1 {
+            // MoE pruning assigns patterns and pages experts in on the engine thread.
+            inline_max_rows: if cfg.threads <= 1 && !pruned {
                 cfg.inline_max_rows
             } else {
                 0
@@ -571,6 +596,9 @@ struct Engine {
     evicted: HashMap<u64, ()>,
     clock: u64,
     stats: EngineStats,
+    /// Expert pruning and each session's pattern.
+    moe: Option<PrunedServing>,
+    patterns: HashMap<u64, usize>,
 }
 
 impl Engine {
@@ -583,6 +611,8 @@ impl Engine {
             evicted: HashMap::new(),
             clock: 0,
             stats: EngineStats::default(),
+            moe: None,
+            patterns: HashMap::new(),
         }
     }
 
@@ -596,14 +626,30 @@ impl Engine {
         let Some(stage) = pending.first().map(|p| p.job.stage.unwrap_or(self.stage)) else {
             return;
         };
+        // With expert pruning, one batch also runs one task pattern (that of the oldest).
+        let pattern = pending
+            .first()
+            .and_then(|p| self.patterns.get(&p.job.session).copied());
         let mut seen: Vec<u64> = Vec::new();
         let mut eligible: Vec<usize> = Vec::new();
         for (i, p) in pending.iter().enumerate() {
             if !seen.contains(&p.job.session) {
                 seen.push(p.job.session);
-                if p.job.stage.unwrap_or(self.stage) == stage {
+                if p.job.stage.unwrap_or(self.stage) == stage
+                    && self.patterns.get(&p.job.session).copied() == pattern
+                {
                     eligible.push(i);
                 }
+            }
+        }
+        if let (Some(moe), Some(id)) = (self.moe.as_mut(), pattern) {
+            if let Err(e) = moe.prepare(&mut self.model, id) {
+                let msg = format!("expert pruning: {e}");
+                for &i in &eligible {
+                    pending[i].fail(NodeError::Model(msg.clone()));
+                }
+                pending.retain(|p| !p.finished());
+                return;
             }
         }
         let work: Vec<Pending> = eligible
@@ -650,7 +696,20 @@ impl Engine {
 
     fn accept(&mut self, job: Job, pending: &mut Vec<Pend>) {
         match job {
-            Job::Step(j, tx, t0) => pending.push(Pend::new(j, tx, t0)),
+            Job::Step(j, tx, t0) => {
+                if self.moe.is_some() && !self.patterns.contains_key(&j.session) {
+                    match self.assign_pattern(&j) {
+                        Ok(id) => {
+                            self.patterns.insert(j.session, id);
+                        }
+                        Err(e) => {
+                            Pend::new(j, tx, t0).fail(e);
+                            return;
+                        }
+                    }
+                }
+                pending.push(Pend::new(j, tx, t0));
+            }
             Job::Truncate(s, len) => {
                 if let Some(kv) = self.sessions.get_mut(&s) {
                     kv.cache.truncate(len);
@@ -659,13 +718,43 @@ impl Engine {
             Job::Close(s) => {
                 self.sessions.remove(&s);
                 self.evicted.remove(&s);
+                self.patterns.remove(&s);
             }
             Job::Stats(tx) => {
                 let mut s = self.stats.clone();
+                s.moe = self.moe.as_ref().map(PrunedServing::stats);
                 s.sessions = self.sessions.len();
                 s.kv_bytes = self.sessions.values().map(|k| k.cache.bytes()).sum();
                 let _ = tx.send(s);
             }
+        }
+    }
+
+    /// The task pattern of a session's first step: retrieved by the signature of its prompt
+    /// (backfilled rows from position 0 plus the step's rows), or the fallback when this
+    /// node never sees the prompt from position 0 or the session starts above the
+    /// signature layer.
+    fn assign_pattern(&mut self, j: &StepJob) -> Result<usize> {
+        let Some(moe) = self.moe.as_mut() else {
+            return Err(NodeError::Internal("no expert pruning".into()));
+        };
+        let from = j.stage.unwrap_or(self.stage).a;
+        let x = match &j.input {
+            Input::Tokens(t) if from == 0 => self.model.embed(t)?,
+            Input::Hidden(h) => h.clone(),
+            Input::Tokens(_) => return Ok(moe.fallback()),
+        };
+        let whole = match &j.backfill {
+            Some((0, bf)) => Some(Tensor::cat(&[bf, &x], 0)?),
+            Some(_) => None,
+            None if j.start == 0 => Some(x),
+            None => None,
+        };
+        match whole {
+            Some(h) if from <= moe.signature_layer() => moe
+                .assign(&self.model, &h, from)
+                .map_err(|e| NodeError::Model(format!("expert pattern retrieval: {e}"))),
+            _ => Ok(moe.fallback()),
         }
     }
 

@@ -252,6 +252,7 @@ impl Agent {
     /// Verify and apply `delta` on this node: new sessions run on the new weights once
     /// this returns; sessions in flight finish on the old ones. Returns the live version.
     pub async fn apply_delta(&self, delta: &Delta) -> Result<u64> {
+        self.deltas_supported()?;
         let f = self.fleet();
         let _g = f.swap.lock().await;
         let v = f.store.apply(delta)?;
@@ -264,11 +265,25 @@ impl Agent {
 
     /// Undo `from_version` (it must be live) on this node; returns the live version.
     pub async fn rollback_delta(&self, from_version: u64) -> Result<u64> {
+        self.deltas_supported()?;
         let f = self.fleet();
         let _g = f.swap.lock().await;
         let v = f.store.rollback(from_version)?;
         self.reload_engine().await?;
         Ok(v)
+    }
+
+    /// Deltas need the hosted tensors in memory; a node serving with MoE expert pruning
+    /// pages experts in per task instead, so it refuses them.
+    fn deltas_supported(&self) -> Result<()> {
+        if self.config().moe.is_some() {
+            return Err(NodeError::Config(
+                "this node serves with MoE expert pruning (--moe-patterns), which does not \
+                 take weight deltas yet: restart it on a checkpoint with the delta merged"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     async fn reload_engine(&self) -> Result<()> {

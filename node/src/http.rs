@@ -153,9 +153,41 @@ async fn models(State(agent): State<Agent>) -> Json<Value> {
     }))
 }
 
+/// MoE expert pruning metrics (name, help), in the order of `metrics`' values.
+const MOE_METRICS: [(&str, &str); 7] = [
+    (
+        "aiflow_moe_resident_experts",
+        "MoE experts resident (expert pruning).",
+    ),
+    (
+        "aiflow_moe_resident_expert_bytes",
+        "Bytes of the resident MoE experts.",
+    ),
+    (
+        "aiflow_moe_all_expert_bytes",
+        "Bytes of every hosted expert (unpruned).",
+    ),
+    (
+        "aiflow_moe_expert_loads",
+        "Experts paged in from the checkpoint.",
+    ),
+    (
+        "aiflow_moe_expert_evictions",
+        "Experts evicted under the expert budget.",
+    ),
+    (
+        "aiflow_moe_retrievals",
+        "Sessions given a task pattern by retrieval.",
+    ),
+    (
+        "aiflow_moe_fallbacks",
+        "Sessions given the last pattern (no prompt).",
+    ),
+];
+
 async fn metrics(State(agent): State<Agent>) -> Response {
     let s = agent.engine_stats().await;
-    let mut text = agent.metrics().render(&[
+    let mut rows = vec![
         (
             "aiflow_engine_sessions",
             "Sessions holding KV on this node.",
@@ -176,7 +208,20 @@ async fn metrics(State(agent): State<Agent>) -> Response {
             "Sessions evicted under the KV budget.",
             s.evictions as f64,
         ),
-    ]);
+    ];
+    if let Some(m) = &s.moe {
+        let values = [
+            m.experts.resident as f64,
+            m.experts.resident_bytes as f64,
+            m.all_expert_bytes as f64,
+            m.experts.loads as f64,
+            m.experts.evictions as f64,
+            m.retrievals as f64,
+            m.fallbacks as f64,
+        ];
+        rows.extend(MOE_METRICS.iter().zip(values).map(|(&(n, h), v)| (n, h, v)));
+    }
+    let mut text = agent.metrics().render(&rows);
     text.push_str(&agent.planning_metrics());
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }

@@ -31,6 +31,8 @@ pub mod parent;
 pub mod planning;
 pub mod tier;
 
-pub use agent::{Agent, AgentBuilder, AgentConfig, GenEvent, GenStats, GenerateRequest};
+pub use agent::{
+    Agent, AgentBuilder, AgentConfig, GenEvent, GenStats, GenerateRequest, MoePruning,
+};
 pub use engine::{EngineConfig, Stage};
 pub use error::{NodeError, Result};

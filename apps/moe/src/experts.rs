@@ -26,9 +26,11 @@ pub struct ExpertStats {
     pub resident_bytes: usize,
 }
 
-/// A family whose experts are paged in per task pattern under a memory budget.
-pub struct PrunedModel {
-    model: FamilialModel,
+/// Which experts of a model loaded without experts are resident: pages them in from the
+/// mmapped checkpoint per task pattern, evicts least-recently-used ones under a memory
+/// budget, and restricts routing to the pattern's experts. Works on any model part (e.g. a
+/// cloud node hosting only the deep layers): only the hosted MoE layers are touched.
+pub struct ExpertCache {
     ckpt: Checkpoint,
     budget: usize,
     /// (layer, expert) → last use (a logical clock).
@@ -37,9 +39,9 @@ pub struct PrunedModel {
     stats: ExpertStats,
 }
 
-impl std::fmt::Debug for PrunedModel {
+impl std::fmt::Debug for ExpertCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PrunedModel")
+        f.debug_struct("ExpertCache")
             .field("checkpoint", &self.ckpt)
             .field("budget", &self.budget)
             .field("stats", &self.stats)
@@ -47,31 +49,26 @@ impl std::fmt::Debug for PrunedModel {
     }
 }
 
-impl PrunedModel {
-    /// Open the checkpoint in `dir` (whole family, `cfg`) with no expert resident and a
-    /// budget of `budget_bytes` for resident experts.
-    pub fn open(dir: &Path, cfg: ModelConfig, budget_bytes: usize) -> Result<Self> {
-        let part = Part::full(&cfg);
-        let model = FamilialModel::load_part_without_experts(dir, cfg, part)?;
-        if model.moe_layers().is_empty() {
-            return Err(Error::Invalid(format!(
-                "{}: not an MoE family (no MoE layer)",
-                dir.display()
-            )));
-        }
-        Ok(Self {
-            model,
-            ckpt: Checkpoint::open(dir)?,
+/// Bytes of every expert of every hosted MoE layer of `model` (the unpruned expert memory).
+pub fn all_expert_bytes(model: &FamilialModel) -> Result<usize> {
+    let mut total = 0;
+    for l in model.moe_layers() {
+        let m = model.moe(l)?;
+        total += m.spec.num_experts * m.expert_bytes();
+    }
+    Ok(total)
+}
+
+impl ExpertCache {
+    /// A cache paging from `ckpt` with `budget_bytes` for resident experts; nothing resident.
+    pub fn new(ckpt: Checkpoint, budget_bytes: usize) -> Self {
+        Self {
+            ckpt,
             budget: budget_bytes,
             lru: HashMap::new(),
             clock: 0,
             stats: ExpertStats::default(),
-        })
-    }
-
-    /// The model (experts resident as last prepared).
-    pub fn model(&self) -> &FamilialModel {
-        &self.model
+        }
     }
 
     /// Counters.
@@ -79,27 +76,23 @@ impl PrunedModel {
         self.stats
     }
 
-    /// Bytes of every expert of every MoE layer (the unpruned expert memory).
-    pub fn all_expert_bytes(&self) -> Result<usize> {
-        let mut total = 0;
-        for l in self.model.moe_layers() {
-            let m = self.model.moe(l)?;
-            total += m.spec.num_experts * m.expert_bytes();
-        }
-        Ok(total)
-    }
-
-    /// Make `pattern`'s top-`k` experts of every MoE layer resident and restrict routing to
-    /// them (`k >= experts`: every expert, no restriction). Returns the resident bytes.
-    pub fn prepare(&mut self, pattern: &TaskPattern, k: usize) -> Result<usize> {
+    /// Make `pattern`'s top-`k` experts of every MoE layer of `model` resident and restrict
+    /// routing to them (`k >= experts`: every expert, no restriction). Returns the bytes
+    /// the pattern keeps resident.
+    pub fn prepare(
+        &mut self,
+        model: &mut FamilialModel,
+        pattern: &TaskPattern,
+        k: usize,
+    ) -> Result<usize> {
         if k == 0 {
             return Err(Error::Invalid("keep at least one expert per layer".into()));
         }
-        let layers = self.model.moe_layers();
+        let layers = model.moe_layers();
         let mut want: Vec<(usize, Vec<usize>)> = Vec::new();
         let mut need = 0usize;
         for &l in &layers {
-            let moe = self.model.moe(l)?;
+            let moe = model.moe(l)?;
             let n = moe.spec.num_experts;
             let experts: Vec<usize> = if k >= n {
                 (0..n).collect()
@@ -143,7 +136,7 @@ impl PrunedModel {
         let wanted_new: usize = want
             .iter()
             .map(|(l, e)| {
-                let moe = self.model.moe(*l)?;
+                let moe = model.moe(*l)?;
                 let res = moe.resident();
                 Ok(e.iter().filter(|&&j| !res[j]).count() * moe.expert_bytes())
             })
@@ -157,17 +150,17 @@ impl PrunedModel {
                 .map(|(key, _)| *key);
             let Some((l, j)) = victim else { break };
             self.lru.remove(&(l, j));
-            if self.model.evict_expert(l, j)? {
+            if model.evict_expert(l, j)? {
                 self.stats.evictions += 1;
                 self.stats.resident -= 1;
-                self.stats.resident_bytes -= self.model.moe(l)?.expert_bytes();
+                self.stats.resident_bytes -= model.moe(l)?.expert_bytes();
             }
         }
         for (l, experts) in &want {
-            let n = self.model.moe(*l)?.spec.num_experts;
+            let n = model.moe(*l)?.spec.num_experts;
             for &j in experts {
-                if !self.model.moe(*l)?.resident()[j] {
-                    let bytes = self.model.load_expert(&self.ckpt, *l, j)?;
+                if !model.moe(*l)?.resident()[j] {
+                    let bytes = model.load_expert(&self.ckpt, *l, j)?;
                     self.stats.loads += 1;
                     self.stats.resident += 1;
                     self.stats.resident_bytes += bytes;
@@ -183,13 +176,67 @@ impl PrunedModel {
                 Some(mask)
             };
             // Resident experts of other patterns stay out of the routing.
-            self.model.restrict_experts(*l, restriction.clone());
-            if restriction.is_none() && self.model.moe(*l)?.resident().iter().any(|r| !r) {
+            model.restrict_experts(*l, restriction.clone());
+            if restriction.is_none() && model.moe(*l)?.resident().iter().any(|r| !r) {
                 return Err(Error::Invalid(format!(
                     "internal: layer {l} should have every expert resident"
                 )));
             }
         }
         Ok(need)
+    }
+}
+
+/// A family whose experts are paged in per task pattern under a memory budget.
+pub struct PrunedModel {
+    model: FamilialModel,
+    cache: ExpertCache,
+}
+
+impl std::fmt::Debug for PrunedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrunedModel")
+            .field("cache", &self.cache)
+            .finish()
+    }
+}
+
+impl PrunedModel {
+    /// Open the checkpoint in `dir` (whole family, `cfg`) with no expert resident and a
+    /// budget of `budget_bytes` for resident experts.
+    pub fn open(dir: &Path, cfg: ModelConfig, budget_bytes: usize) -> Result<Self> {
+        let part = Part::full(&cfg);
+        let model = FamilialModel::load_part_without_experts(dir, cfg, part)?;
+        if model.moe_layers().is_empty() {
+            return Err(Error::Invalid(format!(
+                "{}: not an MoE family (no MoE layer)",
+                dir.display()
+            )));
+        }
+        Ok(Self {
+            model,
+            cache: ExpertCache::new(Checkpoint::open(dir)?, budget_bytes),
+        })
+    }
+
+    /// The model (experts resident as last prepared).
+    pub fn model(&self) -> &FamilialModel {
+        &self.model
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ExpertStats {
+        self.cache.stats()
+    }
+
+    /// Bytes of every expert of every MoE layer (the unpruned expert memory).
+    pub fn all_expert_bytes(&self) -> Result<usize> {
+        all_expert_bytes(&self.model)
+    }
+
+    /// Make `pattern`'s top-`k` experts of every MoE layer resident and restrict routing to
+    /// them (`k >= experts`: every expert, no restriction). Returns the resident bytes.
+    pub fn prepare(&mut self, pattern: &TaskPattern, k: usize) -> Result<usize> {
+        self.cache.prepare(&mut self.model, pattern, k)
     }
 }

@@ -12,7 +12,12 @@
 //!   request's key from the first MoE layer's router over its prompt.
 //! - [`experts::PrunedModel`] — a family loaded without experts; `prepare(pattern, k)`
 //!   pages the pattern's top-`k` experts per layer in from the mmapped checkpoint, evicts
-//!   others under a memory budget, and restricts routing to them.
+//!   others under a memory budget, and restricts routing to them;
+//!   [`experts::ExpertCache`] — the same on any model part.
+//! - [`cloud::PrunedServing`] — pruned serving in a node hosting a part of the family (the
+//!   cloud role of `flow-node node --moe-patterns DIR --moe-experts K`): per session, a
+//!   signature at the first hosted MoE layer retrieves a pattern; batches are run with that
+//!   pattern's experts resident.
 //! - [`scheduler::Scheduler`] — the pure chunked-prefill scheduler (token budget, decodes
 //!   first, FCFS admission under KV capacity, counted preemption);
 //!   [`scheduler::plan_chunks`] — its budget-splitting core, used by the node engine;
@@ -20,6 +25,7 @@
 //!
 //! `flow-node moe profile` and `flow-node bench moe|batching` are the command-line faces.
 
+pub mod cloud;
 pub mod error;
 pub mod experts;
 pub mod profile;

@@ -9,6 +9,8 @@
 //! trained router is peaked (measured on models/moe-small: held-out retrieval 84% with
 //! mean probabilities, 98% with centred logits).
 
+use std::collections::BTreeMap;
+
 use candle_core::{Tensor, D};
 use flow_familial::{FamilialModel, Seg};
 use serde::{Deserialize, Serialize};
@@ -43,8 +45,25 @@ pub struct TaskPattern {
     pub tokens: usize,
     /// Retrieval key: mean of the prompts' signatures ([`signature`]).
     pub key: Vec<f32>,
+    /// Retrieval keys at every MoE layer (layer → mean of [`signature_at`] over the
+    /// prompts): a node hosting only deeper layers computes its requests' signatures at the
+    /// first MoE layer it hosts and retrieves with the key of that layer. Empty in patterns
+    /// written before keys per layer existed (only [`TaskPattern::key`] then).
+    #[serde(default)]
+    pub keys: BTreeMap<usize, Vec<f32>>,
     /// One entry per MoE layer, in layer order.
     pub layers: Vec<LayerPattern>,
+}
+
+impl TaskPattern {
+    /// The retrieval key for signatures taken at MoE layer `layer`.
+    pub fn key_at(&self, layer: usize) -> Option<&[f32]> {
+        match self.keys.get(&layer) {
+            Some(k) => Some(k),
+            None if self.layers.first().is_some_and(|l| l.layer == layer) => Some(&self.key),
+            None => None,
+        }
+    }
 }
 
 /// Per-layer sums of expected selection scores, accumulated over prompts.
@@ -104,15 +123,37 @@ pub fn first_moe_layer(model: &FamilialModel) -> Result<usize> {
 }
 
 /// A request's retrieval signature: the first MoE layer's router logits, centred per token
-/// (minus their mean over experts), averaged over the prompt's tokens. Runs only the layers before it (dense, cheap) on a scratch cache.
+/// (minus their mean over experts), averaged over the prompt's tokens. Runs only the layers
+/// before it (dense, cheap) on a scratch cache.
 pub fn signature(model: &FamilialModel, prompt: &[u32]) -> Result<Vec<f32>> {
     check_prompt(model, prompt)?;
     let first = first_moe_layer(model)?;
-    let seg = Seg::new(0, prompt.len());
+    signature_at(model, &model.embed(prompt)?, 0, first)
+}
+
+/// The signature at MoE layer `layer` from `hidden`, the states of a whole prompt
+/// (positions `0..n`) entering trunk layer `from <= layer`: runs layers `from..layer` on a
+/// scratch cache, then centres and averages `layer`'s router logits as [`signature`] does.
+/// This is what a node that receives hidden states (e.g. the cloud tier) can compute.
+pub fn signature_at(
+    model: &FamilialModel,
+    hidden: &Tensor,
+    from: usize,
+    layer: usize,
+) -> Result<Vec<f32>> {
+    if from > layer {
+        return Err(Error::Invalid(format!(
+            "signature at layer {layer} needs the states entering a layer at or below it, got layer {from}"
+        )));
+    }
+    let seg = Seg::new(0, hidden.dim(0)?);
     let mut cache = model.new_cache();
-    let h = model.embed(prompt)?;
-    let h = model.run_layers(&h, 0..first, &[seg], &mut [&mut cache])?;
-    let p = model.router_logits(&h, first, seg)?;
+    let h = model.run_layers(hidden, from..layer, &[seg], &mut [&mut cache])?;
+    centred_mean(&model.router_logits(&h, layer, seg)?)
+}
+
+/// Router logits `[tokens, experts]` centred per token, averaged over tokens.
+fn centred_mean(p: &Tensor) -> Result<Vec<f32>> {
     let rows: Vec<Vec<f32>> = p.broadcast_sub(&p.mean_keepdim(D::Minus1)?)?.to_vec2()?;
     let n = rows.len() as f32;
     let e = rows.first().map_or(0, Vec::len);
@@ -176,12 +217,26 @@ pub fn profile(
         }
         tokens += seq.len();
     }
-    let mut key = vec![0f32; acc[0].sums.len()];
+    let mut keys: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     for p in prompts {
-        for (k, v) in key.iter_mut().zip(signature(model, p)?) {
-            *k += v / prompts.len() as f32;
+        check_prompt(model, p)?;
+        let mut h = model.embed(p)?;
+        let mut at = 0;
+        for a in &acc {
+            let sig = signature_at(model, &h, at, a.layer)?;
+            let k = keys.entry(a.layer).or_insert_with(|| vec![0f32; sig.len()]);
+            for (k, v) in k.iter_mut().zip(sig) {
+                *k += v / prompts.len() as f32;
+            }
+            if a.layer < last {
+                let seg = Seg::new(0, p.len());
+                let mut cache = model.new_cache();
+                h = model.run_layers(&h, at..a.layer + 1, &[seg], &mut [&mut cache])?;
+                at = a.layer + 1;
+            }
         }
     }
+    let key = keys.get(&acc[0].layer).cloned().unwrap_or_default();
     let layers = acc
         .into_iter()
         .map(|a| {
@@ -199,6 +254,7 @@ pub fn profile(
         prompts: sequences.len(),
         tokens,
         key,
+        keys,
         layers,
     })
 }

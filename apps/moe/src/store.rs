@@ -199,6 +199,7 @@ mod tests {
             prompts: 1,
             tokens: 3,
             key,
+            keys: Default::default(),
             layers: vec![LayerPattern {
                 layer: 4,
                 scores: vec![0.7, 0.2, 0.1],

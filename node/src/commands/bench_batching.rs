@@ -29,6 +29,12 @@ TBT = time between consecutive tokens of a request (all gaps of all requests poo
 throughput = generated tokens / wall time of the replay. Target (issue 7): chunked p99
 TBT >= 2x lower than prefill-first at equal or better throughput.
 
+Ratios: every round runs both policies back to back on the same requests, so each round
+gives a p99 TBT ratio (prefill-first / chunked) and a throughput ratio (chunked /
+prefill-first) measured under nearly the same machine load; the headline ratios are the
+medians over rounds of those per-round ratios (robust to a round disturbed by other
+load), printed with the per-round values. The table pools all rounds.
+
 Examples:
   flow-node bench batching
   flow-node bench batching --requests 80 --rate 12 --budget 32 --json batching.json
@@ -59,8 +65,8 @@ pub struct BenchBatchingArgs {
     /// KV capacity in tokens (both policies).
     #[arg(long, default_value_t = 16384)]
     pub kv_capacity: usize,
-    /// Rounds (each runs both policies).
-    #[arg(long, default_value_t = 3)]
+    /// Rounds (each runs both policies); ratios are medians over rounds.
+    #[arg(long, default_value_t = 7)]
     pub reps: usize,
     /// Trace seed.
     #[arg(long, default_value_t = 7)]
@@ -95,8 +101,20 @@ struct Report {
     prompt_tokens: usize,
     output_tokens: usize,
     results: Vec<PolicyResult>,
+    /// Median over rounds of the per-round p99 TBT ratio (prefill-first / chunked).
     p99_tbt_ratio: f64,
+    /// Median over rounds of the per-round throughput ratio (chunked / prefill-first).
     throughput_ratio: f64,
+    round_p99_tbt_ratios: Vec<f64>,
+    round_throughput_ratios: Vec<f64>,
+    /// The p99 TBT ratio of all rounds pooled.
+    pooled_p99_tbt_ratio: f64,
+}
+
+/// p99 of the time between tokens of one replay (all requests' gaps pooled).
+fn p99_tbt(r: &ReplayReport) -> f64 {
+    let tbt: Vec<f64> = r.requests.iter().flat_map(|q| q.tbt()).collect();
+    quantile(&tbt, 0.99)
 }
 
 pub fn run(a: BenchBatchingArgs) -> anyhow::Result<()> {
@@ -212,13 +230,26 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
+    let round_p99_tbt_ratios: Vec<f64> = runs[0]
+        .iter()
+        .zip(&runs[1])
+        .map(|(c, p)| p99_tbt(p) / p99_tbt(c))
+        .collect();
+    let round_throughput_ratios: Vec<f64> = runs[0]
+        .iter()
+        .zip(&runs[1])
+        .map(|(c, p)| c.throughput() / p.throughput())
+        .collect();
     let report = Report {
         model: a.model.display().to_string(),
         requests: reqs.len(),
         prompt_tokens: reqs.iter().map(|r| r.prompt.len()).sum(),
         output_tokens: reqs.iter().map(|r| r.max_new).sum(),
-        p99_tbt_ratio: results[1].tbt_p99_ms / results[0].tbt_p99_ms,
-        throughput_ratio: results[0].throughput_tok_s / results[1].throughput_tok_s,
+        p99_tbt_ratio: quantile(&round_p99_tbt_ratios, 0.5),
+        throughput_ratio: quantile(&round_throughput_ratios, 0.5),
+        pooled_p99_tbt_ratio: results[1].tbt_p99_ms / results[0].tbt_p99_ms,
+        round_p99_tbt_ratios,
+        round_throughput_ratios,
         results,
     };
     println!(
@@ -247,9 +278,22 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
             r.max_batch_tokens
         );
     }
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     println!(
-        "p99 TBT prefill-first / chunked = {:.2}x; throughput chunked / prefill-first = {:.2}x",
-        report.p99_tbt_ratio, report.throughput_ratio
+        "p99 TBT prefill-first / chunked, median over rounds = {:.2}x (rounds: {}; pooled {:.2}x)",
+        report.p99_tbt_ratio,
+        fmt(&report.round_p99_tbt_ratios),
+        report.pooled_p99_tbt_ratio
+    );
+    println!(
+        "throughput chunked / prefill-first, median over rounds = {:.2}x (rounds: {})",
+        report.throughput_ratio,
+        fmt(&report.round_throughput_ratios)
     );
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")

@@ -98,6 +98,22 @@ pub struct NodeArgs {
     /// the cut among every exit inside --layers.
     #[arg(long, value_name = "FILE|auto")]
     pub plan: Option<PathBuf>,
+    /// MoE families (cloud tier): serve each request with only its task's top experts
+    /// resident. DIR is a pattern store written by `flow-node moe profile`; per request the
+    /// node takes a signature at the first MoE layer it hosts, retrieves the nearest task
+    /// pattern and runs with that pattern's --moe-experts experts per layer (paged in
+    /// lazily, least recently used evicted under --moe-budget-mb, router renormalised).
+    /// Resident expert memory is in /metrics (aiflow_moe_*).
+    #[arg(long, value_name = "DIR")]
+    pub moe_patterns: Option<PathBuf>,
+    /// Experts kept per MoE layer with --moe-patterns (default: half of them, rounded up;
+    /// at least the layer's expert count = unpruned output).
+    #[arg(long, value_name = "K", requires = "moe_patterns")]
+    pub moe_experts: Option<usize>,
+    /// Memory budget of resident experts in MiB with --moe-patterns (default: room for
+    /// two patterns' experts).
+    #[arg(long, value_name = "MIB", requires = "moe_patterns")]
+    pub moe_budget_mb: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,6 +140,9 @@ struct FileConfig {
     batch_tokens: Option<usize>,
     split_points: Option<Vec<usize>>,
     plan: Option<PathBuf>,
+    moe_patterns: Option<PathBuf>,
+    moe_experts: Option<usize>,
+    moe_budget_mb: Option<usize>,
 }
 
 /// A TOML value that may be one item or a list (`parent = "a"` or `parent = ["a", "b"]`).
@@ -287,6 +306,15 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         Some(p) => Some(planning_from_file(&p, &model)?),
         None => None,
     };
+    let moe = match a.moe_patterns.or(f.moe_patterns) {
+        Some(patterns) => Some(moe_pruning(
+            &model,
+            patterns,
+            a.moe_experts.or(f.moe_experts),
+            a.moe_budget_mb.or(f.moe_budget_mb),
+        )?),
+        None => None,
+    };
     let cfg = AgentConfig {
         node_id: a
             .name
@@ -310,8 +338,49 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         parent_encoding: encoding,
         engine,
         default_policy: policy,
+        moe,
     };
     Ok((cfg, a.http.or(f.http)))
+}
+
+/// `--moe-patterns/--moe-experts/--moe-budget-mb` with their defaults from the family.
+fn moe_pruning(
+    model: &Path,
+    patterns: PathBuf,
+    experts: Option<usize>,
+    budget_mb: Option<usize>,
+) -> anyhow::Result<flow_node::MoePruning> {
+    let cfg = flow_familial::ModelConfig::from_file(&model.join("config.json"))?;
+    let spec = cfg
+        .ffn
+        .iter()
+        .find_map(|f| match f {
+            flow_familial::config::Ffn::Moe(s) => Some(s.clone()),
+            flow_familial::config::Ffn::Dense { .. } => None,
+        })
+        .with_context(|| {
+            format!(
+                "--moe-patterns: {} is not an MoE family (no MoE layer)",
+                model.display()
+            )
+        })?;
+    let experts = experts.unwrap_or(spec.num_experts.div_ceil(2));
+    anyhow::ensure!(experts > 0, "--moe-experts must be at least 1");
+    let per_expert = 3 * cfg.hidden_size * spec.expert_intermediate * 4;
+    let layers = cfg
+        .ffn
+        .iter()
+        .filter(|f| matches!(f, flow_familial::config::Ffn::Moe(_)))
+        .count();
+    let budget_bytes = match budget_mb {
+        Some(mb) => mb << 20,
+        None => 2 * layers * experts.min(spec.num_experts) * per_expert,
+    };
+    Ok(flow_node::MoePruning {
+        patterns,
+        experts,
+        budget_bytes,
+    })
 }
 
 /// Run-time planning from a planner input file (see `--plan`), with the family's exit

@@ -119,6 +119,13 @@ pub struct TrainArgs {
     /// Loss weight per exit, shallowest first, e.g. 1,1,1,1 (default: all 1).
     #[arg(long, value_delimiter = ',')]
     pub exit_weights: Vec<f64>,
+    /// MoE only: weight of the Switch-style router load-balancing loss (0 = off; 0.01 is
+    /// usual). Keeps routers from collapsing onto a few experts.
+    #[arg(long, default_value_t = 0.0)]
+    pub router_balance: f64,
+    /// MoE only: weight of the ST-MoE router z-loss (0 = off; 1e-3 is usual).
+    #[arg(long, default_value_t = 0.0)]
+    pub router_z: f64,
     /// Evaluate every K steps (0 = only at the end).
     #[arg(long, default_value_t = 500)]
     pub eval_every: u64,
@@ -223,6 +230,8 @@ fn options(args: &TrainArgs, workers: usize) -> TrainOptions {
         exit_weights: args.exit_weights.clone(),
         workers,
         seed: args.seed,
+        router_balance: args.router_balance,
+        router_z: args.router_z,
         ..TrainOptions::default()
     }
 }
@@ -433,8 +442,17 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             let mean: Vec<f64> = (0..points.len())
                 .map(|i| window.iter().map(|s| s.exit_losses[i]).sum::<f64>() / n)
                 .collect();
+            let router = if st.router == Default::default() {
+                String::new()
+            } else {
+                format!(
+                    " router balance {:.3} z {:.3}",
+                    window.iter().map(|s| s.router.balance).sum::<f64>() / n,
+                    window.iter().map(|s| s.router.z).sum::<f64>() / n
+                )
+            };
             let msg = format!(
-                "step {}/{} loss {:.4} [{}] lr {:.2e} |g| {:.2} {} tok/s ({:.0}s)",
+                "step {}/{} loss {:.4} [{}]{router} lr {:.2e} |g| {:.2} {} tok/s ({:.0}s)",
                 st.step,
                 o.steps,
                 window.iter().map(|s| s.loss).sum::<f64>() / n,
