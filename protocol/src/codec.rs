@@ -249,6 +249,7 @@ fn encode_header(msg: &Message) -> Result<Vec<u8>> {
         Message::DeltaChunk(m) => ser(m),
         Message::DeltaAck(m) => ser(m),
         Message::DeltaRollback(m) => ser(m),
+        Message::Classification(m) => ser(m),
     }
 }
 
@@ -280,12 +281,13 @@ fn decode_header(kind: u8, header: &[u8]) -> Result<Message> {
         kind::DELTA_CHUNK => Message::DeltaChunk(de(header)?),
         kind::DELTA_ACK => Message::DeltaAck(de(header)?),
         kind::DELTA_ROLLBACK => Message::DeltaRollback(de(header)?),
+        kind::CLASSIFICATION => Message::Classification(de(header)?),
         other => return Err(Error::UnknownKind(other)),
     })
 }
 
 fn known_kind(k: u8) -> bool {
-    (kind::HELLO..=kind::DELTA_ROLLBACK).contains(&k)
+    (kind::HELLO..=kind::CLASSIFICATION).contains(&k)
 }
 
 #[derive(Debug, Clone, Copy)]

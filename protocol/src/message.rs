@@ -578,6 +578,8 @@ pub enum Message {
     DeltaAck(DeltaAck),
     /// Undo a delta version.
     DeltaRollback(DeltaRollback),
+    /// A vision exit's answer about one camera frame (traffic app).
+    Classification(crate::classify::Classification),
 }
 
 /// Frame kind bytes. Stable: new kinds get new numbers.
@@ -598,6 +600,7 @@ pub mod kind {
     pub const DELTA_CHUNK: u8 = 13;
     pub const DELTA_ACK: u8 = 14;
     pub const DELTA_ROLLBACK: u8 = 15;
+    pub const CLASSIFICATION: u8 = 16;
 }
 
 impl Message {
@@ -619,6 +622,7 @@ impl Message {
             Message::DeltaChunk(_) => kind::DELTA_CHUNK,
             Message::DeltaAck(_) => kind::DELTA_ACK,
             Message::DeltaRollback(_) => kind::DELTA_ROLLBACK,
+            Message::Classification(_) => kind::CLASSIFICATION,
         }
     }
 
@@ -640,6 +644,7 @@ impl Message {
             Message::DeltaChunk(_) => "DeltaChunk",
             Message::DeltaAck(_) => "DeltaAck",
             Message::DeltaRollback(_) => "DeltaRollback",
+            Message::Classification(_) => "Classification",
         }
     }
 
@@ -704,6 +709,7 @@ impl Message {
             Message::DeltaOffer(o) => o.check()?,
             Message::DeltaChunk(c) => c.check()?,
             Message::DeltaAck(a) => crate::delta::check_text("delta_ack.message", &a.message)?,
+            Message::Classification(c) => c.check()?,
             _ => {}
         }
         Ok(())
