@@ -320,6 +320,10 @@ impl RemoteDetector {
             .map(|c| c.len() as u64)
             .sum();
         let reply = self.exchange(approach, &msg)?;
+        if !matches!(&reply, Message::Classification(c) if c.request_id == request_id) {
+            // The edge ends a session after refusing a frame: the next frame opens a new one.
+            self.sessions[approach.index()] = None;
+        }
         match reply {
             Message::Classification(c) if c.request_id == request_id => Ok((c, bytes)),
             Message::Classification(c) => Err(Error::Link(format!(
