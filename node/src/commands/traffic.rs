@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Subcommand, Debug)]
 pub enum TrafficCmd {
     /// Run a SUMO scenario headless with cameras, detection and a signal controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write a labelled dataset of rendered camera frames (PPM + labels.jsonl).
     Dataset(DatasetArgs),
     /// Train the familial vision model (device + edge exits) on rendered frames.
@@ -29,7 +29,7 @@ pub enum TrafficCmd {
 
 pub fn run(cmd: TrafficCmd) -> anyhow::Result<()> {
     match cmd {
-        TrafficCmd::Run(a) => run_scenario(a),
+        TrafficCmd::Run(a) => run_scenario(*a),
         TrafficCmd::Dataset(a) => write_dataset(a),
         TrafficCmd::Train(a) => super::traffic_bench::train(a),
     }
@@ -150,7 +150,7 @@ fn run_scenario(a: RunArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{json}");
     } else {
-        print_reports(&[report.clone()]);
+        print_reports(std::slice::from_ref(&report));
         let d = &report.detection;
         if d.shipped_bytes > 0 {
             println!(
