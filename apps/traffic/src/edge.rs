@@ -137,6 +137,11 @@ async fn serve_session(mut s: SessionStream, model: Arc<VisionFamily>, peer: Str
         let msg = match s.recv().await {
             Ok(Some(m)) => m,
             Ok(None) => return,
+            Err(e @ (flow_protocol::Error::Quic(_) | flow_protocol::Error::Closed(_))) => {
+                // The camera went away (end of a run, or its connection dropped).
+                tracing::debug!(peer, error = %e, "camera session closed");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(peer, error = %e, "camera session failed");
                 return;
