@@ -250,6 +250,7 @@ fn encode_header(msg: &Message) -> Result<Vec<u8>> {
         Message::DeltaAck(m) => ser(m),
         Message::DeltaRollback(m) => ser(m),
         Message::RoundUpdate(m) => ser(m),
+        Message::Classification(m) => ser(m),
     }
 }
 
@@ -282,12 +283,13 @@ fn decode_header(kind: u8, header: &[u8]) -> Result<Message> {
         kind::DELTA_ACK => Message::DeltaAck(de(header)?),
         kind::DELTA_ROLLBACK => Message::DeltaRollback(de(header)?),
         kind::ROUND_UPDATE => Message::RoundUpdate(de(header)?),
+        kind::CLASSIFICATION => Message::Classification(de(header)?),
         other => return Err(Error::UnknownKind(other)),
     })
 }
 
 fn known_kind(k: u8) -> bool {
-    (kind::HELLO..=kind::DELTA_ROLLBACK).contains(&k) || k == kind::ROUND_UPDATE
+    (kind::HELLO..=kind::ROUND_UPDATE).contains(&k)
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -8,7 +8,9 @@
 //!   [`Done`], [`Probe`]/[`ProbeReply`], and typed errors ([`ErrorMsg`] + [`ErrorCode`]);
 //!   [`delta`]: pushing fine-tuned delta checkpoints to devices ([`DeltaOffer`],
 //!   [`DeltaChunk`], [`DeltaAck`], [`DeltaRollback`]) and federated rounds
-//!   ([`RoundUpdate`]).
+//!   ([`RoundUpdate`]); [`classify`]: a vision exit's
+//!   answer about a camera frame ([`Classification`], the traffic app's reply to
+//!   `Continue`).
 //! - **Framing** ([`codec`]): magic, version, kind, header length, payload length, a
 //!   postcard header, then raw little-endian tensor bytes. [`Codec`] encodes;
 //!   [`FrameDecoder`] decodes incrementally (push bytes, pull messages) and checks every
@@ -43,6 +45,7 @@
 //! # Ok::<(), flow_protocol::Error>(())
 //! ```
 
+pub mod classify;
 pub mod codec;
 pub mod delta;
 pub mod error;
@@ -55,6 +58,7 @@ pub mod transport;
 
 /// Re-exported: [`WireTensor::bytes`] hands out `bytes::Bytes`.
 pub use bytes;
+pub use classify::Classification;
 pub use codec::{Codec, Compression, FrameDecoder, MAGIC, PREFIX_LEN};
 pub use delta::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus, RoundUpdate};
 pub use error::{Error, Result};

@@ -580,6 +580,8 @@ pub enum Message {
     DeltaRollback(DeltaRollback),
     /// A federated round: the aggregator's request, or a participant's sample count.
     RoundUpdate(RoundUpdate),
+    /// A vision exit's answer about one camera frame (traffic app).
+    Classification(crate::classify::Classification),
 }
 
 /// Frame kind bytes. Stable: new kinds get new numbers.
@@ -600,6 +602,7 @@ pub mod kind {
     pub const DELTA_CHUNK: u8 = 13;
     pub const DELTA_ACK: u8 = 14;
     pub const DELTA_ROLLBACK: u8 = 15;
+    pub const CLASSIFICATION: u8 = 16;
     pub const ROUND_UPDATE: u8 = 17;
 }
 
@@ -623,6 +626,7 @@ impl Message {
             Message::DeltaAck(_) => kind::DELTA_ACK,
             Message::DeltaRollback(_) => kind::DELTA_ROLLBACK,
             Message::RoundUpdate(_) => kind::ROUND_UPDATE,
+            Message::Classification(_) => kind::CLASSIFICATION,
         }
     }
 
@@ -645,6 +649,7 @@ impl Message {
             Message::DeltaAck(_) => "DeltaAck",
             Message::DeltaRollback(_) => "DeltaRollback",
             Message::RoundUpdate(_) => "RoundUpdate",
+            Message::Classification(_) => "Classification",
         }
     }
 
@@ -710,6 +715,7 @@ impl Message {
             Message::DeltaChunk(c) => c.check()?,
             Message::DeltaAck(a) => crate::delta::check_text("delta_ack.message", &a.message)?,
             Message::RoundUpdate(r) => r.check()?,
+            Message::Classification(c) => c.check()?,
             _ => {}
         }
         Ok(())

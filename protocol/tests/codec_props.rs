@@ -2,10 +2,10 @@
 //! their error bounds; the decoder survives garbage and mutations (invariant I6).
 
 use flow_protocol::{
-    Backfill, Cancel, Capacity, Codec, Compression, ConfidenceMeasure, Continue, Done, DoneStats,
-    Draft, Encoding, Error, ErrorCode, ErrorMsg, ExitThreshold, FrameDecoder, Heartbeat, Hello,
-    HostedLayers, InferMode, Limits, Load, Message, ModelFingerprint, Policy, Probe, ProbeReply,
-    Role, Sampling, TokenOut, Tokens, Verdict, WireTensor,
+    Backfill, Cancel, Capacity, Classification, Codec, Compression, ConfidenceMeasure, Continue,
+    Done, DoneStats, Draft, Encoding, Error, ErrorCode, ErrorMsg, ExitThreshold, FrameDecoder,
+    Heartbeat, Hello, HostedLayers, InferMode, Limits, Load, Message, ModelFingerprint, Policy,
+    Probe, ProbeReply, Role, Sampling, TokenOut, Tokens, Verdict, WireTensor,
 };
 use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus, RoundUpdate};
 use proptest::prelude::*;
@@ -390,9 +390,43 @@ fn message() -> impl Strategy<Value = Message> {
                 deadline_ms,
             })
         });
+    let classification = (
+        any::<(u64, u64)>(),
+        role(),
+        any::<u32>(),
+        0.0f32..=1.0,
+        0.0f32..=1.0,
+    )
+        .prop_map(
+            |((request_id, session_id), tier, exit, p_emergency, congestion)| {
+                Message::Classification(Classification {
+                    request_id,
+                    session_id,
+                    tier,
+                    exit,
+                    p_emergency,
+                    congestion,
+                })
+            },
+        );
     prop_oneof![
-        hello, heartbeat, cont, draft, verdict, tokens, cancel, error, done, probe, reply, offer,
-        chunk, ack, rollback, round
+        hello,
+        heartbeat,
+        cont,
+        draft,
+        verdict,
+        tokens,
+        cancel,
+        error,
+        done,
+        probe,
+        reply,
+        offer,
+        chunk,
+        ack,
+        rollback,
+        round,
+        classification
     ]
 }
 

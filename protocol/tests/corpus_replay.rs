@@ -7,8 +7,9 @@
 use std::path::PathBuf;
 
 use flow_protocol::{
-    Backfill, Codec, Compression, Continue, Encoding, ErrorCode, FrameDecoder, Heartbeat, Hello,
-    Limits, Message, ModelFingerprint, Probe, Role, Sampling, TokenOut, Tokens, WireTensor,
+    Backfill, Classification, Codec, Compression, Continue, Encoding, ErrorCode, FrameDecoder,
+    Heartbeat, Hello, Limits, Message, ModelFingerprint, Probe, Role, Sampling, TokenOut, Tokens,
+    WireTensor,
 };
 use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus, RoundUpdate};
 
@@ -216,6 +217,19 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("valid-two-frames", two),
         ("valid-delta-transfer", delta_transfer(&codec)),
         ("valid-fed-round", fed_round(&codec)),
+        (
+            "valid-classification",
+            codec
+                .encode(&Message::Classification(Classification {
+                    request_id: 7,
+                    session_id: 8,
+                    tier: Role::Edge,
+                    exit: 4,
+                    p_emergency: 0.875,
+                    congestion: 0.25,
+                }))
+                .unwrap(),
+        ),
         ("bad-lying-payload-len", lying),
         (
             "bad-magic",

@@ -16,13 +16,16 @@
 //!   network, and the closed loop that runs `sumo` headless on a scenario with cameras,
 //!   detection and the controller ([`sumo::run`]);
 //! - [`vision`]: the familial ViT (device exit on the camera, deeper exit on the edge),
-//!   its training and the escalating [`vision::ModelDetector`].
+//!   its training and the escalating [`vision::ModelDetector`];
+//! - [`edge`]: the same split over the real protocol: cameras ship low-confidence frames'
+//!   hidden states over QUIC to an [`edge::EdgeService`] ([`edge::RemoteDetector`]).
 //!
 //! Everything here is deterministic: the same inputs give the same bytes.
 
 pub mod congestion;
 pub mod controller;
 pub mod dataset;
+pub mod edge;
 pub mod net;
 pub mod noise;
 pub mod render;
@@ -48,6 +51,9 @@ pub enum Error {
     /// The vision model failed (shapes, weights, candle).
     #[error("vision model: {0}")]
     Model(String),
+    /// The camera ↔ edge link failed or the edge refused a frame (protocol, QUIC, TLS).
+    #[error("camera-edge link: {0}")]
+    Link(String),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

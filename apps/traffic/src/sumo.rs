@@ -4,7 +4,9 @@
 //! At the end, read SUMO's tripinfo output into [`RunReport`].
 //!
 //! Entry points: [`Scenario::load`], [`run`]. Detection is pluggable ([`Detector`]): the
-//! classical analyser ([`ClassicalDetector`]) or a learned model supplied by the caller.
+//! classical analyser ([`ClassicalDetector`]) or a learned model supplied by the caller:
+//! in-process ([`crate::vision::ModelDetector`]) or split between the cameras and an edge
+//! reached over QUIC ([`crate::edge::RemoteDetector`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -91,6 +93,8 @@ pub struct Detection {
     pub emergency: bool,
     /// Whether the frame was escalated from the camera (device) to the edge.
     pub escalated: bool,
+    /// Bytes of the frame the camera sent to the edge (0 when not escalated or in-process).
+    pub shipped_bytes: u64,
 }
 
 /// Turns camera frames into detections (one call per approach per step).
@@ -122,6 +126,7 @@ impl Detector for ClassicalDetector {
             congestion: a.congestion,
             emergency: a.emergency_lane.is_some(),
             escalated: false,
+            shipped_bytes: 0,
         })
     }
 
@@ -173,6 +178,8 @@ pub struct DetectionStats {
     pub false_alarms: u64,
     /// Sum of |estimated − true congestion index|.
     pub congestion_abs_err: f64,
+    /// Bytes the cameras sent to the edge over the protocol (escalated frames).
+    pub shipped_bytes: u64,
 }
 
 impl DetectionStats {
@@ -187,6 +194,10 @@ impl DetectionStats {
     }
     pub fn escalated_share(&self) -> f64 {
         self.escalated as f64 / self.frames.max(1) as f64
+    }
+    /// Mean bytes on the wire per escalated frame (0 for in-process detection).
+    pub fn bytes_per_escalated(&self) -> f64 {
+        self.shipped_bytes as f64 / self.escalated.max(1) as f64
     }
 }
 
@@ -386,6 +397,7 @@ pub fn run(
             let det = detector.detect(a, &frame)?;
             stats.frames += 1;
             stats.escalated += det.escalated as u64;
+            stats.shipped_bytes += det.shipped_bytes;
             stats.congestion_abs_err += (det.congestion - truth.congestion).abs() as f64;
             if truth.emergency {
                 stats.ev_frames += 1;

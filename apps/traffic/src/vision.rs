@@ -86,6 +86,11 @@ impl VisionConfig {
     fn patches(&self) -> usize {
         (self.width / self.patch) * (self.height / self.patch)
     }
+
+    /// Tokens per frame: the class token + one per patch (rows of a hidden state).
+    pub fn tokens(&self) -> usize {
+        self.patches() + 1
+    }
 }
 
 struct Block {
@@ -132,6 +137,16 @@ pub struct ExitOutput {
 }
 
 impl ExitOutput {
+    /// Frame `i`'s answer as a detection made at this exit (not escalated).
+    pub fn detection(&self, i: usize) -> Detection {
+        Detection {
+            congestion: self.congestion[i],
+            emergency: self.p_emergency[i] >= 0.5,
+            escalated: false,
+            shipped_bytes: 0,
+        }
+    }
+
     /// Confidence of the emergency decision: max class probability.
     pub fn confidence(&self, i: usize) -> f32 {
         self.p_emergency[i].max(1.0 - self.p_emergency[i])
@@ -212,6 +227,35 @@ impl VisionFamily {
         self.varmap
             .save(dir.join("vision.safetensors"))
             .map_err(|e| Error::Model(e.to_string()))
+    }
+
+    /// SHA-256 over the config and every weight (by name, in name order): the family's
+    /// fingerprint in the protocol's `Hello`, so camera and edge refuse to pair across
+    /// different checkpoints.
+    pub fn digest(&self) -> Result<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(&self.cfg).map_err(|e| Error::Config(e.to_string()))?);
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Model("weights lock poisoned".into()))?;
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            h.update(name.as_bytes());
+            let t = data[name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            for v in t {
+                h.update(v.to_le_bytes());
+            }
+        }
+        Ok(h.finalize().into())
+    }
+
+    /// Tokens per frame (rows of the hidden state a device ships).
+    pub fn tokens(&self) -> usize {
+        self.cfg.tokens()
     }
 
     pub fn parameters(&self) -> usize {
@@ -465,17 +509,12 @@ impl ModelDetector {
     pub fn infer(&self, frame: &Frame) -> Result<Detection> {
         let (dev, hidden) = self.model.device(&[frame])?;
         if dev.confidence(0) >= self.threshold {
-            return Ok(Detection {
-                congestion: dev.congestion[0],
-                emergency: dev.p_emergency[0] >= 0.5,
-                escalated: false,
-            });
+            return Ok(dev.detection(0));
         }
         let edge = self.model.edge(&hidden)?;
         Ok(Detection {
-            congestion: edge.congestion[0],
-            emergency: edge.p_emergency[0] >= 0.5,
             escalated: true,
+            ..edge.detection(0)
         })
     }
 }

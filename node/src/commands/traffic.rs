@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use flow_traffic::controller::{Mode, Timing};
 use flow_traffic::dataset::{self, DatasetSpec};
+use flow_traffic::edge::{EdgeService, RemoteDetector};
 use flow_traffic::scene::{Camera, Condition};
 use flow_traffic::sumo::{self, ClassicalDetector, Detector, RunOptions, RunReport, Scenario};
 use flow_traffic::vision::{ModelDetector, VisionFamily};
@@ -19,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 #[derive(Subcommand, Debug)]
 pub enum TrafficCmd {
     /// Run a SUMO scenario headless with cameras, detection and a signal controller.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write a labelled dataset of rendered camera frames (PPM + labels.jsonl).
     Dataset(DatasetArgs),
     /// Train the familial vision model (device + edge exits) on rendered frames.
@@ -28,7 +29,7 @@ pub enum TrafficCmd {
 
 pub fn run(cmd: TrafficCmd) -> anyhow::Result<()> {
     match cmd {
-        TrafficCmd::Run(a) => run_scenario(a),
+        TrafficCmd::Run(a) => run_scenario(*a),
         TrafficCmd::Dataset(a) => write_dataset(a),
         TrafficCmd::Train(a) => super::traffic_bench::train(a),
     }
@@ -54,10 +55,17 @@ emergency vehicle is in view, the controller decides the signal, and the signal 
 through TraCI. At the end, SUMO's tripinfo output gives the mean waiting time of all
 vehicles and the emergency vehicles' travel time.
 
+With --model, each camera runs the vision family up to its device exit; a frame whose
+confidence is below --threshold escalates: its hidden state travels as a flow-protocol
+Continue over QUIC to an edge service (started in this process on 127.0.0.1, reached through
+the real QUIC stack; mutual TLS with --ca and the certificate flags, insecure-loopback
+otherwise), which runs the remaining blocks and answers with a Classification.
+
 Needs the `sumo` binary (Debian: apt-get install -y sumo).
 
 Example:
-  flow-node traffic run --scenario testbed/traffic/peak-hour --controller preempt --end 600")]
+  flow-node traffic run --scenario testbed/traffic/peak-hour --controller preempt --end 600
+  flow-node traffic run --scenario testbed/traffic/peak-hour --model models/traffic --end 300")]
 pub struct RunArgs {
     /// Scenario folder (holds scenario.toml, the .net.xml and the routes).
     #[arg(long)]
@@ -89,6 +97,8 @@ pub struct RunArgs {
     /// Device exit confidence below which a frame escalates (with --model).
     #[arg(long, default_value_t = 0.9)]
     pub threshold: f32,
+    #[command(flatten)]
+    pub link: LinkArgs,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -124,11 +134,7 @@ fn run_scenario(a: RunArgs) -> anyhow::Result<()> {
     opts.sumo = a.sumo.clone();
     opts.save_frames_every = a.save_frames;
     let mut det: Box<dyn Detector> = match &a.model {
-        Some(dir) => Box::new(ModelDetector {
-            model: VisionFamily::load(dir)
-                .with_context(|| format!("loading the vision model {}", dir.display()))?,
-            threshold: a.threshold,
-        }),
+        Some(dir) => model_detector(dir, a.threshold, &a.link)?,
         None => Box::new(ClassicalDetector::new(opts.camera)),
     };
     let end_s = a.end.unwrap_or(scenario.file.end_s);
@@ -144,9 +150,156 @@ fn run_scenario(a: RunArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{json}");
     } else {
-        print_reports(&[report]);
+        print_reports(std::slice::from_ref(&report));
+        let d = &report.detection;
+        if d.shipped_bytes > 0 {
+            println!(
+                "escalated {} of {} frames ({:.1}%) to the edge over QUIC, {:.0} bytes per escalated frame",
+                d.escalated,
+                d.frames,
+                100.0 * d.escalated_share(),
+                d.bytes_per_escalated()
+            );
+        }
     }
     Ok(())
+}
+
+/// How the cameras reach the edge (`traffic run --model`, `bench traffic`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct LinkArgs {
+    /// Run the edge exit in this process without the protocol (the old path, for
+    /// comparison). Default: the edge is a QUIC service (in this process, on 127.0.0.1)
+    /// and escalated frames travel to it as flow-protocol `Continue` frames.
+    #[arg(long)]
+    pub in_process: bool,
+    /// Cluster CA for mutual TLS between the cameras and the edge (`flow-node certs
+    /// init`); needs the four certificate flags below. Without it the link runs
+    /// insecure-loopback (TLS with a throwaway certificate, 127.0.0.1 only).
+    #[arg(long, requires_all = ["edge_cert", "edge_key", "camera_cert", "camera_key"])]
+    pub ca: Option<PathBuf>,
+    /// The edge's certificate (role edge, `flow-node certs issue`); its file stem is the
+    /// name the cameras expect.
+    #[arg(long)]
+    pub edge_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub edge_key: Option<PathBuf>,
+    /// The cameras' certificate (role device).
+    #[arg(long)]
+    pub camera_cert: Option<PathBuf>,
+    #[arg(long)]
+    pub camera_key: Option<PathBuf>,
+}
+
+/// Cameras + an edge service on a private runtime, as one [`Detector`]. Fields drop in
+/// order: the cameras' link, then the edge, then the runtime that drives both.
+struct QuicSplit {
+    cameras: RemoteDetector,
+    edge: EdgeService,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Detector for QuicSplit {
+    fn detect(
+        &mut self,
+        approach: flow_traffic::controller::Approach,
+        frame: &flow_traffic::render::Frame,
+    ) -> flow_traffic::Result<flow_traffic::sumo::Detection> {
+        self.cameras.detect(approach, frame)
+    }
+    fn name(&self) -> String {
+        self.cameras.name()
+    }
+}
+
+impl Drop for QuicSplit {
+    fn drop(&mut self) {
+        self.edge.close();
+    }
+}
+
+/// The vision family in `dir` as a split detector: device exit on the cameras, edge exit
+/// behind QUIC (or in process with `--in-process`).
+pub fn model_detector(
+    dir: &std::path::Path,
+    threshold: f32,
+    link: &LinkArgs,
+) -> anyhow::Result<Box<dyn Detector>> {
+    let load = || {
+        VisionFamily::load(dir).with_context(|| {
+            format!(
+                "loading the vision model {} (train one with `flow-node traffic train`)",
+                dir.display()
+            )
+        })
+    };
+    if link.in_process {
+        return Ok(Box::new(ModelDetector {
+            model: load()?,
+            threshold,
+        }));
+    }
+    use flow_protocol::transport::Security;
+    let (edge_sec, cam_sec, edge_name) = match &link.ca {
+        None => (
+            Security::InsecureLoopback,
+            Security::InsecureLoopback,
+            "edge".to_string(),
+        ),
+        Some(ca) => {
+            let need = |p: &Option<PathBuf>, flag: &str| {
+                p.clone()
+                    .with_context(|| format!("--ca needs {flag} as well"))
+            };
+            let edge_cert = need(&link.edge_cert, "--edge-cert")?;
+            let name = edge_cert
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "edge".into());
+            (
+                Security::Mtls {
+                    ca: ca.clone(),
+                    cert: edge_cert,
+                    key: need(&link.edge_key, "--edge-key")?,
+                },
+                Security::Mtls {
+                    ca: ca.clone(),
+                    cert: need(&link.camera_cert, "--camera-cert")?,
+                    key: need(&link.camera_key, "--camera-key")?,
+                },
+                name,
+            )
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("traffic-edge")
+        .enable_all()
+        .build()?;
+    let bind = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let edge = rt
+        .block_on(EdgeService::start(
+            std::sync::Arc::new(load()?),
+            edge_sec,
+            bind,
+            &edge_name,
+        ))
+        .context("starting the traffic edge service")?;
+    let cameras = RemoteDetector::connect(
+        rt.handle().clone(),
+        load()?,
+        threshold,
+        cam_sec,
+        edge.addr(),
+        &edge_name,
+        "cameras",
+    )
+    .context("connecting the cameras to the edge")?;
+    Ok(Box::new(QuicSplit {
+        cameras,
+        edge,
+        _rt: rt,
+    }))
 }
 
 /// One table row per run.

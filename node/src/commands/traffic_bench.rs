@@ -197,7 +197,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args, Debug)]
 #[command(before_long_help = "\
-Benchmark the traffic app end to end.
+Benchmark the traffic app end to end (cameras reach the edge over QUIC unless --in-process).
 
 1. Detector accuracy per exit and camera condition on held-out rendered frames, and for
    the split detector (device exit, escalating to the edge exit below --threshold), with the
@@ -229,6 +229,8 @@ pub struct BenchTrafficArgs {
     pub eval_per_condition: usize,
     #[arg(long, default_value = "sumo")]
     pub sumo: String,
+    #[command(flatten)]
+    pub link: super::traffic::LinkArgs,
     /// Also print everything as JSON.
     #[arg(long)]
     pub json: bool,
@@ -246,7 +248,7 @@ pub fn bench(a: BenchTrafficArgs) -> anyhow::Result<()> {
     })?;
     let exits = model.cfg.exits.clone();
     let sets = eval_sets(a.eval_per_condition, 77)?;
-    let (evals, model) = evaluate_all(model, &sets, a.threshold)?;
+    let (evals, _) = evaluate_all(model, &sets, a.threshold)?;
     println!(
         "== detector accuracy per exit and condition ({} held-out frames each)",
         a.eval_per_condition
@@ -254,10 +256,7 @@ pub fn bench(a: BenchTrafficArgs) -> anyhow::Result<()> {
     print_evals(&evals, &exits, a.threshold);
 
     let scenario = Scenario::load(&a.scenario)?;
-    let mut det = ModelDetector {
-        model,
-        threshold: a.threshold,
-    };
+    let mut det = super::traffic::model_detector(&a.model, a.threshold, &a.link)?;
     let mut reports = Vec::new();
     for cond in &a.conditions {
         for mode in [Mode::Fixed, Mode::Adaptive, Mode::Preempt] {
@@ -267,7 +266,7 @@ pub fn bench(a: BenchTrafficArgs) -> anyhow::Result<()> {
             opts.condition = Some(cond.clone());
             opts.sumo = a.sumo.clone();
             let pb = sim_progress(&format!("{cond} {}", mode.name()), a.end);
-            let r = sumo::run(&scenario, &opts, &mut det, &mut |now, _| {
+            let r = sumo::run(&scenario, &opts, det.as_mut(), &mut |now, _| {
                 pb.set_position(now as u64)
             })?;
             pb.finish_and_clear();
@@ -282,17 +281,22 @@ pub fn bench(a: BenchTrafficArgs) -> anyhow::Result<()> {
     );
     print_reports(&reports);
     println!(
-        "\n{:<10} {:>22} {:>22} {:>20}",
-        "condition", "EV travel vs fixed", "mean wait vs fixed", "frames escalated"
+        "\n{:<10} {:>22} {:>22} {:>20} {:>18}",
+        "condition",
+        "EV travel vs fixed",
+        "mean wait vs fixed",
+        "frames escalated",
+        "bytes/escalated"
     );
     for chunk in reports.chunks(3) {
         let (f, p) = (&chunk[0], &chunk[2]);
         println!(
-            "{:<10} {:>21.1}% {:>21.2}x {:>19.1}%",
+            "{:<10} {:>21.1}% {:>21.2}x {:>19.1}% {:>18.0}",
             f.condition,
             100.0 * (p.emergency_mean_travel_s / f.emergency_mean_travel_s - 1.0),
             p.mean_waiting_s / f.mean_waiting_s.max(1e-9),
             100.0 * p.detection.escalated_share(),
+            p.detection.bytes_per_escalated(),
         );
     }
     if a.json {
