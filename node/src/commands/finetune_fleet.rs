@@ -23,7 +23,7 @@ use flow_familial::{FamilialModel, ModelConfig, Part};
 use flow_finetune::Delta;
 use flow_node::delta::{push_delta, push_rollback};
 use flow_node::fleet::{ask_for_delta, largest_change};
-use flow_protocol::transport::{Endpoint, EndpointConfig, PeerConnection, Security};
+use flow_protocol::transport::{Endpoint, EndpointConfig, PeerConnection};
 use flow_protocol::{
     Capacity, DeltaAck, DeltaStatus, Hello, ModelFingerprint, Role, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
@@ -216,18 +216,12 @@ async fn round(a: RoundArgs) -> anyhow::Result<()> {
 
 async fn connect(t: &Target) -> anyhow::Result<PeerConnection> {
     let role: Role = t.role.parse().map_err(|e| anyhow::anyhow!("--role: {e}"))?;
-    let security = if t.insecure_loopback {
-        Security::InsecureLoopback
-    } else {
-        Security::Mtls {
-            ca: t
-                .ca
-                .clone()
-                .context("--ca is required (or --insecure-loopback)")?,
-            cert: t.cert.clone().context("--cert is required")?,
-            key: t.key.clone().context("--key is required")?,
-        }
-    };
+    let security = super::node::security(
+        t.insecure_loopback,
+        t.ca.clone(),
+        t.cert.clone(),
+        t.key.clone(),
+    )?;
     let mc = ModelConfig::from_file(&t.model.join("config.json"))
         .with_context(|| format!("--model {}", t.model.display()))?;
     let ck = Checkpoint::open(&t.model)?;

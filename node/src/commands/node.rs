@@ -214,18 +214,12 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         .or(f.layers)
         .context("--layers A..B is required (which trunk layers this node hosts)")?;
     let (start, end) = parse_layers(&layers)?;
-    let security = if a.insecure_loopback || f.insecure_loopback.unwrap_or(false) {
-        Security::InsecureLoopback
-    } else {
-        Security::Mtls {
-            ca: a
-                .ca
-                .or(f.ca)
-                .context("--ca is required (or --insecure-loopback)")?,
-            cert: a.cert.or(f.cert).context("--cert is required")?,
-            key: a.key.or(f.key).context("--key is required")?,
-        }
-    };
+    let security = security(
+        a.insecure_loopback || f.insecure_loopback.unwrap_or(false),
+        a.ca.or(f.ca),
+        a.cert.or(f.cert),
+        a.key.or(f.key),
+    )?;
     let parents = if a.parent.is_empty() {
         f.parent.map(OneOrMany::into_vec).unwrap_or_default()
     } else {
@@ -460,6 +454,24 @@ pub fn run(a: NodeArgs) -> anyhow::Result<()> {
         eprintln!("shutting down");
         agent.shutdown().await;
         Ok(())
+    })
+}
+
+/// The transport security from the certificate flags: loopback without certificates, or
+/// mTLS with all three of `--ca`, `--cert` and `--key`.
+pub(crate) fn security(
+    insecure_loopback: bool,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> anyhow::Result<Security> {
+    if insecure_loopback {
+        return Ok(Security::InsecureLoopback);
+    }
+    Ok(Security::Mtls {
+        ca: ca.context("--ca is required (or --insecure-loopback)")?,
+        cert: cert.context("--cert is required")?,
+        key: key.context("--key is required")?,
     })
 }
 
