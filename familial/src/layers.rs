@@ -42,6 +42,44 @@ impl Seg {
 pub struct Linear {
     pub w: Tensor,
     pub b: Option<Tensor>,
+    /// Rows of `w` replaced by (trainable) values, see [`RowSlice`].
+    pub rows: Option<RowSlice>,
+}
+
+/// Rows `rows` (u32, `[k]`) of a matrix replaced by `values` (`[k, in]`): the trainable
+/// output channels of a frozen matrix in sparse fine-tuning. A [`Linear`] with a row slice
+/// computes `x Wᵀ` with the merged matrix inside one op whose backward pass produces the
+/// input's gradient and the `k` rows' gradient only: neither the merged matrix nor its
+/// whole gradient becomes part of the graph.
+#[derive(Debug, Clone)]
+pub struct RowSlice {
+    pub rows: Tensor,
+    pub values: Tensor,
+}
+
+/// `w` with rows `rows` replaced by `values` (exact copies; no graph).
+pub fn replace_rows(w: &Tensor, rows: &Tensor, values: &Tensor) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let idx: Vec<u32> = rows.to_vec1()?;
+    let (k, vin) = values.dims2()?;
+    if k != idx.len() || vin != inp {
+        return Err(Error::Invalid(format!(
+            "row slice: {} rows with values of shape [{k}, {vin}] for a [{out}, {inp}] matrix",
+            idx.len()
+        )));
+    }
+    let mut data: Vec<f32> = w.detach().flatten_all()?.to_vec1()?;
+    let vals: Vec<f32> = values.detach().flatten_all()?.to_vec1()?;
+    for (j, &r) in idx.iter().enumerate() {
+        let r = r as usize;
+        if r >= out {
+            return Err(Error::Invalid(format!(
+                "row slice: row {r} of a matrix with {out} rows"
+            )));
+        }
+        data[r * inp..(r + 1) * inp].copy_from_slice(&vals[j * inp..(j + 1) * inp]);
+    }
+    Ok(Tensor::from_vec(data, (out, inp), &Device::Cpu)?)
 }
 
 impl Linear {
@@ -58,24 +96,88 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { w, b })
+        let rows = src.row_slice(&format!("{name}.weight"));
+        if let Some(rs) = &rows {
+            // Validates shapes and indices once, at load.
+            replace_rows(&w, &rs.rows, &rs.values)?;
+        }
+        Ok(Self { w, b, rows })
+    }
+
+    /// The whole weight, rows of a slice merged in (differentiable w.r.t. the slice).
+    fn weight(&self) -> Result<Tensor> {
+        let Some(rs) = &self.rows else {
+            return Ok(self.w.clone());
+        };
+        if !rs.values.track_op() {
+            return replace_rows(&self.w, &rs.rows, &rs.values);
+        }
+        let out = self.out_dim();
+        let mut keep = vec![1f32; out];
+        for r in rs.rows.to_vec1::<u32>()? {
+            if let Some(k) = keep.get_mut(r as usize) {
+                *k = 0.0;
+            }
+        }
+        let keep = Tensor::from_vec(keep, (out, 1), &Device::Cpu)?;
+        Ok(self
+            .w
+            .detach()
+            .broadcast_mul(&keep)?
+            .index_add(&rs.rows, &rs.values, 0)?)
     }
 
     /// Concatenate several linears along the output dimension (fused q/k/v, gate/up).
     pub(crate) fn fuse(parts: &[Linear]) -> Result<Self> {
-        let ws: Vec<&Tensor> = parts.iter().map(|l| &l.w).collect();
-        let w = Tensor::cat(&ws, 0)?;
         let b = if parts.iter().all(|l| l.b.is_some()) {
             let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.b.as_ref()).collect();
             Some(Tensor::cat(&bs, 0)?)
         } else {
             None
         };
-        Ok(Self { w, b })
+        let sliced = parts.iter().any(|l| l.rows.is_some());
+        if sliced && parts.iter().all(|l| !l.w.track_op()) {
+            // Frozen matrices with trainable rows: the fused matrix stays frozen and the
+            // slices are fused too (row indices offset by the parts above).
+            let ws: Vec<&Tensor> = parts.iter().map(|l| &l.w).collect();
+            let w = Tensor::cat(&ws, 0)?;
+            let mut idx: Vec<u32> = Vec::new();
+            let mut vals: Vec<&Tensor> = Vec::new();
+            let mut off = 0u32;
+            for l in parts {
+                if let Some(rs) = &l.rows {
+                    idx.extend(rs.rows.to_vec1::<u32>()?.into_iter().map(|r| r + off));
+                    vals.push(&rs.values);
+                }
+                off += l.out_dim() as u32;
+            }
+            let n = idx.len();
+            let rows = Some(RowSlice {
+                rows: Tensor::from_vec(idx, n, &Device::Cpu)?,
+                values: Tensor::cat(&vals, 0)?,
+            });
+            return Ok(Self { w, b, rows });
+        }
+        // Otherwise (a whole part is trainable too) merge the slices into their matrices.
+        let ws: Vec<Tensor> = parts.iter().map(Linear::weight).collect::<Result<_>>()?;
+        let w = Tensor::cat(&ws, 0)?;
+        Ok(Self { w, b, rows: None })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if x.track_op() && !self.w.track_op() && x.rank() == 2 {
+        let y = if let Some(rs) = &self.rows {
+            if x.rank() == 2 && (x.track_op() || rs.values.track_op()) {
+                x.contiguous()?.apply_op2(
+                    &rs.values.contiguous()?,
+                    SlicedMatmul {
+                        w: self.w.detach(),
+                        rows: rs.rows.clone(),
+                    },
+                )?
+            } else {
+                x.matmul(&self.weight()?.t()?)?
+            }
+        } else if x.track_op() && !self.w.track_op() && x.rank() == 2 {
             // A frozen weight inside a differentiable graph (sparse fine-tuning): candle's
             // matmul backward would also compute (and keep) the weight's gradient.
             x.contiguous()?
@@ -91,6 +193,13 @@ impl Linear {
 
     pub fn out_dim(&self) -> usize {
         self.w.dims()[0]
+    }
+
+    /// Whether a gradient can flow into this layer's weight or bias.
+    pub fn tracks(&self) -> bool {
+        self.w.track_op()
+            || self.b.as_ref().is_some_and(Tensor::track_op)
+            || self.rows.as_ref().is_some_and(|r| r.values.track_op())
     }
 }
 
@@ -130,6 +239,74 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.w)?))
+    }
+}
+
+/// `x Wᵀ` where `W` is the frozen `w` with rows `rows` replaced by the second operand
+/// (`[k, in]`). The merged matrix exists only inside the forward and backward calls; the
+/// backward pass computes the input's gradient `g W` (if the input is tracked) and the
+/// slice's gradient `g[:, rows]ᵀ x` (`[k, in]`), never the whole matrix's.
+struct SlicedMatmul {
+    w: Tensor,
+    rows: Tensor,
+}
+
+fn cpu_tensor(
+    storage: &candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<Tensor> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("sliced-matmul: operand not contiguous".into()))?;
+    let data = storage.as_slice::<f32>()?;
+    Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)
+}
+
+impl SlicedMatmul {
+    fn merged(&self, values: &Tensor) -> candle_core::Result<Tensor> {
+        replace_rows(&self.w, &self.rows, values)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+}
+
+impl candle_core::CustomOp2 for SlicedMatmul {
+    fn name(&self) -> &'static str {
+        "sliced-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = cpu_tensor(s1, l1)?;
+        let values = cpu_tensor(s2, l2)?;
+        let y = x.matmul(&self.merged(&values)?.t()?)?;
+        let shape = y.shape().clone();
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(v), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        values: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gx = if x.track_op() {
+            Some(grad.matmul(&self.merged(values)?)?)
+        } else {
+            None
+        };
+        let gv = if values.track_op() {
+            Some(grad.index_select(&self.rows, 1)?.t()?.matmul(&x.detach())?)
+        } else {
+            None
+        };
+        Ok((gx, gv))
     }
 }
 
@@ -692,6 +869,15 @@ impl Block {
         allowed_experts: Option<&[bool]>,
         what: &dyn Fn() -> String,
     ) -> Result<Tensor> {
+        // Nothing in this layer can receive a gradient (the frozen prefix of sparse
+        // fine-tuning, below the first trainable slice): no backward pass will run through
+        // it, so it runs the inference kernels (fused norm/softmax/rope, preallocated KV),
+        // which are faster than the differentiable compositions and build no graph either.
+        let mode = if mode == Mode::Train && !x.track_op() && !self.tracks() {
+            Mode::Infer
+        } else {
+            mode
+        };
         let h = rms_norm(x, &self.in_norm, self.eps, mode)?;
         let x = (x + self.attn.forward(&h, segs, kvs, rope, mode, what)?)?;
         let h = rms_norm(&x, &self.post_norm, self.eps, mode)?;
@@ -700,6 +886,20 @@ impl Block {
             FfnBlock::Moe(m) => m.forward(&h, mode, allowed_experts)?,
         };
         Ok((x + f)?)
+    }
+
+    /// Whether any weight of the layer can receive a gradient. MoE layers always answer
+    /// yes: in [`Mode::Train`] they record router auxiliary losses, which the inference
+    /// path does not.
+    pub fn tracks(&self) -> bool {
+        self.in_norm.track_op()
+            || self.post_norm.track_op()
+            || self.attn.qkv.tracks()
+            || self.attn.o.tracks()
+            || match &self.ffn {
+                FfnBlock::Dense(m) => m.gate_up.tracks() || m.down.tracks(),
+                FfnBlock::Moe(_) => true,
+            }
     }
 
     /// `x + attn(norm(x))` in inference mode: the residual stream before the FFN.
@@ -748,6 +948,7 @@ mod tests {
         let frozen = Linear {
             w: w.clone(),
             b: Some(b.clone()),
+            rows: None,
         };
         let y = frozen.forward(x.as_tensor())?;
         let g = y.sqr()?.sum_all()?.backward()?;
@@ -768,6 +969,72 @@ mod tests {
         // Inference (nothing tracked) stays a plain matmul.
         let yi = frozen.forward(&x.as_tensor().detach())?;
         assert!(!yi.track_op());
+        Ok(())
+    }
+
+    /// A row-sliced frozen matrix: same output and gradients (input and slice) as the
+    /// differentiable merge, alone and fused with an unsliced frozen part; the frozen
+    /// matrix gets no gradient.
+    #[test]
+    fn sliced_linear_matches_the_merged_matmul() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (6, 4), &dev)?;
+        let w2 = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+        let rows = Tensor::new(&[1u32, 4], &dev)?;
+        let vals = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4), &dev)?)?;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 4), &dev)?)?;
+        let sliced = Linear {
+            w: w.clone(),
+            b: None,
+            rows: Some(RowSlice {
+                rows: rows.clone(),
+                values: vals.as_tensor().clone(),
+            }),
+        };
+        let plain = Linear {
+            w: w2.clone(),
+            b: None,
+            rows: None,
+        };
+        let fused = Linear::fuse(&[plain.clone(), sliced.clone()])?;
+        assert!(fused.rows.is_some() && fused.tracks());
+        // Reference: keep-mask + index_add, differentiable in candle's own ops.
+        let keep = Tensor::new(&[[1f32], [0.], [1.], [1.], [0.], [1.]], &dev)?;
+        let merged = w
+            .broadcast_mul(&keep)?
+            .index_add(&rows, vals.as_tensor(), 0)?;
+        for (lin, wref) in [
+            (&sliced, merged.clone()),
+            (&fused, Tensor::cat(&[&w2, &merged], 0)?),
+        ] {
+            let y = lin.forward(x.as_tensor())?;
+            let yr = x.as_tensor().matmul(&wref.t()?)?;
+            let d = (&y - &yr)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-5, "outputs differ by {d}");
+            let g = (y.sqr()?.sum_all()? * 0.5)?.backward()?;
+            let gr = (yr.sqr()?.sum_all()? * 0.5)?.backward()?;
+            for t in [x.as_tensor(), vals.as_tensor()] {
+                let a = g.get(t).expect("gradient");
+                let b = gr.get(t).expect("reference gradient");
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-4, "gradients differ by {d}");
+            }
+            assert!(g.get(&w).is_none(), "the frozen matrix got a gradient");
+        }
+        // The merged value is exact, and an untracked call is a plain matmul.
+        let m = replace_rows(&w, &rows, vals.as_tensor())?;
+        assert_eq!(
+            m.to_vec2::<f32>()?,
+            merged.detach().to_vec2::<f32>()?,
+            "replace_rows is not exact"
+        );
+        let yi = sliced.forward(&x.as_tensor().detach())?;
+        assert!(
+            yi.track_op(),
+            "the slice is a variable: the output must track it"
+        );
+        let bad = replace_rows(&w, &Tensor::new(&[9u32, 0], &dev)?, vals.as_tensor());
+        assert!(bad.is_err());
         Ok(())
     }
 }

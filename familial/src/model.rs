@@ -187,7 +187,11 @@ impl FamilialModel {
                         .ok_or_else(|| Error::Invalid("tied head needs the embedding".into()))?,
                     other => src.get(&head_name(other), &[cfg.vocab_size, h])?,
                 };
-                e.insert(Linear { w, b: None });
+                e.insert(Linear {
+                    w,
+                    b: None,
+                    rows: None,
+                });
             }
         }
         let embed = if part.embed { embed } else { None };

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::layers::RowSlice;
 
 /// Anything that hands out named tensors of a known shape.
 pub trait TensorSource {
@@ -19,6 +20,13 @@ pub trait TensorSource {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
     /// Whether the source holds `name`.
     fn contains(&self, name: &str) -> bool;
+    /// Trainable rows of the matrix `name` (sparse fine-tuning): a linear layer loaded from
+    /// this source uses these rows in place of the ones `get` returns, through a sliced
+    /// matmul whose backward pass computes the gradient of these rows only. `None` (the
+    /// default): the matrix is exactly what `get` returns.
+    fn row_slice(&self, _name: &str) -> Option<RowSlice> {
+        None
+    }
 }
 
 /// A memory-mapped HF checkpoint directory.
@@ -208,12 +216,23 @@ impl TensorSource for Checkpoint {
 #[derive(Debug, Default, Clone)]
 pub struct MemorySource {
     pub tensors: HashMap<String, Tensor>,
+    /// Row slices by matrix name (see [`TensorSource::row_slice`]).
+    pub row_slices: HashMap<String, RowSlice>,
 }
 
 impl MemorySource {
     /// Wrap a map of tensors.
     pub fn new(tensors: HashMap<String, Tensor>) -> Self {
-        Self { tensors }
+        Self {
+            tensors,
+            row_slices: HashMap::new(),
+        }
+    }
+
+    /// Replace rows of matrix `name` with `slice` (see [`TensorSource::row_slice`]).
+    pub fn with_row_slice(mut self, name: impl Into<String>, slice: RowSlice) -> Self {
+        self.row_slices.insert(name.into(), slice);
+        self
     }
 }
 
@@ -235,6 +254,10 @@ impl TensorSource for MemorySource {
         } else {
             t.to_dtype(DType::F32)?
         })
+    }
+
+    fn row_slice(&self, name: &str) -> Option<RowSlice> {
+        self.row_slices.get(name).cloned()
     }
 
     fn contains(&self, name: &str) -> bool {

@@ -2,7 +2,8 @@
 //!
 //! [`estimate`] predicts a scheme's training memory from the plan alone: the member's
 //! weights (f32), gradient + two AdamW moments per trainable element, the materialised
-//! merged matrix and its gradient for row-sliced and LoRA tensors, and the activations kept
+//! merged matrix and its gradient for LoRA tensors (a transient merge for row slices), and
+//! the activations kept
 //! for backward from the first block that holds a trainable slice up to the exit (blocks
 //! below it build no graph). [`choose`] then runs, as tiny-training's contribution analysis
 //! does, a short probe of every scheme that fits the budget on the training stream and
@@ -68,8 +69,10 @@ pub fn estimate(
         optimizer += 4 * match s.kind {
             SliceKind::Full => 3 * n,
             SliceKind::Rows(r) => {
+                // slice + gradient + 2 moments; the merged matrix exists only inside the
+                // sliced matmul (one at a time)
                 let rows = ((shape[0] as f64 * r).ceil() as usize).max(1);
-                3 * rows * shape[1] + 2 * n
+                4 * rows * shape[1] + n
             }
             SliceKind::Lora(rank) => 3 * rank * (shape[0] + shape[1]) + 2 * n,
         };

@@ -2,13 +2,15 @@
 //!
 //! [`SparseTrainer`] holds the member's frozen tensors as plain tensors and every trainable
 //! slice as a [`Trainable`]: a whole tensor ([`SliceKind::Full`]), a row slice of a matrix
-//! whose other rows stay frozen (`W = rest.index_add(rows, slice)`, [`SliceKind::Rows`]), or
-//! a LoRA pair (`W = base + s·B·A`, [`SliceKind::Lora`], merged in the graph). Every step
+//! whose other rows stay frozen ([`SliceKind::Rows`]: handed to the model as a
+//! [`RowSlice`] over the base matrix, so flow-familial's sliced matmul merges the rows
+//! inside the op and computes only the slice's gradient, never the whole matrix's), or a
+//! LoRA pair (`W = base + s·B·A`, [`SliceKind::Lora`], merged in the graph). Every step
 //! rebuilds a [`FamilialModel`] in [`Mode::Train`] over them, so an op gets a backward node
-//! only if a `Var` is upstream of it: layers below the first trainable slice build no graph
-//! and keep no activations (the backward graph is pruned by construction), and frozen
-//! projections above it go through flow-familial's frozen matmul, which computes only the
-//! input gradient.
+//! only if a `Var` is upstream of it: layers below the first trainable slice build no graph,
+//! keep no activations (the backward graph is pruned by construction) and run the
+//! inference kernels, and frozen projections above it go through flow-familial's frozen
+//! matmul, which computes only the input gradient.
 //!
 //! ## Per-parameter updates (PockEngine's reordering) and what candle permits
 //! candle 0.11's `Tensor::backward` walks the whole graph in one call and returns a
@@ -24,6 +26,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
+use flow_familial::layers::{replace_rows, RowSlice};
 use flow_familial::tasks::Sequence;
 use flow_familial::train::{exit_nll_sums_at, greedy_batch};
 use flow_familial::weights::MemorySource;
@@ -131,7 +134,8 @@ enum Slice {
     Full(Var),
     Rows {
         rows: Tensor,
-        rest: Tensor,
+        /// The whole base matrix (shares the base's storage; its selected rows are stale).
+        base: Tensor,
         var: Var,
     },
     Lora {
@@ -151,20 +155,36 @@ impl Trainable {
         }
     }
 
-    /// The tensor the model uses (differentiable w.r.t. the variables).
+    /// The tensor the model uses (differentiable w.r.t. the variables). A row slice is
+    /// the frozen base matrix here; its trainable rows reach the model as a
+    /// [`RowSlice`] (see [`Trainable::row_slice`]).
     fn effective(&self) -> Result<Tensor> {
         Ok(match &self.kind {
             Slice::Full(v) => v.as_tensor().clone(),
-            Slice::Rows { rows, rest, var } => rest.index_add(rows, var.as_tensor(), 0)?,
+            Slice::Rows { base, .. } => base.clone(),
             Slice::Lora { base, a, b, scale } => {
                 (base + (b.as_tensor().matmul(a.as_tensor())? * *scale)?)?
             }
         })
     }
 
+    /// The trainable rows of a row-sliced matrix, for the model's sliced matmul.
+    fn row_slice(&self) -> Option<RowSlice> {
+        match &self.kind {
+            Slice::Rows { rows, var, .. } => Some(RowSlice {
+                rows: rows.clone(),
+                values: var.as_tensor().clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// The current value of the whole tensor (detached).
     pub fn value(&self) -> Result<Tensor> {
-        Ok(self.effective()?.detach())
+        Ok(match &self.kind {
+            Slice::Rows { rows, base, var } => replace_rows(base, rows, var.as_tensor())?,
+            _ => self.effective()?.detach(),
+        })
     }
 
     /// Trainable parameters (elements of its variables).
@@ -251,15 +271,10 @@ impl SparseTrainer {
                     let (out, _) = w.dims2()?;
                     let k = ((out as f64 * ratio).ceil() as usize).clamp(1, out);
                     let idx = top_rows(&w, k)?;
-                    let mut keep = vec![1f32; out];
-                    for &i in &idx {
-                        keep[i as usize] = 0.0;
-                    }
                     let rows = Tensor::from_vec(idx.clone(), idx.len(), &Device::Cpu)?;
-                    let keep = Tensor::from_vec(keep, (out, 1), &Device::Cpu)?;
                     Slice::Rows {
-                        rest: w.broadcast_mul(&keep)?,
                         var: Var::from_tensor(&w.index_select(&rows, 0)?)?,
+                        base: w,
                         rows,
                     }
                 }
@@ -350,18 +365,26 @@ impl SparseTrainer {
 
     fn model(&self, mode: Mode) -> Result<FamilialModel> {
         let mut t = self.frozen.clone();
+        let mut slices = Vec::new();
         for p in &self.params {
             let e = if mode == Mode::Train {
+                if let Some(rs) = p.row_slice() {
+                    slices.push((p.name.clone(), rs));
+                }
                 p.effective()?
             } else {
                 p.value()?
             };
             t.insert(p.name.clone(), e);
         }
+        let mut src = MemorySource::new(t);
+        for (n, rs) in slices {
+            src = src.with_row_slice(n, rs);
+        }
         Ok(FamilialModel::from_source(
             self.cfg.clone(),
             self.part.clone(),
-            &MemorySource::new(t),
+            &src,
             mode,
         )?)
     }

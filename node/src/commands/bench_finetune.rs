@@ -20,7 +20,8 @@ const LONG_ABOUT: &str = "\
 Sparse fine-tuning schemes against full fine-tuning of the device member, on a domain shift.
 
 The family in --model was trained on one distribution (models/small: the `mix` task);
-every scheme fine-tunes the device member (the shallowest exit) on a shifted one
+every scheme fine-tunes the device member (the shallowest exit, or the member of --exit)
+on a shifted one
 (--task, default add-long: only 3-4 digit sums, where the device exit is weak), from the
 same base, with the same data, steps and schedule (warm-up, then cosine decay); sparse
 schemes use --lr, full fine-tuning --full-lr (a smaller step: the whole member moves,
@@ -78,6 +79,13 @@ pub struct BenchFinetuneArgs {
     /// Data seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Exit point of the member to fine-tune (default: the shallowest). The member is the
+    /// embedding, trunk layers [0, EXIT) and the exit's own block, norm and head, so a
+    /// deeper exit is a deeper member: `--exit 3` on models/small is 4 blocks deep,
+    /// where a scheme confined to the last block leaves 3 of 4 blocks frozen (no graph,
+    /// no activations kept, inference kernels) while full fine-tuning trains them all.
+    #[arg(long)]
+    pub exit: Option<usize>,
     /// Print the report as JSON too.
     #[arg(long)]
     pub json: bool,
@@ -117,6 +125,7 @@ pub fn run(a: BenchFinetuneArgs) -> anyhow::Result<()> {
         warmup: a.warmup,
         min_lr_ratio: a.min_lr_ratio,
         seed: a.seed,
+        exits: a.exit.into_iter().collect(),
         ..Default::default()
     };
     let point = opts.points(&base.cfg)?[0];
@@ -171,7 +180,7 @@ pub fn run(a: BenchFinetuneArgs) -> anyhow::Result<()> {
     }
     let full = out.last().context("no schemes")?;
     println!(
-        "bench finetune: {} -> {} (device exit {point}), {} steps x {} seqs, warm-up {} + cosine to {}x, {} held-out; load {} -> {}",
+        "bench finetune: {} -> {} (member of exit {point}), {} steps x {} seqs, warm-up {} + cosine to {}x, {} held-out; load {} -> {}",
         a.model.display(),
         data.name(),
         a.steps,

@@ -50,11 +50,10 @@ WHAT CANDLE DOES NOT PERMIT (PockEngine's update-as-soon-as-the-gradient-exists)
   are dropped right after backward, then each gradient is taken out of the store, used
   for its parameter's AdamW update (per-parameter norm clip, no global clip) and freed
   before the next. Peak = max(forward+backward, weights + optimizer state + remaining
-  gradients), not their sum. Row-sliced (channels, ffn-out < 1) matrices are also
-  merged (frozen rows + trainable rows) into a whole matrix every step, and the model's
-  matmul computes that whole matrix's gradient before the rows are picked out: candle
-  has no sliced-weight matmul, so the saving of a row slice is in optimizer state, not
-  in the weight gradient.
+  gradients), not their sum. Row-sliced matrices (channels, ffn-out < 1) go through a
+  sliced matmul: the trainable rows are merged into the frozen matrix inside the op,
+  and its backward pass computes the input's gradient and the trained rows' gradient
+  only, never the whole matrix's.
 
 DATA
   --task add|lookup|reverse|mix   the built-in tasks (see `flow-node model train --help`)
