@@ -5,9 +5,14 @@
 //! operand has 3 or 4 digits (levels 3–4 of `add`), the part of the `mix` distribution the
 //! committed `models/small` device exit (exit 1) gets mostly wrong (40% / 28% exact). It is
 //! what a node whose local traffic is all long sums would fine-tune its device member on.
+//!
+//! `add-5` shifts further, out of the training distribution altogether: one operand has 5
+//! digits (training never went past 4), the other 1-5. It is the shift for deeper members
+//! (exit 3 of `models/small` already gets `add-long` right), where the question is whether
+//! the member can be taught a longer carry chain than it has seen.
 
 use flow_familial::tasks::{
-    eval_seed, example_at, train_seed, Example, Sequence, Task, TextCorpus,
+    encode_prompt, eval_seed, example_at, train_seed, Example, Sequence, Task, TextCorpus,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -21,6 +26,8 @@ pub enum FtData {
     Task(Task),
     /// `add` at levels 3–4 only (the benchmark's shifted domain).
     AddLong,
+    /// Sums with a 5-digit operand (beyond the `mix` training distribution).
+    Add5,
     /// Next-byte language modelling on a text file.
     Text(TextCorpus),
 }
@@ -31,10 +38,13 @@ impl FtData {
         if name == "add-long" {
             return Ok(FtData::AddLong);
         }
+        if name == "add-5" {
+            return Ok(FtData::Add5);
+        }
         name.parse::<Task>().map(FtData::Task).map_err(|_| {
             Error::invalid(
                 "task",
-                format!("`{name}` (use add, lookup, reverse, mix or add-long)"),
+                format!("`{name}` (use add, lookup, reverse, mix, add-long or add-5)"),
             )
         })
     }
@@ -44,6 +54,7 @@ impl FtData {
         match self {
             FtData::Task(t) => t.name().to_string(),
             FtData::AddLong => "add-long".into(),
+            FtData::Add5 => "add-5".into(),
             FtData::Text(_) => "text".into(),
         }
     }
@@ -56,6 +67,10 @@ impl FtData {
                 .map(Sequence::from)
                 .collect(),
             FtData::AddLong => add_long(n, train_seed(seed ^ 0xadd1, step))
+                .iter()
+                .map(Sequence::from)
+                .collect(),
+            FtData::Add5 => add_5(n, train_seed(seed ^ 0xadd5, step))
                 .iter()
                 .map(Sequence::from)
                 .collect(),
@@ -76,6 +91,7 @@ impl FtData {
             }
             FtData::Task(t) => flow_familial::tasks::eval_set(*t, n, split),
             FtData::AddLong => add_long(n, eval_seed(Task::Add, 1000 + split)),
+            FtData::Add5 => add_5(n, eval_seed(Task::Add, 5000 + split)),
             FtData::Text(_) => Vec::new(),
         }
     }
@@ -104,9 +120,49 @@ pub fn add_long(n: usize, seed: u64) -> Vec<Example> {
         .collect()
 }
 
+/// `n` sums with one 5-digit operand and one of 1-5 digits (either order), from `seed`.
+pub fn add_5(n: usize, seed: u64) -> Vec<Example> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let a: u64 = rng.gen_range(10_000..100_000);
+            let digits: u32 = rng.gen_range(1..=5);
+            let b: u64 = if digits == 1 {
+                rng.gen_range(0..10)
+            } else {
+                rng.gen_range(10u64.pow(digits - 1)..10u64.pow(digits))
+            };
+            let (a, b) = if rng.gen_bool(0.5) { (a, b) } else { (b, a) };
+            Example {
+                task: Task::Add,
+                level: 5,
+                prompt: encode_prompt(&format!("{a}+{b}=")),
+                answer: (a + b).to_string().bytes().map(u32::from).collect(),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn add_5_has_a_five_digit_operand_and_correct_answers() {
+        let d = FtData::task("add-5").unwrap();
+        for e in d.eval_examples(50, 0) {
+            let text: String = e.prompt[1..].iter().map(|&c| c as u8 as char).collect();
+            let (a, b) = text.trim_end_matches('=').split_once('+').unwrap();
+            assert!(a.len() == 5 || b.len() == 5, "{text}");
+            let sum: u64 = a.parse::<u64>().unwrap() + b.parse::<u64>().unwrap();
+            let ans: String = e.answer.iter().map(|&c| c as u8 as char).collect();
+            assert_eq!(ans, sum.to_string());
+        }
+        assert_ne!(
+            d.train_batch(4, 0, 0)[0].tokens,
+            d.train_batch(4, 0, 1)[0].tokens
+        );
+    }
 
     #[test]
     fn add_long_is_long_and_train_differs_from_eval() {

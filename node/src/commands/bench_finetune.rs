@@ -22,7 +22,8 @@ Sparse fine-tuning schemes against full fine-tuning of the device member, on a d
 The family in --model was trained on one distribution (models/small: the `mix` task);
 every scheme fine-tunes the device member (the shallowest exit, or the member of --exit)
 on a shifted one
-(--task, default add-long: only 3-4 digit sums, where the device exit is weak), from the
+(--task, default add-long: only 3-4 digit sums, where the device exit is weak; add-5,
+sums with a 5-digit operand, for deeper members: exit 3 already solves add-long), from the
 same base, with the same data, steps and schedule (warm-up, then cosine decay); sparse
 schemes use --lr, full fine-tuning --full-lr (a smaller step: the whole member moves,
 and at the sparse rate it forgets faster than it learns). Per scheme it reports:
@@ -222,6 +223,15 @@ pub fn run(a: BenchFinetuneArgs) -> anyhow::Result<()> {
                 .iter()
                 .max_by(|x, y| x.acc_after.total_cmp(&y.acc_after))
         });
+    if full.acc_after <= full.acc_before {
+        println!(
+            "full fine-tuning did not improve exit {point} ({:.1}% -> {:.1}%): this task is no \
+             domain shift this member can learn in {} steps, and matching full FT here means nothing",
+            full.acc_before * 100.0,
+            full.acc_after * 100.0,
+            a.steps
+        );
+    }
     if let Some(b) = best {
         let gap = (full.acc_after - b.acc_after) * 100.0;
         let mem = full.peak_mb / b.peak_mb.max(1e-9);
@@ -231,7 +241,7 @@ pub fn run(a: BenchFinetuneArgs) -> anyhow::Result<()> {
             b.scheme,
             gap.abs(),
             if gap >= 0.0 { "below" } else { "above" },
-            if gap <= 1.0 && mem >= 3.0 && speed >= 2.0 {
+            if gap <= 1.0 && mem >= 3.0 && speed >= 2.0 && full.acc_after > full.acc_before {
                 "met"
             } else {
                 "NOT met"

@@ -59,6 +59,8 @@ DATA
   --task add|lookup|reverse|mix   the built-in tasks (see `flow-node model train --help`)
   --task add-long                 sums with 3-4 digit operands: the shifted domain of
                                   `flow-node bench finetune`
+  --task add-5                    sums with a 5-digit operand (training stopped at 4):
+                                  the shift for deeper members (`bench finetune --exit 3`)
   --data FILE                     next-byte language modelling on a UTF-8 file
 
 OUTPUT
@@ -78,7 +80,7 @@ pub struct FinetuneArgs {
     /// Base checkpoint directory (HF layout).
     #[arg(long)]
     pub model: PathBuf,
-    /// Built-in task: add, lookup, reverse, mix or add-long.
+    /// Built-in task: add, lookup, reverse, mix, add-long or add-5.
     #[arg(long, default_value = "add-long", conflicts_with = "data")]
     pub task: String,
     /// UTF-8 text file to fine-tune on (next-byte prediction) instead of --task.
