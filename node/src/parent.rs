@@ -10,7 +10,8 @@
 //!   propagation, framing, the parent's turnaround — cancel in the difference).
 //!
 //! The big probe is sized to ~25 ms of transfer at the current estimate (8 KiB to
-//! 64 KiB), so probing costs a few percent of the link at most.
+//! 64 KiB), so probing costs a few percent of a fast link (~6 % of a 1 Mbit/s one at one
+//! round per second).
 //!
 //! Dead parents are noticed fast ([`LinkHealth`]): parent connections use a short QUIC
 //! keep-alive and idle timeout, a probe that gets no reply within its deadline counts as
@@ -165,12 +166,12 @@ fn ewma(old: Option<f64>, x: f64) -> f64 {
 
 /// Bytes of the small probe.
 const SMALL_PROBE: u32 = 64;
-/// Bounds of the big probe (bytes). The floor is several times a typical shaper or
-/// policer burst allowance (a few KB): a probe that fits in the burst crosses at line rate
-/// and reads as a much faster link. With a 2 KiB floor a 1 Mbit/s link with a 3000-byte
-/// bucket read 1.2 to 2.8 Mbit/s from one run to the next (the estimate sized the next
-/// probe, so it wandered); 8 KiB is also about one prompt's hidden rows, the transfer the
-/// goodput term prices. It costs ~65 ms of a 1 Mbit/s link per probe round.
+/// Bounds of the big probe (bytes). A probe that fits in a shaper's or policer's burst
+/// allowance crosses at line rate and reads as a much faster link: with a 2 KiB floor a
+/// 1 Mbit/s link with the testbed shaper's 3000-byte bucket read 1.2 to 2.8 Mbit/s from one
+/// run to the next (the estimate sizes the next probe, so it wandered). The floor is ~3×
+/// that bucket; a link with a bigger burst is still over-estimated until the time-based
+/// size outgrows it. It costs ~65 ms of a 1 Mbit/s link per probe round.
 const BIG_PROBE_MIN: f64 = 8192.0;
 const BIG_PROBE_MAX: f64 = 65536.0;
 /// Seconds of transfer the big probe aims at.
