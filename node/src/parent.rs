@@ -4,12 +4,14 @@
 //!
 //! The estimate is fed by a probe task on the connection's control stream: every
 //! `probe_interval` it sends a small [`Probe`] and then a larger one and records
-//! - the QUIC path RTT of the connection ([`ConnStats::rtt`]) as the RTT sample, and
+//! - the small probe's round trip as the RTT sample (the fixed cost of one small exchange;
+//!   QUIC's smoothed path RTT also averages packets queued behind transfers), and
 //! - `(big − small) bytes · 8 / (t_big − t_small)` as the goodput sample (the fixed costs —
 //!   propagation, framing, the parent's turnaround — cancel in the difference).
 //!
-//! The big probe is sized to ~25 ms of transfer at the current estimate (2 KiB to
-//! 64 KiB), so probing costs a few percent of the link at most.
+//! The big probe is sized to ~25 ms of transfer at the current estimate (8 KiB to
+//! 64 KiB), so probing costs a few percent of a fast link (~6 % of a 1 Mbit/s one at one
+//! round per second).
 //!
 //! Dead parents are noticed fast ([`LinkHealth`]): parent connections use a short QUIC
 //! keep-alive and idle timeout, a probe that gets no reply within its deadline counts as
@@ -164,8 +166,13 @@ fn ewma(old: Option<f64>, x: f64) -> f64 {
 
 /// Bytes of the small probe.
 const SMALL_PROBE: u32 = 64;
-/// Bounds of the big probe (bytes).
-const BIG_PROBE_MIN: f64 = 2048.0;
+/// Bounds of the big probe (bytes). A probe that fits in a shaper's or policer's burst
+/// allowance crosses at line rate and reads as a much faster link: with a 2 KiB floor a
+/// 1 Mbit/s link with the testbed shaper's 3000-byte bucket read 1.2 to 2.8 Mbit/s from one
+/// run to the next (the estimate sizes the next probe, so it wandered). The floor is ~3×
+/// that bucket; a link with a bigger burst is still over-estimated until the time-based
+/// size outgrows it. It costs ~65 ms of a 1 Mbit/s link per probe round.
+const BIG_PROBE_MIN: f64 = 8192.0;
 const BIG_PROBE_MAX: f64 = 65536.0;
 /// Seconds of transfer the big probe aims at.
 const BIG_PROBE_SECS: f64 = 0.025;
@@ -595,7 +602,8 @@ async fn probe_once(control: &mut SessionStream, seq: u64, bytes: u32) -> Result
 /// round succeeds again.
 async fn probe_loop(
     link: Weak<ParentLink>,
-    conn: Arc<PeerConnection>,
+    // Held so the connection outlives its probe loop; the samples come from the exchanges.
+    _conn: Arc<PeerConnection>,
     mut control: SessionStream,
     every: Duration,
     health: LinkHealth,
@@ -648,9 +656,15 @@ async fn probe_loop(
                     tracing::warn!(parent = %l.addr, missed, wait_ms = wait.as_millis() as u64, "parent missed probes; link marked down");
                 }
             }
-            (Ok(Ok(_)), _) => {
+            (Ok(Ok(small)), _) => {
                 let now = l.now_ms();
-                let rtt = conn.stats().rtt.as_secs_f64() * 1e3;
+                // The RTT sample is the small probe's own exchange: what a one-row step
+                // pays besides its bytes' serialisation (propagation both ways, framing, the
+                // parent's turnaround). QUIC's smoothed path RTT also averages packets that
+                // queued behind the big probe or a prompt on a slow link: on a 1 Mbit/s
+                // link it read 39 ms against 20 ms of propagation, and the planner charged
+                // that queueing to every token on top of the goodput term.
+                let rtt = small.as_secs_f64() * 1e3;
                 let sample = LinkSample {
                     at_ms: now,
                     rtt_ms: Some(rtt),
@@ -755,7 +769,7 @@ mod tests {
 
     #[test]
     fn big_probe_is_bounded_and_follows_the_estimate() {
-        assert_eq!(big_probe_bytes(1e3), 2048);
+        assert_eq!(big_probe_bytes(1e3), 8192);
         assert_eq!(big_probe_bytes(1e12), 65536);
         // 10 Mbit/s for 25 ms = 31 250 bytes.
         assert_eq!(big_probe_bytes(10e6), 31_250);

@@ -46,8 +46,18 @@
 //!             + Σ_links  ρ_j · (RTT_j + (row_j + ret) · 8 / goodput_j)   up one way, answer back
 //!             + [CriticalPath backfill only]
 //!               Σ_{tiers i>0} (1 − r_i) · B_i + Σ_links (1 − ρ_j) · row_j · 8 / goodput_j
-//!             + (Σ_{reached tiers} F_i + Σ_{used links} (P · row_j · 8 / goodput_j + RTT_j / 2)) / G
+//!             + (F_0 + Σ_{tiers i>0} π(r_i) · F_i + Σ_links π(ρ_j) · P · row_j · 8 / goodput_j) / G
 //! ```
+//!
+//! The prompt's prefill on an upper tier, and its rows on the link below, are on the
+//! critical path only in requests that reach that tier: `π(r) = 1 − (1 − r)^G` with
+//! `CriticalPath` backfill (the prompt rides on the request's first escalation;
+//! independent tokens), `π(r) = r` with `Background` streaming (only a first token that
+//! escalates itself waits for it). The prompt's rows travel in the first escalation's
+//! message, whose round trip is already one of the per-token `ρ_j · RTT_j`: the prefill
+//! adds their serialisation, not another round trip. `G` is the expected number of tokens
+//! a request generates (requests that stop at end-of-sequence generate fewer than their
+//! cap): it amortises the prompt.
 //!
 //! with, for tier `i` hosting layers `a..b` and head `h` (its deciding exit, or the
 //! answering exit on the top tier), `load_i` its load factor:

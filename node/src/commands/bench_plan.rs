@@ -11,12 +11,12 @@ use flow_familial::ModelConfig;
 use flow_node::parent::{LinkHealth, ProbeConfig};
 use flow_node::planning::{PlanningConfig, ALWAYS_ESCALATE};
 use flow_node::{Agent, AgentConfig, GenerateRequest};
-use flow_partition::planner::{ModelShape, PlanMode, TierRole, TierSpec, Workload};
+use flow_partition::planner::{BackfillMode, ModelShape, PlanMode, TierRole, TierSpec, Workload};
 use flow_partition::{
     best_static_split, plan_with_mode, LinkEstimate, LinkEstimatorConfig, PlanInput, PlannerConfig,
     ProfileKey, ReplanConfig,
 };
-use flow_protocol::{ConfidenceMeasure, InferMode, Policy, Role, Sampling};
+use flow_protocol::{ConfidenceMeasure, InferMode, Policy, Role, Sampling, TokenOut};
 use flow_testbed::shaper::{LinkParams, ShaperConfig, ShaperHandle};
 use serde::Serialize;
 
@@ -60,6 +60,15 @@ pub struct BenchPlanArgs {
     /// Write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Requests per task served with the adaptive policy before the predictions are made,
+    /// on other held-out prompts (split 4; the measured ones are split 1): the planner's
+    /// workload takes its generated tokens per request from this served traffic (requests
+    /// stop at eos, so `--max-tokens` is only the cap). 0: plan for `--max-tokens`.
+    #[arg(long, default_value_t = 8)]
+    pub warmup: usize,
+    /// Print the adaptive plan's explanation (per-tier and per-link terms) per scenario.
+    #[arg(long)]
+    pub explain: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,7 +80,89 @@ struct Row {
     predicted_ms_per_token: Option<f64>,
     agreement_with_cloud_only: f64,
     tokens: usize,
+    /// What the run did, next to the planner's terms (see [`Served`]).
+    served: Served,
+    /// The plan's predicted reach per tier (fraction of tokens computed there), entry first.
+    predicted_reach: Vec<f64>,
 }
+
+/// What the requests of one configuration actually did: the quantities the planner's cost
+/// model multiplies (reach per tier, requests that used the uplink at all, tokens per
+/// request that amortise the prompt), measured, to compare term by term.
+#[derive(Debug, Clone, Default, Serialize)]
+struct Served {
+    requests: usize,
+    mean_prompt_tokens: f64,
+    mean_tokens_per_request: f64,
+    /// Fraction of tokens answered by each role (device, edge, cloud).
+    answered_share: Vec<(String, f64)>,
+    /// Fraction of requests that escalated at least once.
+    requests_escalating: f64,
+    /// Fraction of requests whose first token was not the entry tier's.
+    first_token_escalated: f64,
+    /// Fraction of the later tokens (after each request's first) not the entry tier's.
+    later_tokens_escalated: f64,
+    /// Mean time to the first token (prefill + first step).
+    mean_ttft_ms: f64,
+    /// Mean time per token after the first: `Σ (total − ttft) / Σ (tokens − 1)`.
+    decode_ms_per_token: f64,
+}
+
+impl Served {
+    fn add(&mut self, toks: &[TokenOut], st: &flow_node::GenStats, acc: &mut ServedAcc) {
+        self.requests += 1;
+        let escalated = |t: &TokenOut| t.tier != Role::Device;
+        acc.first_escalated += toks.first().map_or(0, |t| usize::from(escalated(t)));
+        acc.later_escalated += toks.iter().skip(1).filter(|t| escalated(t)).count();
+        acc.prompt += st.prompt_tokens;
+        acc.tokens += st.completion_tokens;
+        for (k, v) in &st.tokens_per_exit {
+            let tier = k.split(':').next().unwrap_or("?").to_string();
+            *acc.by_tier.entry(tier).or_default() += v;
+        }
+        acc.escalating += usize::from(st.hops > 0);
+        acc.ttft += st.ttft_ms;
+        if st.completion_tokens > 1 {
+            acc.after_first_ms += st.total_ms - st.ttft_ms;
+            acc.after_first_tokens += st.completion_tokens - 1;
+        }
+    }
+
+    fn finish(&mut self, acc: &ServedAcc) {
+        let n = self.requests.max(1) as f64;
+        self.mean_prompt_tokens = acc.prompt as f64 / n;
+        self.mean_tokens_per_request = acc.tokens as f64 / n;
+        self.answered_share = ["device", "edge", "cloud"]
+            .iter()
+            .map(|r| {
+                let v = acc.by_tier.get(*r).copied().unwrap_or(0);
+                (r.to_string(), v as f64 / acc.tokens.max(1) as f64)
+            })
+            .collect();
+        self.requests_escalating = acc.escalating as f64 / n;
+        self.first_token_escalated = acc.first_escalated as f64 / n;
+        self.later_tokens_escalated =
+            acc.later_escalated as f64 / acc.tokens.saturating_sub(self.requests).max(1) as f64;
+        self.mean_ttft_ms = acc.ttft / n;
+        self.decode_ms_per_token = acc.after_first_ms / acc.after_first_tokens.max(1) as f64;
+    }
+}
+
+#[derive(Default)]
+struct ServedAcc {
+    prompt: usize,
+    tokens: usize,
+    by_tier: std::collections::BTreeMap<String, usize>,
+    escalating: usize,
+    first_escalated: usize,
+    later_escalated: usize,
+    ttft: f64,
+    after_first_ms: f64,
+    after_first_tokens: usize,
+}
+
+/// One measured configuration: name, policy, plan summary, prediction, predicted reach.
+type Config = (&'static str, Policy, String, Option<f64>, Vec<f64>);
 
 struct Scenario {
     name: &'static str,
@@ -177,6 +268,11 @@ async fn run_async(a: BenchPlanArgs) -> anyhow::Result<()> {
     })?;
     eprintln!("profile: {profile_src}\naccuracy: {acc_src}");
     let examples: Vec<_> = calibrate::validation_set(Task::Mix, a.examples, 1);
+    let warmup: Vec<_> = if a.warmup > 0 {
+        calibrate::validation_set(Task::Mix, a.warmup, 4)
+    } else {
+        Vec::new()
+    };
     let prompt_mean =
         examples.iter().map(|e| e.prompt.len()).sum::<usize>() as f64 / examples.len() as f64;
     let tier = |role| TierSpec {
@@ -213,6 +309,9 @@ async fn run_async(a: BenchPlanArgs) -> anyhow::Result<()> {
                     concurrent_sessions: 1,
                 },
                 allowed_cuts: vec![vec![depths[0]], vec![depths[1]]],
+                // What the agent does: a tier's answered rows travel to its parent as a
+                // backfill with the next escalation and are computed before it.
+                backfill: BackfillMode::CriticalPath,
                 ..PlannerConfig::default()
             },
         };
@@ -272,10 +371,46 @@ async fn run_async(a: BenchPlanArgs) -> anyhow::Result<()> {
             est.confidence,
             device.replans()
         );
+        // Served traffic before the measured run (other prompts): what a serving system
+        // knows about its requests when it plans. Requests stop at eos, so tokens per
+        // request — which amortise the prompt's prefill — come from here, not the cap.
+        let adaptive_policy = device.applied_plan().context("applied plan")?.policy;
+        let mut warm = Served::default();
+        let mut warm_acc = ServedAcc::default();
+        for ex in &warmup {
+            let (toks, st) = device
+                .generate_collect(GenerateRequest {
+                    prompt: ex.prompt.clone(),
+                    max_new_tokens: a.max_tokens,
+                    sampling: Sampling::default(),
+                    policy: Some(adaptive_policy.clone()),
+                    stop_tokens: vec![],
+                })
+                .await?;
+            warm.add(&toks, &st, &mut warm_acc);
+        }
+        warm.finish(&warm_acc);
+        let mut workload = input.config.workload;
+        if warm.requests > 0 && warm.mean_tokens_per_request > 0.0 {
+            workload.gen_tokens = (warm.mean_tokens_per_request.round() as u32).max(1);
+            eprintln!(
+                "{}: served {} warm-up requests: {:.2} tokens/request, answered {} -> planning for {} generated tokens",
+                sc.name,
+                warm.requests,
+                warm.mean_tokens_per_request,
+                warm.answered_share
+                    .iter()
+                    .map(|(r, v)| format!("{r} {:.1}%", 100.0 * v))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                workload.gen_tokens
+            );
+        }
         // Predictions under the device's live (smoothed, not prior-blended) estimate of its
         // uplink; the edge-cloud link keeps the scenario's values (the device does not
         // observe it).
         let mut live = input.clone();
+        live.config.workload = workload;
         live.links[0] = device
             .parents()
             .map(|p| LinkEstimate {
@@ -289,35 +424,44 @@ async fn run_async(a: BenchPlanArgs) -> anyhow::Result<()> {
         let adaptive_plan = flow_partition::reevaluate(&live, &adaptive_plan)
             .map(|(p, _)| p)
             .unwrap_or(adaptive_plan);
-        let adaptive_policy = device.applied_plan().context("applied plan")?.policy;
-        let configs: Vec<(&str, Policy, String, Option<f64>)> = vec![
+        let reach = |p: &flow_partition::Plan| p.tiers.iter().map(|t| t.reach).collect();
+        let configs: Vec<Config> = vec![
             (
                 "cloud-only",
                 always(InferMode::Escalate),
                 cloud_plan.summary(),
                 Some(cloud_plan.predicted_latency_ms),
+                reach(&cloud_plan),
             ),
             (
                 "device-only",
                 always(InferMode::Local),
                 format!("device 0..{dev_exit} answers at exit {dev_exit}"),
                 None,
+                vec![1.0, 0.0, 0.0],
             ),
             (
                 "static",
                 always(InferMode::Escalate),
                 static_plan.summary(),
                 Some(static_plan.predicted_latency_ms),
+                reach(&static_plan),
             ),
             (
                 "adaptive",
                 adaptive_policy,
                 adaptive_plan.summary(),
                 Some(adaptive_plan.predicted_latency_ms),
+                reach(&adaptive_plan),
             ),
         ];
+        if a.explain {
+            eprintln!("{}", adaptive_plan.explain());
+        }
         let mut reference: Vec<Vec<u32>> = Vec::new();
-        for (name, policy, summary, predicted) in configs {
+        for (name, policy, summary, predicted, predicted_reach) in configs {
+            let mut served = Served::default();
+            let mut acc = ServedAcc::default();
             let mut ms = 0.0;
             let mut tokens = 0usize;
             let mut agree = 0usize;
@@ -334,6 +478,7 @@ async fn run_async(a: BenchPlanArgs) -> anyhow::Result<()> {
                 let ids: Vec<u32> = toks.iter().map(|t| t.id).collect();
                 ms += st.total_ms;
                 tokens += ids.len();
+                served.add(&toks, &st, &mut acc);
                 if name == "cloud-only" {
                     reference.push(ids);
                 } else if policy == always(InferMode::Escalate) {
@@ -374,8 +519,34 @@ async fn run_async(a: BenchPlanArgs) -> anyhow::Result<()> {
                     agree as f64 / compared.max(1) as f64
                 },
                 tokens,
+                served: {
+                    served.finish(&acc);
+                    served
+                },
+                predicted_reach,
             };
-            eprintln!("  {name}: {:.2} ms/token", row.measured_ms_per_token);
+            let sv = &row.served;
+            eprintln!(
+                "  {name}: {:.2} ms/token; {} requests, prompt {:.1}, {:.2} tokens/request, answered {}, requests escalating {:.0}% (first token {:.0}%, later tokens {:.1}%), ttft {:.2} ms, later tokens {:.2} ms; predicted reach {:?}",
+                row.measured_ms_per_token,
+                sv.requests,
+                sv.mean_prompt_tokens,
+                sv.mean_tokens_per_request,
+                sv.answered_share
+                    .iter()
+                    .map(|(r, v)| format!("{r} {:.1}%", 100.0 * v))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                100.0 * sv.requests_escalating,
+                100.0 * sv.first_token_escalated,
+                100.0 * sv.later_tokens_escalated,
+                sv.mean_ttft_ms,
+                sv.decode_ms_per_token,
+                row.predicted_reach
+                    .iter()
+                    .map(|r| (r * 1000.0).round() / 1000.0)
+                    .collect::<Vec<_>>()
+            );
             rows.push(row);
         }
         device.abort().await;

@@ -135,7 +135,9 @@ pub struct PlanArgs {
     /// Prompt tokens of the planned-for request.
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: u32,
-    /// Generated tokens of the planned-for request (>= 1).
+    /// Generated tokens of the planned-for request (>= 1): the expected count, not the cap
+    /// (requests that stop at end-of-sequence generate fewer). The prompt's prefill is
+    /// amortised over it.
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: u32,
     /// Calibration file (default: MODEL/aiflow_calibration.json).
@@ -323,6 +325,9 @@ pub(crate) fn planner_input(a: &PlanArgs) -> anyhow::Result<(PlanInput, String, 
                 gen_tokens: a.gen_tokens,
                 concurrent_sessions: 1,
             },
+            // What the agent does: rows a tier answered travel to its parent as a backfill
+            // with the next escalation and are computed before it.
+            backfill: flow_partition::planner::BackfillMode::CriticalPath,
             ..PlannerConfig::default()
         },
     };

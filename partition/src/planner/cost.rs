@@ -124,6 +124,22 @@ impl<'a> Prepared<'a> {
         ((a + 1)..=b).rev().find_map(|d| self.exit_at[d])
     }
 
+    /// Fraction of requests whose prompt prefill on a tier (or upload over a link) reached
+    /// by a fraction `reach` of the tokens lies on the critical path. An upper tier
+    /// prefills when the first token of a request reaches it: with `CriticalPath` backfill
+    /// that is the request's first escalation, which happens in `1 − (1 − reach)^G` of the
+    /// requests when tokens escalate independently (the prompt then travels as that
+    /// escalation's backfill); with `Background` streaming the prompt's rows are sent and
+    /// computed as they are produced, so only a first token that escalates itself
+    /// (`reach`) waits for them.
+    pub(crate) fn prefill_share(&self, reach: f64) -> f64 {
+        let reach = reach.clamp(0.0, 1.0);
+        match self.input.config.backfill {
+            BackfillMode::Background { .. } => reach,
+            BackfillMode::CriticalPath => 1.0 - (1.0 - reach).powf(self.gen),
+        }
+    }
+
     fn ser_ms(&self, link: usize, bytes: f64) -> f64 {
         self.input.links[link].serialisation_ms(bytes)
     }
@@ -200,11 +216,20 @@ impl<'a> Prepared<'a> {
                 if critical {
                     expected += (1.0 - rho) * row_ms[j];
                 }
+                let mut sent_prefill = 0.0;
                 if cfg.include_prefill {
-                    prefill = (self.ser_ms(j, self.prompt * row) + est.rtt_ms / 2.0) / self.gen;
+                    // The prompt's rows travel with the first escalation past this link, whose
+                    // round trip is already one of the per-token RTTs above: only their
+                    // serialisation is extra, and only in requests that cross the link.
+                    let upload = self.ser_ms(j, self.prompt * row) / self.gen;
+                    prefill = self.prefill_share(rho) * upload;
+                    sent_prefill = match cfg.backfill {
+                        BackfillMode::Background { .. } => upload,
+                        BackfillMode::CriticalPath => prefill,
+                    };
                 }
                 if inp.tiers[j].role == TierRole::Device {
-                    radio_ms_dev += row_ms[j] + rho * self.ser_ms(j, ret) + prefill;
+                    radio_ms_dev += row_ms[j] + rho * self.ser_ms(j, ret) + sent_prefill;
                 }
             }
             link_ms += expected;
@@ -283,7 +308,9 @@ impl<'a> Prepared<'a> {
                         expected += (1.0 - ri) * bf_row;
                     }
                     if cfg.include_prefill {
-                        prefill = t.load_factor
+                        let share = if i == 0 { 1.0 } else { self.prefill_share(ri) };
+                        prefill = share
+                            * t.load_factor
                             * (ov.prefill.eval(self.prompt) + self.pre[i][hi] - self.pre[i][lo]
                                 + head_cost.map_or(0.0, |h| h.prefill.eval(self.prompt)))
                             / self.gen;

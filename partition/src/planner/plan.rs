@@ -365,7 +365,8 @@ impl Plan {
         let _ = writeln!(
             s,
             "  cost model: E[ms/token] = sum over tiers P(reach)*compute + sum over links \
-             P(cross)*(RTT + (row + return bytes)/goodput) [+ backfill] + prefill/gen_tokens"
+             P(cross)*(RTT + (row + return bytes)/goodput) [+ backfill] \
+             + P(request reaches it)*prefill/gen_tokens"
         );
         if self.alternatives.is_empty() {
             let _ = writeln!(s, "  no alternative considered");

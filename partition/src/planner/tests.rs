@@ -542,3 +542,76 @@ fn allowed_cuts_pin_the_split_and_keep_the_decisions_free() {
     bad.config.allowed_cuts = vec![vec![], vec![], vec![]];
     assert!(plan(&bad).unwrap_err().to_string().contains("allowed_cuts"));
 }
+
+/// The prompt's rows ride on the first escalation past a link, whose round trip is one of
+/// the per-token RTTs: the prefill adds their serialisation only, no extra half RTT. On a
+/// cloud-only plan (every token crosses) that is the whole prompt's token ids once per
+/// request, amortised over the generated tokens.
+#[test]
+fn prompt_upload_adds_serialisation_not_another_round_trip() {
+    let inp = input(10e6, 4.0);
+    let p = cloud_only(&inp).unwrap();
+    let w = inp.config.workload;
+    let (prompt, gen) = (f64::from(w.prompt_tokens), f64::from(w.gen_tokens));
+    for (j, l) in p.links.iter().enumerate() {
+        assert_eq!(l.reach, 1.0);
+        let ids = prompt * inp.model.token_id_bytes as f64;
+        let want = inp.links[j].serialisation_ms(ids) / gen;
+        assert!(
+            (l.prefill_ms - want).abs() < 1e-9,
+            "link {j}: {} vs {want}\n{}",
+            l.prefill_ms,
+            p.explain()
+        );
+        // One round trip and one row each way per token, nothing else.
+        let per_token = inp.links[j].rtt_ms
+            + inp.links[j].serialisation_ms(
+                inp.model.token_id_bytes as f64 + inp.config.return_bytes_per_token as f64,
+            );
+        assert!((l.expected_ms - per_token).abs() < 1e-9);
+    }
+}
+
+/// An upper tier prefills the prompt (and the link carries its rows) only in requests that
+/// reach it. With `CriticalPath` backfill that is the first escalation of the request,
+/// `1 − (1 − reach)^G` of the requests for independent tokens; with `Background`
+/// streaming only a first token that escalates itself waits, `reach` of them.
+#[test]
+fn prefill_is_charged_to_the_requests_that_reach_the_tier() {
+    let mut bg = input(10e6, 4.0);
+    bg.config.allowed_cuts = vec![vec![4], vec![8]];
+    bg.config.workload.gen_tokens = 6;
+    let p = plan(&bg).unwrap();
+    let rho = p.links[0].reach;
+    assert!(rho > 0.0 && rho < 1.0, "{}", p.explain());
+    let gen = 6.0;
+    let row = inp_row_bytes(&bg);
+    let upload =
+        bg.links[0].serialisation_ms(f64::from(bg.config.workload.prompt_tokens) * row) / gen;
+    assert!((p.links[0].prefill_ms - rho * upload).abs() < 1e-9);
+
+    let mut cp = bg.clone();
+    cp.config.backfill = BackfillMode::CriticalPath;
+    let (q, _) = reevaluate(&cp, &p).unwrap();
+    let share = 1.0 - (1.0 - rho).powf(gen);
+    assert!((q.links[0].prefill_ms - share * upload).abs() < 1e-9);
+    // The edge's prefill scales the same way; the device always prefills its own prompt.
+    let edge_bg = p.tiers[1].prefill_ms;
+    assert!(edge_bg > 0.0);
+    assert!((q.tiers[1].prefill_ms / edge_bg - share / rho).abs() < 1e-9);
+    assert!((q.tiers[0].prefill_ms - p.tiers[0].prefill_ms).abs() < 1e-12);
+    // More tokens per request: more requests reach the edge, but each pays it over more
+    // tokens.
+    let mut long = cp.clone();
+    long.config.workload.gen_tokens = 60;
+    let (l, _) = reevaluate(&long, &p).unwrap();
+    let share_long = 1.0 - (1.0 - rho).powf(60.0);
+    assert!(share_long > share);
+    let upload_long =
+        long.links[0].serialisation_ms(f64::from(long.config.workload.prompt_tokens) * row) / 60.0;
+    assert!((l.links[0].prefill_ms - share_long * upload_long).abs() < 1e-9);
+}
+
+fn inp_row_bytes(inp: &PlanInput) -> f64 {
+    crate::profile::activation_bytes(inp.model.hidden_size, WireEncoding::F32, 1, None)
+}
