@@ -8,12 +8,12 @@ use anyhow::Context;
 use flow_traffic::controller::Mode;
 use flow_traffic::dataset::{self, DatasetSpec, Sample};
 use flow_traffic::scene::{Camera, Condition};
-use flow_traffic::sumo::{self, RunOptions, Scenario};
+use flow_traffic::sumo::{self, RunOptions, Scenario, TruthInputs};
 use flow_traffic::vision::{self, ModelDetector, TrainConfig, VisionConfig, VisionFamily};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use super::traffic::{print_reports, sim_progress};
+use super::traffic::{print_passage_summary, print_passages, print_reports, sim_progress};
 
 #[derive(clap::Args, Debug)]
 #[command(before_long_help = "\
@@ -195,6 +195,10 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_truth(s: &str) -> Result<TruthInputs, String> {
+    TruthInputs::parse(s).map_err(|e| e.to_string())
+}
+
 #[derive(clap::Args, Debug)]
 #[command(before_long_help = "\
 Benchmark the traffic app end to end (cameras reach the edge over QUIC unless --in-process).
@@ -208,7 +212,8 @@ Benchmark the traffic app end to end (cameras reach the edge over QUIC unless --
    emergency vehicles in the loop, share of frames escalated.
 
 Example:
-  flow-node bench traffic --model models/traffic --end 1800")]
+  flow-node bench traffic --model models/traffic --end 1800
+  flow-node bench traffic --model models/traffic --conditions fog --truth congestion --ev-trace")]
 pub struct BenchTrafficArgs {
     /// Trained vision family (from `flow-node traffic train`).
     #[arg(long, default_value = "models/traffic")]
@@ -231,6 +236,16 @@ pub struct BenchTrafficArgs {
     pub sumo: String,
     #[command(flatten)]
     pub link: super::traffic::LinkArgs,
+    /// Feed the controllers the scenes' exact labels instead of the detector's estimate:
+    /// none, emergency (the emergency flag), congestion (the congestion index) or both. An
+    /// upper bound that tells which estimate's errors cost time; the detector still runs
+    /// and its recall and errors are still reported.
+    #[arg(long, default_value = "none", value_parser = parse_truth)]
+    pub truth: TruthInputs,
+    /// Also print every emergency vehicle's passage per run (view, detection, green,
+    /// crossing), not only the per-run means.
+    #[arg(long)]
+    pub ev_trace: bool,
     /// Also print everything as JSON.
     #[arg(long)]
     pub json: bool,
@@ -264,6 +279,7 @@ pub fn bench(a: BenchTrafficArgs) -> anyhow::Result<()> {
             let mut opts = RunOptions::new(mode, dir.path().to_path_buf());
             opts.end_s = Some(a.end);
             opts.condition = Some(cond.clone());
+            opts.truth = a.truth;
             opts.sumo = a.sumo.clone();
             let pb = sim_progress(&format!("{cond} {}", mode.name()), a.end);
             let r = sumo::run(&scenario, &opts, det.as_mut(), &mut |now, _| {
@@ -280,6 +296,13 @@ pub fn bench(a: BenchTrafficArgs) -> anyhow::Result<()> {
         a.threshold
     );
     print_reports(&reports);
+    println!("\n== where the emergency vehicles' time goes (means over the vehicles; view = the camera's visible length)");
+    print_passage_summary(&reports);
+    if a.ev_trace {
+        for r in &reports {
+            print_passages(r);
+        }
+    }
     println!(
         "\n{:<10} {:>22} {:>22} {:>20} {:>18}",
         "condition",
