@@ -798,5 +798,76 @@ mod tests {
             "{r:?}"
         );
         assert!(r.detection.recall() > 0.8, "{r:?}");
+        // Every emergency vehicle's passage is recorded, its times in order.
+        assert_eq!(r.emergency_passages.len(), emergency_seen(&r));
+        for p in &r.emergency_passages {
+            let order = [
+                Some(p.on_approach_s),
+                p.in_view_s,
+                p.detected_s,
+                p.crossed_s,
+            ];
+            let known: Vec<f64> = order.iter().flatten().copied().collect();
+            assert!(known.windows(2).all(|w| w[0] <= w[1]), "{p:?}");
+            if let Some(m) = p.detected_along_m {
+                assert!(
+                    (0.0..opts.camera.visible_length_m as f64).contains(&m),
+                    "{p:?}"
+                );
+            }
+        }
+        // Ground-truth inputs: the EV flag the controller gets is exact, so no missed frames.
+        opts.truth = TruthInputs::parse("emergency").unwrap();
+        let t = run(&s, &opts, &mut det, &mut |_, _| {}).unwrap();
+        assert!(t.detector.ends_with("+truth:emergency"), "{}", t.detector);
+        assert!(
+            t.emergency_passages
+                .iter()
+                .all(|p| p.missed_frames_in_view == 0),
+            "{:?}",
+            t.emergency_passages
+        );
+    }
+
+    fn emergency_seen(r: &RunReport) -> usize {
+        r.emergency_passages
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    #[test]
+    fn passage_records_view_detection_green_and_stops() {
+        let cam = Camera::default();
+        let mut p = EvPassage::new("ev", Approach::North, 10.0);
+        let at = |along: f64, speed: f64| Seen {
+            kind: VehicleKind::Emergency,
+            approach: Approach::North,
+            along,
+            lane: 0.0,
+            speed,
+        };
+        // Stopped in a queue beyond the view for 2 s, then in view, missed once, detected,
+        // held at red 1 s, then green.
+        p.observe(10.0, 1.0, &at(80.0, 0.0), &cam, false, Light::Red);
+        p.observe(11.0, 1.0, &at(80.0, 0.0), &cam, false, Light::Red);
+        p.observe(12.0, 1.0, &at(45.0, 10.0), &cam, false, Light::Red);
+        p.observe(13.0, 1.0, &at(35.0, 8.0), &cam, true, Light::Red);
+        p.observe(14.0, 1.0, &at(30.0, 0.0), &cam, true, Light::Yellow);
+        p.observe(15.0, 1.0, &at(30.0, 0.0), &cam, true, Light::Green);
+        p.observe(16.0, 1.0, &at(20.0, 5.0), &cam, false, Light::Red);
+        assert_eq!(p.in_view_s, Some(12.0));
+        assert_eq!(p.detected_s, Some(13.0));
+        assert_eq!(p.detected_along_m, Some(35.0));
+        assert_eq!(p.green_s, Some(15.0));
+        assert_eq!(p.stopped_before_view_s, 2.0);
+        assert_eq!(p.stopped_in_view_s, 2.0);
+        assert_eq!(p.missed_frames_in_view, 2);
+        let ps = [p];
+        assert_eq!(mean_gap(&ps, |p| p.in_view_s, |p| p.green_s), Some(3.0));
+        assert_eq!(mean_gap(&ps, |p| p.in_view_s, |p| p.crossed_s), None);
+        assert!(TruthInputs::parse("all").is_err());
+        assert_eq!(TruthInputs::parse("both").unwrap().name(), "both");
     }
 }
