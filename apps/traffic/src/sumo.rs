@@ -155,6 +155,9 @@ pub struct RunOptions {
     /// for the emergency flag and/or the congestion index: an upper bound, to tell which
     /// estimate's errors cost the controller time (the detector still runs and is scored).
     pub truth: TruthInputs,
+    /// Keep every n-th step's scenes (all approaches) in [`RunReport::scenes`] (0 = none):
+    /// the loop's own traffic, to train the vision model on.
+    pub capture_scenes_every: u64,
 }
 
 /// Which controller inputs come from the scene's ground truth ([`RunOptions::truth`]).
@@ -206,6 +209,7 @@ impl RunOptions {
             sumo: "sumo".into(),
             save_frames_every: 0,
             truth: TruthInputs::default(),
+            capture_scenes_every: 0,
         }
     }
 }
@@ -224,6 +228,40 @@ pub struct DetectionStats {
     pub congestion_err: f64,
     /// Bytes the cameras sent to the edge over the protocol (escalated frames).
     pub shipped_bytes: u64,
+    /// The congestion error per band of the true index ([`CI_BAND_EDGES`]): where the
+    /// estimate is off, not only by how much on average.
+    pub ci_bands: [CiBand; CI_BAND_EDGES.len()],
+}
+
+/// Lower edges of the true-congestion-index bands of [`DetectionStats::ci_bands`]; the last
+/// band is open above.
+pub const CI_BAND_EDGES: [f32; 5] = [0.0, 0.05, 0.15, 0.3, 0.5];
+
+/// Congestion error over the frames whose true index falls in one band.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct CiBand {
+    pub frames: u64,
+    /// Sum of (estimated − true).
+    pub err: f64,
+    /// Sum of |estimated − true|.
+    pub abs_err: f64,
+}
+
+impl CiBand {
+    pub fn bias(&self) -> f64 {
+        self.err / self.frames.max(1) as f64
+    }
+    pub fn mae(&self) -> f64 {
+        self.abs_err / self.frames.max(1) as f64
+    }
+}
+
+/// Index into [`CI_BAND_EDGES`] of a true congestion index.
+pub fn ci_band(truth: f32) -> usize {
+    CI_BAND_EDGES
+        .iter()
+        .rposition(|&lo| truth >= lo)
+        .unwrap_or(0)
 }
 
 impl DetectionStats {
@@ -269,6 +307,9 @@ pub struct RunReport {
     pub detection: DetectionStats,
     /// Every emergency vehicle's passage, in order of appearance (see [`EvPassage`]).
     pub emergency_passages: Vec<EvPassage>,
+    /// Scenes kept by [`RunOptions::capture_scenes_every`].
+    #[serde(skip)]
+    pub scenes: Vec<Scene>,
 }
 
 /// One emergency vehicle's way through the junction as the loop saw it, to tell where its
@@ -512,6 +553,7 @@ pub fn run(
     let dt = scenario.file.step_s;
     let mut step = 0u64;
     let frames_dir = opts.out_dir.join("frames");
+    let mut captured = Vec::new();
     loop {
         client.step()?;
         step += 1;
@@ -548,6 +590,10 @@ pub fn run(
             stats.shipped_bytes += det.shipped_bytes;
             stats.congestion_abs_err += (det.congestion - truth.congestion).abs() as f64;
             stats.congestion_err += (det.congestion - truth.congestion) as f64;
+            let band = &mut stats.ci_bands[ci_band(truth.congestion)];
+            band.frames += 1;
+            band.err += (det.congestion - truth.congestion) as f64;
+            band.abs_err += (det.congestion - truth.congestion).abs() as f64;
             if truth.emergency {
                 stats.ev_frames += 1;
                 stats.ev_detected += det.emergency as u64;
@@ -558,6 +604,9 @@ pub fn run(
                 std::fs::create_dir_all(&frames_dir).map_err(|e| Error::io(&frames_dir, e))?;
                 let p = frames_dir.join(format!("{step:05}_{}.ppm", a.name()));
                 std::fs::write(&p, frame.to_ppm()).map_err(|e| Error::io(&p, e))?;
+            }
+            if opts.capture_scenes_every > 0 && step % opts.capture_scenes_every == 0 {
+                captured.push(scene);
             }
             inputs.congestion[a.index()] = if opts.truth.congestion {
                 truth.congestion
@@ -623,7 +672,7 @@ pub fn run(
         )));
     }
     let trips = read_tripinfo(&tripinfo)?;
-    Ok(report(
+    let mut r = report(
         &trips,
         &emergency_ids,
         opts,
@@ -637,7 +686,9 @@ pub fn run(
         signal_changes,
         stats,
         passages,
-    ))
+    );
+    r.scenes = captured;
+    Ok(r)
 }
 
 fn colour_of(id: &str) -> u8 {
@@ -716,6 +767,7 @@ fn report(
         signal_changes,
         detection,
         emergency_passages,
+        scenes: Vec::new(),
     }
 }
 
@@ -773,6 +825,17 @@ mod tests {
     /// End to end against the real simulator (CI installs `sumo`; without it, this test
     /// fails under CI=true and is skipped with a message elsewhere).
     #[test]
+    fn ci_bands_by_true_index() {
+        assert_eq!(ci_band(0.0), 0);
+        assert_eq!(ci_band(0.049), 0);
+        assert_eq!(ci_band(0.05), 1);
+        assert_eq!(ci_band(0.2), 2);
+        assert_eq!(ci_band(0.3), 3);
+        assert_eq!(ci_band(0.95), 4);
+        assert_eq!(ci_band(-0.1), 0);
+    }
+
+    #[test]
     fn short_sumo_run_end_to_end() {
         if Command::new("sumo").arg("--version").output().is_err() {
             assert!(
@@ -786,10 +849,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut opts = RunOptions::new(Mode::Preempt, dir.path().to_path_buf());
         opts.end_s = Some(150.0);
+        opts.capture_scenes_every = 10;
         let mut det = ClassicalDetector::new(opts.camera);
         let mut ticks = 0;
         let r = run(&s, &opts, &mut det, &mut |_, _| ticks += 1).unwrap();
         assert_eq!(ticks, 150);
+        // Steps 10, 20, .. 150, four approaches each.
+        assert_eq!(r.scenes.len(), 15 * 4);
+        // The per-band congestion errors partition the frames and the error.
+        let bands = &r.detection.ci_bands;
+        assert_eq!(
+            bands.iter().map(|b| b.frames).sum::<u64>(),
+            r.detection.frames
+        );
+        let err: f64 = bands.iter().map(|b| b.err).sum();
+        assert!((err - r.detection.congestion_err).abs() < 1e-6);
+        assert!(bands[0].frames > 0, "an empty approach in 150 s: {bands:?}");
         assert!(r.vehicles > 50, "{r:?}");
         assert!(r.emergency_vehicles >= 1, "{r:?}");
         assert!(r.signal_changes >= 3, "{r:?}");

@@ -387,6 +387,34 @@ pub fn print_passage_summary(reports: &[RunReport]) {
     }
 }
 
+/// Congestion-index error per band of the true index, per run: bias (signed mean) / MAE
+/// and the share of frames in the band.
+pub fn print_ci_bands(reports: &[RunReport]) {
+    use flow_traffic::sumo::CI_BAND_EDGES;
+    print!("{:<9} {:<10}", "ctrl", "condition");
+    for (i, lo) in CI_BAND_EDGES.iter().enumerate() {
+        let band = match CI_BAND_EDGES.get(i + 1) {
+            Some(hi) => format!("CI {lo:.2}-{hi:.2}"),
+            None => format!("CI >= {lo:.2}"),
+        };
+        print!(" {band:>21}");
+    }
+    println!();
+    for r in reports {
+        print!("{:<9} {:<10}", r.controller, r.condition);
+        let n = r.detection.frames.max(1) as f64;
+        for b in &r.detection.ci_bands {
+            print!(
+                " {:>+7.3} {:>5.3} {:>5.1}%",
+                b.bias(),
+                b.mae(),
+                100.0 * b.frames as f64 / n
+            );
+        }
+        println!();
+    }
+}
+
 pub fn print_reports(reports: &[RunReport]) {
     println!(
         "{:<9} {:<10} {:<10} {:>8} {:>9} {:>9} {:>4} {:>9} {:>9} {:>8} {:>7} {:>7} {:>7}",
