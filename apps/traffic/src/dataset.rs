@@ -199,6 +199,56 @@ pub fn generate(spec: &DatasetSpec) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
+/// `samples` labelled frames drawn (without replacement, as far as there are scenes) from
+/// scenes captured in SUMO runs ([`crate::sumo::RunOptions::capture_scenes_every`]), each
+/// re-rendered under a condition preset drawn uniformly from `conditions` (intensities
+/// jittered ±30%, sensor noise reseeded): the deployment's own traffic (queues, platoons,
+/// empty cross streets) under every condition. The same inputs always give the same samples.
+pub fn from_scenes(
+    scenes: &[Scene],
+    samples: usize,
+    seed: u64,
+    conditions: &[String],
+) -> Result<Vec<Sample>> {
+    if conditions.is_empty() {
+        return Err(Error::Config("dataset: no conditions given".into()));
+    }
+    if scenes.is_empty() {
+        return Err(Error::Config(
+            "dataset: no captured scenes to draw from".into(),
+        ));
+    }
+    let presets = conditions
+        .iter()
+        .map(|n| Condition::preset(n).map(|c| (n.clone(), c)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut rng = Rng::new(seed);
+    let mut order: Vec<usize> = (0..scenes.len()).collect();
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples {
+        // Partial Fisher-Yates: a fresh permutation each time the scenes run out.
+        let k = i % scenes.len();
+        let j = k + rng.below(scenes.len() - k);
+        order.swap(k, j);
+        let base_scene = &scenes[order[k]];
+        base_scene.camera.validate()?;
+        let (name, base) = &presets[rng.below(presets.len())];
+        let scene = Scene {
+            condition: jitter(*base, &mut rng),
+            seed: seed.wrapping_mul(2_000_003).wrapping_add(i as u64),
+            ..base_scene.clone()
+        };
+        let frame = render(&scene);
+        let labels = labels(&scene, name);
+        out.push(Sample {
+            scene,
+            frame,
+            labels,
+        });
+    }
+    Ok(out)
+}
+
 /// Write samples as `NNNNNN.ppm` frames plus `labels.jsonl` (one JSON object per frame,
 /// with its file name) into `dir`.
 pub fn write(dir: &Path, samples: &[Sample]) -> Result<()> {
@@ -287,6 +337,39 @@ mod tests {
             }
         }
         assert!((50..=120).contains(&with_ev), "emergency frames {with_ev}");
+    }
+
+    #[test]
+    fn from_scenes_keeps_traffic_and_draws_conditions() {
+        let base = generate(&DatasetSpec {
+            samples: 10,
+            conditions: vec!["clear".into()],
+            ..DatasetSpec::default()
+        })
+        .unwrap();
+        let scenes: Vec<Scene> = base.iter().map(|s| s.scene.clone()).collect();
+        let conds = vec!["fog".to_string(), "night".to_string()];
+        let a = from_scenes(&scenes, 25, 3, &conds).unwrap();
+        assert_eq!(a.len(), 25);
+        // The first 10 draw every scene once; labels other than the condition are the
+        // scene's own.
+        let mut used = vec![0; scenes.len()];
+        for s in &a[..10] {
+            let i = scenes
+                .iter()
+                .position(|x| x.vehicles == s.scene.vehicles)
+                .unwrap();
+            used[i] += 1;
+            let l = labels(&scenes[i], &s.labels.condition);
+            assert_eq!(l, s.labels);
+        }
+        assert!(used.iter().all(|&u| u == 1), "{used:?}");
+        assert!(a.iter().all(|s| conds.contains(&s.labels.condition)));
+        assert!(a.iter().any(|s| s.labels.condition == "fog"));
+        assert!(a.iter().any(|s| s.labels.condition == "night"));
+        let b = from_scenes(&scenes, 25, 3, &conds).unwrap();
+        assert!(a.iter().zip(&b).all(|(x, y)| x.frame == y.frame));
+        assert!(from_scenes(&[], 5, 3, &conds).is_err());
     }
 
     #[test]

@@ -8,13 +8,13 @@
 //! in-process ([`crate::vision::ModelDetector`]) or split between the cameras and an edge
 //! reached over QUIC ([`crate::edge::RemoteDetector`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::congestion::{analyse, paint_mask};
-use crate::controller::{Approach, Controller, Inputs, Mode, Timing};
+use crate::controller::{Approach, Controller, Inputs, Light, Mode, Timing};
 use crate::dataset::labels;
 use crate::net::{attr, elements, Junction};
 use crate::render::{render, Frame};
@@ -151,6 +151,50 @@ pub struct RunOptions {
     pub sumo: String,
     /// Write every n-th step's frames as PPM under `out_dir/frames` (0 = none).
     pub save_frames_every: u64,
+    /// Feed the controller the scene's exact labels instead of the detector's estimate,
+    /// for the emergency flag and/or the congestion index: an upper bound, to tell which
+    /// estimate's errors cost the controller time (the detector still runs and is scored).
+    pub truth: TruthInputs,
+    /// Keep every n-th step's scenes (all approaches) in [`RunReport::scenes`] (0 = none):
+    /// the loop's own traffic, to train the vision model on.
+    pub capture_scenes_every: u64,
+}
+
+/// Which controller inputs come from the scene's ground truth ([`RunOptions::truth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TruthInputs {
+    pub emergency: bool,
+    pub congestion: bool,
+}
+
+impl TruthInputs {
+    /// `none`, `emergency`, `congestion` or `both`.
+    pub fn parse(s: &str) -> Result<TruthInputs> {
+        let (emergency, congestion) = match s {
+            "none" => (false, false),
+            "emergency" => (true, false),
+            "congestion" => (false, true),
+            "both" => (true, true),
+            o => {
+                return Err(Error::Config(format!(
+                    "unknown truth inputs {o:?}: use none, emergency, congestion or both"
+                )))
+            }
+        };
+        Ok(TruthInputs {
+            emergency,
+            congestion,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match (self.emergency, self.congestion) {
+            (false, false) => "none",
+            (true, false) => "emergency",
+            (false, true) => "congestion",
+            (true, true) => "both",
+        }
+    }
 }
 
 impl RunOptions {
@@ -164,6 +208,8 @@ impl RunOptions {
             out_dir,
             sumo: "sumo".into(),
             save_frames_every: 0,
+            truth: TruthInputs::default(),
+            capture_scenes_every: 0,
         }
     }
 }
@@ -178,8 +224,44 @@ pub struct DetectionStats {
     pub false_alarms: u64,
     /// Sum of |estimated − true congestion index|.
     pub congestion_abs_err: f64,
+    /// Sum of (estimated − true congestion index): the sign of the error.
+    pub congestion_err: f64,
     /// Bytes the cameras sent to the edge over the protocol (escalated frames).
     pub shipped_bytes: u64,
+    /// The congestion error per band of the true index ([`CI_BAND_EDGES`]): where the
+    /// estimate is off, not only by how much on average.
+    pub ci_bands: [CiBand; CI_BAND_EDGES.len()],
+}
+
+/// Lower edges of the true-congestion-index bands of [`DetectionStats::ci_bands`]; the last
+/// band is open above.
+pub const CI_BAND_EDGES: [f32; 5] = [0.0, 0.05, 0.15, 0.3, 0.5];
+
+/// Congestion error over the frames whose true index falls in one band.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct CiBand {
+    pub frames: u64,
+    /// Sum of (estimated − true).
+    pub err: f64,
+    /// Sum of |estimated − true|.
+    pub abs_err: f64,
+}
+
+impl CiBand {
+    pub fn bias(&self) -> f64 {
+        self.err / self.frames.max(1) as f64
+    }
+    pub fn mae(&self) -> f64 {
+        self.abs_err / self.frames.max(1) as f64
+    }
+}
+
+/// Index into [`CI_BAND_EDGES`] of a true congestion index.
+pub fn ci_band(truth: f32) -> usize {
+    CI_BAND_EDGES
+        .iter()
+        .rposition(|&lo| truth >= lo)
+        .unwrap_or(0)
 }
 
 impl DetectionStats {
@@ -191,6 +273,10 @@ impl DetectionStats {
     }
     pub fn congestion_mae(&self) -> f64 {
         self.congestion_abs_err / self.frames.max(1) as f64
+    }
+    /// Mean signed error of the congestion index (negative: under-estimated).
+    pub fn congestion_bias(&self) -> f64 {
+        self.congestion_err / self.frames.max(1) as f64
     }
     pub fn escalated_share(&self) -> f64 {
         self.escalated as f64 / self.frames.max(1) as f64
@@ -219,6 +305,105 @@ pub struct RunReport {
     pub emergency_mean_waiting_s: f64,
     pub signal_changes: u64,
     pub detection: DetectionStats,
+    /// Every emergency vehicle's passage, in order of appearance (see [`EvPassage`]).
+    pub emergency_passages: Vec<EvPassage>,
+    /// Scenes kept by [`RunOptions::capture_scenes_every`].
+    #[serde(skip)]
+    pub scenes: Vec<Scene>,
+}
+
+/// One emergency vehicle's way through the junction as the loop saw it, to tell where its
+/// time goes: before the camera can see it, between coming into view and the detector
+/// reporting it, between that and its approach turning green, and until it crosses.
+/// Times are simulated seconds (SUMO's clock at the step); `None` = did not happen before
+/// the run ended.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EvPassage {
+    pub id: String,
+    pub approach: String,
+    /// First step on its approach edge.
+    pub on_approach_s: f64,
+    /// First step with its front within the camera's visible length of the stop line.
+    pub in_view_s: Option<f64>,
+    /// First step at or after `in_view_s` whose frame of its approach was reported as
+    /// showing an emergency vehicle.
+    pub detected_s: Option<f64>,
+    /// Its distance to the stop line at that step, metres.
+    pub detected_along_m: Option<f64>,
+    /// First step at or after `in_view_s` after which the controller shows its approach
+    /// green (it may already have been green).
+    pub green_s: Option<f64>,
+    /// First step it was no longer on its approach (it crossed the stop line).
+    pub crossed_s: Option<f64>,
+    /// Seconds stopped (speed < 0.1 m/s, SUMO's waiting) before coming into view.
+    pub stopped_before_view_s: f64,
+    /// Seconds stopped while in view.
+    pub stopped_in_view_s: f64,
+    /// Steps in view whose frame was not reported as showing an emergency vehicle.
+    pub missed_frames_in_view: u32,
+}
+
+impl EvPassage {
+    fn new(id: &str, approach: Approach, now: f64) -> Self {
+        EvPassage {
+            id: id.to_string(),
+            approach: approach.name().into(),
+            on_approach_s: now,
+            in_view_s: None,
+            detected_s: None,
+            detected_along_m: None,
+            green_s: None,
+            crossed_s: None,
+            stopped_before_view_s: 0.0,
+            stopped_in_view_s: 0.0,
+            missed_frames_in_view: 0,
+        }
+    }
+
+    /// Update with one step: where it is, whether its approach's frame was reported as
+    /// showing an emergency vehicle, and the light the controller will show its approach.
+    fn observe(
+        &mut self,
+        now: f64,
+        dt: f64,
+        seen: &Seen,
+        cam: &Camera,
+        detected: bool,
+        light: Light,
+    ) {
+        let (along, speed) = (seen.along, seen.speed);
+        let in_view = along < cam.visible_length_m as f64;
+        if in_view && self.in_view_s.is_none() {
+            self.in_view_s = Some(now);
+        }
+        let stopped = speed < 0.1;
+        if self.in_view_s.is_none() {
+            self.stopped_before_view_s += dt * stopped as u8 as f64;
+            return;
+        }
+        self.stopped_in_view_s += dt * stopped as u8 as f64;
+        if detected && self.detected_s.is_none() {
+            self.detected_s = Some(now);
+            self.detected_along_m = Some(along);
+        }
+        self.missed_frames_in_view += !detected as u32;
+        if light == Light::Green && self.green_s.is_none() {
+            self.green_s = Some(now);
+        }
+    }
+}
+
+/// Mean over the passages that have both times, of `b − a`.
+pub fn mean_gap(
+    passages: &[EvPassage],
+    a: impl Fn(&EvPassage) -> Option<f64>,
+    b: impl Fn(&EvPassage) -> Option<f64>,
+) -> Option<f64> {
+    let gaps: Vec<f64> = passages
+        .iter()
+        .filter_map(|p| Some(b(p)? - a(p)?))
+        .collect();
+    (!gaps.is_empty()).then(|| gaps.iter().sum::<f64>() / gaps.len() as f64)
 }
 
 /// Kills SUMO if the loop ends early.
@@ -247,6 +432,7 @@ struct Seen {
     approach: Approach,
     along: f64,
     lane: f64,
+    speed: f64,
 }
 
 fn observe(client: &mut Client, junction: &Junction) -> Result<Vec<(String, Seen)>> {
@@ -288,7 +474,7 @@ fn observe(client: &mut Client, junction: &Junction) -> Result<Vec<(String, Seen
             Value::Str(s) => s.clone(),
             o => return Err(Error::Traci(format!("vehicle class of {id}: {o:?}"))),
         };
-        let _speed = v[2].as_f64()?;
+        let speed = v[2].as_f64()?;
         let (along, lane) = junction.approaches[a.index()].project(x, y);
         out.push((
             id.to_string(),
@@ -297,6 +483,7 @@ fn observe(client: &mut Client, junction: &Junction) -> Result<Vec<(String, Seen
                 approach: *a,
                 along,
                 lane,
+                speed,
             },
         ));
     }
@@ -360,10 +547,13 @@ pub fn run(
     client.set_tl_state(&junction.tls, &state)?;
     let mut stats = DetectionStats::default();
     let mut emergency_ids: HashSet<String> = HashSet::new();
+    let mut passages: Vec<EvPassage> = Vec::new();
+    let mut passage_of: BTreeMap<String, usize> = BTreeMap::new();
     let mut signal_changes = 0u64;
     let dt = scenario.file.step_s;
     let mut step = 0u64;
     let frames_dir = opts.out_dir.join("frames");
+    let mut captured = Vec::new();
     loop {
         client.step()?;
         step += 1;
@@ -399,6 +589,11 @@ pub fn run(
             stats.escalated += det.escalated as u64;
             stats.shipped_bytes += det.shipped_bytes;
             stats.congestion_abs_err += (det.congestion - truth.congestion).abs() as f64;
+            stats.congestion_err += (det.congestion - truth.congestion) as f64;
+            let band = &mut stats.ci_bands[ci_band(truth.congestion)];
+            band.frames += 1;
+            band.err += (det.congestion - truth.congestion) as f64;
+            band.abs_err += (det.congestion - truth.congestion).abs() as f64;
             if truth.emergency {
                 stats.ev_frames += 1;
                 stats.ev_detected += det.emergency as u64;
@@ -410,15 +605,50 @@ pub fn run(
                 let p = frames_dir.join(format!("{step:05}_{}.ppm", a.name()));
                 std::fs::write(&p, frame.to_ppm()).map_err(|e| Error::io(&p, e))?;
             }
-            inputs.congestion[a.index()] = det.congestion;
-            inputs.emergency[a.index()] = det.emergency;
+            if opts.capture_scenes_every > 0 && step % opts.capture_scenes_every == 0 {
+                captured.push(scene);
+            }
+            inputs.congestion[a.index()] = if opts.truth.congestion {
+                truth.congestion
+            } else {
+                det.congestion
+            };
+            inputs.emergency[a.index()] = if opts.truth.emergency {
+                truth.emergency
+            } else {
+                det.emergency
+            };
         }
         for (id, s) in &seen {
             if s.kind == VehicleKind::Emergency {
                 emergency_ids.insert(id.clone());
             }
         }
-        let next = junction.state_string(controller.step(dt, &inputs));
+        let signal = controller.step(dt, &inputs);
+        let lights = signal.lights();
+        for (id, s) in seen
+            .iter()
+            .filter(|(_, s)| s.kind == VehicleKind::Emergency)
+        {
+            let i = *passage_of.entry(id.clone()).or_insert_with(|| {
+                passages.push(EvPassage::new(id, s.approach, now));
+                passages.len() - 1
+            });
+            passages[i].observe(
+                now,
+                dt,
+                s,
+                &opts.camera,
+                inputs.emergency[s.approach.index()],
+                lights[s.approach.index()],
+            );
+        }
+        for p in passages.iter_mut().filter(|p| p.crossed_s.is_none()) {
+            if !seen.iter().any(|(id, _)| *id == p.id) {
+                p.crossed_s = Some(now);
+            }
+        }
+        let next = junction.state_string(signal);
         if next != state {
             client.set_tl_state(&junction.tls, &next)?;
             signal_changes += 1;
@@ -442,17 +672,23 @@ pub fn run(
         )));
     }
     let trips = read_tripinfo(&tripinfo)?;
-    Ok(report(
+    let mut r = report(
         &trips,
         &emergency_ids,
         opts,
-        detector.name(),
+        match opts.truth.name() {
+            "none" => detector.name(),
+            t => format!("{}+truth:{t}", detector.name()),
+        },
         condition_name,
         step as f64 * dt,
         wall.elapsed().as_secs_f64(),
         signal_changes,
         stats,
-    ))
+        passages,
+    );
+    r.scenes = captured;
+    Ok(r)
 }
 
 fn colour_of(id: &str) -> u8 {
@@ -504,6 +740,7 @@ fn report(
     wall_seconds: f64,
     signal_changes: u64,
     detection: DetectionStats,
+    emergency_passages: Vec<EvPassage>,
 ) -> RunReport {
     let mean = |it: &mut dyn Iterator<Item = f64>| {
         let (s, n) = it.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
@@ -529,6 +766,8 @@ fn report(
         emergency_mean_waiting_s: mean(&mut evs.iter().map(|t| t.waiting)),
         signal_changes,
         detection,
+        emergency_passages,
+        scenes: Vec::new(),
     }
 }
 
@@ -576,6 +815,7 @@ mod tests {
             1.0,
             0,
             DetectionStats::default(),
+            Vec::new(),
         );
         assert_eq!(r.mean_waiting_s, 7.5);
         assert_eq!(r.emergency_mean_travel_s, 30.0);
@@ -584,6 +824,17 @@ mod tests {
 
     /// End to end against the real simulator (CI installs `sumo`; without it, this test
     /// fails under CI=true and is skipped with a message elsewhere).
+    #[test]
+    fn ci_bands_by_true_index() {
+        assert_eq!(ci_band(0.0), 0);
+        assert_eq!(ci_band(0.049), 0);
+        assert_eq!(ci_band(0.05), 1);
+        assert_eq!(ci_band(0.2), 2);
+        assert_eq!(ci_band(0.3), 3);
+        assert_eq!(ci_band(0.95), 4);
+        assert_eq!(ci_band(-0.1), 0);
+    }
+
     #[test]
     fn short_sumo_run_end_to_end() {
         if Command::new("sumo").arg("--version").output().is_err() {
@@ -598,10 +849,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut opts = RunOptions::new(Mode::Preempt, dir.path().to_path_buf());
         opts.end_s = Some(150.0);
+        opts.capture_scenes_every = 10;
         let mut det = ClassicalDetector::new(opts.camera);
         let mut ticks = 0;
         let r = run(&s, &opts, &mut det, &mut |_, _| ticks += 1).unwrap();
         assert_eq!(ticks, 150);
+        // Steps 10, 20, .. 150, four approaches each.
+        assert_eq!(r.scenes.len(), 15 * 4);
+        // The per-band congestion errors partition the frames and the error.
+        let bands = &r.detection.ci_bands;
+        assert_eq!(
+            bands.iter().map(|b| b.frames).sum::<u64>(),
+            r.detection.frames
+        );
+        let err: f64 = bands.iter().map(|b| b.err).sum();
+        assert!((err - r.detection.congestion_err).abs() < 1e-6);
+        assert!(bands[0].frames > 0, "an empty approach in 150 s: {bands:?}");
         assert!(r.vehicles > 50, "{r:?}");
         assert!(r.emergency_vehicles >= 1, "{r:?}");
         assert!(r.signal_changes >= 3, "{r:?}");
@@ -610,5 +873,76 @@ mod tests {
             "{r:?}"
         );
         assert!(r.detection.recall() > 0.8, "{r:?}");
+        // Every emergency vehicle's passage is recorded, its times in order.
+        assert_eq!(r.emergency_passages.len(), emergency_seen(&r));
+        for p in &r.emergency_passages {
+            let order = [
+                Some(p.on_approach_s),
+                p.in_view_s,
+                p.detected_s,
+                p.crossed_s,
+            ];
+            let known: Vec<f64> = order.iter().flatten().copied().collect();
+            assert!(known.windows(2).all(|w| w[0] <= w[1]), "{p:?}");
+            if let Some(m) = p.detected_along_m {
+                assert!(
+                    (0.0..opts.camera.visible_length_m as f64).contains(&m),
+                    "{p:?}"
+                );
+            }
+        }
+        // Ground-truth inputs: the EV flag the controller gets is exact, so no missed frames.
+        opts.truth = TruthInputs::parse("emergency").unwrap();
+        let t = run(&s, &opts, &mut det, &mut |_, _| {}).unwrap();
+        assert!(t.detector.ends_with("+truth:emergency"), "{}", t.detector);
+        assert!(
+            t.emergency_passages
+                .iter()
+                .all(|p| p.missed_frames_in_view == 0),
+            "{:?}",
+            t.emergency_passages
+        );
+    }
+
+    fn emergency_seen(r: &RunReport) -> usize {
+        r.emergency_passages
+            .iter()
+            .map(|p| p.id.as_str())
+            .collect::<HashSet<_>>()
+            .len()
+    }
+
+    #[test]
+    fn passage_records_view_detection_green_and_stops() {
+        let cam = Camera::default();
+        let mut p = EvPassage::new("ev", Approach::North, 10.0);
+        let at = |along: f64, speed: f64| Seen {
+            kind: VehicleKind::Emergency,
+            approach: Approach::North,
+            along,
+            lane: 0.0,
+            speed,
+        };
+        // Stopped in a queue beyond the view for 2 s, then in view, missed once, detected,
+        // held at red 1 s, then green.
+        p.observe(10.0, 1.0, &at(80.0, 0.0), &cam, false, Light::Red);
+        p.observe(11.0, 1.0, &at(80.0, 0.0), &cam, false, Light::Red);
+        p.observe(12.0, 1.0, &at(45.0, 10.0), &cam, false, Light::Red);
+        p.observe(13.0, 1.0, &at(35.0, 8.0), &cam, true, Light::Red);
+        p.observe(14.0, 1.0, &at(30.0, 0.0), &cam, true, Light::Yellow);
+        p.observe(15.0, 1.0, &at(30.0, 0.0), &cam, true, Light::Green);
+        p.observe(16.0, 1.0, &at(20.0, 5.0), &cam, false, Light::Red);
+        assert_eq!(p.in_view_s, Some(12.0));
+        assert_eq!(p.detected_s, Some(13.0));
+        assert_eq!(p.detected_along_m, Some(35.0));
+        assert_eq!(p.green_s, Some(15.0));
+        assert_eq!(p.stopped_before_view_s, 2.0);
+        assert_eq!(p.stopped_in_view_s, 2.0);
+        assert_eq!(p.missed_frames_in_view, 2);
+        let ps = [p];
+        assert_eq!(mean_gap(&ps, |p| p.in_view_s, |p| p.green_s), Some(3.0));
+        assert_eq!(mean_gap(&ps, |p| p.in_view_s, |p| p.crossed_s), None);
+        assert!(TruthInputs::parse("all").is_err());
+        assert_eq!(TruthInputs::parse("both").unwrap().name(), "both");
     }
 }

@@ -99,6 +99,10 @@ pub struct RunArgs {
     pub threshold: f32,
     #[command(flatten)]
     pub link: LinkArgs,
+    /// Also print every emergency vehicle's passage: when it came into the camera's view,
+    /// was first detected, got its green, crossed (to see where its time goes).
+    #[arg(long)]
+    pub ev_trace: bool,
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -151,6 +155,9 @@ fn run_scenario(a: RunArgs) -> anyhow::Result<()> {
         println!("{json}");
     } else {
         print_reports(std::slice::from_ref(&report));
+        if a.ev_trace {
+            print_passages(&report);
+        }
         let d = &report.detection;
         if d.shipped_bytes > 0 {
             println!(
@@ -303,9 +310,114 @@ pub fn model_detector(
 }
 
 /// One table row per run.
+/// Per emergency vehicle: times relative to coming into the camera's view (seconds).
+pub fn print_passages(r: &RunReport) {
+    println!(
+        "\n{} / {}: emergency vehicles (t = SUMO time entering the view; other times relative to it)",
+        r.controller, r.condition
+    );
+    println!(
+        "{:<8} {:<6} {:>8} {:>10} {:>9} {:>9} {:>9} {:>8} {:>10} {:>9} {:>7}",
+        "id",
+        "from",
+        "t view",
+        "stop pre",
+        "detect",
+        "at m",
+        "green",
+        "cross",
+        "stop view",
+        "missed",
+        "travel"
+    );
+    let rel = |x: Option<f64>, base: Option<f64>| match (x, base) {
+        (Some(x), Some(b)) => format!("{:+.0}", x - b),
+        _ => "-".into(),
+    };
+    for p in &r.emergency_passages {
+        println!(
+            "{:<8} {:<6} {:>8} {:>10.0} {:>9} {:>9} {:>9} {:>8} {:>10.0} {:>9} {:>7}",
+            p.id,
+            p.approach,
+            p.in_view_s.map_or("-".into(), |t| format!("{t:.0}")),
+            p.stopped_before_view_s,
+            rel(p.detected_s, p.in_view_s),
+            p.detected_along_m.map_or("-".into(), |m| format!("{m:.1}")),
+            rel(p.green_s, p.in_view_s),
+            rel(p.crossed_s, p.in_view_s),
+            p.stopped_in_view_s,
+            p.missed_frames_in_view,
+            rel(p.crossed_s, Some(p.on_approach_s)),
+        );
+    }
+}
+
+/// One line per run: mean seconds of each part of the emergency vehicles' approach.
+pub fn print_passage_summary(reports: &[RunReport]) {
+    use sumo::mean_gap;
+    println!(
+        "{:<9} {:<10} {:>13} {:>10} {:>13} {:>11} {:>12} {:>12} {:>13}",
+        "control",
+        "condition",
+        "to view s",
+        "stop pre s",
+        "view→det s",
+        "det at m",
+        "view→green s",
+        "view→cross s",
+        "stop in view s"
+    );
+    let f = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.1}"));
+    for r in reports {
+        let ps = &r.emergency_passages;
+        let n = ps.len().max(1) as f64;
+        let along: Vec<f64> = ps.iter().filter_map(|p| p.detected_along_m).collect();
+        println!(
+            "{:<9} {:<10} {:>13} {:>10.1} {:>13} {:>11} {:>12} {:>12} {:>13.1}",
+            r.controller,
+            r.condition,
+            f(mean_gap(ps, |p| Some(p.on_approach_s), |p| p.in_view_s)),
+            ps.iter().map(|p| p.stopped_before_view_s).sum::<f64>() / n,
+            f(mean_gap(ps, |p| p.in_view_s, |p| p.detected_s)),
+            f((!along.is_empty()).then(|| along.iter().sum::<f64>() / along.len() as f64)),
+            f(mean_gap(ps, |p| p.in_view_s, |p| p.green_s)),
+            f(mean_gap(ps, |p| p.in_view_s, |p| p.crossed_s)),
+            ps.iter().map(|p| p.stopped_in_view_s).sum::<f64>() / n,
+        );
+    }
+}
+
+/// Congestion-index error per band of the true index, per run: bias (signed mean) / MAE
+/// and the share of frames in the band.
+pub fn print_ci_bands(reports: &[RunReport]) {
+    use flow_traffic::sumo::CI_BAND_EDGES;
+    print!("{:<9} {:<10}", "ctrl", "condition");
+    for (i, lo) in CI_BAND_EDGES.iter().enumerate() {
+        let band = match CI_BAND_EDGES.get(i + 1) {
+            Some(hi) => format!("CI {lo:.2}-{hi:.2}"),
+            None => format!("CI >= {lo:.2}"),
+        };
+        print!(" {band:>21}");
+    }
+    println!();
+    for r in reports {
+        print!("{:<9} {:<10}", r.controller, r.condition);
+        let n = r.detection.frames.max(1) as f64;
+        for b in &r.detection.ci_bands {
+            print!(
+                " {:>+7.3} {:>5.3} {:>5.1}%",
+                b.bias(),
+                b.mae(),
+                100.0 * b.frames as f64 / n
+            );
+        }
+        println!();
+    }
+}
+
 pub fn print_reports(reports: &[RunReport]) {
     println!(
-        "{:<9} {:<10} {:<10} {:>8} {:>9} {:>9} {:>4} {:>9} {:>9} {:>8} {:>7} {:>7}",
+        "{:<9} {:<10} {:<10} {:>8} {:>9} {:>9} {:>4} {:>9} {:>9} {:>8} {:>7} {:>7} {:>7}",
         "control",
         "detector",
         "condition",
@@ -317,11 +429,12 @@ pub fn print_reports(reports: &[RunReport]) {
         "EV wait s",
         "EV recl",
         "false",
-        "CI MAE"
+        "CI MAE",
+        "CI bias"
     );
     for r in reports {
         println!(
-            "{:<9} {:<10} {:<10} {:>8} {:>9.1} {:>9.1} {:>4} {:>9.1} {:>9.1} {:>8.3} {:>7.4} {:>7.3}",
+            "{:<9} {:<10} {:<10} {:>8} {:>9.1} {:>9.1} {:>4} {:>9.1} {:>9.1} {:>8.3} {:>7.4} {:>7.3} {:>+7.3}",
             r.controller,
             r.detector,
             r.condition,
@@ -334,6 +447,7 @@ pub fn print_reports(reports: &[RunReport]) {
             r.detection.recall(),
             r.detection.false_alarm_rate(),
             r.detection.congestion_mae(),
+            r.detection.congestion_bias(),
         );
     }
 }

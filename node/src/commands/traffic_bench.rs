@@ -8,12 +8,14 @@ use anyhow::Context;
 use flow_traffic::controller::Mode;
 use flow_traffic::dataset::{self, DatasetSpec, Sample};
 use flow_traffic::scene::{Camera, Condition};
-use flow_traffic::sumo::{self, RunOptions, Scenario};
+use flow_traffic::sumo::{self, RunOptions, Scenario, TruthInputs};
 use flow_traffic::vision::{self, ModelDetector, TrainConfig, VisionConfig, VisionFamily};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use super::traffic::{print_reports, sim_progress};
+use super::traffic::{
+    print_ci_bands, print_passage_summary, print_passages, print_reports, sim_progress,
+};
 
 #[derive(clap::Args, Debug)]
 #[command(before_long_help = "\
@@ -24,8 +26,17 @@ frames.
 The model answers two questions per frame: is an emergency vehicle in view, and what is the
 approach's congestion index. Every exit is trained jointly (sum of exit losses).
 
-Example:
-  flow-node traffic train --out models/traffic --samples 6000 --steps 600")]
+Training frames are random synthetic scenes (--samples: queues from the stop line in every
+lane, 40% with an emergency vehicle), optionally mixed with frames of the deployment's own
+traffic (--sumo-frames): the scenario is run in SUMO with other seeds than its own
+(--sumo-seeds; the scenario's seed is what `bench traffic` measures, so it is refused), under
+every controller with exact controller inputs, every step's four approach scenes are kept,
+and the frames drawn from them are re-rendered under a random condition each. These hold
+what the random scenes lack: empty and sparse cross streets, moving platoons, long queues.
+
+Examples:
+  flow-node traffic train --out models/traffic --samples 6000 --steps 600
+  flow-node traffic train --out models/traffic --samples 6000 --sumo-frames 3000 --sumo-seeds 1,2,3")]
 pub struct TrainArgs {
     /// Output folder (vision.json, vision.safetensors, eval.json).
     #[arg(long, default_value = "models/traffic")]
@@ -44,6 +55,57 @@ pub struct TrainArgs {
     /// Held-out frames per condition for the report.
     #[arg(long, default_value_t = 150)]
     pub eval_per_condition: usize,
+    /// Extra training frames rendered from SUMO runs of --scenario (0 = none).
+    #[arg(long, default_value_t = 0)]
+    pub sumo_frames: usize,
+    /// SUMO seeds of those runs; must differ from the scenario's own seed.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub sumo_seeds: Vec<u64>,
+    /// Scenario the SUMO frames come from.
+    #[arg(long, default_value = "testbed/traffic/peak-hour")]
+    pub scenario: PathBuf,
+    /// Simulated seconds per SUMO run.
+    #[arg(long, default_value_t = 1800.0)]
+    pub sumo_end: f64,
+    #[arg(long, default_value = "sumo")]
+    pub sumo: String,
+}
+
+/// Scenes of the deployment's traffic: `scenario` run with each of `seeds` under every
+/// controller (exact inputs, classical detector, which is only scored), every step's
+/// approach scenes kept.
+fn sumo_scenes(a: &TrainArgs) -> anyhow::Result<Vec<flow_traffic::scene::Scene>> {
+    let mut scenario = Scenario::load(&a.scenario)?;
+    let own = scenario.file.seed;
+    if a.sumo_seeds.is_empty() {
+        anyhow::bail!("--sumo-frames needs at least one --sumo-seeds");
+    }
+    if a.sumo_seeds.contains(&own) {
+        anyhow::bail!(
+            "--sumo-seeds must not contain the scenario's own seed {own}: that run is the \
+             benchmark (`flow-node bench traffic`), and training on it would leak it"
+        );
+    }
+    let mut scenes = Vec::new();
+    for &seed in &a.sumo_seeds {
+        scenario.file.seed = seed;
+        for mode in [Mode::Fixed, Mode::Adaptive, Mode::Preempt] {
+            let dir = tempfile::tempdir()?;
+            let mut opts = RunOptions::new(mode, dir.path().to_path_buf());
+            opts.end_s = Some(a.sumo_end);
+            opts.truth = TruthInputs::parse("both")?;
+            opts.sumo = a.sumo.clone();
+            opts.capture_scenes_every = 1;
+            let pb = sim_progress(&format!("seed {seed} {}", mode.name()), a.sumo_end);
+            let mut det = sumo::ClassicalDetector::new(Camera::default());
+            let r = sumo::run(&scenario, &opts, &mut det, &mut |now, _| {
+                pb.set_position(now as u64)
+            })?;
+            pb.finish_and_clear();
+            scenes.extend(r.scenes);
+        }
+    }
+    Ok(scenes)
 }
 
 /// Accuracy of every exit, and of the escalating split, on one condition.
@@ -143,12 +205,32 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     let camera = Camera::default();
     let spin = ProgressBar::new_spinner();
     spin.set_message(format!("rendering {} training frames", a.samples));
-    let samples = dataset::generate(&DatasetSpec {
+    let mut samples = dataset::generate(&DatasetSpec {
         samples: a.samples,
         seed: a.seed,
         ..DatasetSpec::default()
     })?;
     spin.finish_and_clear();
+    if a.sumo_frames > 0 {
+        let t = std::time::Instant::now();
+        let scenes = sumo_scenes(&a)?;
+        let conditions: Vec<String> = Condition::PRESETS.iter().map(|s| s.to_string()).collect();
+        let extra = dataset::from_scenes(&scenes, a.sumo_frames, a.seed, &conditions)?;
+        let evs = extra.iter().filter(|s| s.labels.emergency).count();
+        let ci: Vec<f32> = extra.iter().map(|s| s.labels.congestion).collect();
+        let below = |x: f32| ci.iter().filter(|&&c| c < x).count();
+        println!(
+            "{} SUMO frames from {} captured scenes (seeds {:?}, {:.0} s): {} with an emergency vehicle, congestion index < 0.05: {}, < 0.15: {}",
+            extra.len(),
+            scenes.len(),
+            a.sumo_seeds,
+            t.elapsed().as_secs_f64(),
+            evs,
+            below(0.05),
+            below(0.15),
+        );
+        samples.extend(extra);
+    }
     let mut model = VisionFamily::new(VisionConfig::small(&camera))?;
     println!(
         "vision family: {} parameters, exits after blocks {:?}, {} training frames",
@@ -195,6 +277,10 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_truth(s: &str) -> Result<TruthInputs, String> {
+    TruthInputs::parse(s).map_err(|e| e.to_string())
+}
+
 #[derive(clap::Args, Debug)]
 #[command(before_long_help = "\
 Benchmark the traffic app end to end (cameras reach the edge over QUIC unless --in-process).
@@ -208,7 +294,8 @@ Benchmark the traffic app end to end (cameras reach the edge over QUIC unless --
    emergency vehicles in the loop, share of frames escalated.
 
 Example:
-  flow-node bench traffic --model models/traffic --end 1800")]
+  flow-node bench traffic --model models/traffic --end 1800
+  flow-node bench traffic --model models/traffic --conditions fog --truth congestion --ev-trace")]
 pub struct BenchTrafficArgs {
     /// Trained vision family (from `flow-node traffic train`).
     #[arg(long, default_value = "models/traffic")]
@@ -231,6 +318,16 @@ pub struct BenchTrafficArgs {
     pub sumo: String,
     #[command(flatten)]
     pub link: super::traffic::LinkArgs,
+    /// Feed the controllers the scenes' exact labels instead of the detector's estimate:
+    /// none, emergency (the emergency flag), congestion (the congestion index) or both. An
+    /// upper bound that tells which estimate's errors cost time; the detector still runs
+    /// and its recall and errors are still reported.
+    #[arg(long, default_value = "none", value_parser = parse_truth)]
+    pub truth: TruthInputs,
+    /// Also print every emergency vehicle's passage per run (view, detection, green,
+    /// crossing), not only the per-run means.
+    #[arg(long)]
+    pub ev_trace: bool,
     /// Also print everything as JSON.
     #[arg(long)]
     pub json: bool,
@@ -264,6 +361,7 @@ pub fn bench(a: BenchTrafficArgs) -> anyhow::Result<()> {
             let mut opts = RunOptions::new(mode, dir.path().to_path_buf());
             opts.end_s = Some(a.end);
             opts.condition = Some(cond.clone());
+            opts.truth = a.truth;
             opts.sumo = a.sumo.clone();
             let pb = sim_progress(&format!("{cond} {}", mode.name()), a.end);
             let r = sumo::run(&scenario, &opts, det.as_mut(), &mut |now, _| {
@@ -280,6 +378,15 @@ pub fn bench(a: BenchTrafficArgs) -> anyhow::Result<()> {
         a.threshold
     );
     print_reports(&reports);
+    println!("\n== congestion index error per band of the true index (bias, MAE, share of frames)");
+    print_ci_bands(&reports);
+    println!("\n== where the emergency vehicles' time goes (means over the vehicles; view = the camera's visible length)");
+    print_passage_summary(&reports);
+    if a.ev_trace {
+        for r in &reports {
+            print_passages(r);
+        }
+    }
     println!(
         "\n{:<10} {:>22} {:>22} {:>20} {:>18}",
         "condition",
