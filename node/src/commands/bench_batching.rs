@@ -50,8 +50,9 @@ throughput = generated tokens / wall time of the replay. Target (issue 7): chunk
 TBT >= 2x lower than prefill-first at equal or better throughput.
 
 --tbt-slo-ms picks the budget as Sarathi-Serve does: before the replays, time prefill
-chunks of 1..512 tokens that follow --max-prompt tokens of context (the costliest chunks),
-fit time = fixed + per-token x tokens, and take the largest budget predicted to fit the SLO.
+chunks of 1..128 tokens that follow the workload's longest prompt as context (the
+costliest chunks it will run), fit time = fixed + per-token x tokens, and take the
+largest budget predicted to fit the SLO (decodes count in the budget, one token each).
 
 Throughput is only comparable while the server keeps up with the arrivals: the report
 prints when the last request arrived and how long each policy took to drain after it.
@@ -307,7 +308,7 @@ fn model_dir(a: &BenchBatchingArgs) -> anyhow::Result<PathBuf> {
 }
 
 /// Calibration chunk sizes for --tbt-slo-ms (those that fit after `context` tokens).
-const SLO_CHUNKS: [usize; 6] = [1, 16, 64, 128, 256, 512];
+const SLO_CHUNKS: [usize; 6] = [1, 8, 16, 32, 64, 128];
 
 /// The chunked budget for a TBT SLO: iteration cost measured on `model` for chunks after
 /// `context` tokens of context (clamped so the largest chunk fits the positions).
@@ -343,7 +344,8 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
     let reqs = workload(&set, a.seed, cfg.max_position_embeddings)?;
     let mut cost_report = None;
     if let Some(slo) = a.tbt_slo_ms {
-        let (b, report) = budget_from_slo(&model, point, set.max_prompt as usize, slo)?;
+        let longest = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        let (b, report) = budget_from_slo(&model, point, longest, slo)?;
         set.budget = b;
         cost_report = Some(report);
     }
