@@ -27,6 +27,10 @@ pub enum Preset {
     Small,
     /// MoE family for the cloud tier: 8 layers, hidden 128, layers 4.. are MoE (8 experts, top-2).
     MoeSmall,
+    /// For serving benchmarks: 6 layers, hidden 384, exits after layers 1/3/5, 4096
+    /// positions; ~10M parameters, so a long prompt's prefill costs what it costs on a real
+    /// model relative to a decode step. Never trained (seeded weights only).
+    Medium,
 }
 
 impl std::str::FromStr for Preset {
@@ -36,8 +40,9 @@ impl std::str::FromStr for Preset {
             "tiny" => Ok(Preset::Tiny),
             "small" => Ok(Preset::Small),
             "moe-small" => Ok(Preset::MoeSmall),
+            "medium" => Ok(Preset::Medium),
             o => Err(format!(
-                "unknown preset `{o}` (use tiny, small or moe-small)"
+                "unknown preset `{o}` (use tiny, small, moe-small or medium)"
             )),
         }
     }
@@ -50,7 +55,12 @@ pub fn preset_config(preset: Preset, layout: Layout) -> Result<ModelConfig> {
             Preset::Tiny => (64, 6, 4, 2, 128, vec![1, 3, 5]),
             Preset::Small => (128, 8, 4, 2, 384, vec![1, 3, 5, 7]),
             Preset::MoeSmall => (128, 8, 4, 2, 384, vec![1, 3, 5, 7]),
+            Preset::Medium => (384, 6, 6, 2, 1024, vec![1, 3, 5]),
         };
+    let max_positions = match preset {
+        Preset::Medium => 4096,
+        _ => 1024,
+    };
     let moe_layout = match (preset, layout) {
         (Preset::MoeSmall, Layout::Mixtral | Layout::Qwen2Moe) => true,
         (Preset::MoeSmall, _) => {
@@ -100,7 +110,7 @@ pub fn preset_config(preset: Preset, layout: Layout) -> Result<ModelConfig> {
         num_heads: heads,
         num_kv_heads: kv,
         head_dim: hidden / heads,
-        max_position_embeddings: 1024,
+        max_position_embeddings: max_positions,
         rms_norm_eps: 1e-6,
         rope: RopeConfig { theta: 10_000.0 },
         qkv_bias: matches!(layout, Layout::Qwen2 | Layout::RuyiQwen2 | Layout::Qwen2Moe),
@@ -320,4 +330,25 @@ pub fn member_parameters(cfg: &ModelConfig, point: usize) -> Result<usize> {
 /// Names of the layer at `prefix` (re-exported for tools).
 pub fn block_tensor_names(prefix: &str, cfg: &ModelConfig, ffn: &Ffn) -> Vec<String> {
     Block::tensor_names(prefix, cfg, ffn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medium_preset_is_a_long_context_dense_family() {
+        let cfg = preset_config(Preset::Medium, Layout::Qwen2).unwrap();
+        assert_eq!(cfg.max_position_embeddings, 4096);
+        assert_eq!((cfg.hidden_size, cfg.num_layers), (384, 6));
+        assert_eq!(cfg.exit_points(), vec![1, 3, 5]);
+        assert!(cfg.ffn.iter().all(|f| matches!(f, Ffn::Dense { .. })));
+        let params = member_parameters(&cfg, 5).unwrap();
+        assert!((8_000_000..12_000_000).contains(&params), "{params}");
+        assert_eq!("medium".parse::<Preset>(), Ok(Preset::Medium));
+        // The other presets keep their 1024 positions (committed checkpoints use them).
+        let small = preset_config(Preset::Small, Layout::RuyiQwen2).unwrap();
+        assert_eq!(small.max_position_embeddings, 1024);
+        assert!(preset_config(Preset::Medium, Layout::Mixtral).is_err());
+    }
 }

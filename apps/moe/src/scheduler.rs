@@ -443,5 +443,78 @@ pub fn plan_chunks(pending: &[Pending], budget: usize) -> Vec<usize> {
     out
 }
 
+/// A linear model of one iteration's wall time, `fixed_s + per_token_s · tokens`, fitted to
+/// measured iterations. Sarathi-Serve picks the chunked-prefill token budget from a
+/// time-between-tokens SLO this way: every iteration emits one token for each running
+/// decode, so an iteration that fits the SLO keeps every gap within it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IterationCost {
+    /// Seconds an iteration costs regardless of its size (weights read, dispatch).
+    pub fixed_s: f64,
+    /// Seconds each token of the batch adds.
+    pub per_token_s: f64,
+}
+
+impl IterationCost {
+    /// Least-squares fit to `(tokens, seconds)` samples (at least two distinct token
+    /// counts). A negative intercept (noise) is clamped to 0; a cost that does not grow
+    /// with the tokens is an error (measure larger iterations).
+    pub fn fit(samples: &[(usize, f64)]) -> Result<Self> {
+        if samples.iter().any(|&(_, t)| !(t.is_finite() && t >= 0.0)) {
+            return Err(Error::Invalid(
+                "iteration cost samples must be finite, non-negative seconds".into(),
+            ));
+        }
+        let n = samples.len() as f64;
+        let mx = samples.iter().map(|&(x, _)| x as f64).sum::<f64>() / n;
+        let my = samples.iter().map(|&(_, y)| y).sum::<f64>() / n;
+        let sxx: f64 = samples.iter().map(|&(x, _)| (x as f64 - mx).powi(2)).sum();
+        let sxy: f64 = samples
+            .iter()
+            .map(|&(x, y)| (x as f64 - mx) * (y - my))
+            .sum();
+        if samples.is_empty() || sxx <= 0.0 {
+            return Err(Error::Invalid(
+                "fitting an iteration cost needs samples of at least two different sizes".into(),
+            ));
+        }
+        let per_token_s = sxy / sxx;
+        if per_token_s.is_nan() || per_token_s <= 0.0 {
+            return Err(Error::Invalid(format!(
+                "the measured iteration time does not grow with its tokens (slope {per_token_s:.3e} s/token); measure larger iterations"
+            )));
+        }
+        Ok(Self {
+            fixed_s: (my - per_token_s * mx).max(0.0),
+            per_token_s,
+        })
+    }
+
+    /// Predicted seconds of an iteration of `tokens` tokens.
+    pub fn seconds(&self, tokens: usize) -> f64 {
+        self.fixed_s + self.per_token_s * tokens as f64
+    }
+
+    /// The largest token budget whose iteration is predicted to take at most `slo_s`
+    /// seconds. Errors when not even a one-token iteration fits.
+    pub fn budget_for(&self, slo_s: f64) -> Result<usize> {
+        if !(slo_s.is_finite() && slo_s > 0.0) {
+            return Err(Error::Invalid(format!(
+                "TBT SLO {slo_s} s must be a positive number"
+            )));
+        }
+        let b = ((slo_s - self.fixed_s) / self.per_token_s).floor();
+        if b < 1.0 {
+            return Err(Error::Invalid(format!(
+                "a TBT SLO of {:.2} ms is below one iteration of a single token ({:.2} ms fixed + {:.3} ms/token): raise the SLO",
+                slo_s * 1e3,
+                self.fixed_s * 1e3,
+                self.per_token_s * 1e3
+            )));
+        }
+        Ok(b.min(usize::MAX as f64 / 2.0) as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests;

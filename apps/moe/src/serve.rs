@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use flow_familial::{FamilialModel, Rows, Seg, SeqCache};
 
 use crate::error::{Error, Result};
-use crate::scheduler::{Request, Scheduler, SchedulerConfig, SchedulerStats, Work};
+use crate::scheduler::{IterationCost, Request, Scheduler, SchedulerConfig, SchedulerStats, Work};
 
 /// One request of a replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,13 +146,10 @@ pub fn replay(
             .map(|id| live.remove(id))
             .collect::<Option<_>>()
             .ok_or_else(|| Error::Invalid("internal: request scheduled twice".into()))?;
-        let logits = {
+        let next_tokens = {
             let mut caches: Vec<&mut SeqCache> = taken.iter_mut().map(|l| &mut l.cache).collect();
-            let h = model.embed(&input)?;
-            let h = model.run_layers(&h, 0..point, &segs, &mut caches)?;
-            model.exit(&h, point, &segs, &mut caches, Rows::Last)?
+            step(model, point, &input, &segs, &mut caches)?
         };
-        let next_tokens: Vec<u32> = logits.argmax(1)?.to_vec1()?;
         let at = t0.elapsed().as_secs_f64();
         for ((w, mut l), tok) in batch.work.iter().zip(taken).zip(next_tokens) {
             let id = w.id();
@@ -171,6 +168,74 @@ pub fn replay(
     report.stats = sched.stats();
     report.requests = times;
     Ok(report)
+}
+
+/// One batched forward pass: `input` holds the tokens of every segment back to back; returns
+/// the greedy next token of each segment.
+fn step(
+    model: &FamilialModel,
+    point: usize,
+    input: &[u32],
+    segs: &[Seg],
+    caches: &mut [&mut SeqCache],
+) -> Result<Vec<u32>> {
+    let h = model.embed(input)?;
+    let h = model.run_layers(&h, 0..point, segs, caches)?;
+    let logits = model.exit(&h, point, segs, caches, Rows::Last)?;
+    Ok(logits.argmax(1)?.to_vec1()?)
+}
+
+/// Measure what an iteration of the serving loop costs on `model` (answering at `point`)
+/// and fit an [`IterationCost`] to it: for each of `sizes`, a prefill chunk of that many
+/// tokens that follows `context` tokens already in the KV cache (the chunk of a long
+/// prompt's tail attends to all of them, the costliest place for a chunk), timed `reps`
+/// times on a copy of the same cache; the fit uses each size's median. Returns the fit and
+/// the `(tokens, median seconds)` samples.
+pub fn measure_iteration_cost(
+    model: &FamilialModel,
+    point: usize,
+    context: usize,
+    sizes: &[usize],
+    reps: usize,
+) -> Result<(IterationCost, Vec<(usize, f64)>)> {
+    let max_pos = model.config().max_position_embeddings;
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    if sizes.contains(&0) || context + largest > max_pos {
+        return Err(Error::Invalid(format!(
+            "calibration chunks must be positive and context {context} + chunk {largest} must fit the model's {max_pos} positions"
+        )));
+    }
+    let tokens: Vec<u32> = (0..context + largest)
+        .map(|i| 32 + (i * 37 % 95) as u32)
+        .collect();
+    let mut base = model.new_cache();
+    if context > 0 {
+        step(
+            model,
+            point,
+            &tokens[..context],
+            &[Seg::new(0, context)],
+            &mut [&mut base],
+        )?;
+    }
+    let mut samples = Vec::with_capacity(sizes.len());
+    for &n in sizes {
+        let mut times = Vec::with_capacity(reps.max(1));
+        for _ in 0..reps.max(1) {
+            let mut cache = base.fork()?;
+            let t = Instant::now();
+            step(
+                model,
+                point,
+                &tokens[context..context + n],
+                &[Seg::new(context, n)],
+                &mut [&mut cache],
+            )?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        samples.push((n, quantile(&times, 0.5)));
+    }
+    Ok((IterationCost::fit(&samples)?, samples))
 }
 
 /// The `q`-quantile (0..=1, nearest rank) of `xs`.

@@ -57,3 +57,28 @@ fn chunked_replay_matches_prefill_first_and_greedy() {
     assert_eq!(chunked.stats.finished, 6);
     assert_eq!(chunked.stats.stalled_iterations, 0);
 }
+
+#[test]
+fn iteration_cost_is_measured_on_the_model_and_gives_a_budget() {
+    use flow_moe::serve::measure_iteration_cost;
+    let dir = tempfile::tempdir().unwrap();
+    init_checkpoint(Preset::Tiny, Layout::Qwen2, 5, dir.path()).unwrap();
+    let model = FamilialModel::load(dir.path()).unwrap();
+    let point = *model.config().exit_points().last().unwrap();
+    let sizes = [1, 64, 256, 512];
+    let (cost, samples) = measure_iteration_cost(&model, point, 256, &sizes, 3).unwrap();
+    assert_eq!(
+        samples.iter().map(|s| s.0).collect::<Vec<_>>(),
+        sizes.to_vec()
+    );
+    assert!(samples.iter().all(|s| s.1 > 0.0), "{samples:?}");
+    // A 512-token chunk is real work next to a single token on any machine.
+    assert!(samples[3].1 > samples[0].1, "{samples:?}");
+    assert!(cost.per_token_s > 0.0);
+    // The budget for the predicted time of a 200-token iteration is 200 (up to rounding).
+    let b = cost.budget_for(cost.seconds(200)).unwrap();
+    assert!((199..=200).contains(&b), "{b} {cost:?}");
+    // Chunks that do not fit the positions are refused, not truncated.
+    assert!(measure_iteration_cost(&model, point, 1000, &[64], 1).is_err());
+    assert!(measure_iteration_cost(&model, point, 0, &[0, 8], 1).is_err());
+}

@@ -2,12 +2,14 @@
 //! answer lengths: mostly short prompts, a few long ones) served by one model with
 //! continuous batching, chunked prefill vs prefill-first, in one run.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use flow_familial::config::Layout;
+use flow_familial::init::{init_checkpoint, preset_config, Preset};
 use flow_familial::{FamilialModel, ModelConfig};
 use flow_moe::scheduler::{Policy, SchedulerConfig};
-use flow_moe::serve::{quantile, replay, ReplayReport, ReplayRequest};
+use flow_moe::serve::{measure_iteration_cost, quantile, replay, ReplayReport, ReplayRequest};
 use flow_testbed::trace::SyntheticConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -20,14 +22,41 @@ Workload: flow-testbed's BurstGPT generator (inter-arrival Gamma(0.5, 2.0) s com
 in [4, --max-new]; failed records dropped). Prompts are seeded random bytes; every answer
 runs to its length (end-of-sequence ignored), greedy, at the deepest exit.
 
+Models: by default the trained `models/small` (hidden 128, 1024 positions) with prompts up
+to 900 tokens: it prefills a 700-token prompt in a few ms, so a stall behind it costs
+little. --preset medium generates (once, cached under $XDG_CACHE_HOME/aiflow or
+~/.cache/aiflow) a seeded checkpoint of the `medium` preset (hidden 384, 6 layers, 4096
+positions, ~10M parameters; seed 1, layout qwen2) and replays long prompts, as BurstGPT
+has: prompts up to 3968 tokens, answers up to 128, 48 requests at 1 req/s (a rate one
+core sustains), chunked budget 32. Its weights are random (its text is meaningless), but
+its compute is real: a 2000-token prefill costs hundreds of ms on a CPU core, the regime
+chunked prefill is for (a 7B model on a GPU). The two policies must still produce
+identical tokens.
+
+Budget on a CPU: a prefill token costs a CPU about as much as a decode token (both are
+compute-bound), while on a GPU decodes are memory-bound and a 256-512-token chunk rides
+along almost free. So the budget that keeps a chunked iteration near a decode iteration
+is tens of tokens here; with --budget 256 a chunk iteration costs as much as a short
+prompt's whole prefill and chunked loses on p99 TBT.
+
 Policies (same requests, same model, same process; alternated per --reps round):
-  chunked        per iteration a --budget token budget: every running decode, then chunks
-                 of in-progress prefills, then new requests FCFS (Sarathi-Serve)
+  chunked        per iteration a token budget (--budget, or from --tbt-slo-ms): every
+                 running decode, then chunks of in-progress prefills, then new requests
+                 FCFS (Sarathi-Serve)
   prefill-first  whole new prompts first (decodes wait), decodes when no prompt can start
                  (vLLM without chunked prefill), prompts up to --prefill-budget per batch
 TBT = time between consecutive tokens of a request (all gaps of all requests pooled);
 throughput = generated tokens / wall time of the replay. Target (issue 7): chunked p99
 TBT >= 2x lower than prefill-first at equal or better throughput.
+
+--tbt-slo-ms picks the budget as Sarathi-Serve does: before the replays, time prefill
+chunks of 1..128 tokens that follow the workload's longest prompt as context (the
+costliest chunks it will run), fit time = fixed + per-token x tokens, and take the
+largest budget predicted to fit the SLO (decodes count in the budget, one token each).
+
+Throughput is only comparable while the server keeps up with the arrivals: the report
+prints when the last request arrived and how long each policy took to drain after it.
+If the drain grows to seconds, lower --rate.
 
 Ratios: every round runs both policies back to back on the same requests, so each round
 gives a p99 TBT ratio (prefill-first / chunked) and a throughput ratio (chunked /
@@ -38,30 +67,42 @@ load), printed with the per-round values. The table pools all rounds.
 Examples:
   flow-node bench batching
   flow-node bench batching --requests 80 --rate 12 --budget 32 --json batching.json
+  flow-node bench batching --preset medium
+  flow-node bench batching --preset medium --tbt-slo-ms 40
 At a low --rate the server is mostly idle, batches stay small and both policies look
 alike; the difference shows when long prompts arrive while others decode.")]
 pub struct BenchBatchingArgs {
-    /// Model directory (any family; the deepest exit answers).
-    #[arg(long, default_value = "models/small")]
-    pub model: PathBuf,
-    /// Requests in the replay.
-    #[arg(long, default_value_t = 64)]
-    pub requests: usize,
-    /// Mean arrival rate (requests/s).
-    #[arg(long, default_value_t = 16.0)]
-    pub rate: f64,
-    /// Longest prompt (tokens).
-    #[arg(long, default_value_t = 900)]
-    pub max_prompt: u32,
-    /// Longest answer (tokens).
-    #[arg(long, default_value_t = 64)]
-    pub max_new: u32,
-    /// Token budget per iteration of the chunked policy.
-    #[arg(long, default_value_t = 64)]
-    pub budget: usize,
-    /// Most prompt tokens per prefill batch of the prefill-first policy.
-    #[arg(long, default_value_t = 2048)]
-    pub prefill_budget: usize,
+    /// Model directory (any family; the deepest exit answers). Default: models/small.
+    #[arg(long, conflicts_with = "preset")]
+    pub model: Option<PathBuf>,
+    /// Generate and serve a seeded checkpoint of this preset instead (`medium`: the
+    /// long-prompt workload; see below). Generated once into the cache directory.
+    #[arg(long, value_parser = super::model::parse_preset)]
+    pub preset: Option<Preset>,
+    /// Requests in the replay [default: 64; 48 with --preset medium].
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Mean arrival rate (requests/s) [default: 16; 1 with --preset medium].
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Longest prompt (tokens) [default: 900; 3968 with --preset medium].
+    #[arg(long)]
+    pub max_prompt: Option<u32>,
+    /// Longest answer (tokens) [default: 64; 128 with --preset medium].
+    #[arg(long)]
+    pub max_new: Option<u32>,
+    /// Token budget per iteration of the chunked policy [default: 64; 32 with --preset
+    /// medium].
+    #[arg(long, conflicts_with = "tbt_slo_ms")]
+    pub budget: Option<usize>,
+    /// Choose the chunked budget from this time-between-tokens SLO (ms) and the model's
+    /// measured iteration cost, instead of --budget.
+    #[arg(long)]
+    pub tbt_slo_ms: Option<f64>,
+    /// Most prompt tokens per prefill batch of the prefill-first policy [default: the
+    /// larger of 2048 and the model's positions, as vLLM requires without chunking].
+    #[arg(long)]
+    pub prefill_budget: Option<usize>,
     /// KV capacity in tokens (both policies).
     #[arg(long, default_value_t = 16384)]
     pub kv_capacity: usize,
@@ -79,6 +120,38 @@ pub struct BenchBatchingArgs {
     pub json: Option<PathBuf>,
 }
 
+/// The workload and budget after the preset's defaults are applied.
+#[derive(Debug, Clone, PartialEq)]
+struct Settings {
+    requests: usize,
+    rate: f64,
+    max_prompt: u32,
+    max_new: u32,
+    budget: usize,
+}
+
+impl Settings {
+    fn resolve(a: &BenchBatchingArgs) -> Self {
+        let long = a.preset == Some(Preset::Medium);
+        Settings {
+            requests: a.requests.unwrap_or(if long { 48 } else { 64 }),
+            rate: a.rate.unwrap_or(if long { 1.0 } else { 16.0 }),
+            max_prompt: a.max_prompt.unwrap_or(if long { 3968 } else { 900 }),
+            max_new: a.max_new.unwrap_or(if long { 128 } else { 64 }),
+            budget: a.budget.unwrap_or(if long { 32 } else { 64 }),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct CostReport {
+    fixed_ms: f64,
+    per_token_ms: f64,
+    context_tokens: usize,
+    /// (chunk tokens, median ms)
+    samples: Vec<(usize, f64)>,
+}
+
 #[derive(Debug, Serialize)]
 struct PolicyResult {
     policy: String,
@@ -88,6 +161,9 @@ struct PolicyResult {
     ttft_p99_ms: f64,
     throughput_tok_s: f64,
     wall_s: f64,
+    /// Median over rounds of the time from the last arrival to the end of the replay: a
+    /// server that keeps up drains in about one request's service time.
+    drain_s: f64,
     iterations: u64,
     preemptions: u64,
     stalled_iterations: u64,
@@ -97,6 +173,15 @@ struct PolicyResult {
 #[derive(Debug, Serialize)]
 struct Report {
     model: String,
+    rate: f64,
+    /// Chunked token budget (given, or chosen from the TBT SLO).
+    budget: usize,
+    prefill_budget: usize,
+    /// The SLO and the fitted iteration cost, when the budget came from --tbt-slo-ms.
+    tbt_slo_ms: Option<f64>,
+    iteration_cost: Option<CostReport>,
+    /// When the last request arrived (s after the start).
+    last_arrival_s: f64,
     requests: usize,
     prompt_tokens: usize,
     output_tokens: usize,
@@ -122,18 +207,18 @@ pub fn run(a: BenchBatchingArgs) -> anyhow::Result<()> {
     super::calibrate::in_pool(threads, move || bench(a))
 }
 
-fn workload(a: &BenchBatchingArgs, max_pos: usize) -> anyhow::Result<Vec<ReplayRequest>> {
+fn workload(s: &Settings, seed: u64, max_pos: usize) -> anyhow::Result<Vec<ReplayRequest>> {
     let trace = SyntheticConfig {
-        requests: a.requests,
-        request_tokens: (8, a.max_prompt.max(8)),
-        response_tokens: (4, a.max_new.max(4)),
+        requests: s.requests,
+        request_tokens: (8, s.max_prompt.max(8)),
+        response_tokens: (4, s.max_new.max(4)),
         failure_rate: 0.0,
-        seed: a.seed,
+        seed,
         ..Default::default()
     }
     .generate()?
-    .speed_up(a.rate)?;
-    let mut state = a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    .speed_up(s.rate)?;
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut byte = || {
         // xorshift64: printable bytes, deterministic per seed.
         state ^= state << 13;
@@ -148,8 +233,8 @@ fn workload(a: &BenchBatchingArgs, max_pos: usize) -> anyhow::Result<Vec<ReplayR
         if p + n > max_pos {
             anyhow::bail!(
                 "--max-prompt {} + --max-new {} exceed the model's {max_pos} positions",
-                a.max_prompt,
-                a.max_new
+                s.max_prompt,
+                s.max_new
             );
         }
         out.push(ReplayRequest {
@@ -161,15 +246,115 @@ fn workload(a: &BenchBatchingArgs, max_pos: usize) -> anyhow::Result<Vec<ReplayR
     Ok(out)
 }
 
+/// Seed and layout of the checkpoints `--preset` generates.
+const PRESET_SEED: u64 = 1;
+const PRESET_LAYOUT: Layout = Layout::Qwen2;
+
+/// The directory of `preset`'s generated checkpoint under `root`, named by what decides
+/// its contents so a changed preset never reuses a stale checkpoint.
+fn preset_dir(root: &Path, preset: Preset, cfg: &ModelConfig) -> PathBuf {
+    let name = serde_json::to_value(preset)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{preset:?}").to_lowercase());
+    root.join(format!(
+        "{name}-h{}-l{}-p{}-{}-seed{PRESET_SEED}",
+        cfg.hidden_size,
+        cfg.num_layers,
+        cfg.max_position_embeddings,
+        PRESET_LAYOUT.model_type()
+    ))
+}
+
+/// The checkpoint of `preset` under `root`, generated (seeded, into a temporary directory
+/// renamed into place) unless a complete one with the same configuration is there.
+fn preset_checkpoint(root: &Path, preset: Preset) -> anyhow::Result<PathBuf> {
+    let cfg = preset_config(preset, PRESET_LAYOUT)?;
+    let dir = preset_dir(root, preset, &cfg);
+    if let Ok(have) = ModelConfig::from_file(&dir.join("config.json")) {
+        if have == cfg && dir.join("model.safetensors").is_file() {
+            return Ok(dir);
+        }
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let tmp = root.join(format!(".tmp-{}", std::process::id()));
+    eprintln!(
+        "generating the seeded {} checkpoint in {} (once) ...",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("preset"),
+        root.display()
+    );
+    init_checkpoint(preset, PRESET_LAYOUT, PRESET_SEED, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("removing the stale {}", dir.display()))?;
+    }
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("moving {} to {}", tmp.display(), dir.display()))?;
+    Ok(dir)
+}
+
+fn model_dir(a: &BenchBatchingArgs) -> anyhow::Result<PathBuf> {
+    match (&a.model, a.preset) {
+        (Some(m), _) => Ok(m.clone()),
+        (None, Some(p)) => {
+            let root = super::plan::cache_dir()
+                .unwrap_or_else(|| std::env::temp_dir().join("aiflow"))
+                .join("bench-models");
+            preset_checkpoint(&root, p)
+        }
+        (None, None) => Ok(PathBuf::from("models/small")),
+    }
+}
+
+/// Calibration chunk sizes for --tbt-slo-ms (those that fit after `context` tokens).
+const SLO_CHUNKS: [usize; 6] = [1, 8, 16, 32, 64, 128];
+
+/// The chunked budget for a TBT SLO: iteration cost measured on `model` for chunks after
+/// `context` tokens of context (clamped so the largest chunk fits the positions).
+fn budget_from_slo(
+    model: &FamilialModel,
+    point: usize,
+    context: usize,
+    slo_ms: f64,
+) -> anyhow::Result<(usize, CostReport)> {
+    let max_pos = model.config().max_position_embeddings;
+    let largest = SLO_CHUNKS[SLO_CHUNKS.len() - 1];
+    let context = context.min(max_pos.saturating_sub(largest));
+    let (cost, samples) = measure_iteration_cost(model, point, context, &SLO_CHUNKS, 5)?;
+    let budget = cost
+        .budget_for(slo_ms / 1e3)
+        .context("choosing the budget from --tbt-slo-ms")?;
+    let report = CostReport {
+        fixed_ms: cost.fixed_s * 1e3,
+        per_token_ms: cost.per_token_s * 1e3,
+        context_tokens: context,
+        samples: samples.iter().map(|&(n, t)| (n, t * 1e3)).collect(),
+    };
+    Ok((budget, report))
+}
+
 fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
-    let cfg = ModelConfig::from_file(&a.model.join("config.json"))
-        .with_context(|| format!("reading {}/config.json", a.model.display()))?;
-    let model = FamilialModel::load(&a.model)?;
+    let dir = model_dir(&a)?;
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))
+        .with_context(|| format!("reading {}/config.json", dir.display()))?;
+    let model = FamilialModel::load(&dir)?;
     let point = *cfg.exit_points().last().unwrap_or(&cfg.num_layers);
-    let reqs = workload(&a, cfg.max_position_embeddings)?;
+    let mut set = Settings::resolve(&a);
+    let reqs = workload(&set, a.seed, cfg.max_position_embeddings)?;
+    let mut cost_report = None;
+    if let Some(slo) = a.tbt_slo_ms {
+        let longest = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        let (b, report) = budget_from_slo(&model, point, longest, slo)?;
+        set.budget = b;
+        cost_report = Some(report);
+    }
+    let prefill_budget = a
+        .prefill_budget
+        .unwrap_or(cfg.max_position_embeddings.max(2048));
     let policies = [
-        ("chunked", Policy::Chunked, a.budget),
-        ("prefill-first", Policy::PrefillFirst, a.prefill_budget),
+        ("chunked", Policy::Chunked, set.budget),
+        ("prefill-first", Policy::PrefillFirst, prefill_budget),
     ];
     let pb = ProgressBar::new((a.reps.max(1) * policies.len()) as u64);
     pb.set_style(
@@ -200,6 +385,7 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let last_arrival_s = reqs.last().map_or(0.0, |r| r.arrival_ms as f64 / 1e3);
     let results: Vec<PolicyResult> = policies
         .iter()
         .zip(&runs)
@@ -223,6 +409,12 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
                 ttft_p99_ms: quantile(&ttft, 0.99) * 1e3,
                 throughput_tok_s: thr[thr.len() / 2],
                 wall_s: rs.iter().map(|r| r.wall_s).sum::<f64>() / rs.len() as f64,
+                drain_s: quantile(
+                    &rs.iter()
+                        .map(|r| r.wall_s - last_arrival_s)
+                        .collect::<Vec<_>>(),
+                    0.5,
+                ),
                 iterations: sum(|r| r.stats.iterations),
                 preemptions: sum(|r| r.stats.preemptions),
                 stalled_iterations: sum(|r| r.stats.stalled_iterations),
@@ -241,7 +433,13 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
         .map(|(c, p)| c.throughput() / p.throughput())
         .collect();
     let report = Report {
-        model: a.model.display().to_string(),
+        model: dir.display().to_string(),
+        rate: set.rate,
+        budget: set.budget,
+        prefill_budget,
+        tbt_slo_ms: a.tbt_slo_ms,
+        iteration_cost: cost_report,
+        last_arrival_s,
         requests: reqs.len(),
         prompt_tokens: reqs.iter().map(|r| r.prompt.len()).sum(),
         output_tokens: reqs.iter().map(|r| r.max_new).sum(),
@@ -253,13 +451,37 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
         results,
     };
     println!(
-        "bench batching: {} requests ({} prompt tokens, {} generated), {} at {} req/s, {} round(s)",
+        "bench batching: {} requests ({} prompt tokens, longest {}; {} generated), {} at {} req/s, {} round(s)",
         report.requests,
         report.prompt_tokens,
+        reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0),
         report.output_tokens,
         report.model,
-        a.rate,
+        set.rate,
         a.reps.max(1)
+    );
+    if let (Some(slo), Some(c)) = (a.tbt_slo_ms, &report.iteration_cost) {
+        let pts: Vec<String> = c
+            .samples
+            .iter()
+            .map(|(n, ms)| format!("{n}: {ms:.1} ms"))
+            .collect();
+        println!(
+            "TBT SLO {slo} ms: iteration = {:.2} ms + {:.4} ms/token (chunks after {} tokens of context; {}) -> budget {} tokens",
+            c.fixed_ms,
+            c.per_token_ms,
+            c.context_tokens,
+            pts.join(", "),
+            report.budget
+        );
+    }
+    println!(
+        "chunked budget {} tokens/iteration, prefill-first up to {} prompt tokens/batch; last arrival at {:.1} s, drained after it (median): chunked {:.2} s, prefill-first {:.2} s",
+        report.budget,
+        report.prefill_budget,
+        report.last_arrival_s,
+        report.results[0].drain_s,
+        report.results[1].drain_s
     );
     println!("| policy | TBT p50 | TBT p99 | TTFT p50 | TTFT p99 | throughput | iterations | stalled | preemptions | max batch |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
@@ -300,4 +522,88 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: BenchBatchingArgs,
+    }
+
+    fn args(v: &[&str]) -> BenchBatchingArgs {
+        Cli::try_parse_from(std::iter::once("bench").chain(v.iter().copied()))
+            .unwrap()
+            .a
+    }
+
+    #[test]
+    fn medium_preset_defaults_to_the_long_prompt_workload() {
+        let small = Settings::resolve(&args(&[]));
+        assert_eq!(
+            small,
+            Settings {
+                requests: 64,
+                rate: 16.0,
+                max_prompt: 900,
+                max_new: 64,
+                budget: 64
+            }
+        );
+        let medium = Settings::resolve(&args(&["--preset", "medium"]));
+        assert_eq!((medium.max_prompt, medium.max_new), (3968, 128));
+        // Explicit values win over the preset's defaults.
+        let m = Settings::resolve(&args(&["--preset", "medium", "--budget", "32"]));
+        assert_eq!(m.budget, 32);
+        // A fixed budget and an SLO-chosen one exclude each other, as do model and preset.
+        let cli = |v: &[&str]| Cli::try_parse_from(std::iter::once("b").chain(v.iter().copied()));
+        assert!(cli(&["--budget", "32", "--tbt-slo-ms", "20"]).is_err());
+        assert!(cli(&["--model", "x", "--preset", "medium"]).is_err());
+        assert!(cli(&["--preset", "huge"]).is_err());
+    }
+
+    #[test]
+    fn long_workload_fits_the_medium_positions_and_has_long_prompts() {
+        let set = Settings::resolve(&args(&["--preset", "medium"]));
+        let cfg = preset_config(Preset::Medium, PRESET_LAYOUT).unwrap();
+        let reqs = workload(&set, 7, cfg.max_position_embeddings).unwrap();
+        assert_eq!(reqs.len(), set.requests);
+        assert!(reqs.iter().any(|r| r.prompt.len() >= 1000));
+        assert!(reqs
+            .iter()
+            .all(|r| r.prompt.len() + r.max_new <= cfg.max_position_embeddings));
+        // The default small model cannot take these prompts: refused, not truncated.
+        assert!(workload(&set, 7, 1024).is_err());
+    }
+
+    #[test]
+    fn preset_checkpoint_is_generated_once_and_reused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = preset_checkpoint(root.path(), Preset::Tiny).unwrap();
+        let cfg = preset_config(Preset::Tiny, PRESET_LAYOUT).unwrap();
+        assert_eq!(
+            ModelConfig::from_file(&dir.join("config.json")).unwrap(),
+            cfg
+        );
+        FamilialModel::load(&dir).unwrap();
+        let st = dir.join("model.safetensors");
+        let before = std::fs::metadata(&st).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(preset_checkpoint(root.path(), Preset::Tiny).unwrap(), dir);
+        assert_eq!(std::fs::metadata(&st).unwrap().modified().unwrap(), before);
+        // A damaged checkpoint (config of another size) is regenerated.
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        preset_checkpoint(root.path(), Preset::Tiny).unwrap();
+        assert_eq!(
+            ModelConfig::from_file(&dir.join("config.json")).unwrap(),
+            cfg
+        );
+        // No temporary directory is left behind.
+        let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert_eq!(left.len(), 1);
+    }
 }

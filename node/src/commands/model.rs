@@ -72,8 +72,10 @@ impl DtypeArg {
 Then: `flow-node model inspect DIR` and `flow-node model run DIR --exit E --prompt TEXT`.", exit_help!()))]
 pub struct InitArgs {
     /// Family size: `tiny` (tests, ~0.4M parameters, exits 1/3/5), `small` (demo, ~2.4M,
-    /// exits 1/3/5/7) or `moe-small` (layers 4-7 Mixture-of-Experts, 8 experts, top-2;
-    /// layout qwen2_moe unless --layout mixtral).
+    /// exits 1/3/5/7), `moe-small` (layers 4-7 Mixture-of-Experts, 8 experts, top-2;
+    /// layout qwen2_moe unless --layout mixtral) or `medium` (serving benchmarks: hidden
+    /// 384, 6 layers, exits 1/3/5, 4096 positions, ~10M parameters; seeded weights give
+    /// meaningless text but real compute costs, see `flow-node bench batching --preset`).
     #[arg(long, default_value = "tiny", value_parser = parse_preset)]
     pub preset: Preset,
     /// Tensor naming / architecture (HF `model_type`): ruyi_qwen2 (own exit blocks, norms and
@@ -237,6 +239,7 @@ fn preset_name(p: Preset) -> &'static str {
         Preset::Tiny => "tiny",
         Preset::Small => "small",
         Preset::MoeSmall => "moe-small",
+        Preset::Medium => "medium",
     }
 }
 

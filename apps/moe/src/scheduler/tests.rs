@@ -373,3 +373,38 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn iteration_cost_fit_recovers_a_line_and_picks_the_slo_budget() {
+    // 2 ms fixed + 0.1 ms per token, exactly.
+    let samples: Vec<(usize, f64)> = [1, 16, 64, 256]
+        .iter()
+        .map(|&n| (n, 2e-3 + 1e-4 * n as f64))
+        .collect();
+    let c = IterationCost::fit(&samples).unwrap();
+    assert!((c.fixed_s - 2e-3).abs() < 1e-9, "{c:?}");
+    assert!((c.per_token_s - 1e-4).abs() < 1e-12, "{c:?}");
+    // 10 ms SLO: (10 - 2) / 0.1 = 80 tokens; an 80-token iteration fits, 81 does not.
+    let b = c.budget_for(10e-3).unwrap();
+    assert_eq!(b, 80);
+    assert!(c.seconds(b) <= 10e-3 + 1e-12 && c.seconds(b + 1) > 10e-3);
+    // A tighter SLO gives a smaller budget; one below a single-token iteration errors.
+    assert!(c.budget_for(5e-3).unwrap() < b);
+    assert!(c.budget_for(2.05e-3).is_err());
+    assert!(c.budget_for(0.0).is_err());
+    assert!(c.budget_for(f64::NAN).is_err());
+}
+
+#[test]
+fn iteration_cost_fit_rejects_what_cannot_be_fitted() {
+    // One size only: no slope.
+    assert!(IterationCost::fit(&[(64, 1e-3), (64, 2e-3)]).is_err());
+    assert!(IterationCost::fit(&[]).is_err());
+    // Cost falling with size (noise on tiny iterations).
+    assert!(IterationCost::fit(&[(1, 2e-3), (64, 1e-3)]).is_err());
+    assert!(IterationCost::fit(&[(1, f64::INFINITY), (64, 1e-3)]).is_err());
+    // Noise below the line: the intercept is clamped to 0, never negative.
+    let c = IterationCost::fit(&[(10, 0.0), (20, 2e-3), (30, 4e-3)]).unwrap();
+    assert_eq!(c.fixed_s, 0.0);
+    assert!(c.per_token_s > 0.0);
+}
