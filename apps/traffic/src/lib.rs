@@ -22,6 +22,7 @@
 //!
 //! Everything here is deterministic: the same inputs give the same bytes.
 
+pub mod calibration;
 pub mod congestion;
 pub mod controller;
 pub mod dataset;

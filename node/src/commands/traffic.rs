@@ -25,6 +25,9 @@ pub enum TrafficCmd {
     Dataset(DatasetArgs),
     /// Train the familial vision model (device + edge exits) on rendered frames.
     Train(super::traffic_bench::TrainArgs),
+    /// Fit a monotone calibration of the model's congestion index on SUMO frames of the
+    /// training seeds and write it next to the model (ci_calibration.json).
+    Calibrate(super::traffic_bench::CalibrateArgs),
 }
 
 pub fn run(cmd: TrafficCmd) -> anyhow::Result<()> {
@@ -32,6 +35,7 @@ pub fn run(cmd: TrafficCmd) -> anyhow::Result<()> {
         TrafficCmd::Run(a) => run_scenario(*a),
         TrafficCmd::Dataset(a) => write_dataset(a),
         TrafficCmd::Train(a) => super::traffic_bench::train(a),
+        TrafficCmd::Calibrate(a) => super::traffic_bench::calibrate(a),
     }
 }
 
@@ -196,6 +200,11 @@ pub struct LinkArgs {
     pub camera_cert: Option<PathBuf>,
     #[arg(long)]
     pub camera_key: Option<PathBuf>,
+    /// Ignore the model folder's `ci_calibration.json` (written by `flow-node traffic
+    /// calibrate`) and hand the controller the model's raw congestion index. By default
+    /// the calibration is applied when the file exists.
+    #[arg(long)]
+    pub no_calibration: bool,
 }
 
 /// Cameras + an edge service on a private runtime, as one [`Detector`]. Fields drop in
@@ -228,6 +237,30 @@ impl Drop for QuicSplit {
 /// The vision family in `dir` as a split detector: device exit on the cameras, edge exit
 /// behind QUIC (or in process with `--in-process`).
 pub fn model_detector(
+    dir: &std::path::Path,
+    threshold: f32,
+    link: &LinkArgs,
+) -> anyhow::Result<Box<dyn Detector>> {
+    let det = raw_model_detector(dir, threshold, link)?;
+    if link.no_calibration {
+        return Ok(det);
+    }
+    match flow_traffic::calibration::CiCalibration::load(dir)? {
+        None => Ok(det),
+        Some(calibration) => {
+            tracing::info!(
+                knots = calibration.knots.len(),
+                "applying the congestion-index calibration"
+            );
+            Ok(Box::new(flow_traffic::calibration::Calibrated {
+                inner: det,
+                calibration,
+            }))
+        }
+    }
+}
+
+fn raw_model_detector(
     dir: &std::path::Path,
     threshold: f32,
     link: &LinkArgs,

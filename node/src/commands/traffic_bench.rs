@@ -75,28 +75,37 @@ pub struct TrainArgs {
 /// controller (exact inputs, classical detector, which is only scored), every step's
 /// approach scenes kept.
 fn sumo_scenes(a: &TrainArgs) -> anyhow::Result<Vec<flow_traffic::scene::Scene>> {
-    let mut scenario = Scenario::load(&a.scenario)?;
+    capture_scenes(&a.scenario, &a.sumo_seeds, a.sumo_end, &a.sumo)
+}
+
+fn capture_scenes(
+    scenario: &std::path::Path,
+    seeds: &[u64],
+    end: f64,
+    sumo_bin: &str,
+) -> anyhow::Result<Vec<flow_traffic::scene::Scene>> {
+    let mut scenario = Scenario::load(scenario)?;
     let own = scenario.file.seed;
-    if a.sumo_seeds.is_empty() {
+    if seeds.is_empty() {
         anyhow::bail!("--sumo-frames needs at least one --sumo-seeds");
     }
-    if a.sumo_seeds.contains(&own) {
+    if seeds.contains(&own) {
         anyhow::bail!(
             "--sumo-seeds must not contain the scenario's own seed {own}: that run is the \
              benchmark (`flow-node bench traffic`), and training on it would leak it"
         );
     }
     let mut scenes = Vec::new();
-    for &seed in &a.sumo_seeds {
+    for &seed in seeds {
         scenario.file.seed = seed;
         for mode in [Mode::Fixed, Mode::Adaptive, Mode::Preempt] {
             let dir = tempfile::tempdir()?;
             let mut opts = RunOptions::new(mode, dir.path().to_path_buf());
-            opts.end_s = Some(a.sumo_end);
+            opts.end_s = Some(end);
             opts.truth = TruthInputs::parse("both")?;
-            opts.sumo = a.sumo.clone();
+            opts.sumo = sumo_bin.to_string();
             opts.capture_scenes_every = 1;
-            let pb = sim_progress(&format!("seed {seed} {}", mode.name()), a.sumo_end);
+            let pb = sim_progress(&format!("seed {seed} {}", mode.name()), end);
             let mut det = sumo::ClassicalDetector::new(Camera::default());
             let r = sumo::run(&scenario, &opts, &mut det, &mut |now, _| {
                 pb.set_position(now as u64)
@@ -106,6 +115,114 @@ fn sumo_scenes(a: &TrainArgs) -> anyhow::Result<Vec<flow_traffic::scene::Scene>>
         }
     }
     Ok(scenes)
+}
+
+#[derive(clap::Args, Debug)]
+#[command(before_long_help = "\
+Fit a monotone (isotonic) calibration of the vision model's congestion index and write it
+next to the model as ci_calibration.json; `flow-node traffic run` and `bench traffic` apply
+it when the file exists (--no-calibration turns it off).
+
+Why: the model over-reads empty approaches by a few hundredths, enough to stop an empty
+approach from gapping out. The fit needs frames whose true index is known: the scenario is
+run in SUMO with the training seeds (--seeds; the scenario's own seed is the benchmark and
+is refused), every step's approach scenes kept, --frames of them re-rendered under a random
+condition preset each, and the split detector (device exit, escalating below --threshold,
+exactly what the controller sees) is run on them. The pairs (predicted, true) are pooled by
+pool-adjacent-violators into a non-decreasing piecewise-linear map.
+
+Example:
+  flow-node traffic calibrate --model models/traffic --frames 4000")]
+pub struct CalibrateArgs {
+    /// Model folder (vision.json, vision.safetensors); the calibration is written here.
+    #[arg(long, default_value = "models/traffic")]
+    pub model: PathBuf,
+    /// Frames rendered from the captured scenes for the fit.
+    #[arg(long, default_value_t = 4000)]
+    pub frames: usize,
+    /// SUMO seeds to capture scenes from; must differ from the scenario's own seed.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub seeds: Vec<u64>,
+    /// Seed of the frame draw and rendering (other than training's, so the frames are new
+    /// renders of the training seeds' scenes).
+    #[arg(long, default_value_t = 11)]
+    pub seed: u64,
+    /// Device-exit confidence below which a frame escalates (as in `bench traffic`).
+    #[arg(long, default_value_t = 0.9)]
+    pub threshold: f32,
+    /// Smallest number of frames behind one knot of the map.
+    #[arg(long, default_value_t = 40)]
+    pub min_block: usize,
+    #[arg(long, default_value = "testbed/traffic/peak-hour")]
+    pub scenario: PathBuf,
+    #[arg(long, default_value_t = 1800.0)]
+    pub sumo_end: f64,
+    #[arg(long, default_value = "sumo")]
+    pub sumo: String,
+}
+
+pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<()> {
+    use flow_traffic::calibration::{CiCalibration, FILE};
+    let model = VisionFamily::load(&a.model)
+        .with_context(|| format!("loading the vision model {}", a.model.display()))?;
+    let scenes = capture_scenes(&a.scenario, &a.seeds, a.sumo_end, &a.sumo)?;
+    let conditions: Vec<String> = Condition::PRESETS.iter().map(|s| s.to_string()).collect();
+    let samples = dataset::from_scenes(&scenes, a.frames, a.seed, &conditions)?;
+    let det = ModelDetector {
+        model,
+        threshold: a.threshold,
+    };
+    let pb = ProgressBar::new(samples.len() as u64);
+    let mut pred = Vec::with_capacity(samples.len());
+    let mut truth = Vec::with_capacity(samples.len());
+    for s in &samples {
+        pred.push(det.infer(&s.frame)?.congestion);
+        truth.push(s.labels.congestion);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let mut cal = CiCalibration::fit(&pred, &truth, a.min_block.max(1))?;
+    cal.source = format!(
+        "{} frames from {} scenes, seeds {:?}, threshold {:.2}, min block {}",
+        samples.len(),
+        scenes.len(),
+        a.seeds,
+        a.threshold,
+        a.min_block
+    );
+    let bands = [0.0f32, 0.05, 0.15, 0.30, 0.50, 1.01];
+    println!("| true CI band | frames | raw bias / MAE | calibrated bias / MAE |");
+    println!("|---|---|---|---|");
+    for w in bands.windows(2) {
+        let idx: Vec<usize> = (0..truth.len())
+            .filter(|&i| truth[i] >= w[0] && truth[i] < w[1])
+            .collect();
+        if idx.is_empty() {
+            continue;
+        }
+        let n = idx.len() as f64;
+        let stat = |f: &dyn Fn(usize) -> f32| {
+            let b = idx.iter().map(|&i| (f(i) - truth[i]) as f64).sum::<f64>() / n;
+            let m = idx
+                .iter()
+                .map(|&i| (f(i) - truth[i]).abs() as f64)
+                .sum::<f64>()
+                / n;
+            (b, m)
+        };
+        let (rb, rm) = stat(&|i| pred[i]);
+        let (cb, cm) = stat(&|i| cal.apply(pred[i]));
+        println!(
+            "| {:.2}-{:.2} | {} | {rb:+.3} / {rm:.3} | {cb:+.3} / {cm:.3} |",
+            w[0],
+            w[1].min(1.0),
+            idx.len()
+        );
+    }
+    println!("{} knots: {:?}", cal.knots.len(), cal.knots);
+    cal.save(&a.model)?;
+    println!("wrote {}", a.model.join(FILE).display());
+    Ok(())
 }
 
 /// Accuracy of every exit, and of the escalating split, on one condition.
