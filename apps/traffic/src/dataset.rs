@@ -188,13 +188,7 @@ pub fn generate(spec: &DatasetSpec) -> Result<Vec<Sample>> {
             seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
             frame: rng.next_u64() % 1024,
         };
-        let frame = render(&scene);
-        let labels = labels(&scene, name);
-        out.push(Sample {
-            scene,
-            frame,
-            labels,
-        });
+        out.push(labelled(scene, name));
     }
     Ok(out)
 }
@@ -238,15 +232,20 @@ pub fn from_scenes(
             seed: seed.wrapping_mul(2_000_003).wrapping_add(i as u64),
             ..base_scene.clone()
         };
-        let frame = render(&scene);
-        let labels = labels(&scene, name);
-        out.push(Sample {
-            scene,
-            frame,
-            labels,
-        });
+        out.push(labelled(scene, name));
     }
     Ok(out)
+}
+
+/// `scene` rendered and labelled under the condition preset `name`.
+fn labelled(scene: Scene, name: &str) -> Sample {
+    let frame = render(&scene);
+    let labels = labels(&scene, name);
+    Sample {
+        scene,
+        frame,
+        labels,
+    }
 }
 
 /// Write samples as `NNNNNN.ppm` frames plus `labels.jsonl` (one JSON object per frame,

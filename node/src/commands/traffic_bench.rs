@@ -61,12 +61,20 @@ pub struct TrainArgs {
     /// SUMO seeds of those runs; must differ from the scenario's own seed.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     pub sumo_seeds: Vec<u64>,
+    #[command(flatten)]
+    pub capture: SumoCapture,
+}
+
+/// Where captured SUMO scenes come from (`traffic train --sumo-frames`, `traffic calibrate`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SumoCapture {
     /// Scenario the SUMO frames come from.
     #[arg(long, default_value = "testbed/traffic/peak-hour")]
     pub scenario: PathBuf,
     /// Simulated seconds per SUMO run.
     #[arg(long, default_value_t = 1800.0)]
     pub sumo_end: f64,
+    /// The `sumo` binary to run.
     #[arg(long, default_value = "sumo")]
     pub sumo: String,
 }
@@ -74,17 +82,12 @@ pub struct TrainArgs {
 /// Scenes of the deployment's traffic: `scenario` run with each of `seeds` under every
 /// controller (exact inputs, classical detector, which is only scored), every step's
 /// approach scenes kept.
-fn sumo_scenes(a: &TrainArgs) -> anyhow::Result<Vec<flow_traffic::scene::Scene>> {
-    capture_scenes(&a.scenario, &a.sumo_seeds, a.sumo_end, &a.sumo)
-}
-
 fn capture_scenes(
-    scenario: &std::path::Path,
+    capture: &SumoCapture,
     seeds: &[u64],
-    end: f64,
-    sumo_bin: &str,
 ) -> anyhow::Result<Vec<flow_traffic::scene::Scene>> {
-    let mut scenario = Scenario::load(scenario)?;
+    let (end, sumo_bin) = (capture.sumo_end, capture.sumo.as_str());
+    let mut scenario = Scenario::load(&capture.scenario)?;
     let own = scenario.file.seed;
     if seeds.is_empty() {
         anyhow::bail!("--sumo-frames needs at least one --sumo-seeds");
@@ -153,19 +156,15 @@ pub struct CalibrateArgs {
     /// Smallest number of frames behind one knot of the map.
     #[arg(long, default_value_t = 40)]
     pub min_block: usize,
-    #[arg(long, default_value = "testbed/traffic/peak-hour")]
-    pub scenario: PathBuf,
-    #[arg(long, default_value_t = 1800.0)]
-    pub sumo_end: f64,
-    #[arg(long, default_value = "sumo")]
-    pub sumo: String,
+    #[command(flatten)]
+    pub capture: SumoCapture,
 }
 
 pub fn calibrate(a: CalibrateArgs) -> anyhow::Result<()> {
     use flow_traffic::calibration::{CiCalibration, FILE};
     let model = VisionFamily::load(&a.model)
         .with_context(|| format!("loading the vision model {}", a.model.display()))?;
-    let scenes = capture_scenes(&a.scenario, &a.seeds, a.sumo_end, &a.sumo)?;
+    let scenes = capture_scenes(&a.capture, &a.seeds)?;
     let conditions: Vec<String> = Condition::PRESETS.iter().map(|s| s.to_string()).collect();
     let samples = dataset::from_scenes(&scenes, a.frames, a.seed, &conditions)?;
     let det = ModelDetector {
@@ -330,7 +329,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     spin.finish_and_clear();
     if a.sumo_frames > 0 {
         let t = std::time::Instant::now();
-        let scenes = sumo_scenes(&a)?;
+        let scenes = capture_scenes(&a.capture, &a.sumo_seeds)?;
         let conditions: Vec<String> = Condition::PRESETS.iter().map(|s| s.to_string()).collect();
         let extra = dataset::from_scenes(&scenes, a.sumo_frames, a.seed, &conditions)?;
         let evs = extra.iter().filter(|s| s.labels.emergency).count();
