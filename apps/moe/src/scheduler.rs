@@ -11,6 +11,14 @@
 //!    cap (`B`, so step 1 always fits) and KV memory allow; the head of the queue is never
 //!    overtaken (no starvation of long prompts).
 //!
+//! With a [`TimeLimit`] (an [`IterationCost`] model and a time-between-tokens SLO) the
+//! chunks of steps 2-3 are also cut so the iteration's *predicted time* stays within the
+//! SLO. The model counts attention: a chunk deep into a long prompt attends to every
+//! cached position before it, so it gets fewer tokens than one at the prompt's start, and
+//! every iteration (hence every decode's gap) stays near the SLO instead of a fixed token
+//! count costing more and more as the context grows. When the decodes alone use the whole
+//! SLO, the oldest prefill still advances by one token, so prefills never starve.
+//!
 //! KV memory is counted in tokens. A request reserves its prompt on admission and grows by
 //! one token per decode; when a decode cannot grow, the most recently admitted request is
 //! **preempted** (its KV dropped, to be recomputed from prompt + generated tokens when it is
@@ -39,7 +47,7 @@ pub enum Policy {
 }
 
 /// Scheduler limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SchedulerConfig {
     /// Most tokens one iteration processes (decodes count one each). Also caps the number
     /// of running requests, so every decode always fits.
@@ -47,6 +55,86 @@ pub struct SchedulerConfig {
     /// KV memory in tokens across all running requests.
     pub kv_capacity: usize,
     pub policy: Policy,
+    /// [`Policy::Chunked`] only: also cut prefill chunks so each iteration's predicted time
+    /// fits an SLO (`None`: the token budget alone).
+    pub time_limit: Option<TimeLimit>,
+}
+
+/// A per-iteration time limit: prefill chunks are cut so that `cost` predicts at most
+/// `slo_s` seconds for the iteration (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimeLimit {
+    pub cost: IterationCost,
+    /// Time-between-tokens SLO, seconds.
+    pub slo_s: f64,
+}
+
+/// (query, key) pairs the causal attention of a prefill chunk of `len` tokens after `start`
+/// cached positions computes: each of its tokens attends to the cache and to the chunk up
+/// to itself. A decode at context `c` is `attended_pairs(c, 1)`.
+pub fn attended_pairs(start: usize, len: usize) -> usize {
+    len * start + len * (len + 1) / 2
+}
+
+/// What an iteration being formed has used so far, checked against its [`TimeLimit`].
+#[derive(Debug, Clone, Copy)]
+struct Meter {
+    limit: Option<TimeLimit>,
+    tokens: usize,
+    attended: usize,
+    /// Prefill chunks placed so far.
+    chunks: usize,
+}
+
+impl Meter {
+    fn new(limit: Option<TimeLimit>) -> Self {
+        Self {
+            limit,
+            tokens: 0,
+            attended: 0,
+            chunks: 0,
+        }
+    }
+
+    fn add(&mut self, start: usize, len: usize) {
+        self.tokens += len;
+        self.attended += attended_pairs(start, len);
+    }
+
+    /// Count a prefill chunk placed in the iteration.
+    fn add_chunk(&mut self, start: usize, len: usize) {
+        self.add(start, len);
+        self.chunks += 1;
+    }
+
+    /// How many of `want` prompt tokens starting at position `start` fit the time limit
+    /// (all of them without one). The first chunk of an iteration always gets at least one
+    /// token, so prefills advance even when the decodes alone fill the SLO.
+    fn fit(&self, start: usize, want: usize) -> usize {
+        let Some(l) = self.limit else {
+            return want;
+        };
+        let fits = |n: usize| {
+            l.cost
+                .seconds(self.tokens + n, self.attended + attended_pairs(start, n))
+                <= l.slo_s
+        };
+        // The predicted time grows with n: binary search the largest n that fits.
+        let (mut lo, mut hi) = (0usize, want);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        if lo == 0 && self.chunks == 0 {
+            want.min(1)
+        } else {
+            lo
+        }
+    }
 }
 
 /// A request as the scheduler sees it.
@@ -288,30 +376,33 @@ impl Scheduler {
     fn schedule_chunked(&mut self, batch: &mut Batch) {
         self.reserve_decodes(batch);
         let mut left = self.cfg.token_budget;
+        let mut meter = Meter::new(self.cfg.time_limit);
         for s in self.running.iter_mut().filter(|s| s.decoding()) {
             if left == 0 {
                 break; // unreachable: running.len() <= token_budget
             }
             batch.work.push(Work::Decode { id: s.req.id });
+            meter.add(s.kv, 1);
             s.kv += 1;
             s.generated += 1;
             left -= 1;
         }
         for s in self.running.iter_mut().filter(|s| !s.decoding()) {
-            if left == 0 {
+            let len = meter.fit(s.prefilled, (s.target - s.prefilled).min(left));
+            if len == 0 {
                 break;
             }
-            let len = (s.target - s.prefilled).min(left);
+            meter.add_chunk(s.prefilled, len);
             batch.work.push(prefill(s, len));
             left -= len;
         }
-        self.admit(batch, &mut left, true);
+        self.admit(batch, &mut left, Some(&mut meter));
     }
 
     fn schedule_prefill_first(&mut self, batch: &mut Batch) {
         let mut left = self.cfg.token_budget;
         let had_decodes = self.running.iter().any(Seq::decoding);
-        self.admit(batch, &mut left, false);
+        self.admit(batch, &mut left, None);
         if !batch.work.is_empty() {
             if had_decodes {
                 self.stats.stalled_iterations += 1;
@@ -326,27 +417,29 @@ impl Scheduler {
         }
     }
 
-    /// Admit waiting requests FCFS. `chunk`: a prompt may be split to fit the budget left;
-    /// otherwise whole prompts only (the first always goes, even if larger than the budget).
-    fn admit(&mut self, batch: &mut Batch, left: &mut usize, chunk: bool) {
+    /// Admit waiting requests FCFS. With a `meter` (chunked) a prompt may be split to fit
+    /// the budget and time left; without, whole prompts only (the first always goes, even
+    /// if larger than the budget).
+    fn admit(&mut self, batch: &mut Batch, left: &mut usize, mut meter: Option<&mut Meter>) {
         while let Some(head) = self.waiting.front() {
             let free = self.cfg.kv_capacity.saturating_sub(self.kv_used());
             let first = batch.work.iter().all(|w| matches!(w, Work::Decode { .. }));
-            let fits_budget = if chunk {
-                *left > 0
-            } else {
-                head.target <= *left || first
+            let len = match meter.as_deref() {
+                Some(m) => m.fit(0, head.target.min(*left)),
+                None if head.target <= *left || first => head.target,
+                None => 0,
             };
             // Reserve the context and one decode token so admission itself never preempts.
-            if !fits_budget || head.target + 1 > free || self.running.len() >= self.cfg.token_budget
-            {
+            if len == 0 || head.target + 1 > free || self.running.len() >= self.cfg.token_budget {
                 return;
             }
             let Some(mut s) = self.waiting.pop_front() else {
                 return;
             };
             s.kv = s.target;
-            let len = if chunk { s.target.min(*left) } else { s.target };
+            if let Some(m) = meter.as_deref_mut() {
+                m.add_chunk(0, len);
+            }
             batch.work.push(prefill(&mut s, len));
             *left = left.saturating_sub(len);
             self.running.push(s);
@@ -443,77 +536,172 @@ pub fn plan_chunks(pending: &[Pending], budget: usize) -> Vec<usize> {
     out
 }
 
-/// A linear model of one iteration's wall time, `fixed_s + per_token_s · tokens`, fitted to
-/// measured iterations. Sarathi-Serve picks the chunked-prefill token budget from a
-/// time-between-tokens SLO this way: every iteration emits one token for each running
-/// decode, so an iteration that fits the SLO keeps every gap within it.
+/// One measured iteration, for [`IterationCost::fit`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CostSample {
+    /// Tokens in the iteration.
+    pub tokens: usize,
+    /// Attention (query, key) pairs it computed ([`attended_pairs`]).
+    pub attended: usize,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+/// A linear model of one iteration's wall time, `fixed_s + per_token_s · tokens +
+/// per_attended_s · attended pairs`, fitted to measured iterations. Sarathi-Serve picks
+/// the chunked-prefill token budget from a time-between-tokens SLO this way: every
+/// iteration emits one token for each running decode, so an iteration that fits the SLO
+/// keeps every gap within it. The attention term is what makes a chunk deep into a long
+/// prompt dearer than the same number of tokens at its start (on a CPU core a token
+/// attending to 2000 cached positions costs about twice one at the start, for a
+/// 384-wide model).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct IterationCost {
     /// Seconds an iteration costs regardless of its size (weights read, dispatch).
     pub fixed_s: f64,
-    /// Seconds each token of the batch adds.
+    /// Seconds each token of the batch adds (projections and FFN).
     pub per_token_s: f64,
+    /// Seconds each attention (query, key) pair adds.
+    pub per_attended_s: f64,
 }
 
 impl IterationCost {
-    /// Least-squares fit to `(tokens, seconds)` samples (at least two distinct token
-    /// counts). A negative intercept (noise) is clamped to 0; a cost that does not grow
-    /// with the tokens is an error (measure larger iterations).
-    pub fn fit(samples: &[(usize, f64)]) -> Result<Self> {
-        if samples.iter().any(|&(_, t)| !(t.is_finite() && t >= 0.0)) {
+    /// Least-squares fit to measured iterations (at least two distinct token counts). The
+    /// attention term is fitted when the samples vary it independently of the tokens (chunks
+    /// at several context depths), else left at 0. A negative intercept or attention cost
+    /// (noise) is clamped to 0 and the rest refitted; a cost that does not grow with the
+    /// tokens is an error (measure larger iterations).
+    pub fn fit(samples: &[CostSample]) -> Result<Self> {
+        if samples
+            .iter()
+            .any(|s| !(s.seconds.is_finite() && s.seconds >= 0.0))
+        {
             return Err(Error::Invalid(
                 "iteration cost samples must be finite, non-negative seconds".into(),
             ));
         }
-        let n = samples.len() as f64;
-        let mx = samples.iter().map(|&(x, _)| x as f64).sum::<f64>() / n;
-        let my = samples.iter().map(|&(_, y)| y).sum::<f64>() / n;
-        let sxx: f64 = samples.iter().map(|&(x, _)| (x as f64 - mx).powi(2)).sum();
-        let sxy: f64 = samples
-            .iter()
-            .map(|&(x, y)| (x as f64 - mx) * (y - my))
-            .sum();
-        if samples.is_empty() || sxx <= 0.0 {
+        let x = |s: &CostSample| [s.tokens as f64, s.attended as f64];
+        let mut coef = least_squares(samples, |s| vec![1.0, x(s)[0], x(s)[1]]);
+        if !matches!(coef.as_deref(), Some(&[_, _, a]) if a >= 0.0) {
+            coef = least_squares(samples, |s| vec![1.0, x(s)[0]]).map(|c| vec![c[0], c[1], 0.0]);
+        }
+        let Some(mut c) = coef else {
             return Err(Error::Invalid(
                 "fitting an iteration cost needs samples of at least two different sizes".into(),
             ));
+        };
+        if c[0] < 0.0 {
+            // Through the origin: refit the slopes with no intercept.
+            c = match least_squares(samples, |s| x(s).to_vec()) {
+                Some(v) if v[1] >= 0.0 => vec![0.0, v[0], v[1]],
+                _ => least_squares(samples, |s| vec![x(s)[0]])
+                    .map_or(vec![0.0, f64::NAN, 0.0], |v| vec![0.0, v[0], 0.0]),
+            };
         }
-        let per_token_s = sxy / sxx;
+        let per_token_s = c[1];
         if per_token_s.is_nan() || per_token_s <= 0.0 {
             return Err(Error::Invalid(format!(
                 "the measured iteration time does not grow with its tokens (slope {per_token_s:.3e} s/token); measure larger iterations"
             )));
         }
         Ok(Self {
-            fixed_s: (my - per_token_s * mx).max(0.0),
+            fixed_s: c[0],
             per_token_s,
+            per_attended_s: c[2],
         })
     }
 
-    /// Predicted seconds of an iteration of `tokens` tokens.
-    pub fn seconds(&self, tokens: usize) -> f64 {
-        self.fixed_s + self.per_token_s * tokens as f64
+    /// Predicted seconds of an iteration of `tokens` tokens computing `attended` attention
+    /// pairs.
+    pub fn seconds(&self, tokens: usize, attended: usize) -> f64 {
+        self.fixed_s + self.per_token_s * tokens as f64 + self.per_attended_s * attended as f64
     }
 
-    /// The largest token budget whose iteration is predicted to take at most `slo_s`
-    /// seconds. Errors when not even a one-token iteration fits.
-    pub fn budget_for(&self, slo_s: f64) -> Result<usize> {
+    /// The largest single prefill chunk after `context` cached tokens whose iteration is
+    /// predicted to take at most `slo_s` seconds (with `context` 0: the most tokens any
+    /// iteration can hold within the SLO). Errors when not even one token fits.
+    pub fn budget_for(&self, slo_s: f64, context: usize) -> Result<usize> {
         if !(slo_s.is_finite() && slo_s > 0.0) {
             return Err(Error::Invalid(format!(
                 "TBT SLO {slo_s} s must be a positive number"
             )));
         }
-        let b = ((slo_s - self.fixed_s) / self.per_token_s).floor();
-        if b < 1.0 {
+        let cost = |n: usize| self.seconds(n, attended_pairs(context, n));
+        if cost(1) > slo_s {
             return Err(Error::Invalid(format!(
-                "a TBT SLO of {:.2} ms is below one iteration of a single token ({:.2} ms fixed + {:.3} ms/token): raise the SLO",
+                "a TBT SLO of {:.2} ms is below one iteration of a single token ({:.2} ms fixed + {:.3} ms/token + {:.2e} ms/attended pair at context {context}): raise the SLO",
                 slo_s * 1e3,
                 self.fixed_s * 1e3,
-                self.per_token_s * 1e3
+                self.per_token_s * 1e3,
+                self.per_attended_s * 1e3,
             )));
         }
-        Ok(b.min(usize::MAX as f64 / 2.0) as usize)
+        // Grow then bisect: the cost is increasing in n.
+        let (mut lo, mut hi) = (1usize, 2usize);
+        while cost(hi) <= slo_s {
+            lo = hi;
+            if hi > usize::MAX / 4 {
+                return Ok(hi);
+            }
+            hi *= 2;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if cost(mid) <= slo_s {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
     }
+}
+
+/// Ordinary least squares of `seconds` on the regressors `row(sample)`; `None` when the
+/// normal equations are singular (a regressor that does not vary independently).
+fn least_squares(
+    samples: &[CostSample],
+    row: impl Fn(&CostSample) -> Vec<f64>,
+) -> Option<Vec<f64>> {
+    let k = samples.first().map(|s| row(s).len())?;
+    // Normal equations A c = b, A = XᵀX, b = Xᵀy; scaled columns keep them well conditioned.
+    let scale: Vec<f64> = (0..k)
+        .map(|j| {
+            samples
+                .iter()
+                .map(|s| row(s)[j].abs())
+                .fold(0.0, f64::max)
+                .max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    let mut a = vec![vec![0.0; k + 1]; k];
+    for s in samples {
+        let r: Vec<f64> = row(s).iter().zip(&scale).map(|(v, c)| v / c).collect();
+        for i in 0..k {
+            for j in 0..k {
+                a[i][j] += r[i] * r[j];
+            }
+            a[i][k] += r[i] * s.seconds;
+        }
+    }
+    // Gauss-Jordan with partial pivoting.
+    for col in 0..k {
+        let piv = (col..k).max_by(|&x, &y| a[x][col].abs().total_cmp(&a[y][col].abs()))?;
+        if a[piv][col].abs() < 1e-9 * samples.len() as f64 {
+            return None;
+        }
+        a.swap(col, piv);
+        let pivot = a[col].clone();
+        for (r, row) in a.iter_mut().enumerate() {
+            if r != col {
+                let f = row[col] / pivot[col];
+                for (x, p) in row.iter_mut().zip(&pivot).skip(col) {
+                    *x -= f * p;
+                }
+            }
+        }
+    }
+    Some((0..k).map(|i| a[i][k] / a[i][i] / scale[i]).collect())
 }
 
 #[cfg(test)]

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use flow_familial::{FamilialModel, Rows, Seg, SeqCache};
 
 use crate::error::{Error, Result};
-use crate::scheduler::{IterationCost, Request, Scheduler, SchedulerConfig, SchedulerStats, Work};
+use crate::scheduler::{
+    attended_pairs, CostSample, IterationCost, Request, Scheduler, SchedulerConfig, SchedulerStats,
+    Work,
+};
 
 /// One request of a replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +54,8 @@ pub struct ReplayReport {
     pub wall_s: f64,
     /// Largest batch (tokens) an iteration ran.
     pub max_batch_tokens: usize,
+    /// Wall time of every iteration that ran a batch, seconds, in order.
+    pub iteration_s: Vec<f64>,
 }
 
 impl ReplayReport {
@@ -146,11 +151,13 @@ pub fn replay(
             .map(|id| live.remove(id))
             .collect::<Option<_>>()
             .ok_or_else(|| Error::Invalid("internal: request scheduled twice".into()))?;
+        let started = t0.elapsed().as_secs_f64();
         let next_tokens = {
             let mut caches: Vec<&mut SeqCache> = taken.iter_mut().map(|l| &mut l.cache).collect();
             step(model, point, &input, &segs, &mut caches)?
         };
         let at = t0.elapsed().as_secs_f64();
+        report.iteration_s.push(at - started);
         for ((w, mut l), tok) in batch.work.iter().zip(taken).zip(next_tokens) {
             let id = w.id();
             if w.emits() {
@@ -186,56 +193,82 @@ fn step(
 }
 
 /// Measure what an iteration of the serving loop costs on `model` (answering at `point`)
-/// and fit an [`IterationCost`] to it: for each of `sizes`, a prefill chunk of that many
-/// tokens that follows `context` tokens already in the KV cache (the chunk of a long
-/// prompt's tail attends to all of them, the costliest place for a chunk), timed `reps`
-/// times on a copy of the same cache; the fit uses each size's median. Returns the fit and
-/// the `(tokens, median seconds)` samples.
+/// and fit an [`IterationCost`] to it: [`time_chunks`] over `contexts` x `sizes`, then
+/// [`IterationCost::fit`], so the fit learns both the per-token and the attention cost.
+/// Returns the fit and the samples.
 pub fn measure_iteration_cost(
     model: &FamilialModel,
     point: usize,
-    context: usize,
+    contexts: &[usize],
     sizes: &[usize],
     reps: usize,
-) -> Result<(IterationCost, Vec<(usize, f64)>)> {
+) -> Result<(IterationCost, Vec<CostSample>)> {
+    let samples = time_chunks(model, point, contexts, sizes, reps)?;
+    Ok((IterationCost::fit(&samples)?, samples))
+}
+
+/// Time one iteration per (context depth, chunk size) pair, contexts outermost: a prefill
+/// chunk of `size` tokens that follows `context` tokens already in the KV cache (a long
+/// prompt's tail chunk attends to all of them; a 1-token chunk is a decode at that
+/// depth), `reps` times on a copy of the same cache after one untimed run, keeping the
+/// median. The cache has room for the chunk already, so the timing is the steady state,
+/// not a buffer regrowth.
+pub fn time_chunks(
+    model: &FamilialModel,
+    point: usize,
+    contexts: &[usize],
+    sizes: &[usize],
+    reps: usize,
+) -> Result<Vec<CostSample>> {
     let max_pos = model.config().max_position_embeddings;
     let largest = sizes.iter().copied().max().unwrap_or(0);
-    if sizes.contains(&0) || context + largest > max_pos {
+    let deepest = contexts.iter().copied().max().unwrap_or(0);
+    if sizes.contains(&0) || deepest + largest > max_pos {
         return Err(Error::Invalid(format!(
-            "calibration chunks must be positive and context {context} + chunk {largest} must fit the model's {max_pos} positions"
+            "calibration chunks must be positive and context {deepest} + chunk {largest} must fit the model's {max_pos} positions"
         )));
     }
-    let tokens: Vec<u32> = (0..context + largest)
+    let tokens: Vec<u32> = (0..deepest + largest)
         .map(|i| 32 + (i * 37 % 95) as u32)
         .collect();
-    let mut base = model.new_cache();
-    if context > 0 {
-        step(
-            model,
-            point,
-            &tokens[..context],
-            &[Seg::new(0, context)],
-            &mut [&mut base],
-        )?;
-    }
-    let mut samples = Vec::with_capacity(sizes.len());
-    for &n in sizes {
-        let mut times = Vec::with_capacity(reps.max(1));
-        for _ in 0..reps.max(1) {
-            let mut cache = base.fork()?;
-            let t = Instant::now();
+    let mut samples = Vec::with_capacity(sizes.len() * contexts.len());
+    for &context in contexts {
+        // Prefill context + largest, then forget the tail: the buffers keep their capacity.
+        let mut base = model.new_cache();
+        if context + largest > 0 {
             step(
                 model,
                 point,
-                &tokens[context..context + n],
-                &[Seg::new(context, n)],
-                &mut [&mut cache],
+                &tokens[..context + largest],
+                &[Seg::new(0, context + largest)],
+                &mut [&mut base],
             )?;
-            times.push(t.elapsed().as_secs_f64());
         }
-        samples.push((n, quantile(&times, 0.5)));
+        base.truncate(context);
+        for &n in sizes {
+            let mut times = Vec::with_capacity(reps.max(1) + 1);
+            // One untimed warm-up run first (allocator and kernel buffers of a new size).
+            for _ in 0..=reps.max(1) {
+                let mut cache = base.fork()?;
+                let t = Instant::now();
+                step(
+                    model,
+                    point,
+                    &tokens[context..context + n],
+                    &[Seg::new(context, n)],
+                    &mut [&mut cache],
+                )?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            times.remove(0);
+            samples.push(CostSample {
+                tokens: n,
+                attended: attended_pairs(context, n),
+                seconds: quantile(&times, 0.5),
+            });
+        }
     }
-    Ok((IterationCost::fit(&samples)?, samples))
+    Ok(samples)
 }
 
 /// The `q`-quantile (0..=1, nearest rank) of `xs`.

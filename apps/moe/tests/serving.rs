@@ -34,6 +34,7 @@ fn chunked_replay_matches_prefill_first_and_greedy() {
         token_budget: budget,
         kv_capacity: 4096,
         policy,
+        time_limit: None,
     };
     let chunked = replay(&model, point, cfg(Policy::Chunked, 16), &reqs).unwrap();
     let first = replay(&model, point, cfg(Policy::PrefillFirst, 512), &reqs).unwrap();
@@ -60,25 +61,32 @@ fn chunked_replay_matches_prefill_first_and_greedy() {
 
 #[test]
 fn iteration_cost_is_measured_on_the_model_and_gives_a_budget() {
+    use flow_moe::scheduler::attended_pairs;
     use flow_moe::serve::measure_iteration_cost;
     let dir = tempfile::tempdir().unwrap();
     init_checkpoint(Preset::Tiny, Layout::Qwen2, 5, dir.path()).unwrap();
     let model = FamilialModel::load(dir.path()).unwrap();
     let point = *model.config().exit_points().last().unwrap();
     let sizes = [1, 64, 256, 512];
-    let (cost, samples) = measure_iteration_cost(&model, point, 256, &sizes, 3).unwrap();
+    let contexts = [0, 256];
+    let (cost, samples) = measure_iteration_cost(&model, point, &contexts, &sizes, 3).unwrap();
+    assert_eq!(samples.len(), 8);
     assert_eq!(
-        samples.iter().map(|s| s.0).collect::<Vec<_>>(),
-        sizes.to_vec()
+        samples.iter().map(|s| s.tokens).collect::<Vec<_>>(),
+        [sizes, sizes].concat()
     );
-    assert!(samples.iter().all(|s| s.1 > 0.0), "{samples:?}");
+    assert_eq!(samples[5].attended, attended_pairs(256, 64));
+    assert!(samples.iter().all(|s| s.seconds > 0.0), "{samples:?}");
     // A 512-token chunk is real work next to a single token on any machine.
-    assert!(samples[3].1 > samples[0].1, "{samples:?}");
-    assert!(cost.per_token_s > 0.0);
-    // The budget for the predicted time of a 200-token iteration is 200 (up to rounding).
-    let b = cost.budget_for(cost.seconds(200)).unwrap();
+    assert!(samples[7].seconds > samples[4].seconds, "{samples:?}");
+    assert!(cost.per_token_s > 0.0 && cost.per_attended_s >= 0.0);
+    // The budget for the predicted time of a 200-token chunk after 256 tokens is 200 (up
+    // to rounding).
+    let b = cost
+        .budget_for(cost.seconds(200, attended_pairs(256, 200)), 256)
+        .unwrap();
     assert!((199..=200).contains(&b), "{b} {cost:?}");
     // Chunks that do not fit the positions are refused, not truncated.
-    assert!(measure_iteration_cost(&model, point, 1000, &[64], 1).is_err());
-    assert!(measure_iteration_cost(&model, point, 0, &[0, 8], 1).is_err());
+    assert!(measure_iteration_cost(&model, point, &[1000], &[64], 1).is_err());
+    assert!(measure_iteration_cost(&model, point, &[0], &[0, 8], 1).is_err());
 }

@@ -8,8 +8,10 @@ use anyhow::Context;
 use flow_familial::config::Layout;
 use flow_familial::init::{init_checkpoint, preset_config, Preset};
 use flow_familial::{FamilialModel, ModelConfig};
-use flow_moe::scheduler::{Policy, SchedulerConfig};
-use flow_moe::serve::{measure_iteration_cost, quantile, replay, ReplayReport, ReplayRequest};
+use flow_moe::scheduler::{IterationCost, Policy, SchedulerConfig, TimeLimit};
+use flow_moe::serve::{
+    measure_iteration_cost, quantile, replay, time_chunks, ReplayReport, ReplayRequest,
+};
 use flow_testbed::trace::SyntheticConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -28,35 +30,47 @@ little. --preset medium generates (once, cached under $XDG_CACHE_HOME/aiflow or
 ~/.cache/aiflow) a seeded checkpoint of the `medium` preset (hidden 384, 6 layers, 4096
 positions, ~10M parameters; seed 1, layout qwen2) and replays long prompts, as BurstGPT
 has: prompts up to 3968 tokens, answers up to 128, 48 requests at 1 req/s (a rate one
-core sustains), chunked budget 32. Its weights are random (its text is meaningless), but
+core sustains). Its weights are random (its text is meaningless), but
 its compute is real: a 2000-token prefill costs hundreds of ms on a CPU core, the regime
 chunked prefill is for (a 7B model on a GPU). The two policies must still produce
 identical tokens.
 
-Budget on a CPU: a prefill token costs a CPU about as much as a decode token (both are
-compute-bound), while on a GPU decodes are memory-bound and a 256-512-token chunk rides
-along almost free. So the budget that keeps a chunked iteration near a decode iteration
-is tens of tokens here; with --budget 256 a chunk iteration costs as much as a short
+The chunk size comes from a time-between-tokens SLO, as in Sarathi-Serve: before the
+replays, prefill chunks of 8-64 tokens are timed after 0, half and all of the workload's
+longest prompt as context, and `time = fixed + per-token x tokens + per-pair x attention
+pairs` is fitted (a chunk deep into a long prompt attends to every position before it,
+so it costs more than the same tokens at the prompt's start). Each iteration then takes
+the running decodes and as many prompt tokens as the fit predicts will keep the
+iteration within the SLO. The SLO is --tbt-slo-ms, or by default --slo-factor (5) times
+one decode iteration measured after the longest prompt: Sarathi-Serve's strict SLO is 5x
+a decode iteration without prefill interference. --budget N instead uses a fixed N-token
+budget with no time model (the scheduler before the SLO mode).
+
+Chunk sizes on a CPU: a prefill token costs a CPU about as much as a decode token (both
+are compute-bound), while on a GPU decodes are memory-bound and a 256-512-token chunk
+rides along almost free. So the chunks that keep an iteration near a decode iteration are
+tens of tokens here; with --budget 256 a chunk iteration costs as much as a short
 prompt's whole prefill and chunked loses on p99 TBT.
 
 Policies (same requests, same model, same process; alternated per --reps round):
-  chunked        per iteration a token budget (--budget, or from --tbt-slo-ms): every
-                 running decode, then chunks of in-progress prefills, then new requests
-                 FCFS (Sarathi-Serve)
+  chunked        per iteration: every running decode, then chunks of in-progress
+                 prefills, then new requests FCFS (Sarathi-Serve), cut to the SLO (or to
+                 --budget tokens)
   prefill-first  whole new prompts first (decodes wait), decodes when no prompt can start
                  (vLLM without chunked prefill), prompts up to --prefill-budget per batch
 TBT = time between consecutive tokens of a request (all gaps of all requests pooled);
 throughput = generated tokens / wall time of the replay. Target (issue 7): chunked p99
 TBT >= 2x lower than prefill-first at equal or better throughput.
 
---tbt-slo-ms picks the budget as Sarathi-Serve does: before the replays, time prefill
-chunks of 1..128 tokens that follow the workload's longest prompt as context (the
-costliest chunks it will run), fit time = fixed + per-token x tokens, and take the
-largest budget predicted to fit the SLO (decodes count in the budget, one token each).
+The report says how many chunked iterations ran over the SLO (the fit's error plus
+decode-only iterations, which are never cut; a prefill always advances by at least one
+token, so a decode-heavy iteration can exceed it by that token).
 
 Throughput is only comparable while the server keeps up with the arrivals: the report
 prints when the last request arrived and how long each policy took to drain after it.
-If the drain grows to seconds, lower --rate.
+If the drain grows to seconds, lower --rate. --rate takes a list (--rate 1,2,3,4) to
+sweep the load in one run (same requests, arrivals compressed to each rate; one
+calibration); the sweep table marks the rates where both policies kept up.
 
 Ratios: every round runs both policies back to back on the same requests, so each round
 gives a p99 TBT ratio (prefill-first / chunked) and a throughput ratio (chunked /
@@ -68,7 +82,9 @@ Examples:
   flow-node bench batching
   flow-node bench batching --requests 80 --rate 12 --budget 32 --json batching.json
   flow-node bench batching --preset medium
-  flow-node bench batching --preset medium --tbt-slo-ms 40
+  flow-node bench batching --preset medium --rate 1,2,3,4 --reps 3
+  flow-node bench batching --preset medium --tbt-slo-ms 8
+  flow-node bench batching --preset medium --budget 32
 At a low --rate the server is mostly idle, batches stay small and both policies look
 alike; the difference shows when long prompts arrive while others decode.")]
 pub struct BenchBatchingArgs {
@@ -82,23 +98,28 @@ pub struct BenchBatchingArgs {
     /// Requests in the replay [default: 64; 48 with --preset medium].
     #[arg(long)]
     pub requests: Option<usize>,
-    /// Mean arrival rate (requests/s) [default: 16; 1 with --preset medium].
-    #[arg(long)]
-    pub rate: Option<f64>,
+    /// Mean arrival rate (requests/s); a comma-separated list sweeps the load [default:
+    /// 16; 1 with --preset medium].
+    #[arg(long, value_delimiter = ',')]
+    pub rate: Vec<f64>,
     /// Longest prompt (tokens) [default: 900; 3968 with --preset medium].
     #[arg(long)]
     pub max_prompt: Option<u32>,
     /// Longest answer (tokens) [default: 64; 128 with --preset medium].
     #[arg(long)]
     pub max_new: Option<u32>,
-    /// Token budget per iteration of the chunked policy [default: 64; 32 with --preset
-    /// medium].
-    #[arg(long, conflicts_with = "tbt_slo_ms")]
+    /// A fixed token budget per chunked iteration, instead of cutting chunks to the TBT
+    /// SLO.
+    #[arg(long, conflicts_with_all = ["tbt_slo_ms", "slo_factor"])]
     pub budget: Option<usize>,
-    /// Choose the chunked budget from this time-between-tokens SLO (ms) and the model's
-    /// measured iteration cost, instead of --budget.
-    #[arg(long)]
+    /// Time-between-tokens SLO (ms) the chunked iterations are cut to [default:
+    /// --slo-factor x a measured decode iteration].
+    #[arg(long, conflicts_with = "slo_factor")]
     pub tbt_slo_ms: Option<f64>,
+    /// The default SLO as a multiple of one decode iteration after the longest prompt
+    /// (Sarathi-Serve's strict SLO: 5).
+    #[arg(long)]
+    pub slo_factor: Option<f64>,
     /// Most prompt tokens per prefill batch of the prefill-first policy [default: the
     /// larger of 2048 and the model's positions, as vLLM requires without chunking].
     #[arg(long)]
@@ -120,14 +141,13 @@ pub struct BenchBatchingArgs {
     pub json: Option<PathBuf>,
 }
 
-/// The workload and budget after the preset's defaults are applied.
+/// The workload after the preset's defaults are applied.
 #[derive(Debug, Clone, PartialEq)]
 struct Settings {
     requests: usize,
-    rate: f64,
+    rates: Vec<f64>,
     max_prompt: u32,
     max_new: u32,
-    budget: usize,
 }
 
 impl Settings {
@@ -135,21 +155,30 @@ impl Settings {
         let long = a.preset == Some(Preset::Medium);
         Settings {
             requests: a.requests.unwrap_or(if long { 48 } else { 64 }),
-            rate: a.rate.unwrap_or(if long { 1.0 } else { 16.0 }),
+            rates: if a.rate.is_empty() {
+                vec![if long { 1.0 } else { 16.0 }]
+            } else {
+                a.rate.clone()
+            },
             max_prompt: a.max_prompt.unwrap_or(if long { 3968 } else { 900 }),
             max_new: a.max_new.unwrap_or(if long { 128 } else { 64 }),
-            budget: a.budget.unwrap_or(if long { 32 } else { 64 }),
         }
     }
 }
 
-#[derive(Debug, Serialize)]
+/// Sarathi-Serve's strict TBT SLO: 5x a decode iteration without prefill interference.
+const DEFAULT_SLO_FACTOR: f64 = 5.0;
+
+#[derive(Debug, Clone, Serialize)]
 struct CostReport {
     fixed_ms: f64,
     per_token_ms: f64,
-    context_tokens: usize,
-    /// (chunk tokens, median ms)
-    samples: Vec<(usize, f64)>,
+    /// Milliseconds per attention (query, key) pair.
+    per_attended_ms: f64,
+    /// (context tokens, chunk tokens, median ms)
+    samples: Vec<(usize, usize, f64)>,
+    /// One decode after the longest prompt (the base of --slo-factor), ms.
+    decode_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -157,6 +186,8 @@ struct PolicyResult {
     policy: String,
     tbt_p50_ms: f64,
     tbt_p99_ms: f64,
+    /// The longest gap between two tokens of a request (the worst stall).
+    tbt_max_ms: f64,
     ttft_p50_ms: f64,
     ttft_p99_ms: f64,
     throughput_tok_s: f64,
@@ -168,16 +199,22 @@ struct PolicyResult {
     preemptions: u64,
     stalled_iterations: u64,
     max_batch_tokens: usize,
+    /// p99 of the iterations' wall times.
+    iteration_p99_ms: f64,
+    /// Iterations that ran longer than the TBT SLO (SLO mode only).
+    iterations_over_slo: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
 struct Report {
     model: String,
     rate: f64,
-    /// Chunked token budget (given, or chosen from the TBT SLO).
+    /// Chunked token budget: --budget, or in SLO mode the most tokens an iteration can
+    /// hold within the SLO (chunks are cut further by the time model).
     budget: usize,
     prefill_budget: usize,
-    /// The SLO and the fitted iteration cost, when the budget came from --tbt-slo-ms.
+    /// The TBT SLO the chunked iterations are cut to and the fitted iteration cost (SLO
+    /// mode; absent with --budget).
     tbt_slo_ms: Option<f64>,
     iteration_cost: Option<CostReport>,
     /// When the last request arrived (s after the start).
@@ -207,7 +244,12 @@ pub fn run(a: BenchBatchingArgs) -> anyhow::Result<()> {
     super::calibrate::in_pool(threads, move || bench(a))
 }
 
-fn workload(s: &Settings, seed: u64, max_pos: usize) -> anyhow::Result<Vec<ReplayRequest>> {
+fn workload(
+    s: &Settings,
+    rate: f64,
+    seed: u64,
+    max_pos: usize,
+) -> anyhow::Result<Vec<ReplayRequest>> {
     let trace = SyntheticConfig {
         requests: s.requests,
         request_tokens: (8, s.max_prompt.max(8)),
@@ -217,7 +259,7 @@ fn workload(s: &Settings, seed: u64, max_pos: usize) -> anyhow::Result<Vec<Repla
         ..Default::default()
     }
     .generate()?
-    .speed_up(s.rate)?;
+    .speed_up(rate)?;
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut byte = || {
         // xorshift64: printable bytes, deterministic per seed.
@@ -307,31 +349,85 @@ fn model_dir(a: &BenchBatchingArgs) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Calibration chunk sizes for --tbt-slo-ms (those that fit after `context` tokens).
-const SLO_CHUNKS: [usize; 6] = [1, 8, 16, 32, 64, 128];
+/// Calibration chunk sizes (each timed after 0, half and all of the longest prompt). No
+/// 1-token chunks: on a CPU a one-row iteration runs matrix-vector products, while any
+/// wider batch pays the matrix-matrix kernel's packing (an iteration of 2 rows costs
+/// about as much as one of 8), so the line is fitted where chunks are cut, 8 rows up.
+const SLO_CHUNKS: [usize; 4] = [8, 16, 32, 64];
 
-/// The chunked budget for a TBT SLO: iteration cost measured on `model` for chunks after
-/// `context` tokens of context (clamped so the largest chunk fits the positions).
-fn budget_from_slo(
+/// Fit the iteration cost of `model` for a workload whose longest prompt is `longest`
+/// tokens (clamped so the largest chunk fits the positions).
+fn calibrate(
     model: &FamilialModel,
     point: usize,
-    context: usize,
-    slo_ms: f64,
-) -> anyhow::Result<(usize, CostReport)> {
+    longest: usize,
+) -> anyhow::Result<(IterationCost, CostReport)> {
     let max_pos = model.config().max_position_embeddings;
     let largest = SLO_CHUNKS[SLO_CHUNKS.len() - 1];
-    let context = context.min(max_pos.saturating_sub(largest));
-    let (cost, samples) = measure_iteration_cost(model, point, context, &SLO_CHUNKS, 5)?;
-    let budget = cost
-        .budget_for(slo_ms / 1e3)
-        .context("choosing the budget from --tbt-slo-ms")?;
+    let deep = longest.min(max_pos.saturating_sub(largest));
+    let contexts = [0, deep / 2, deep];
+    let (cost, samples) = measure_iteration_cost(model, point, &contexts, &SLO_CHUNKS, 5)
+        .context("measuring the iteration cost")?;
+    let decode_ms = time_chunks(model, point, &[deep], &[1], 9)
+        .context("timing a decode")?
+        .first()
+        .map_or(f64::NAN, |x| x.seconds * 1e3);
+    let mut rows = Vec::with_capacity(samples.len());
+    for (i, x) in samples.iter().enumerate() {
+        rows.push((contexts[i / SLO_CHUNKS.len()], x.tokens, x.seconds * 1e3));
+    }
     let report = CostReport {
         fixed_ms: cost.fixed_s * 1e3,
         per_token_ms: cost.per_token_s * 1e3,
-        context_tokens: context,
-        samples: samples.iter().map(|&(n, t)| (n, t * 1e3)).collect(),
+        per_attended_ms: cost.per_attended_s * 1e3,
+        samples: rows,
+        decode_ms,
     };
-    Ok((budget, report))
+    Ok((cost, report))
+}
+
+/// How the chunked policy is limited: a fixed token budget, or a time model and SLO.
+struct ChunkLimit {
+    budget: usize,
+    time: Option<TimeLimit>,
+    cost: Option<CostReport>,
+}
+
+fn chunk_limit(
+    a: &BenchBatchingArgs,
+    model: &FamilialModel,
+    point: usize,
+    longest: usize,
+) -> anyhow::Result<ChunkLimit> {
+    if let Some(budget) = a.budget {
+        return Ok(ChunkLimit {
+            budget,
+            time: None,
+            cost: None,
+        });
+    }
+    let (cost, report) = calibrate(model, point, longest)?;
+    let slo_ms = match (a.tbt_slo_ms, a.slo_factor) {
+        (Some(ms), _) => ms,
+        (None, f) => {
+            let f = f.unwrap_or(DEFAULT_SLO_FACTOR);
+            if !(f.is_finite() && f >= 1.0) {
+                anyhow::bail!("--slo-factor {f} must be a number >= 1");
+            }
+            f * report.decode_ms
+        }
+    };
+    let budget = cost
+        .budget_for(slo_ms / 1e3, 0)
+        .context("choosing the chunk size from the TBT SLO")?;
+    Ok(ChunkLimit {
+        budget,
+        time: Some(TimeLimit {
+            cost,
+            slo_s: slo_ms / 1e3,
+        }),
+        cost: Some(report),
+    })
 }
 
 fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
@@ -340,21 +436,78 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}/config.json", dir.display()))?;
     let model = FamilialModel::load(&dir)?;
     let point = *cfg.exit_points().last().unwrap_or(&cfg.num_layers);
-    let mut set = Settings::resolve(&a);
-    let reqs = workload(&set, a.seed, cfg.max_position_embeddings)?;
-    let mut cost_report = None;
-    if let Some(slo) = a.tbt_slo_ms {
-        let longest = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-        let (b, report) = budget_from_slo(&model, point, longest, slo)?;
-        set.budget = b;
-        cost_report = Some(report);
+    let set = Settings::resolve(&a);
+    if let Some(r) = set.rates.iter().find(|r| !(r.is_finite() && **r > 0.0)) {
+        anyhow::bail!("--rate {r} must be a positive number of requests per second");
+    }
+    let longest = workload(&set, set.rates[0], a.seed, cfg.max_position_embeddings)?
+        .iter()
+        .map(|r| r.prompt.len())
+        .max()
+        .unwrap_or(0);
+    let limit = chunk_limit(&a, &model, point, longest)?;
+    if let (Some(t), Some(c)) = (&limit.time, &limit.cost) {
+        let pts: Vec<String> = c
+            .samples
+            .iter()
+            .map(|(ctx, n, ms)| format!("{n}@{ctx}: {ms:.2}"))
+            .collect();
+        println!(
+            "iteration = {:.3} ms + {:.4} ms/token + {:.2e} ms/attention pair (chunk@context: ms {}); decode after the longest prompt {:.2} ms",
+            c.fixed_ms,
+            c.per_token_ms,
+            c.per_attended_ms,
+            pts.join(", "),
+            c.decode_ms
+        );
+        println!(
+            "TBT SLO {:.2} ms{}: chunks cut to fit it (at most {} tokens per iteration)",
+            t.slo_s * 1e3,
+            match a.tbt_slo_ms {
+                Some(_) => String::new(),
+                None => format!(" = {} x decode", a.slo_factor.unwrap_or(DEFAULT_SLO_FACTOR)),
+            },
+            limit.budget
+        );
     }
     let prefill_budget = a
         .prefill_budget
         .unwrap_or(cfg.max_position_embeddings.max(2048));
+    let mut reports = Vec::with_capacity(set.rates.len());
+    for &rate in &set.rates {
+        let reqs = workload(&set, rate, a.seed, cfg.max_position_embeddings)?;
+        let report = run_rate(&a, &model, point, &dir, &reqs, rate, &limit, prefill_budget)?;
+        print_report(&report, &reqs, a.reps.max(1));
+        reports.push(report);
+    }
+    if reports.len() > 1 {
+        print_sweep(&reports);
+    }
+    if let Some(p) = &a.json {
+        let json = match reports.as_slice() {
+            [one] => serde_json::to_string_pretty(one)?,
+            many => serde_json::to_string_pretty(many)?,
+        };
+        std::fs::write(p, json + "\n").with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Both policies, --reps rounds, at one arrival rate.
+#[allow(clippy::too_many_arguments)]
+fn run_rate(
+    a: &BenchBatchingArgs,
+    model: &FamilialModel,
+    point: usize,
+    dir: &Path,
+    reqs: &[ReplayRequest],
+    rate: f64,
+    limit: &ChunkLimit,
+    prefill_budget: usize,
+) -> anyhow::Result<Report> {
     let policies = [
-        ("chunked", Policy::Chunked, set.budget),
-        ("prefill-first", Policy::PrefillFirst, prefill_budget),
+        ("chunked", Policy::Chunked, limit.budget, limit.time),
+        ("prefill-first", Policy::PrefillFirst, prefill_budget, None),
     ];
     let pb = ProgressBar::new((a.reps.max(1) * policies.len()) as u64);
     pb.set_style(
@@ -365,14 +518,15 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
     );
     let mut runs: Vec<Vec<ReplayReport>> = vec![Vec::new(); policies.len()];
     for round in 0..a.reps.max(1) {
-        for (i, (name, policy, budget)) in policies.iter().enumerate() {
-            pb.set_message(format!("round {} {name}", round + 1));
+        for (i, (name, policy, budget, time_limit)) in policies.iter().enumerate() {
+            pb.set_message(format!("{rate} req/s, round {} {name}", round + 1));
             let sc = SchedulerConfig {
                 token_budget: *budget,
                 kv_capacity: a.kv_capacity,
                 policy: *policy,
+                time_limit: *time_limit,
             };
-            runs[i].push(replay(&model, point, sc, &reqs)?);
+            runs[i].push(replay(model, point, sc, reqs)?);
             pb.inc(1);
         }
     }
@@ -386,10 +540,11 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
         }
     }
     let last_arrival_s = reqs.last().map_or(0.0, |r| r.arrival_ms as f64 / 1e3);
+    let slo_s = limit.time.map(|t| t.slo_s);
     let results: Vec<PolicyResult> = policies
         .iter()
         .zip(&runs)
-        .map(|((name, _, _), rs)| {
+        .map(|((name, _, _, time_limit), rs)| {
             let tbt: Vec<f64> = rs
                 .iter()
                 .flat_map(|r| r.requests.iter().flat_map(|q| q.tbt()))
@@ -398,6 +553,7 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
                 .iter()
                 .flat_map(|r| r.requests.iter().filter_map(|q| q.ttft()))
                 .collect();
+            let iters: Vec<f64> = rs.iter().flat_map(|r| r.iteration_s.clone()).collect();
             let mut thr: Vec<f64> = rs.iter().map(ReplayReport::throughput).collect();
             thr.sort_by(f64::total_cmp);
             let sum = |f: fn(&ReplayReport) -> u64| rs.iter().map(f).sum::<u64>();
@@ -405,6 +561,7 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
                 policy: name.to_string(),
                 tbt_p50_ms: quantile(&tbt, 0.5) * 1e3,
                 tbt_p99_ms: quantile(&tbt, 0.99) * 1e3,
+                tbt_max_ms: tbt.iter().copied().fold(0.0, f64::max) * 1e3,
                 ttft_p50_ms: quantile(&ttft, 0.5) * 1e3,
                 ttft_p99_ms: quantile(&ttft, 0.99) * 1e3,
                 throughput_tok_s: thr[thr.len() / 2],
@@ -419,6 +576,10 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
                 preemptions: sum(|r| r.stats.preemptions),
                 stalled_iterations: sum(|r| r.stats.stalled_iterations),
                 max_batch_tokens: rs.iter().map(|r| r.max_batch_tokens).max().unwrap_or(0),
+                iteration_p99_ms: quantile(&iters, 0.99) * 1e3,
+                iterations_over_slo: time_limit
+                    .and(slo_s)
+                    .map(|slo| iters.iter().filter(|&&t| t > slo).count() as u64),
             }
         })
         .collect();
@@ -432,13 +593,13 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
         .zip(&runs[1])
         .map(|(c, p)| c.throughput() / p.throughput())
         .collect();
-    let report = Report {
+    Ok(Report {
         model: dir.display().to_string(),
-        rate: set.rate,
-        budget: set.budget,
+        rate,
+        budget: limit.budget,
         prefill_budget,
-        tbt_slo_ms: a.tbt_slo_ms,
-        iteration_cost: cost_report,
+        tbt_slo_ms: slo_s.map(|s| s * 1e3),
+        iteration_cost: limit.cost.clone(),
         last_arrival_s,
         requests: reqs.len(),
         prompt_tokens: reqs.iter().map(|r| r.prompt.len()).sum(),
@@ -449,79 +610,96 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
         round_p99_tbt_ratios,
         round_throughput_ratios,
         results,
-    };
+    })
+}
+
+fn fmt_ratios(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn print_report(report: &Report, reqs: &[ReplayRequest], reps: usize) {
     println!(
-        "bench batching: {} requests ({} prompt tokens, longest {}; {} generated), {} at {} req/s, {} round(s)",
+        "\nbench batching: {} requests ({} prompt tokens, longest {}; {} generated), {} at {} req/s, {} round(s)",
         report.requests,
         report.prompt_tokens,
         reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0),
         report.output_tokens,
         report.model,
-        set.rate,
-        a.reps.max(1)
+        report.rate,
+        reps
     );
-    if let (Some(slo), Some(c)) = (a.tbt_slo_ms, &report.iteration_cost) {
-        let pts: Vec<String> = c
-            .samples
-            .iter()
-            .map(|(n, ms)| format!("{n}: {ms:.1} ms"))
-            .collect();
-        println!(
-            "TBT SLO {slo} ms: iteration = {:.2} ms + {:.4} ms/token (chunks after {} tokens of context; {}) -> budget {} tokens",
-            c.fixed_ms,
-            c.per_token_ms,
-            c.context_tokens,
-            pts.join(", "),
-            report.budget
-        );
-    }
+    let chunked = match report.tbt_slo_ms {
+        Some(slo) => format!("chunked to a {slo:.2} ms SLO"),
+        None => format!("chunked budget {} tokens/iteration", report.budget),
+    };
     println!(
-        "chunked budget {} tokens/iteration, prefill-first up to {} prompt tokens/batch; last arrival at {:.1} s, drained after it (median): chunked {:.2} s, prefill-first {:.2} s",
-        report.budget,
+        "{chunked}, prefill-first up to {} prompt tokens/batch; last arrival at {:.1} s, drained after it (median): chunked {:.2} s, prefill-first {:.2} s",
         report.prefill_budget,
         report.last_arrival_s,
         report.results[0].drain_s,
         report.results[1].drain_s
     );
-    println!("| policy | TBT p50 | TBT p99 | TTFT p50 | TTFT p99 | throughput | iterations | stalled | preemptions | max batch |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| policy | TBT p50 | TBT p99 | TBT max | TTFT p50 | TTFT p99 | throughput | iterations | iteration p99 | over SLO | stalled | preemptions | max batch |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &report.results {
         println!(
-            "| {} | {:.1} ms | {:.1} ms | {:.0} ms | {:.0} ms | {:.1} tok/s | {} | {} | {} | {} |",
+            "| {} | {:.1} ms | {:.1} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.1} tok/s | {} | {:.1} ms | {} | {} | {} | {} |",
             r.policy,
             r.tbt_p50_ms,
             r.tbt_p99_ms,
+            r.tbt_max_ms,
             r.ttft_p50_ms,
             r.ttft_p99_ms,
             r.throughput_tok_s,
             r.iterations,
+            r.iteration_p99_ms,
+            r.iterations_over_slo
+                .map_or_else(|| "-".to_string(), |n| n.to_string()),
             r.stalled_iterations,
             r.preemptions,
             r.max_batch_tokens
         );
     }
-    let fmt = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.2}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
     println!(
         "p99 TBT prefill-first / chunked, median over rounds = {:.2}x (rounds: {}; pooled {:.2}x)",
         report.p99_tbt_ratio,
-        fmt(&report.round_p99_tbt_ratios),
+        fmt_ratios(&report.round_p99_tbt_ratios),
         report.pooled_p99_tbt_ratio
     );
     println!(
         "throughput chunked / prefill-first, median over rounds = {:.2}x (rounds: {})",
         report.throughput_ratio,
-        fmt(&report.round_throughput_ratios)
+        fmt_ratios(&report.round_throughput_ratios)
     );
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", p.display()))?;
+}
+
+/// Both policies kept up with the arrivals: each drained within half a second of the last
+/// arrival and their throughputs are within 1% (then throughput is set by the arrivals).
+fn kept_up(r: &Report) -> bool {
+    r.results.iter().all(|p| p.drain_s <= 0.5) && (0.99..=1.01).contains(&r.throughput_ratio)
+}
+
+fn print_sweep(reports: &[Report]) {
+    println!("\nload sweep (kept up = both policies drained within 0.5 s of the last arrival at throughput ratio 0.99-1.01):");
+    println!("| rate | chunked p99 TBT | prefill-first p99 TBT | p99 ratio (rounds) | throughput ratio | drains | kept up |");
+    println!("|---:|---:|---:|---|---:|---|---|");
+    for r in reports {
+        println!(
+            "| {} req/s | {:.1} ms | {:.1} ms | {:.2}x ({}) | {:.2}x | {:.2} / {:.2} s | {} |",
+            r.rate,
+            r.results[0].tbt_p99_ms,
+            r.results[1].tbt_p99_ms,
+            r.p99_tbt_ratio,
+            fmt_ratios(&r.round_p99_tbt_ratios),
+            r.throughput_ratio,
+            r.results[0].drain_s,
+            r.results[1].drain_s,
+            if kept_up(r) { "yes" } else { "no" }
+        );
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -548,20 +726,22 @@ mod tests {
             small,
             Settings {
                 requests: 64,
-                rate: 16.0,
+                rates: vec![16.0],
                 max_prompt: 900,
                 max_new: 64,
-                budget: 64
             }
         );
         let medium = Settings::resolve(&args(&["--preset", "medium"]));
         assert_eq!((medium.max_prompt, medium.max_new), (3968, 128));
-        // Explicit values win over the preset's defaults.
-        let m = Settings::resolve(&args(&["--preset", "medium", "--budget", "32"]));
-        assert_eq!(m.budget, 32);
-        // A fixed budget and an SLO-chosen one exclude each other, as do model and preset.
+        assert_eq!(medium.rates, [1.0]);
+        // Explicit values win over the preset's defaults; --rate takes a sweep.
+        let m = Settings::resolve(&args(&["--preset", "medium", "--rate", "1,2.5,4"]));
+        assert_eq!(m.rates, [1.0, 2.5, 4.0]);
+        // A fixed budget and an SLO exclude each other, as do model and preset.
         let cli = |v: &[&str]| Cli::try_parse_from(std::iter::once("b").chain(v.iter().copied()));
         assert!(cli(&["--budget", "32", "--tbt-slo-ms", "20"]).is_err());
+        assert!(cli(&["--budget", "32", "--slo-factor", "5"]).is_err());
+        assert!(cli(&["--tbt-slo-ms", "8", "--slo-factor", "5"]).is_err());
         assert!(cli(&["--model", "x", "--preset", "medium"]).is_err());
         assert!(cli(&["--preset", "huge"]).is_err());
     }
@@ -570,14 +750,14 @@ mod tests {
     fn long_workload_fits_the_medium_positions_and_has_long_prompts() {
         let set = Settings::resolve(&args(&["--preset", "medium"]));
         let cfg = preset_config(Preset::Medium, PRESET_LAYOUT).unwrap();
-        let reqs = workload(&set, 7, cfg.max_position_embeddings).unwrap();
+        let reqs = workload(&set, 1.0, 7, cfg.max_position_embeddings).unwrap();
         assert_eq!(reqs.len(), set.requests);
         assert!(reqs.iter().any(|r| r.prompt.len() >= 1000));
         assert!(reqs
             .iter()
             .all(|r| r.prompt.len() + r.max_new <= cfg.max_position_embeddings));
         // The default small model cannot take these prompts: refused, not truncated.
-        assert!(workload(&set, 7, 1024).is_err());
+        assert!(workload(&set, 1.0, 7, 1024).is_err());
     }
 
     #[test]
