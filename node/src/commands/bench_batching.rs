@@ -473,10 +473,18 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
     let prefill_budget = a
         .prefill_budget
         .unwrap_or(cfg.max_position_embeddings.max(2048));
+    let setup = Setup {
+        a: &a,
+        model: &model,
+        point,
+        dir: &dir,
+        limit: &limit,
+        prefill_budget,
+    };
     let mut reports = Vec::with_capacity(set.rates.len());
     for &rate in &set.rates {
         let reqs = workload(&set, rate, a.seed, cfg.max_position_embeddings)?;
-        let report = run_rate(&a, &model, point, &dir, &reqs, rate, &limit, prefill_budget)?;
+        let report = run_rate(&setup, &reqs, rate)?;
         print_report(&report, &reqs, a.reps.max(1));
         reports.push(report);
     }
@@ -493,18 +501,27 @@ fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Both policies, --reps rounds, at one arrival rate.
-#[allow(clippy::too_many_arguments)]
-fn run_rate(
-    a: &BenchBatchingArgs,
-    model: &FamilialModel,
+/// What every rate of a run shares.
+struct Setup<'a> {
+    a: &'a BenchBatchingArgs,
+    model: &'a FamilialModel,
+    /// The exit that answers.
     point: usize,
-    dir: &Path,
-    reqs: &[ReplayRequest],
-    rate: f64,
-    limit: &ChunkLimit,
+    dir: &'a Path,
+    limit: &'a ChunkLimit,
     prefill_budget: usize,
-) -> anyhow::Result<Report> {
+}
+
+/// Both policies, --reps rounds, at one arrival rate.
+fn run_rate(setup: &Setup, reqs: &[ReplayRequest], rate: f64) -> anyhow::Result<Report> {
+    let Setup {
+        a,
+        model,
+        point,
+        dir,
+        limit,
+        prefill_budget,
+    } = *setup;
     let policies = [
         ("chunked", Policy::Chunked, limit.budget, limit.time),
         ("prefill-first", Policy::PrefillFirst, prefill_budget, None),
