@@ -513,7 +513,7 @@ struct Setup<'a> {
 }
 
 /// Both policies, --reps rounds, at one arrival rate.
-fn run_rate(setup: &Setup, reqs: &[ReplayRequest], rate: f64) -> anyhow::Result<Report> {
+fn run_rate(setup: &Setup<'_>, reqs: &[ReplayRequest], rate: f64) -> anyhow::Result<Report> {
     let Setup {
         a,
         model,
