@@ -6,6 +6,9 @@ use candle_core::{DType, Device, Tensor};
 use flow_familial::init::{init_checkpoint, Preset};
 use flow_familial::{Error, FamilialModel, Layout};
 
+mod common;
+use common::max_diff;
+
 fn fresh() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     init_checkpoint(Preset::Tiny, Layout::Qwen2, 5, dir.path()).unwrap();
@@ -98,14 +101,7 @@ fn half_precision_weights_load() {
     let b = bf16_model
         .forward_exit(&[1, 2, 3], exit, &mut bf16_model.new_cache())
         .unwrap();
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_diff(&a, &b);
     assert!(
         d > 0.0 && d < 0.5,
         "bf16 weights should be close but not identical: {d}"

@@ -10,6 +10,9 @@ use flow_familial::init::{init_weights, preset_config, Preset};
 use flow_familial::weights::MemorySource;
 use flow_familial::{FamilialModel, Mode, Part};
 
+mod common;
+use common::max_diff;
+
 fn hidden_after(
     w: &HashMap<String, Tensor>,
     mode: Mode,
@@ -28,17 +31,6 @@ fn hidden_after(
     let h = m.embed(&tokens).unwrap();
     let h = m.run_layers(&h, layers, &segs, &mut refs).unwrap();
     (h, m)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

@@ -7,18 +7,8 @@ use flow_familial::init::{init_checkpoint, Preset};
 use flow_familial::weights::Checkpoint;
 use flow_familial::{FamilialModel, ModelConfig, Part};
 
-fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+mod common;
+use common::max_diff;
 
 fn logits(model: &FamilialModel, tokens: &[u32]) -> candle_core::Tensor {
     let point = *model.config().exit_points().last().unwrap();

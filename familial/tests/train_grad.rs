@@ -9,6 +9,9 @@ use flow_familial::init::{init_weights, preset_config, Preset};
 use flow_familial::tasks::{generate, Sequence, Task};
 use flow_familial::train::{TrainOptions, Trainer};
 
+mod common;
+use common::max_diff;
+
 fn check(preset: Preset, layout: Layout, batch: usize) {
     let cfg = preset_config(preset, layout).unwrap();
     let w = init_weights(&cfg, 3).unwrap();
@@ -93,14 +96,7 @@ fn data_parallel_gradients_equal_single_worker() {
     }
     for ((n, a), b) in one.param_names().iter().zip(&g1).zip(&g2) {
         let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(a, b);
         let s = a
             .abs()
             .unwrap()

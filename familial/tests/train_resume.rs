@@ -6,6 +6,9 @@ use flow_familial::init::{init_weights, preset_config, Preset};
 use flow_familial::tasks::Task;
 use flow_familial::train::{evaluate_task, Data, TrainOptions, Trainer};
 
+mod common;
+use common::max_diff;
+
 fn opts() -> TrainOptions {
     TrainOptions {
         steps: 6,
@@ -50,14 +53,7 @@ fn resume_is_exact() {
     let a = straight.tensors().unwrap();
     let b = resumed.tensors().unwrap();
     for (n, t) in &a {
-        let d = (t - &b[n])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(t, &b[n]);
         assert_eq!(d, 0.0, "{n} differs by {d} after resume");
     }
     // The HF checkpoint written next to the state loads as a normal model.
