@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::config::{Ffn, ModelConfig, MoeKind, MoeSpec};
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::kv::LayerKv;
 use crate::weights::TensorSource;
 
@@ -183,7 +184,7 @@ impl Linear {
             x.contiguous()?
                 .apply_op1(FrozenMatmul { w: self.w.clone() })?
         } else {
-            x.matmul(&self.w.t()?)?
+            kernels::matmul_t(x, &self.w)?
         };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
@@ -451,7 +452,7 @@ impl Attention {
             let total = k.dim(1)?;
             // Query heads are kv-major: heads j*g..(j+1)*g share kv head j.
             let q = q.reshape((kvh, g * len, hd))?;
-            let att = (q.matmul(&k.t()?)? * scale)?;
+            let att = (kernels::matmul_t(&q, &k)? * scale)?;
             let att = if len > 1 {
                 let mask = causal_mask(len, seg.start, total)?;
                 att.reshape((kvh, g, len, total))?

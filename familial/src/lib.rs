@@ -25,6 +25,7 @@ pub mod confidence;
 pub mod config;
 pub mod error;
 pub mod init;
+pub mod kernels;
 pub mod kv;
 pub mod layers;
 pub mod model;

@@ -1,0 +1,343 @@
+//! A CPU kernel for `x Wᵀ` with few rows in `x`: decode batches, small prefill chunks and
+//! grouped-query decode attention (`q Kᵀ` over the KV cache).
+//!
+//! Candle's CPU matmul hands `x Wᵀ` to the gemm crate, which repacks the whole of `W` on
+//! every call once `x` has 2 or more rows: for a `[2048, 384]` weight in cache, 45 µs for
+//! 1 row, 286 µs for 2 and 481 µs for 16 on this project's 2-core AMD EPYC
+//! (`examples/small_matmul.rs`). Serving rarely has many rows per iteration: a few decodes
+//! plus a prefill chunk cut to a time-between-tokens SLO. [`matmul_t`] reads `W` once, row
+//! after row, in its checkpoint layout (no copy, no packing), and takes each row's dot
+//! product with up to four rows of `x` while the row is in L1, with four 8-lane
+//! accumulators per row of `x` (AVX2 + FMA, detected at run time; a portable loop
+//! otherwise). Same example: 2 rows 3.0-3.4× faster than candle with the weight cold and
+//! 3.8-8.6× warm, 8 rows 1.3-3.3×, 1 row on par.
+//!
+//! Entry point: [`matmul_t`], which `Linear` and attention call for every `x Wᵀ`; it takes
+//! this kernel when it applies and candle's matmul otherwise.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+/// Above this many rows of `x`, candle's matmul is used: between 16 and 32 rows gemm's
+/// packing starts to pay for itself (see `examples/small_matmul.rs`).
+pub const MAX_ROWS: usize = 16;
+
+/// `x Wᵀ` for `x` `[.., m, k]` and `w` `[.., n, k]` with the same leading dimensions
+/// (result `[.., m, n]`). Runs this module's kernel when `x` has at most [`MAX_ROWS`] rows,
+/// both are f32 on the CPU and neither tracks a gradient; otherwise candle's matmul (so
+/// training keeps its backward pass). Leading dimensions may have any stride (a narrowed
+/// KV cache is read in place); rows that are not contiguous are copied first.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let small = x.rank() >= 2 && x.dim(x.rank() - 2)? <= MAX_ROWS;
+    let plain = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op();
+    if !(small && plain(x) && plain(w)) {
+        return x.matmul(&w.t()?);
+    }
+    let rows = |t: &Tensor| -> candle_core::Result<Tensor> {
+        let r = t.rank();
+        if t.dims()[r - 1] > 1 && t.stride()[r - 1] != 1 {
+            t.contiguous()
+        } else {
+            Ok(t.clone())
+        }
+    };
+    rows(x)?.apply_op2_no_bwd(&rows(w)?, &MatmulT)
+}
+
+struct MatmulT;
+
+/// `(batch, rows, cols)` of a rank ≥ 2 layout whose rows are contiguous, with the element
+/// offset of each batch entry's first row and the row stride.
+fn rows_of(l: &Layout, what: &str) -> candle_core::Result<(Vec<usize>, usize, usize, usize)> {
+    let dims = l.dims();
+    let st = l.stride();
+    let r = dims.len();
+    if r < 2 {
+        candle_core::bail!("small matmul: {what} has rank {r}, needs ≥ 2");
+    }
+    let (rows, cols) = (dims[r - 2], dims[r - 1]);
+    if cols > 1 && st[r - 1] != 1 {
+        candle_core::bail!("small matmul: {what}'s rows are not contiguous");
+    }
+    let row_stride = st[r - 2];
+    // Offsets of every batch entry (row-major over the leading dimensions).
+    let mut offs = vec![l.start_offset()];
+    for d in 0..r - 2 {
+        let mut next = Vec::with_capacity(offs.len() * dims[d]);
+        for &o in &offs {
+            for i in 0..dims[d] {
+                next.push(o + i * st[d]);
+            }
+        }
+        offs = next;
+    }
+    Ok((offs, rows, cols, row_stride))
+}
+
+impl CustomOp2 for MatmulT {
+    fn name(&self) -> &'static str {
+        "small-matmul-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = s1.as_slice::<f32>()?;
+        let w = s2.as_slice::<f32>()?;
+        let (xo, m, k, xs) = rows_of(l1, "x")?;
+        let (wo, n, wk, ws) = rows_of(l2, "w")?;
+        if wk != k
+            || xo.len() != wo.len()
+            || l1.dims()[..l1.dims().len() - 2] != l2.dims()[..l2.dims().len() - 2]
+        {
+            candle_core::bail!(
+                "small matmul: shapes {:?} and {:?} do not match for x Wᵀ",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let mut out = vec![0f32; xo.len() * m * n];
+        for (b, (&xb, &wb)) in xo.iter().zip(&wo).enumerate() {
+            let y = &mut out[b * m * n..(b + 1) * m * n];
+            let xr = |i: usize| &x[xb + i * xs..xb + i * xs + k];
+            let wr = |j: usize| &w[wb + j * ws..wb + j * ws + k];
+            if m == 0 || n == 0 {
+                continue;
+            }
+            if x.len() < xb + (m - 1) * xs + k || w.len() < wb + (n - 1) * ws + k {
+                candle_core::bail!("small matmul: layout runs past its storage");
+            }
+            kernel(m, n, &xr, &wr, y);
+        }
+        let mut shape = l1.dims().to_vec();
+        let r = shape.len();
+        shape[r - 1] = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// `y[i, j] = x_i · w_j` for `i < m`, `j < n`.
+fn kernel<'a>(
+    m: usize,
+    n: usize,
+    x: &dyn Fn(usize) -> &'a [f32],
+    w: &dyn Fn(usize) -> &'a [f32],
+    y: &mut [f32],
+) {
+    let mut i = 0;
+    while i < m {
+        match m - i {
+            1 => block::<1>(i, n, x, w, y),
+            2 => block::<2>(i, n, x, w, y),
+            3 => block::<3>(i, n, x, w, y),
+            _ => block::<4>(i, n, x, w, y),
+        }
+        i += 4;
+    }
+}
+
+/// Rows `i..i + R` of `x` against every row of `w`, each row of `w` read once.
+fn block<'a, const R: usize>(
+    i: usize,
+    n: usize,
+    x: &dyn Fn(usize) -> &'a [f32],
+    w: &dyn Fn(usize) -> &'a [f32],
+    y: &mut [f32],
+) {
+    let xs: [&[f32]; R] = std::array::from_fn(|r| x(i + r));
+    #[cfg(target_arch = "x86_64")]
+    let fma =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    for j in 0..n {
+        let wj = w(j);
+        #[cfg(target_arch = "x86_64")]
+        let d = if fma {
+            // SAFETY: the CPU has the features `dots_fma` is compiled for.
+            unsafe { x86::dots_fma(&xs, wj) }
+        } else {
+            dots(&xs, wj)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let d = dots(&xs, wj);
+        for (r, v) in d.into_iter().enumerate() {
+            y[(i + r) * n + j] = v;
+        }
+    }
+}
+
+/// `x_r · w` for every `r` (portable fallback).
+fn dots<const R: usize>(xs: &[&[f32]; R], w: &[f32]) -> [f32; R] {
+    std::array::from_fn(|r| {
+        let mut acc = [0f32; 8];
+        let mut xc = xs[r].chunks_exact(8);
+        let mut wc = w.chunks_exact(8);
+        for (a, b) in (&mut xc).zip(&mut wc) {
+            for l in 0..8 {
+                acc[l] += a[l] * b[l];
+            }
+        }
+        let tail: f32 = xc
+            .remainder()
+            .iter()
+            .zip(wc.remainder())
+            .map(|(a, b)| a * b)
+            .sum();
+        acc.iter().sum::<f32>() + tail
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Vectors of 8 lanes in flight per row of `x`: `R × U` ≥ 8 independent accumulators
+    /// hide the FMA latency, while `w` is read once, front to back (prefetcher-friendly).
+    const U: usize = 4;
+
+    /// `x_r · w` for every `r`, with 256-bit fused multiply-adds.
+    // `u` and `r` index accumulators and pointer offsets at once.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dots_fma<const R: usize>(xs: &[&[f32]; R], w: &[f32]) -> [f32; R] {
+        let k = w.len();
+        assert!(xs.iter().all(|v| v.len() == k));
+        let mut acc = [[_mm256_setzero_ps(); U]; R];
+        let mut c = 0;
+        while c + 8 * U <= k {
+            for u in 0..U {
+                // SAFETY: every slice holds k ≥ c + 8U elements (asserted above);
+                // unaligned loads are allowed.
+                let wv = unsafe { _mm256_loadu_ps(w.as_ptr().add(c + 8 * u)) };
+                for r in 0..R {
+                    let xv = unsafe { _mm256_loadu_ps(xs[r].as_ptr().add(c + 8 * u)) };
+                    acc[r][u] = _mm256_fmadd_ps(xv, wv, acc[r][u]);
+                }
+            }
+            c += 8 * U;
+        }
+        while c + 8 <= k {
+            // SAFETY: as above, k ≥ c + 8.
+            let wv = unsafe { _mm256_loadu_ps(w.as_ptr().add(c)) };
+            for r in 0..R {
+                let xv = unsafe { _mm256_loadu_ps(xs[r].as_ptr().add(c)) };
+                acc[r][0] = _mm256_fmadd_ps(xv, wv, acc[r][0]);
+            }
+            c += 8;
+        }
+        std::array::from_fn(|r| {
+            let a = &acc[r];
+            let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            let mut t = _mm_cvtss_f32(s);
+            for i in c..k {
+                t = xs[r][i].mul_add(w[i], t);
+            }
+            t
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let s = b.abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
+    }
+
+    /// Against candle's matmul, for every row count up to the threshold and inner sizes that
+    /// are and are not multiples of the vector width.
+    #[test]
+    fn matches_candle_matmul() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for k in [1usize, 7, 8, 64, 100, 384] {
+            for n in [1usize, 3, 33] {
+                let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+                for m in 1..=MAX_ROWS {
+                    let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+                    let y = matmul_t(&x, &w)?;
+                    let r = x.matmul(&w.t()?)?;
+                    assert_eq!(y.dims(), r.dims());
+                    let e = max_rel(&y, &r);
+                    assert!(e < 1e-5, "m={m} n={n} k={k}: relative error {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Batched with a strided leading dimension, as a narrowed KV cache is.
+    #[test]
+    fn batched_over_a_narrowed_cache() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let cache = Tensor::randn(0f32, 1.0, (2, 40, 16), &dev)?;
+        let k = cache.narrow(1, 0, 29)?;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 16), &dev)?;
+        let y = matmul_t(&q, &k)?;
+        let r = q.matmul(&k.t()?)?;
+        assert_eq!(y.dims(), &[2, 3, 29]);
+        assert!(max_rel(&y, &r) < 1e-5);
+        Ok(())
+    }
+
+    /// Empty operands give empty (or zero) results, not errors.
+    #[test]
+    fn empty_operands() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (3, 8), &dev)?;
+        assert_eq!(
+            matmul_t(&Tensor::zeros((0, 8), DType::F32, &dev)?, &w)?.dims(),
+            &[0, 3]
+        );
+        let x = Tensor::randn(0f32, 1.0, (2, 8), &dev)?;
+        let none = Tensor::zeros((0, 8), DType::F32, &dev)?;
+        assert_eq!(matmul_t(&x, &none)?.dims(), &[2, 0]);
+        let y = matmul_t(
+            &Tensor::zeros((2, 0), DType::F32, &dev)?,
+            &Tensor::zeros((3, 0), DType::F32, &dev)?,
+        )?;
+        assert_eq!(y.to_vec2::<f32>()?, vec![vec![0f32; 3]; 2]);
+        Ok(())
+    }
+
+    /// Mismatched inner sizes are an error, not a wrong answer; a column-strided operand
+    /// is copied, not misread.
+    #[test]
+    fn odd_operands() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 8), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (3, 7), &dev)?;
+        assert!(matmul_t(&x, &w).is_err());
+        let wt = Tensor::randn(0f32, 1.0, (8, 3), &dev)?.t()?;
+        let r = x.matmul(&wt.contiguous()?.t()?)?;
+        assert!(max_rel(&matmul_t(&x, &wt)?, &r) < 1e-5);
+        Ok(())
+    }
+
+    /// A tracked operand takes candle's matmul, so gradients still flow; more rows than
+    /// [`MAX_ROWS`] too.
+    #[test]
+    fn falls_back_where_the_kernel_does_not_apply() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let w = candle_core::Var::randn(0f32, 1.0, (3, 8), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 8), &dev)?;
+        let y = matmul_t(&x, w.as_tensor())?;
+        let g = y.sum_all()?.backward()?;
+        assert!(
+            g.get(w.as_tensor()).is_some(),
+            "the weight lost its gradient"
+        );
+        let big = Tensor::randn(0f32, 1.0, (MAX_ROWS + 1, 8), &dev)?;
+        let w = w.as_tensor().detach();
+        assert!(max_rel(&matmul_t(&big, &w)?, &big.matmul(&w.t()?)?) < 1e-6);
+        Ok(())
+    }
+}
