@@ -452,16 +452,22 @@ impl Attention {
             let total = k.dim(1)?;
             // Query heads are kv-major: heads j*g..(j+1)*g share kv head j.
             let q = q.reshape((kvh, g * len, hd))?;
-            let att = (kernels::matmul_t(&q, &k)? * scale)?;
-            let att = if len > 1 {
-                let mask = causal_mask(len, seg.start, total)?;
-                att.reshape((kvh, g, len, total))?
-                    .broadcast_add(&mask)?
-                    .reshape((kvh, g * len, total))?
-            } else {
-                att
+            let att = kernels::matmul_t(&q, &k)?;
+            let att = match mode {
+                Mode::Infer => kernels::causal_softmax(&att, scale, len, seg.start)?,
+                Mode::Train => {
+                    let att = (att * scale)?;
+                    let att = if len > 1 {
+                        let mask = causal_mask(len, seg.start, total)?;
+                        att.reshape((kvh, g, len, total))?
+                            .broadcast_add(&mask)?
+                            .reshape((kvh, g * len, total))?
+                    } else {
+                        att
+                    };
+                    softmax_last(&att, mode)?
+                }
             };
-            let att = softmax_last(&att, mode)?;
             let o = att.matmul(&v)?; // [kvh, g*len, hd]
             let o = o
                 .reshape((nh, len, hd))?
