@@ -2,15 +2,15 @@
 //! grouped-query decode attention (`q Kᵀ` over the KV cache).
 //!
 //! Candle's CPU matmul hands `x Wᵀ` to the gemm crate, which repacks the whole of `W` on
-//! every call once `x` has 2 or more rows: for a `[2048, 384]` weight in cache, 45 µs for
-//! 1 row, 286 µs for 2 and 481 µs for 16 on this project's 2-core AMD EPYC
+//! every call once `x` has 2 or more rows: for a `[2048, 384]` weight in cache, 43 µs for
+//! 1 row, 284 µs for 2 and 461 µs for 16 on this project's 2-core AMD EPYC
 //! (`examples/small_matmul.rs`). Serving rarely has many rows per iteration: a few decodes
 //! plus a prefill chunk cut to a time-between-tokens SLO. [`matmul_t`] reads `W` once, row
 //! after row, in its checkpoint layout (no copy, no packing), and takes each row's dot
-//! product with up to four rows of `x` while the row is in L1, with four 8-lane
+//! product with up to four rows of `x` while the row is in L1, with 2-8 eight-lane
 //! accumulators per row of `x` (AVX2 + FMA, detected at run time; a portable loop
-//! otherwise). Same example: 2 rows 3.0-3.4× faster than candle with the weight cold and
-//! 3.8-8.6× warm, 8 rows 1.3-3.3×, 1 row on par.
+//! otherwise). Same example: 2 rows 3.0-4.3× faster than candle with the weight cold and
+//! 3.7-8.6× warm, 8 rows 1.5-3.9×, 1 row 0.92-1.01×.
 //!
 //! [`causal_softmax`] is attention's softmax with the causal mask folded in: each row is
 //! normalised over its own visible prefix with a vectorised `exp`, and the masked tail is
@@ -138,10 +138,16 @@ pub fn causal_softmax(
 ) -> candle_core::Result<Tensor> {
     let r = att.rank();
     let (rows, total) = (att.dim(r.saturating_sub(2))?, att.dim(r.saturating_sub(1))?);
-    if r < 2 || len == 0 || rows % len != 0 || start + len > total || !(scale > 0.0) {
+    if r < 2
+        || len == 0
+        || rows % len != 0
+        || start + len > total
+        || !scale.is_finite()
+        || scale <= 0.0
+    {
         candle_core::bail!(
             "causal softmax: scores of shape {:?} do not hold blocks of {len} queries at \
-             positions {start}..{} (or scale {scale} is not positive)",
+             positions {start}..{} (or scale {scale} is not a positive number)",
             att.dims(),
             start + len
         );
@@ -325,7 +331,7 @@ mod x86 {
             8.333_452e-3,
             4.166_579_6e-2,
             0.166_666_65,
-            0.500_000_01,
+            0.5,
         ] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
