@@ -33,7 +33,7 @@ pub const MAX_ROWS: usize = 16;
 /// training keeps its backward pass). Leading dimensions may have any stride (a narrowed
 /// KV cache is read in place); rows that are not contiguous are copied first.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let small = x.rank() >= 2 && x.dim(x.rank() - 2)? <= MAX_ROWS;
+    let small = x.rank() >= 2 && w.rank() == x.rank() && x.dim(x.rank() - 2)? <= MAX_ROWS;
     let plain = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && !t.track_op();
     if !(small && plain(x) && plain(w)) {
         return x.matmul(&w.t()?);
@@ -125,10 +125,10 @@ impl CustomOp2 for MatmulT {
     }
 }
 
-/// Softmax over the last dimension of `scale × att`, for attention scores `att` `[.., rows, total]` whose
-/// rows are `groups` blocks of `len` queries at positions `start..start + len` (query heads
-/// sharing a KV head, kv-major), with the causal mask applied: query `start + i` sees keys
-/// `0..=start + i`, and the rest of its row is zero. Inference only: a tracked `att` (or
+/// Softmax over the last dimension of `scale × att`, for attention scores `att`
+/// `[.., rows, total]` whose rows are blocks of `len` queries at positions
+/// `start..start + len` (query heads sharing a KV head, kv-major), with the causal mask
+/// applied: query `start + i` sees keys `0..=start + i`, and the rest of its row is zero. Inference only: a tracked `att` (or
 /// one that is not f32 on the CPU) takes candle's mask + softmax, which has a backward pass.
 pub fn causal_softmax(
     att: &Tensor,
@@ -160,8 +160,7 @@ pub fn causal_softmax(
             }
         }
         let mask = Tensor::from_vec(m, (len, total), att.device())?.to_dtype(att.dtype())?;
-        let lead: Vec<usize> = att.dims()[..r - 2].to_vec();
-        let mut blocks = lead.clone();
+        let mut blocks = att.dims()[..r - 2].to_vec();
         blocks.extend([rows / len, len, total]);
         let masked = (att * scale)?
             .reshape(blocks)?
@@ -500,6 +499,10 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 8), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (3, 7), &dev)?;
         assert!(matmul_t(&x, &w).is_err());
+        assert!(
+            matmul_t(&x, &Tensor::new(1f32, &dev)?).is_err(),
+            "a scalar weight"
+        );
         let wt = Tensor::randn(0f32, 1.0, (8, 3), &dev)?.t()?;
         let r = x.matmul(&wt.contiguous()?.t()?)?;
         assert!(max_rel(&matmul_t(&x, &wt)?, &r) < 1e-5);
