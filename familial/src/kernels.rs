@@ -196,8 +196,7 @@ impl candle_core::CustomOp1 for CausalSoftmax {
         let total = l.dims()[l.dims().len() - 1];
         let mut out = vec![0f32; x.len()];
         #[cfg(target_arch = "x86_64")]
-        let fma = std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma");
+        let fma = x86::available();
         for (row, (xr, yr)) in x
             .chunks_exact(total)
             .zip(out.chunks_exact_mut(total))
@@ -267,8 +266,7 @@ fn block<'a, const R: usize, const U: usize>(
 ) {
     let xs: [&[f32]; R] = std::array::from_fn(|r| x(i + r));
     #[cfg(target_arch = "x86_64")]
-    let fma =
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    let fma = x86::available();
     for j in 0..n {
         let wj = w(j);
         #[cfg(target_arch = "x86_64")]
@@ -310,6 +308,11 @@ fn dots<const R: usize>(xs: &[&[f32]; R], w: &[f32]) -> [f32; R] {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// Whether this CPU runs the `*_fma` functions below (AVX2 and FMA).
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
 
     /// `exp` of 8 lanes (Cephes' single-precision polynomial, about 1 ulp on the range
     /// softmax uses; inputs below -87.3 give 0).

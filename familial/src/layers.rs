@@ -449,25 +449,10 @@ impl Attention {
             let k = rope.apply(&heads(&k_all, kvh)?, seg.start, mode)?;
             let v = heads(&v_all, kvh)?;
             let (k, v) = kv.append(seg.start, &k, &v, mode == Mode::Train, what)?;
-            let total = k.dim(1)?;
             // Query heads are kv-major: heads j*g..(j+1)*g share kv head j.
             let q = q.reshape((kvh, g * len, hd))?;
-            let att = kernels::matmul_t(&q, &k)?;
-            let att = match mode {
-                Mode::Infer => kernels::causal_softmax(&att, scale, len, seg.start)?,
-                Mode::Train => {
-                    let att = (att * scale)?;
-                    let att = if len > 1 {
-                        let mask = causal_mask(len, seg.start, total)?;
-                        att.reshape((kvh, g, len, total))?
-                            .broadcast_add(&mask)?
-                            .reshape((kvh, g * len, total))?
-                    } else {
-                        att
-                    };
-                    softmax_last(&att, mode)?
-                }
-            };
+            // A tracked `att` (training) falls back inside to the differentiable mask + softmax.
+            let att = kernels::causal_softmax(&kernels::matmul_t(&q, &k)?, scale, len, seg.start)?;
             let o = att.matmul(&v)?; // [kvh, g*len, hd]
             let o = o
                 .reshape((nh, len, hd))?
@@ -484,16 +469,6 @@ impl Attention {
         };
         self.o.forward(&o)
     }
-}
-
-fn causal_mask(len: usize, start: usize, total: usize) -> Result<Tensor> {
-    let mut m = vec![0f32; len * total];
-    for i in 0..len {
-        for j in (start + i + 1)..total {
-            m[i * total + j] = f32::NEG_INFINITY;
-        }
-    }
-    Ok(Tensor::from_vec(m, (len, total), &Device::Cpu)?)
 }
 
 /// SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
