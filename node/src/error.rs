@@ -47,5 +47,11 @@ impl From<flow_protocol::Error> for NodeError {
     }
 }
 
+impl From<crate::model_store::StoreError> for NodeError {
+    fn from(e: crate::model_store::StoreError) -> Self {
+        NodeError::Model(e.to_string())
+    }
+}
+
 /// Result alias.
 pub type Result<T> = std::result::Result<T, NodeError>;

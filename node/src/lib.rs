@@ -17,7 +17,9 @@
 //!   [`tier`] — one tier's per-request logic; [`metrics`] — Prometheus text;
 //!   [`delta`] — versioned weights and delta-checkpoint transfers from edge to device;
 //!   [`fleet`] — deltas distributed down a running cluster ([`Agent::distribute`]) and
-//!   federated rounds aggregated up it ([`Agent::federate`]).
+//!   federated rounds aggregated up it ([`Agent::federate`]);
+//!   [`model_store`] — the local cache of real models (`flow-node model pull`) and
+//!   [`model_store::resolve_model`] for `--model` arguments.
 
 pub mod agent;
 pub mod cluster;
@@ -27,6 +29,7 @@ pub mod error;
 pub mod fleet;
 pub mod http;
 pub mod metrics;
+pub mod model_store;
 pub mod parent;
 pub mod planning;
 pub mod tier;

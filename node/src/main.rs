@@ -32,7 +32,8 @@ enum Cmd {
     /// Device, edge and cloud on loopback in one process, serving the OpenAI-compatible API
     /// on the device until Ctrl-C.
     Cluster(commands::cluster::ClusterArgs),
-    /// Create, train, inspect and run familial model checkpoints.
+    /// Create, train, inspect and run familial model checkpoints; pull real models (GGUF)
+    /// into the local cache.
     #[command(subcommand)]
     Model(commands::ModelCmd),
     /// Create the cluster CA and issue node certificates (mutual TLS).

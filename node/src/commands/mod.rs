@@ -16,6 +16,7 @@ pub mod demo;
 pub mod finetune;
 pub mod finetune_fleet;
 pub mod model;
+pub mod model_pull;
 pub mod moe;
 pub mod node;
 pub mod plan;
@@ -41,6 +42,10 @@ pub enum ModelCmd {
     Run(model::RunArgs),
     /// Per-exit escalation thresholds meeting a target agreement with the deepest exit.
     Calibrate(calibrate::CalibrateArgs),
+    /// Download a known model (GGUF) into the local cache, or import one with --file.
+    Pull(model_pull::PullArgs),
+    /// Show the models in the local cache (name, size, sha256, path).
+    List(model_pull::ListArgs),
 }
 
 /// `flow-node bench ...`
@@ -71,6 +76,8 @@ pub fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
         ModelCmd::Inspect(a) => model::inspect(a),
         ModelCmd::Run(a) => model::run(a),
         ModelCmd::Calibrate(a) => calibrate::run(a),
+        ModelCmd::Pull(a) => model_pull::pull_cmd(a),
+        ModelCmd::List(a) => model_pull::list_cmd(a),
     }
 }
 

@@ -1,0 +1,219 @@
+//! The cache on disk: its root, entry paths, listing, and the atomic install of an entry.
+//!
+//! Layout: `<root>/<name>/model.gguf` and `<root>/<name>/manifest.json`. An entry is built
+//! in `<root>/.tmp-<name>-<pid>/` and renamed into place only once verified, so a failure at
+//! any step leaves no half-written entry.
+
+use std::path::{Path, PathBuf};
+
+use super::error::{Result, StoreError};
+use super::manifest::Manifest;
+
+/// File name of an entry's model.
+pub const MODEL_FILE: &str = "model.gguf";
+
+/// Prefix of the directories entries are built in.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// The local model cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// One cache entry, as [`Store::list`] finds it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The entry's name.
+    pub name: String,
+    /// `<root>/<name>/model.gguf`.
+    pub model: PathBuf,
+    /// Size of the model file.
+    pub bytes: u64,
+    /// The manifest, if it is present and readable.
+    pub manifest: Option<Manifest>,
+}
+
+/// Check that `name` can be a cache entry: ASCII letters, digits, `-`, `_`, `.`, not
+/// starting with `.`, at most 128 characters.
+pub fn check_name(name: &str) -> Result<()> {
+    let bad = |why| {
+        Err(StoreError::BadName {
+            name: name.to_string(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > 128 {
+        return bad("longer than 128 characters");
+    }
+    if name.starts_with('.') {
+        return bad("starts with `.`");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return bad("has characters other than letters, digits, `-`, `_` and `.`");
+    }
+    Ok(())
+}
+
+impl Store {
+    /// The cache at `root`.
+    pub fn at(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    /// The cache at `$AIFLOW_HOME`, else `$HOME/.cache/aiflow/models`.
+    pub fn from_env() -> Result<Store> {
+        let var = |k| std::env::var_os(k).filter(|v| !v.is_empty());
+        if let Some(home) = var("AIFLOW_HOME") {
+            return Ok(Store::at(home));
+        }
+        let home = var("HOME").ok_or(StoreError::NoHome)?;
+        Ok(Store::at(PathBuf::from(home).join(".cache/aiflow/models")))
+    }
+
+    /// The cache root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<root>/<name>`.
+    pub fn entry_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// `<root>/<name>/model.gguf`.
+    pub fn model_path(&self, name: &str) -> PathBuf {
+        self.entry_dir(name).join(MODEL_FILE)
+    }
+
+    /// The model file of entry `name`, if the cache holds one.
+    pub fn lookup(&self, name: &str) -> Option<PathBuf> {
+        check_name(name).ok()?;
+        let p = self.model_path(name);
+        p.is_file().then_some(p)
+    }
+
+    /// Every entry with a model file, sorted by name. A missing root is an empty cache.
+    pub fn list(&self) -> Result<Vec<Entry>> {
+        let rd = match std::fs::read_dir(&self.root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("reading", &self.root, e)),
+        };
+        let mut out = Vec::new();
+        for de in rd {
+            let de = de.map_err(|e| StoreError::io("reading", &self.root, e))?;
+            let Some(name) = de.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if check_name(&name).is_err() {
+                continue;
+            }
+            let model = self.model_path(&name);
+            let Ok(meta) = std::fs::metadata(&model) else {
+                continue;
+            };
+            out.push(Entry {
+                manifest: Manifest::read(&self.entry_dir(&name)).ok(),
+                name,
+                model,
+                bytes: meta.len(),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Names of the cached entries.
+    pub fn names(&self) -> Vec<String> {
+        self.list()
+            .map(|v| v.into_iter().map(|e| e.name).collect())
+            .unwrap_or_default()
+    }
+
+    /// Remove `.tmp-*` directories left by pulls that died; returns how many. Directories
+    /// of a process that is still running (Linux: `/proc/<pid>` exists) are kept.
+    pub fn clean_stale_tmp(&self) -> Result<usize> {
+        let Ok(rd) = std::fs::read_dir(&self.root) else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        for de in rd.flatten() {
+            let name = de.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
+                continue;
+            };
+            let pid = rest.rsplit('-').find_map(|s| s.parse::<u32>().ok());
+            let alive = match pid {
+                Some(p) if p != std::process::id() => {
+                    Path::new("/proc").is_dir() && Path::new(&format!("/proc/{p}")).exists()
+                }
+                _ => false,
+            };
+            if !alive {
+                std::fs::remove_dir_all(de.path())
+                    .map_err(|e| StoreError::io("removing the stale", de.path(), e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Build entry `name` atomically: `fill` writes the model file into a fresh temporary
+    /// directory and returns its manifest; the manifest is written there, and only then the
+    /// directory is renamed to `<root>/<name>`, replacing an existing entry. If `fill` (or
+    /// anything after it) fails, the temporary directory is removed and the cache is as it
+    /// was. `fill` returning `None` installs nothing (and so does this, returning `None`).
+    pub fn install<F>(&self, name: &str, fill: F) -> Result<Option<Manifest>>
+    where
+        F: FnOnce(&Path) -> Result<Option<Manifest>>,
+    {
+        check_name(name)?;
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| StoreError::io("creating", &self.root, e))?;
+        self.clean_stale_tmp()?;
+        let pid = std::process::id();
+        let tmp = TmpDir(self.root.join(format!("{TMP_PREFIX}{name}-{pid}")));
+        if tmp.0.exists() {
+            std::fs::remove_dir_all(&tmp.0).map_err(|e| StoreError::io("removing", &tmp.0, e))?;
+        }
+        std::fs::create_dir(&tmp.0).map_err(|e| StoreError::io("creating", &tmp.0, e))?;
+        let Some(manifest) = fill(&tmp.0)? else {
+            return Ok(None);
+        };
+        manifest.write(&tmp.0)?;
+        let dest = self.entry_dir(name);
+        if dest.exists() {
+            // A directory cannot be renamed over a non-empty one: move the old entry aside,
+            // put the new one in place, then delete the old one.
+            let old = TmpDir(self.root.join(format!("{TMP_PREFIX}{name}-{pid}-old")));
+            std::fs::rename(&dest, &old.0)
+                .map_err(|e| StoreError::io("moving aside the old entry", &dest, e))?;
+            if let Err(e) = std::fs::rename(&tmp.0, &dest) {
+                let _ = std::fs::rename(&old.0, &dest);
+                return Err(StoreError::io("renaming into", &dest, e));
+            }
+        } else {
+            std::fs::rename(&tmp.0, &dest)
+                .map_err(|e| StoreError::io("renaming into", &dest, e))?;
+        }
+        Ok(Some(manifest))
+    }
+}
+
+/// A directory removed when dropped (if it still exists).
+struct TmpDir(PathBuf);
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
