@@ -56,6 +56,12 @@ pub enum Error {
     /// Tokenizer loading or encoding failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A GGUF metadata key is missing, of the wrong type or holds an unusable value.
+    #[error("GGUF metadata `{key}`: {msg}")]
+    GgufMetadata { key: String, msg: String },
+    /// A chat template failed to compile or to render (including `raise_exception`).
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     /// An error from candle's tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

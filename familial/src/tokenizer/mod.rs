@@ -1,10 +1,21 @@
-//! Tokenizers: any HF `tokenizer.json` through the `tokenizers` crate, and the byte-level
-//! tokenizer of the built-in families (256 byte tokens + a few specials), which is itself
-//! written as a standard `tokenizer.json` so every HF tool reads it too.
+//! Tokenizers: any HF `tokenizer.json` through the `tokenizers` crate, the byte-level BPE
+//! of a GGUF file, and the byte-level tokenizer of the built-in families (256 byte tokens +
+//! a few specials), which is itself written as a standard `tokenizer.json` so every HF tool
+//! reads it too.
+//!
+//! Entry points: [`Tokenizer::from_dir`], [`Tokenizer::from_file`], [`Tokenizer::from_gguf`]
+//! (with [`gguf_specials`] for BOS/EOS), then [`Tokenizer::encode`], [`Tokenizer::decode`]
+//! and, for streaming output, [`DecodeStream`].
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
+
+mod gguf;
+mod stream;
+
+pub use gguf::{gguf_specials, GgufSpecials, SpecialToken};
+pub use stream::DecodeStream;
 
 /// Special tokens of the built-in byte-level families, ids 256.. in this order.
 pub const BYTE_SPECIALS: [&str; 16] = [
@@ -143,6 +154,9 @@ impl Tokenizer {
         }
     }
 }
+
+#[cfg(test)]
+mod gguf_tests;
 
 #[cfg(test)]
 mod tests {
