@@ -37,7 +37,8 @@ impl ChatMessage {
     }
 }
 
-/// A compiled chat template.
+/// A compiled chat template (cheap to share: `Send + Sync`, clone it or put it in an `Arc`).
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
@@ -219,6 +220,24 @@ mod tests {
             .render(&[ChatMessage::new("user", "  x \n")], false)
             .unwrap();
         assert_eq!(out, "<s>\n[x]USER\n");
+    }
+
+    #[test]
+    fn loop_controls_namespace_and_dict_methods_work() {
+        let src = "{%- set ns = namespace(n=0) -%}{%- for m in messages -%}{%- if m['role'] == 'system' %}{% continue %}{% endif -%}{%- set ns.n = ns.n + 1 -%}{%- for k, v in m.items() %}{{ k }}={{ v }};{% endfor -%}{%- if loop.index0 >= 2 %}{% break %}{% endif -%}{%- endfor -%}|{{ ns.n }}{{ eos_token if messages[-1].content.startswith('b') }}";
+        let t = ChatTemplate::new(src, "", "</s>").unwrap();
+        let msgs = [
+            ChatMessage::new("system", "s"),
+            ChatMessage::new("user", "a"),
+            ChatMessage::new("assistant", "b"),
+            ChatMessage::new("user", "c"),
+        ];
+        let out = t.render(&msgs[..3], false).unwrap();
+        assert_eq!(out, "role=user;content=a;role=assistant;content=b;|2</s>");
+        assert_eq!(
+            t.render(&msgs, false).unwrap(),
+            "role=user;content=a;role=assistant;content=b;|2"
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ fn metadata() -> Option<HashMap<String, Value>> {
     if !path.exists() {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!(
-                "{} is missing: CI must pull the model first (aiflow model pull smollm2-135m-instruct)",
+                "{} is missing: CI must pull the model first (or set AIFLOW_SMOLLM2_GGUF to it)",
                 path.display()
             );
         }
@@ -154,4 +154,14 @@ fn streaming_decode_equals_decode_on_the_real_vocab() {
     out.extend(stream.finish(&tok).unwrap());
     assert_eq!(out, tok.decode(&ids).unwrap());
     assert_eq!(out, "assistant\n中文 🙂👍🏽 café ½ — done");
+    // Every fixture string, token by token.
+    for c in fixture("smollm2_ids.json")["cases"].as_array().unwrap() {
+        let ids = ids_of(&c["ids"]);
+        let mut out = String::new();
+        for &id in &ids {
+            out.extend(stream.step(&tok, id).unwrap());
+        }
+        out.extend(stream.finish(&tok).unwrap());
+        assert_eq!(out, tok.decode(&ids).unwrap(), "{}", c["text"]);
+    }
 }

@@ -188,3 +188,18 @@ fn stream_holds_split_characters_back() {
     assert_eq!(out, t.decode(cut).unwrap());
     assert!(out.ends_with(char::REPLACEMENT_CHARACTER));
 }
+
+#[test]
+fn chat_template_comes_from_gguf_or_is_none() {
+    use crate::chat::ChatTemplate;
+    let key = "tokenizer.chat_template";
+    let mut m = md("smollm");
+    assert!(ChatTemplate::from_gguf(&m).unwrap().is_none());
+    m.insert(key.into(), s("{{ bos_token }}|{{ eos_token }}"));
+    let t = ChatTemplate::from_gguf(&m).unwrap().unwrap();
+    assert_eq!(t.render(&[], true).unwrap(), "<|im_start|>|<|im_end|>");
+    m.insert(key.into(), Value::U32(1));
+    assert!(
+        matches!(ChatTemplate::from_gguf(&m), Err(Error::GgufMetadata { key: k, .. }) if k == key)
+    );
+}
