@@ -17,7 +17,7 @@ use candle_core::quantized::{GgmlDType, GgmlType};
 use candle_core::{DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::act::Q8Act;
+use super::act::{Q8Act, Q8Row};
 use super::blocks::{self, with_block, Plain};
 use super::dot::{dots, Kind};
 use super::QMatrix;
@@ -111,10 +111,10 @@ pub(crate) fn matmul_t_with(w: &QMatrix, x: &[f32], m: usize, simd: bool) -> Res
             };
             let run = |act: &mut Q8Act| {
                 act.quantize(x, m, k, simd);
-                let act = &*act;
+                let xr: Vec<Q8Row<'_>> = (0..m).map(|i| act.row(i)).collect();
                 par_rows(n, m, m * k, |range, out| {
                     w.for_rows(range.clone(), |j, row| {
-                        tile(kind, row, act, &mut out[(j - range.start) * m..][..m], simd)
+                        tile(kind, row, &xr, &mut out[(j - range.start) * m..][..m], simd)
                     })
                 })
             };
@@ -130,24 +130,16 @@ pub(crate) fn matmul_t_with(w: &QMatrix, x: &[f32], m: usize, simd: bool) -> Res
     Ok(transpose(yt, n, m))
 }
 
-/// One weight row against all `m` activation rows, four at a time.
-fn tile(kind: Kind, row: &[u8], act: &Q8Act, out: &mut [f32], simd: bool) {
-    let m = act.m;
-    let mut i = 0;
-    while i < m {
-        let r = |o: usize| act.row(i + o);
-        match m - i {
-            1 => out[i] = dots::<1>(kind, row, &[r(0)], simd)[0],
-            2 => out[i..i + 2].copy_from_slice(&dots::<2>(kind, row, &[r(0), r(1)], simd)),
-            3 => out[i..i + 3].copy_from_slice(&dots::<3>(kind, row, &[r(0), r(1), r(2)], simd)),
-            _ => out[i..i + 4].copy_from_slice(&dots::<4>(
-                kind,
-                row,
-                &[r(0), r(1), r(2), r(3)],
-                simd,
-            )),
+/// One weight row against all activation rows `x`, four at a time.
+fn tile(kind: Kind, row: &[u8], x: &[Q8Row<'_>], out: &mut [f32], simd: bool) {
+    for (xs, o) in x.chunks(4).zip(out.chunks_mut(4)) {
+        match xs {
+            [a] => o[0] = dots::<1>(kind, row, &[*a], simd)[0],
+            [a, b] => o.copy_from_slice(&dots::<2>(kind, row, &[*a, *b], simd)),
+            [a, b, c] => o.copy_from_slice(&dots::<3>(kind, row, &[*a, *b, *c], simd)),
+            [a, b, c, d] => o.copy_from_slice(&dots::<4>(kind, row, &[*a, *b, *c, *d], simd)),
+            _ => {}
         }
-        i += 4;
     }
 }
 
