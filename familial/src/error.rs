@@ -62,6 +62,13 @@ pub enum Error {
     /// A chat template failed to compile or to render (including `raise_exception`).
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    /// A quantized matrix is stored in a dtype the quant kernels do not implement.
+    #[error("quantized matrix: dtype {0} is not supported (supported: f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4k, q5k, q6k)")]
+    UnsupportedQuant(String),
+    /// A quantized matrix or its input does not fit together: byte range, length,
+    /// alignment, block size or shape (the message names which).
+    #[error("quantized matrix: {0}")]
+    Quant(String),
     /// An error from candle's tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

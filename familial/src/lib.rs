@@ -30,6 +30,7 @@ pub mod kernels;
 pub mod kv;
 pub mod layers;
 pub mod model;
+pub mod quant;
 pub mod sample;
 pub mod tasks;
 pub mod tokenizer;

@@ -1,0 +1,92 @@
+//! Activations quantized once per call to 8-bit blocks of 32 (llama.cpp's Q8_1 with f32
+//! scales): per block, `qs = round(x · 127 / amax)` (ties to even), `d = amax / 127`, and
+//! `s = d · Σ qs`, which folds a weight block's offset (Q4_1's `m`, Q4_0's `-8 d`) into
+//! one multiply. Weights of every 32-block dtype this module computes with integers
+//! (Q4_0, Q4_1, Q8_0) take this one format.
+//!
+//! Entry point: [`Q8Act::quantize`]; kernels read rows through [`Q8Act::row`].
+
+/// Values per activation block.
+pub(crate) const QK: usize = 32;
+
+/// `m` rows of `cols` activations, quantized.
+#[derive(Default)]
+pub(crate) struct Q8Act {
+    pub(crate) m: usize,
+    pub(crate) cols: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+/// One quantized activation row: `qs` (cols values), and per block `d` and `s`.
+#[derive(Clone, Copy)]
+pub(crate) struct Q8Row<'a> {
+    pub(crate) qs: &'a [i8],
+    pub(crate) d: &'a [f32],
+    pub(crate) s: &'a [f32],
+}
+
+impl Q8Act {
+    /// Quantize `x` (`m` rows of `cols`, `cols` a multiple of 32), reusing this buffer's
+    /// allocations. `simd` picks the AVX2 build of the same arithmetic (identical results).
+    pub(crate) fn quantize(&mut self, x: &[f32], m: usize, cols: usize, simd: bool) {
+        debug_assert_eq!(x.len(), m * cols);
+        debug_assert_eq!(cols % QK, 0);
+        let nb = cols / QK;
+        self.m = m;
+        self.cols = cols;
+        self.qs.resize(m * cols, 0);
+        self.d.resize(m * nb, 0.0);
+        self.s.resize(m * nb, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only set where `super::matmul::avx2()` found AVX2 + FMA.
+            unsafe { quantize_avx2(x, &mut self.qs, &mut self.d, &mut self.s) };
+            return;
+        }
+        let _ = simd;
+        quantize_blocks(x, &mut self.qs, &mut self.d, &mut self.s);
+    }
+
+    /// Row `i`.
+    pub(crate) fn row(&self, i: usize) -> Q8Row<'_> {
+        let nb = self.cols / QK;
+        Q8Row {
+            qs: &self.qs[i * self.cols..(i + 1) * self.cols],
+            d: &self.d[i * nb..(i + 1) * nb],
+            s: &self.s[i * nb..(i + 1) * nb],
+        }
+    }
+}
+
+/// The quantization itself, written so the compiler vectorises it when inlined into an
+/// AVX2 function (plain IEEE operations: the same bits either way).
+#[inline(always)]
+fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    for (((xb, qb), d), s) in x
+        .chunks_exact(QK)
+        .zip(qs.chunks_exact_mut(QK))
+        .zip(d.iter_mut())
+        .zip(s.iter_mut())
+    {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qb.iter_mut().zip(xb) {
+            let r = (v * id).round_ties_even();
+            // |r| ≤ 127 for finite input (NaN saturates to 0).
+            *q = r as i8;
+            sum += *q as i32;
+        }
+        *d = amax / 127.0;
+        *s = *d * sum as f32;
+    }
+}
+
+/// [`quantize_blocks`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantize_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    quantize_blocks(x, qs, d, s)
+}

@@ -1,0 +1,265 @@
+//! `y = x · Wᵀ` for a [`QMatrix`] `W`: the hot path of every quantized linear layer.
+//!
+//! `x` is quantized once per call (`act.rs`, into a thread-local buffer), then output rows
+//! are split into one contiguous chunk per rayon thread; each thread walks its weight rows
+//! in file order and takes every row's dot product with up to four activation rows while
+//! the row is in L1 (`dot.rs`, AVX2 in `dot_avx2.rs`). Q4_0, Q4_1 and Q8_0 run this
+//! module's integer kernels; Q5_0, Q5_1 and the K-quants candle's `GgmlType::vec_dot` on
+//! candle's activation blocks (scalar, correct, slower); F32, F16 and BF16 weights a
+//! dequantize-a-row-then-f32-dot loop.
+//!
+//! Entry point: [`QMatrix::matmul_t`].
+
+use std::cell::RefCell;
+use std::ops::Range;
+
+use candle_core::quantized::{GgmlDType, GgmlType};
+use candle_core::{DType, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::act::{Q8Act, Q8Row};
+use super::blocks::{self, with_block, Plain};
+use super::dot::{dots, Kind};
+use super::QMatrix;
+use crate::{Error, Result};
+
+/// Below this many multiply-adds a call stays on the calling thread (rayon's hand-off
+/// costs a few µs).
+const PAR_MIN_WORK: usize = 1 << 16;
+
+/// Whether this CPU runs the AVX2 kernels (AVX2, FMA and F16C), detected once.
+pub(crate) fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+thread_local! {
+    /// Quantized activations, reused across calls on this thread.
+    static ACT: RefCell<Q8Act> = RefCell::new(Q8Act::default());
+}
+
+impl QMatrix {
+    /// `y = x · Wᵀ` for `x` `[.., cols]` f32 on the CPU: the result is `[.., rows]` f32
+    /// (leading dimensions kept; `x` `[m, cols]` gives `[m, rows]`). A tracked `x` loses
+    /// its gradient (inference only).
+    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) || x.rank() == 0 {
+            return Err(Error::Quant(format!(
+                "matmul_t needs an f32 CPU tensor [.., {}], got {:?} {:?} on {:?}",
+                self.cols,
+                x.dtype(),
+                x.dims(),
+                x.device().location()
+            )));
+        }
+        let dims = x.dims();
+        if dims[dims.len() - 1] != self.cols {
+            return Err(Error::ShapeMismatch {
+                name: "matmul_t input".into(),
+                got: dims.to_vec(),
+                expected: [&dims[..dims.len() - 1], &[self.cols]].concat(),
+            });
+        }
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().unwrap_or(&mut 0) = self.rows;
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            return Err(Error::Quant("matmul_t input is not on the CPU".into()));
+        };
+        let (a, b) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::Quant("matmul_t input is not contiguous".into()))?;
+        let xs = cpu.as_slice::<f32>()?.get(a..b).unwrap_or(&[]);
+        let y = matmul_t_with(self, xs, m, avx2())?;
+        drop(storage);
+        Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
+    }
+}
+
+/// `x` (`m` rows of `w.cols`) times `wᵀ`, row-major `[m, rows]`; `simd` picks the AVX2
+/// kernels (only where [`avx2`] is true) — tests run both.
+pub(crate) fn matmul_t_with(w: &QMatrix, x: &[f32], m: usize, simd: bool) -> Result<Vec<f32>> {
+    let (n, k) = (w.rows, w.cols);
+    if x.len() != m * k {
+        return Err(Error::Quant(format!(
+            "matmul_t: {} input values are not {m} rows of {k}",
+            x.len()
+        )));
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(vec![0f32; m * n]);
+    }
+    let simd = simd && avx2();
+    // Transposed result [n, m]: each thread's rows are one contiguous piece.
+    let yt = match w.dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 => {
+            let kind = match w.dtype {
+                GgmlDType::Q4_0 => Kind::Q4_0,
+                GgmlDType::Q4_1 => Kind::Q4_1,
+                _ => Kind::Q8_0,
+            };
+            let run = |act: &mut Q8Act| {
+                act.quantize(x, m, k, simd);
+                let xr: Vec<Q8Row<'_>> = (0..m).map(|i| act.row(i)).collect();
+                par_rows(n, m, m * k, |range, out| {
+                    w.for_rows(range.clone(), |j, row| {
+                        tile(kind, row, &xr, &mut out[(j - range.start) * m..][..m], simd)
+                    })
+                })
+            };
+            ACT.with(|c| match c.try_borrow_mut() {
+                Ok(mut act) => run(&mut act),
+                // Re-entered on this thread (a nested rayon job): use a fresh buffer.
+                Err(_) => run(&mut Q8Act::default()),
+            })
+        }
+        GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => float_rows(w, x, m)?,
+        dtype => with_block!(dtype, T => candle_rows::<T>(w, x, m)?),
+    };
+    Ok(transpose(yt, n, m))
+}
+
+/// One weight row against all activation rows `x`, four at a time.
+fn tile(kind: Kind, row: &[u8], x: &[Q8Row<'_>], out: &mut [f32], simd: bool) {
+    for (xs, o) in x.chunks(4).zip(out.chunks_mut(4)) {
+        match xs {
+            [a] => o[0] = dots::<1>(kind, row, &[*a], simd)[0],
+            [a, b] => o.copy_from_slice(&dots::<2>(kind, row, &[*a, *b], simd)),
+            [a, b, c] => o.copy_from_slice(&dots::<3>(kind, row, &[*a, *b, *c], simd)),
+            [a, b, c, d] => o.copy_from_slice(&dots::<4>(kind, row, &[*a, *b, *c, *d], simd)),
+            _ => {}
+        }
+    }
+}
+
+/// Run `f(rows, out)` over contiguous chunks of `0..n` (one per rayon thread), each
+/// writing its rows' `m` results into its piece of the `[n, m]` output.
+fn par_rows(
+    n: usize,
+    m: usize,
+    work_per_row: usize,
+    f: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n * m];
+    let threads = rayon::current_num_threads().max(1);
+    if threads == 1 || n * work_per_row < PAR_MIN_WORK || n < 2 {
+        f(0..n, &mut out);
+        return out;
+    }
+    let chunk = n.div_ceil(threads);
+    out.par_chunks_mut(chunk * m)
+        .enumerate()
+        .for_each(|(c, o)| f(c * chunk..(c * chunk + chunk).min(n), o));
+    out
+}
+
+/// `[n, m]` → `[m, n]`.
+fn transpose(yt: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
+    if m == 1 || n == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; n * m];
+    for (j, row) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in row.iter().enumerate() {
+            y[i * n + j] = *v;
+        }
+    }
+    y
+}
+
+/// F32 / F16 / BF16 weights: each row dequantized (exact) and dotted in f32.
+fn float_rows(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    let k = w.cols;
+    let err = std::sync::Mutex::new(None);
+    let yt = par_rows(w.rows, m, m * k, |range, out| {
+        let mut buf = vec![0f32; k];
+        w.for_rows(range.clone(), |j, row| {
+            if let Err(e) = blocks::dequantize(w.dtype, row, &mut buf) {
+                *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                return;
+            }
+            for (i, xi) in x.chunks_exact(k).enumerate() {
+                out[(j - range.start) * m + i] = dot_f32(xi, &buf);
+            }
+        })
+    });
+    match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(yt),
+    }
+}
+
+/// `a · b` with eight partial sums (vectorises).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (u, v) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += u[l] * v[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Block dtypes without a kernel here: candle's activation quantization and `vec_dot`.
+fn candle_rows<T: Plain>(w: &QMatrix, x: &[f32], m: usize) -> Result<Vec<f32>>
+where
+    T::VecDotType: Send + Sync,
+{
+    let k = w.cols;
+    let nb = k / T::BLCK_SIZE;
+    let mut xq = vec![T::VecDotType::zeros(); m * nb];
+    for (xi, qi) in x.chunks_exact(k).zip(xq.chunks_exact_mut(nb.max(1))) {
+        T::VecDotType::from_float(xi, qi);
+    }
+    let err = std::sync::Mutex::new(None);
+    let yt = par_rows(w.rows, m, m * k, |range, out| {
+        w.for_rows(range.clone(), |j, row| match blocks::cast::<T>(row) {
+            Ok(wr) => {
+                for (i, qi) in xq.chunks_exact(nb).enumerate() {
+                    out[(j - range.start) * m + i] = vec_dot_any::<T>(wr, qi);
+                }
+            }
+            Err(e) => *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
+        })
+    });
+    match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(yt),
+    }
+}
+
+/// candle's `vec_dot` for any block count: its 32-block dots assert an even count (debug
+/// builds), so an odd last block is paired with an all-zero one (scale 0, adds 0).
+fn vec_dot_any<T: GgmlType>(w: &[T], x: &[T::VecDotType]) -> f32 {
+    let nb = w.len().min(x.len());
+    let even = nb - nb % 2;
+    let head = if even > 0 {
+        T::vec_dot(even * T::BLCK_SIZE, &w[..even], &x[..even])
+    } else {
+        0.0
+    };
+    if even == nb {
+        return head;
+    }
+    let w2 = [w[even].clone(), T::zeros()];
+    let x2 = [x[even].clone(), T::VecDotType::zeros()];
+    head + T::vec_dot(2 * T::BLCK_SIZE, &w2, &x2)
+}
