@@ -142,6 +142,10 @@ impl ExitSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RopeConfig {
     pub theta: f64,
+    /// Rotate adjacent pairs (GPT-J / llama.cpp "normal" mode) instead of HF's rotate-half:
+    /// GGUF `llama` files store q/k rows permuted for it (`aiflow_rope_interleaved`).
+    #[serde(default)]
+    pub interleaved: bool,
 }
 
 /// A normalised model configuration.
@@ -301,7 +305,10 @@ impl ModelConfig {
             head_dim,
             max_position_embeddings,
             rms_norm_eps,
-            rope: RopeConfig { theta },
+            rope: RopeConfig {
+                theta,
+                interleaved: get_bool(v, "aiflow_rope_interleaved").unwrap_or(false),
+            },
             qkv_bias,
             o_bias,
             tie_word_embeddings,
@@ -471,6 +478,9 @@ impl ModelConfig {
         );
         put("rms_norm_eps", self.rms_norm_eps.into());
         put("rope_theta", self.rope.theta.into());
+        if self.rope.interleaved {
+            put("aiflow_rope_interleaved", true.into());
+        }
         put("tie_word_embeddings", self.tie_word_embeddings.into());
         put("hidden_act", "silu".into());
         if let Some(d) = &self.stored_dtype {

@@ -35,6 +35,9 @@ pub enum Error {
     /// A tensor is stored in a dtype we cannot load.
     #[error("tensor `{name}` has dtype {got}, expected one of f32, f16, bf16")]
     BadDtype { name: String, got: String },
+    /// A GGUF file is malformed, truncated, or describes a model we cannot run.
+    #[error("GGUF {path}: {msg}")]
+    Gguf { path: PathBuf, msg: String },
     /// A checkpoint file is truncated, corrupt, or its index is inconsistent.
     #[error("checkpoint {path}: {msg}")]
     Checkpoint { path: PathBuf, msg: String },

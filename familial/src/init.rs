@@ -112,7 +112,10 @@ pub fn preset_config(preset: Preset, layout: Layout) -> Result<ModelConfig> {
         head_dim: hidden / heads,
         max_position_embeddings: max_positions,
         rms_norm_eps: 1e-6,
-        rope: RopeConfig { theta: 10_000.0 },
+        rope: RopeConfig {
+            theta: 10_000.0,
+            interleaved: false,
+        },
         qkv_bias: matches!(layout, Layout::Qwen2 | Layout::RuyiQwen2 | Layout::Qwen2Moe),
         o_bias: false,
         tie_word_embeddings: false,

@@ -14,6 +14,7 @@ use crate::config::{Ffn, ModelConfig, MoeKind, MoeSpec};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::kv::LayerKv;
+use crate::proj::Proj;
 use crate::weights::TensorSource;
 
 /// Inference (fused kernels, preallocated KV) or training (differentiable everywhere).
@@ -222,15 +223,8 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: input not contiguous".into()))?;
-        let data = storage.as_slice::<f32>()?;
-        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
-        let y = x.matmul(&self.w.t()?)?;
-        let shape = y.shape().clone();
-        let v = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((candle_core::CpuStorage::F32(v), shape))
+        let x = cpu_tensor(storage, layout, "frozen-matmul")?;
+        cpu_result(&x.matmul(&self.w.t()?)?)
     }
 
     fn bwd(
@@ -252,15 +246,26 @@ struct SlicedMatmul {
     rows: Tensor,
 }
 
-fn cpu_tensor(
+/// The f32 operand of a custom op as a tensor (`op` names the op in the error).
+pub(crate) fn cpu_tensor(
     storage: &candle_core::CpuStorage,
     layout: &candle_core::Layout,
+    op: &str,
 ) -> candle_core::Result<Tensor> {
     let (start, end) = layout
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("sliced-matmul: operand not contiguous".into()))?;
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: operand not contiguous")))?;
     let data = storage.as_slice::<f32>()?;
     Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)
+}
+
+/// A custom op's f32 result as CPU storage and shape.
+pub(crate) fn cpu_result(
+    y: &Tensor,
+) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let shape = y.shape().clone();
+    let v = y.flatten_all()?.to_vec1::<f32>()?;
+    Ok((candle_core::CpuStorage::F32(v), shape))
 }
 
 impl SlicedMatmul {
@@ -282,12 +287,9 @@ impl candle_core::CustomOp2 for SlicedMatmul {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = cpu_tensor(s1, l1)?;
-        let values = cpu_tensor(s2, l2)?;
-        let y = x.matmul(&self.merged(&values)?.t()?)?;
-        let shape = y.shape().clone();
-        let v = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((candle_core::CpuStorage::F32(v), shape))
+        let x = cpu_tensor(s1, l1, "sliced-matmul")?;
+        let values = cpu_tensor(s2, l2, "sliced-matmul")?;
+        cpu_result(&x.matmul(&self.merged(&values)?.t()?)?)
     }
 
     fn bwd(
@@ -347,6 +349,7 @@ pub struct Rope {
     cos: Tensor,
     sin: Tensor,
     max_pos: usize,
+    interleaved: bool,
 }
 
 impl Rope {
@@ -368,7 +371,14 @@ impl Rope {
             cos: Tensor::from_vec(cos, (max_pos, half), &Device::Cpu)?,
             sin: Tensor::from_vec(sin, (max_pos, half), &Device::Cpu)?,
             max_pos,
+            interleaved: false,
         })
+    }
+
+    /// Rotate adjacent pairs `(x[2i], x[2i+1])` (GGUF llama) instead of halves.
+    pub fn interleaved(mut self, yes: bool) -> Self {
+        self.interleaved = yes;
+        self
     }
 
     /// Rotate `x` (`[heads, len, head_dim]`) for positions `start..start+len`.
@@ -384,9 +394,12 @@ impl Rope {
         let cos = self.cos.narrow(0, start, len)?;
         let sin = self.sin.narrow(0, start, len)?;
         let x4 = x.unsqueeze(0)?;
-        let y = match mode {
-            Mode::Infer => candle_nn::rotary_emb::rope(&x4.contiguous()?, &cos, &sin)?,
-            Mode::Train => candle_nn::rotary_emb::rope_slow(&x4, &cos, &sin)?,
+        use candle_nn::rotary_emb as re;
+        let y = match (mode, self.interleaved) {
+            (Mode::Infer, false) => re::rope(&x4.contiguous()?, &cos, &sin)?,
+            (Mode::Train, false) => re::rope_slow(&x4, &cos, &sin)?,
+            (Mode::Infer, true) => re::rope_i(&x4.contiguous()?, &cos, &sin)?,
+            (Mode::Train, true) => re::rope_i_slow(&x4, &cos, &sin)?,
         };
         Ok(y.squeeze(0)?)
     }
@@ -396,8 +409,8 @@ impl Rope {
 #[derive(Debug, Clone)]
 pub struct Attention {
     /// Fused `[q; k; v]` projection.
-    qkv: Linear,
-    o: Linear,
+    qkv: Proj,
+    o: Proj,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -406,12 +419,12 @@ pub struct Attention {
 impl Attention {
     fn load(src: &dyn TensorSource, p: &str, c: &ModelConfig) -> Result<Self> {
         let h = c.hidden_size;
-        let q = Linear::load(src, &format!("{p}.q_proj"), c.q_dim(), h, c.qkv_bias)?;
-        let k = Linear::load(src, &format!("{p}.k_proj"), c.kv_dim(), h, c.qkv_bias)?;
-        let v = Linear::load(src, &format!("{p}.v_proj"), c.kv_dim(), h, c.qkv_bias)?;
-        let o = Linear::load(src, &format!("{p}.o_proj"), h, c.q_dim(), c.o_bias)?;
+        let q = Proj::load(src, &format!("{p}.q_proj"), c.q_dim(), h, c.qkv_bias)?;
+        let k = Proj::load(src, &format!("{p}.k_proj"), c.kv_dim(), h, c.qkv_bias)?;
+        let v = Proj::load(src, &format!("{p}.v_proj"), c.kv_dim(), h, c.qkv_bias)?;
+        let o = Proj::load(src, &format!("{p}.o_proj"), h, c.q_dim(), c.o_bias)?;
         Ok(Self {
-            qkv: Linear::fuse(&[q, k, v])?,
+            qkv: Proj::fuse(vec![q, k, v])?,
             o,
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
@@ -475,19 +488,19 @@ impl Attention {
 #[derive(Debug, Clone)]
 pub struct Mlp {
     /// Fused `[gate; up]`.
-    gate_up: Linear,
-    down: Linear,
+    gate_up: Proj,
+    down: Proj,
     inter: usize,
 }
 
 impl Mlp {
     fn load(src: &dyn TensorSource, names: [String; 3], h: usize, inter: usize) -> Result<Self> {
         let [g, u, d] = names;
-        let gate = Linear::load(src, &g, inter, h, false)?;
-        let up = Linear::load(src, &u, inter, h, false)?;
-        let down = Linear::load(src, &d, h, inter, false)?;
+        let gate = Proj::load(src, &g, inter, h, false)?;
+        let up = Proj::load(src, &u, inter, h, false)?;
+        let down = Proj::load(src, &d, h, inter, false)?;
         Ok(Self {
-            gate_up: Linear::fuse(&[gate, up])?,
+            gate_up: Proj::fuse(vec![gate, up])?,
             down,
             inter,
         })

@@ -25,13 +25,16 @@ pub mod chat;
 pub mod confidence;
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod init;
 pub mod kernels;
 pub mod kv;
 pub mod layers;
 pub mod model;
+pub mod proj;
 pub mod quant;
 pub mod sample;
+pub mod source;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;
@@ -42,6 +45,7 @@ pub use error::{Error, Result};
 pub use kv::SeqCache;
 pub use layers::{Mode, Seg};
 pub use model::{FamilialModel, Part, Rows};
+pub use source::ModelSource;
 
 /// Bound the threads candle uses for matmuls and large elementwise ops. Call once at start,
 /// before any tensor work, so model compute does not starve the IO runtime.

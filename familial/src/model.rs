@@ -15,12 +15,13 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::config::{ExitBlock, HeadRef, ModelConfig, NormRef};
 use crate::error::{Error, Result};
 use crate::kv::{LayerKv, SeqCache};
-use crate::layers::{check_compute_dtype, rms_norm, Block, FfnBlock, Linear, Mode, Moe, Rope, Seg};
+use crate::layers::{check_compute_dtype, rms_norm, Block, FfnBlock, Mode, Moe, Rope, Seg};
+use crate::proj::{Embedding, Proj};
 use crate::weights::{Checkpoint, TensorSource};
 
 /// Which part of a family a node hosts.
@@ -59,11 +60,11 @@ pub enum Rows {
 pub struct FamilialModel {
     cfg: ModelConfig,
     part: Part,
-    embed: Option<Tensor>,
+    embed: Option<Embedding>,
     trunk: Vec<Option<Block>>,
     exit_blocks: Vec<Option<Block>>,
     norms: HashMap<NormRef, Tensor>,
-    heads: HashMap<HeadRef, Linear>,
+    heads: HashMap<HeadRef, Proj>,
     rope: Rope,
     mode: Mode,
     allowed_experts: HashMap<usize, Vec<bool>>,
@@ -140,7 +141,11 @@ impl FamilialModel {
         }
         let h = cfg.hidden_size;
         let embed = if part.embed || needs_tied(&cfg, &part)? {
-            Some(src.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?)
+            Some(Embedding::load(
+                src,
+                "model.embed_tokens.weight",
+                &[cfg.vocab_size, h],
+            )?)
         } else {
             None
         };
@@ -181,21 +186,23 @@ impl FamilialModel {
                 e.insert(src.get(&norm_name(spec.norm), &[h])?);
             }
             if let std::collections::hash_map::Entry::Vacant(e) = heads.entry(spec.head) {
-                let w = match spec.head {
+                let head = match spec.head {
                     HeadRef::TiedEmbedding => embed
-                        .clone()
+                        .as_ref()
+                        .map(Embedding::as_head)
                         .ok_or_else(|| Error::Invalid("tied head needs the embedding".into()))?,
-                    other => src.get(&head_name(other), &[cfg.vocab_size, h])?,
+                    other => {
+                        let name = head_name(other);
+                        let name = name.trim_end_matches(".weight");
+                        Proj::load(src, name, cfg.vocab_size, h, false)?
+                    }
                 };
-                e.insert(Linear {
-                    w,
-                    b: None,
-                    rows: None,
-                });
+                e.insert(head);
             }
         }
         let embed = if part.embed { embed } else { None };
-        let rope = Rope::new(cfg.head_dim, cfg.rope.theta, cfg.max_position_embeddings)?;
+        let rope = Rope::new(cfg.head_dim, cfg.rope.theta, cfg.max_position_embeddings)?
+            .interleaved(cfg.rope.interleaved);
         Ok(Self {
             cfg,
             part,
@@ -351,8 +358,7 @@ impl FamilialModel {
                 self.cfg.vocab_size
             )));
         }
-        let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
-        Ok(e.index_select(&ids, 0)?)
+        e.lookup(tokens)
     }
 
     fn check_batch(&self, hidden: &Tensor, segs: &[Seg], n_caches: usize) -> Result<()> {

@@ -27,6 +27,11 @@ pub trait TensorSource {
     fn row_slice(&self, _name: &str) -> Option<RowSlice> {
         None
     }
+    /// The matrix `name` (`shape`) in its stored quantized form, read in place, when the
+    /// source stores it quantized (GGUF); `None` (the default): use [`TensorSource::get`].
+    fn quantized(&self, _name: &str, _shape: &[usize]) -> Result<Option<crate::quant::QMatrix>> {
+        Ok(None)
+    }
 }
 
 /// A memory-mapped HF checkpoint directory.
