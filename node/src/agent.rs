@@ -10,6 +10,7 @@ use std::time::Duration;
 use candle_core::Tensor;
 use flow_familial::tokenizer::Tokenizer;
 use flow_familial::weights::Checkpoint;
+use flow_familial::ModelSource;
 use flow_familial::{FamilialModel, ModelConfig, Part};
 use flow_protocol::transport::{Endpoint, EndpointConfig, PeerConnection, Security, SessionStream};
 use flow_protocol::{
@@ -132,6 +133,11 @@ struct Inner {
     split_moves: AtomicU64,
     metrics: Arc<Metrics>,
     tokenizer: Tokenizer,
+    /// The model's own chat template (GGUF `tokenizer.chat_template` or HF
+    /// `tokenizer_config.json`); `None` for the built-in byte-level families.
+    chat: Option<flow_familial::chat::ChatTemplate>,
+    /// Whether prompts start with BOS (the model's `add_bos_token`).
+    add_bos: bool,
     next_session: AtomicU64,
     hello: Hello,
     /// Requests and child sessions in flight (drained on shutdown).
@@ -189,7 +195,8 @@ impl Agent {
     /// connect to the parent.
     pub async fn start(cfg: AgentConfig) -> Result<Self> {
         let dir = cfg.model_dir.clone();
-        let mut model_cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let source = ModelSource::open(&dir)?;
+        let mut model_cfg = source.config()?;
         if let Some(points) = &cfg.declare_exits {
             model_cfg.declare_exits(points)?;
         }
@@ -232,14 +239,22 @@ impl Agent {
             let cfg2 = cfg.clone();
             let mc = model_cfg.clone();
             let part2 = part.clone();
+            let src = source.clone();
             tokio::task::spawn_blocking(
                 move || -> Result<(FamilialModel, Hello, crate::delta::WeightStore)> {
-                    let ck = Checkpoint::open(&cfg2.model_dir)?;
                     let all = FamilialModel::tensor_names(&mc, &Part::full(&mc))?;
-                    let family = ck.fingerprint(all.iter().map(String::as_str))?;
+                    let family = src.fingerprint(all.iter().map(String::as_str))?;
                     let hosted_names = FamilialModel::tensor_names(&mc, &part2)?;
-                    let hosted = ck.fingerprint(hosted_names.iter().map(String::as_str))?;
-                    let (store, model) = if cfg2.moe.is_some() {
+                    let hosted = src.fingerprint(hosted_names.iter().map(String::as_str))?;
+                    let (store, model) = if let ModelSource::Gguf(_) = &src {
+                        // GGUF weights stay quantized in the mapping; deltas (which need
+                        // f32 copies of the hosted tensors) are refused on such nodes.
+                        let empty = std::collections::HashMap::new();
+                        (
+                            crate::delta::WeightStore::new(empty, family),
+                            src.load_part(mc.clone(), part2.clone())?,
+                        )
+                    } else if cfg2.moe.is_some() {
                         // Experts are paged in per task pattern (flow_moe::cloud); this node
                         // refuses deltas (see `Agent::apply_delta`), so its store is empty.
                         let model = FamilialModel::load_part_without_experts(
@@ -255,6 +270,7 @@ impl Agent {
                             model,
                         )
                     } else {
+                        let ck = Checkpoint::open(&cfg2.model_dir)?;
                         crate::fleet::load_store(&ck, &mc, &part2, &all, family)?
                     };
                     let hello = Hello {
@@ -284,7 +300,9 @@ impl Agent {
             .await
             .map_err(|e| NodeError::Internal(format!("model loading task: {e}")))??
         };
-        let tokenizer = Tokenizer::from_dir(&dir)?;
+        let tokenizer = source.tokenizer()?;
+        let add_bos = source.add_bos_token() && model_cfg.bos_token_id.is_some();
+        let chat = source.chat()?;
         let pruning = match &cfg.moe {
             Some(m) => Some(
                 flow_moe::cloud::PrunedServing::open(
@@ -406,6 +424,8 @@ impl Agent {
             split_moves: AtomicU64::new(0),
             metrics,
             tokenizer,
+            chat,
+            add_bos,
             next_session: AtomicU64::new(1),
             hello,
             inflight: AtomicUsize::new(0),
@@ -459,6 +479,21 @@ impl Agent {
     /// The tokenizer of the family.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.inner.tokenizer
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&flow_familial::chat::ChatTemplate> {
+        self.inner.chat.as_ref()
+    }
+
+    /// `text` as prompt token ids under the model's one BOS rule (`add_bos_token`).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if let (true, Some(b)) = (self.inner.add_bos, self.inner.model_cfg.bos_token_id) {
+            ids.push(b);
+        }
+        ids.extend(self.inner.tokenizer.encode(text)?);
+        Ok(ids)
     }
 
     /// Metrics of this node.
@@ -1508,7 +1543,7 @@ impl AgentBuilder {
         let r = match &self.layers {
             Some(r) => r.clone(),
             None => {
-                let mut mc = ModelConfig::from_file(&cfg.model_dir.join("config.json"))?;
+                let mut mc = ModelSource::open(&cfg.model_dir)?.config()?;
                 if let Some(p) = &cfg.declare_exits {
                     mc.declare_exits(p)?;
                 }

@@ -49,7 +49,7 @@ fn mtls(dir: &Path, name: &str, role: Role) -> Result<Security> {
 impl LocalCluster {
     /// Start cloud, edge and device (in that order, each connecting to its parent).
     pub async fn start(spec: ClusterSpec) -> Result<Self> {
-        let cfg = flow_familial::ModelConfig::from_file(&spec.model_dir.join("config.json"))?;
+        let cfg = flow_familial::source::model_config(&spec.model_dir)?;
         let mut cfg = cfg;
         if let Some(p) = &spec.declare_exits {
             cfg.declare_exits(p)?;
@@ -151,7 +151,7 @@ pub async fn single_node(
     policy: Policy,
     engine: EngineConfig,
 ) -> Result<Agent> {
-    let mut cfg = flow_familial::ModelConfig::from_file(&model_dir.join("config.json"))?;
+    let mut cfg = flow_familial::source::model_config(model_dir)?;
     if let Some(p) = &declare_exits {
         cfg.declare_exits(p)?;
     }

@@ -283,6 +283,13 @@ impl Agent {
                     .into(),
             ));
         }
+        if flow_familial::source::is_gguf(&self.config().model_dir) {
+            return Err(NodeError::Config(
+                "this node serves a GGUF model, whose weights stay quantized in the mapped \
+                 file; weight deltas need an HF (safetensors) checkpoint of the same base"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 

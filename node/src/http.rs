@@ -116,11 +116,18 @@ pub fn router(agent: Agent) -> Router {
 }
 
 fn model_name(agent: &Agent) -> String {
-    agent
-        .config()
-        .model_dir
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
+    let path = &agent.config().model_dir;
+    // A pulled model lives at `<cache>/<name>/model.gguf`: its name is the directory's.
+    let path = match (path.file_name(), path.parent()) {
+        (Some(f), Some(parent)) if f == "model.gguf" => parent,
+        _ => path.as_path(),
+    };
+    let name = if path.is_file() {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    name.map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "aiflow".into())
 }
 
@@ -295,7 +302,7 @@ fn prepare(
     stop: &Option<Value>,
     aiflow: &Option<AiflowOptions>,
 ) -> Result<Prepared, Box<Response>> {
-    let prompt = agent.tokenizer().encode(prompt).map_err(|e| {
+    let prompt = agent.encode_prompt(prompt).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
             e.to_string(),
@@ -573,7 +580,25 @@ async fn chat(State(agent): State<Agent>, body: axum::body::Bytes) -> Response {
         };
         msgs.push((m.role.clone(), content));
     }
-    let prompt = chat_prompt(&msgs);
+    let prompt = match agent.chat_template() {
+        Some(t) => {
+            let msgs: Vec<flow_familial::chat::ChatMessage> = msgs
+                .into_iter()
+                .map(|(role, content)| flow_familial::chat::ChatMessage { role, content })
+                .collect();
+            match t.render(&msgs, true) {
+                Ok(p) => p,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("the model's chat template rejected the messages: {e}"),
+                        "invalid_request_error",
+                    )
+                }
+            }
+        }
+        None => chat_prompt(&msgs),
+    };
     match prepare(
         &agent,
         &prompt,

@@ -313,7 +313,7 @@ fn preset_dir(root: &Path, preset: Preset, cfg: &ModelConfig) -> PathBuf {
 fn preset_checkpoint(root: &Path, preset: Preset) -> anyhow::Result<PathBuf> {
     let cfg = preset_config(preset, PRESET_LAYOUT)?;
     let dir = preset_dir(root, preset, &cfg);
-    if let Ok(have) = ModelConfig::from_file(&dir.join("config.json")) {
+    if let Ok(have) = flow_familial::source::model_config(&dir) {
         if have == cfg && dir.join("model.safetensors").is_file() {
             return Ok(dir);
         }
@@ -432,7 +432,7 @@ fn chunk_limit(
 
 fn bench(a: BenchBatchingArgs) -> anyhow::Result<()> {
     let dir = model_dir(&a)?;
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))
+    let cfg = flow_familial::source::model_config(&dir)
         .with_context(|| format!("reading {}/config.json", dir.display()))?;
     let model = FamilialModel::load(&dir)?;
     let point = *cfg.exit_points().last().unwrap_or(&cfg.num_layers);
@@ -782,10 +782,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = preset_checkpoint(root.path(), Preset::Tiny).unwrap();
         let cfg = preset_config(Preset::Tiny, PRESET_LAYOUT).unwrap();
-        assert_eq!(
-            ModelConfig::from_file(&dir.join("config.json")).unwrap(),
-            cfg
-        );
+        assert_eq!(flow_familial::source::model_config(&dir).unwrap(), cfg);
         FamilialModel::load(&dir).unwrap();
         let st = dir.join("model.safetensors");
         let before = std::fs::metadata(&st).unwrap().modified().unwrap();
@@ -795,10 +792,7 @@ mod tests {
         // A damaged checkpoint (config of another size) is regenerated.
         std::fs::write(dir.join("config.json"), "{}").unwrap();
         preset_checkpoint(root.path(), Preset::Tiny).unwrap();
-        assert_eq!(
-            ModelConfig::from_file(&dir.join("config.json")).unwrap(),
-            cfg
-        );
+        assert_eq!(flow_familial::source::model_config(&dir).unwrap(), cfg);
         // No temporary directory is left behind.
         let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
         assert_eq!(left.len(), 1);

@@ -41,7 +41,7 @@ Examples:
 pub struct BenchModelArgs {
     /// Checkpoint directory to benchmark. Without it, a fresh --preset family is initialised
     /// in a temporary directory.
-    #[arg(long)]
+    #[arg(value_parser = super::model_arg, long)]
     pub model: Option<PathBuf>,
     /// Preset to initialise when no --model is given.
     #[arg(long, default_value = "small", value_parser = parse_preset, conflicts_with = "model")]
@@ -189,7 +189,7 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
             (d, label)
         }
     };
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))
+    let cfg = flow_familial::source::model_config(&dir)
         .with_context(|| format!("reading the model in {}", dir.display()))?;
     check_lengths(&cfg, &a)?;
     let parameters = {

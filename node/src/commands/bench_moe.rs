@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use flow_familial::tasks::{eval_set, Example, Sequence, Task};
 use flow_familial::train::{exit_nll_sums, greedy_batch};
-use flow_familial::{FamilialModel, ModelConfig};
+use flow_familial::FamilialModel;
 use flow_moe::experts::PrunedModel;
 use flow_moe::profile::signature;
 use flow_moe::store::PatternStore;
@@ -135,7 +135,7 @@ fn mean(m: &BTreeMap<String, f64>) -> f64 {
 }
 
 fn bench(a: BenchMoeArgs) -> anyhow::Result<()> {
-    let cfg = ModelConfig::from_file(&a.model.join("config.json"))
+    let cfg = flow_familial::source::model_config(&a.model)
         .with_context(|| format!("reading {}/config.json", a.model.display()))?;
     let full = FamilialModel::load(&a.model)?;
     let point = a

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flow_familial::tasks::Task;
-use flow_familial::ModelConfig;
 use flow_node::parent::{LinkHealth, ProbeConfig};
 use flow_node::planning::{PlanningConfig, ALWAYS_ESCALATE};
 use flow_node::{Agent, AgentConfig, GenerateRequest};
@@ -239,7 +238,7 @@ pub fn run(a: BenchPlanArgs) -> anyhow::Result<()> {
 
 async fn run_async(a: BenchPlanArgs) -> anyhow::Result<()> {
     let dir = a.model.clone();
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))
+    let cfg = flow_familial::source::model_config(&dir)
         .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
     let points = cfg.exit_points();
     anyhow::ensure!(

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use flow_familial::tasks::{eval_set, Task};
-use flow_familial::ModelConfig;
 use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
 use flow_node::engine::EngineStats;
 use flow_node::{Agent, EngineConfig, GenEvent, GenerateRequest};
@@ -38,7 +37,7 @@ Examples:
   flow-node bench split --requests 24 --reps 7 --json split.json")]
 pub struct BenchSplitArgs {
     /// Model directory (a trained family with at least 3 exits).
-    #[arg(long, default_value = "models/small")]
+    #[arg(value_parser = super::model_arg, long, default_value = "models/small")]
     pub model: PathBuf,
     /// Prompts per round (held-out add/lookup/reverse prompts, in turn).
     #[arg(long, default_value_t = 24)]
@@ -279,7 +278,7 @@ async fn one(
 
 async fn bench(a: BenchSplitArgs) -> anyhow::Result<()> {
     let dir = a.model.clone();
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))
+    let cfg = flow_familial::source::model_config(&dir)
         .with_context(|| format!("reading {} (train it or pass --model)", dir.display()))?;
     let exits = cfg.exit_points();
     let (dev_exit, edge_exit, last) = super::cluster::three_tier_exits(&exits, "bench split")?;

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use flow_familial::init::{init_checkpoint, Preset};
-use flow_familial::{Layout, ModelConfig};
+use flow_familial::Layout;
 use flow_node::cluster::{ClusterSpec, LocalCluster};
 use flow_node::EngineConfig;
 use flow_protocol::Policy;
@@ -14,7 +14,7 @@ use flow_protocol::Policy;
 #[derive(clap::Args, Debug)]
 pub struct ClusterArgs {
     /// Model directory; default models/small, else a seeded tiny family.
-    #[arg(long)]
+    #[arg(value_parser = super::model_arg, long)]
     pub model: Option<PathBuf>,
     /// HTTP address of the device's API.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -43,11 +43,12 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
                 d
             }
         };
-        let exits = ModelConfig::from_file(&dir.join("config.json"))?.exit_points();
+        let cfg = flow_familial::source::model_config(&dir)?;
+        let (declare_exits, exits) = tier_exits(&cfg);
         let (device_exit, edge_exit, _) = three_tier_exits(&exits, "flow-node cluster")?;
         let cluster = LocalCluster::start(ClusterSpec {
             model_dir: dir,
-            declare_exits: None,
+            declare_exits,
             device_exit,
             edge_exit,
             certs_dir: tmp.path().join("certs"),
@@ -69,6 +70,20 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
 
 /// Where a family is cut for device, edge and cloud: the shallowest exit, the middle one
 /// and the deepest. `what` names the command in the error for families with fewer than 3.
+/// Exits for a three-tier split: the family's own when it has three or more; otherwise
+/// (a plain pretrained model such as SmolLM2 has one) exits declared at a third, two thirds
+/// and the last layer, reusing the final norm and head until trained exits exist. Returns
+/// what to declare and the exit points.
+pub(crate) fn tier_exits(cfg: &flow_familial::ModelConfig) -> (Option<Vec<usize>>, Vec<usize>) {
+    let exits = cfg.exit_points();
+    let n = cfg.num_layers;
+    if exits.len() >= 3 || n < 3 {
+        return (None, exits);
+    }
+    let declared = vec![n / 3, 2 * n / 3, n - 1];
+    (Some(declared.clone()), declared)
+}
+
 pub(crate) fn three_tier_exits(
     exits: &[usize],
     what: &str,

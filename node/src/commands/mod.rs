@@ -93,3 +93,19 @@ pub fn run_bench(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Finetune(a) => bench_finetune::run(a),
     }
 }
+
+/// Clap value parser for `--model`-style arguments: an existing path (HF directory or GGUF
+/// file) as is, otherwise a model pulled into the cache by name.
+pub fn model_arg(s: &str) -> Result<std::path::PathBuf, String> {
+    let p = std::path::Path::new(s);
+    if !p.exists() && (s.contains(std::path::MAIN_SEPARATOR) || s.starts_with('.')) {
+        return Err(format!(
+            "model {s} does not exist: pass an HF checkpoint directory (create one with \
+             `flow-node model init --preset tiny --out {s}`), a GGUF file, or a pulled name \
+             (`flow-node model pull smollm2-135m-instruct`)"
+        ));
+    }
+    flow_node::model_store::resolve::resolve_model(s)
+        .map(|loc| loc.path().to_path_buf())
+        .map_err(|e| e.to_string())
+}

@@ -19,8 +19,8 @@ use flow_familial::init::Preset;
 use flow_familial::init::{init_weights, member_parameters, preset_config, write_checkpoint};
 use flow_familial::sample::{Sampler, SamplingParams};
 use flow_familial::tokenizer::Tokenizer;
-use flow_familial::weights::{checkpoint_files, Checkpoint};
-use flow_familial::{FamilialModel, Layout, ModelConfig, Part, Rows, Seg};
+use flow_familial::weights::checkpoint_files;
+use flow_familial::{FamilialModel, Layout, ModelSource, Part, Rows, Seg};
 use serde::Serialize;
 
 macro_rules! exit_help {
@@ -108,7 +108,9 @@ and head. Members share the trunk, so their sizes overlap; the totals count each
 The fingerprint is a SHA-256 over every tensor's name, dtype, shape and bytes (first 16 hex
 digits shown): two nodes with the same fingerprint hold the same weights.")]
 pub struct InspectArgs {
-    /// Checkpoint directory (config.json + model.safetensors or sharded index).
+    /// The model: an HF checkpoint directory (config.json + safetensors), a GGUF file, or a
+    /// pulled name.
+    #[arg(value_parser = super::model_arg)]
     pub dir: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -124,14 +126,20 @@ pub struct InspectArgs {
 Generation uses a KV cache: the prompt is prefilled once, then each new token runs trunk
 layers [0, E) and exit E's block, norm and head on that one position.", exit_help!()))]
 pub struct RunArgs {
-    /// Checkpoint directory.
+    /// The model: an HF checkpoint directory, a GGUF file, or a pulled name
+    /// (`flow-node model pull smollm2-135m-instruct`).
+    #[arg(value_parser = super::model_arg)]
     pub dir: PathBuf,
-    /// Exit point to generate at (see `flow-node model inspect DIR` for the list).
+    /// Exit point to generate at (default: the deepest; see `flow-node model inspect`).
     #[arg(long)]
-    pub exit: usize,
-    /// Prompt text (tokenized with the checkpoint's tokenizer.json).
+    pub exit: Option<usize>,
+    /// Prompt text (tokenized with the model's tokenizer).
     #[arg(long)]
     pub prompt: String,
+    /// Treat --prompt as a user message and render it with the model's chat template
+    /// (what instruction-tuned models such as SmolLM2-Instruct expect).
+    #[arg(long)]
+    pub chat: bool,
     /// Stop after this many new tokens (or earlier at an end-of-sequence token).
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
@@ -148,7 +156,8 @@ pub struct RunArgs {
     /// Seed of the sampler (only used with --temperature > 0).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Do not prepend the beginning-of-sequence token the config declares.
+    /// Do not prepend the beginning-of-sequence token (prepended when the model asks for
+    /// it: `add_bos_token`, or a BOS declared in an HF config).
     #[arg(long)]
     pub no_bos: bool,
     /// Compute threads (default: $RAYON_NUM_THREADS, else 1; one is fastest for small
@@ -314,15 +323,17 @@ fn check_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_config(dir: &Path) -> anyhow::Result<ModelConfig> {
-    check_dir(dir)?;
-    ModelConfig::from_file(&dir.join("config.json")).map_err(anyhow::Error::from)
+fn open_source(dir: &Path) -> anyhow::Result<ModelSource> {
+    if !flow_familial::source::is_gguf(dir) {
+        check_dir(dir)?;
+    }
+    ModelSource::open(dir).map_err(anyhow::Error::from)
 }
 
-/// Describe the checkpoint in `dir`.
+/// Describe the checkpoint in `dir` (an HF directory or a GGUF file).
 pub fn inspect_report(dir: &Path) -> anyhow::Result<InspectReport> {
-    let cfg = load_config(dir)?;
-    let ck = Checkpoint::open(dir)?;
+    let ck = open_source(dir)?;
+    let cfg = ck.config()?;
     let infos = ck.tensor_infos();
     let params_of = |name: &str| -> anyhow::Result<(u64, u64)> {
         let (_, shape) = infos.get(name).with_context(|| {
@@ -378,7 +389,11 @@ pub fn inspect_report(dir: &Path) -> anyhow::Result<InspectReport> {
         dtypes.insert(dt.to_lowercase());
     }
     let fp = ck.fingerprint(infos.keys().map(String::as_str))?;
-    let files = checkpoint_files(dir)?
+    let files = match &ck {
+        ModelSource::Hf(_) => checkpoint_files(dir)?,
+        ModelSource::Gguf(_) => vec![dir.to_path_buf()],
+    };
+    let files = files
         .iter()
         .map(|p| -> anyhow::Result<FileInfo> {
             Ok(FileInfo {
@@ -527,12 +542,14 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
 }
 
 fn generate(a: RunArgs) -> anyhow::Result<()> {
-    let cfg = load_config(&a.dir)?;
+    let source = open_source(&a.dir)?;
+    let cfg = source.config()?;
     let exits = cfg.exit_points();
-    if !exits.contains(&a.exit) {
+    let exit = a.exit.unwrap_or(cfg.last_exit().point);
+    if !exits.contains(&exit) {
         bail!(
             "exit {} is not an exit of this family (exits: {:?}); see `flow-node model inspect {}`",
-            a.exit,
+            exit,
             exits,
             a.dir.display()
         );
@@ -546,18 +563,35 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
     let t_load = Instant::now();
     let part = Part {
         embed: true,
-        trunk: 0..a.exit,
-        exits: vec![a.exit],
+        trunk: 0..exit,
+        exits: vec![exit],
     };
-    let model = FamilialModel::load_part(&a.dir, cfg.clone(), part)?;
-    let tok = Tokenizer::from_dir(&a.dir)?;
+    let model = source.load_part(cfg.clone(), part)?;
+    let tok = source.tokenizer()?;
     let load_s = t_load.elapsed().as_secs_f64();
 
+    let text = if a.chat {
+        let template = source.chat()?.with_context(|| {
+            format!(
+                "{} has no chat template; drop --chat to continue raw text",
+                a.dir.display()
+            )
+        })?;
+        template.render(
+            &[flow_familial::chat::ChatMessage {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            }],
+            true,
+        )?
+    } else {
+        a.prompt.clone()
+    };
     let mut prompt: Vec<u32> = Vec::new();
-    if let (Some(b), false) = (cfg.bos_token_id, a.no_bos) {
+    if let (Some(b), true, false) = (cfg.bos_token_id, source.add_bos_token(), a.no_bos) {
         prompt.push(b);
     }
-    prompt.extend(tok.encode(&a.prompt)?);
+    prompt.extend(tok.encode(&text)?);
     if prompt.is_empty() {
         bail!("the prompt is empty (and --no-bos was given); pass some --prompt text");
     }
@@ -589,8 +623,8 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
     loop {
         let segs = [Seg::new(pos, input.len())];
         let h = model.embed(&input)?;
-        let h = model.run_layers(&h, 0..a.exit, &segs, &mut [&mut cache])?;
-        let logits = model.exit(&h, a.exit, &segs, &mut [&mut cache], Rows::Last)?;
+        let h = model.run_layers(&h, 0..exit, &segs, &mut [&mut cache])?;
+        let logits = model.exit(&h, exit, &segs, &mut [&mut cache], Rows::Last)?;
         pos += input.len();
         let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
         if t_first.is_none() {
@@ -643,7 +677,7 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
         .collect();
     if a.json {
         let r = RunReport {
-            exit: a.exit,
+            exit,
             prompt_tokens: prompt.len(),
             tokens: generated,
             text,
@@ -667,7 +701,7 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
             "exit {}: {} prompt + {} new tokens, stop: {stop}; load {:.1} ms, prefill {:.1} ms, \
              decode {:.0} tokens/s; last-position confidence max_prob {:.3}, margin {:.3}, \
              entropy {:.3}",
-            a.exit,
+            exit,
             prompt.len(),
             generated.len(),
             load_s * 1e3,

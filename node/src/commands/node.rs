@@ -24,8 +24,9 @@ pub struct NodeArgs {
     /// Node name (must match its certificate's name). Default: the role.
     #[arg(long)]
     pub name: Option<String>,
-    /// Model directory (config.json + safetensors + tokenizer.json).
-    #[arg(long)]
+    /// The model: an HF checkpoint directory, a GGUF file, or a name pulled with
+    /// `flow-node model pull` (e.g. smollm2-135m-instruct).
+    #[arg(value_parser = super::model_arg, long)]
     pub model: Option<PathBuf>,
     /// Trunk layers this node hosts, `A..B` (the exit at B is hosted too unless --no-exit).
     #[arg(long)]
@@ -207,8 +208,14 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let model = a
         .model
-        .or(f.model)
-        .context("--model DIR is required (a checkpoint from `flow-node model init` or HF)")?;
+        .or(f
+            .model
+            .map(|m| super::model_arg(&m.to_string_lossy()).map_err(anyhow::Error::msg))
+            .transpose()?)
+        .context(
+            "--model is required: a pulled name (`flow-node model pull smollm2-135m-instruct`), \
+             a GGUF file or an HF checkpoint directory",
+        )?;
     let layers = a
         .layers
         .or(f.layers)
@@ -344,7 +351,7 @@ fn moe_pruning(
     experts: Option<usize>,
     budget_mb: Option<usize>,
 ) -> anyhow::Result<flow_node::MoePruning> {
-    let cfg = flow_familial::ModelConfig::from_file(&model.join("config.json"))?;
+    let cfg = flow_familial::source::model_config(model)?;
     let spec = cfg
         .ffn
         .iter()
@@ -418,7 +425,7 @@ fn auto_planning(model: &Path, role: Role) -> anyhow::Result<PlanningConfig> {
 /// Run-time planning of `input` for the family in `model`: its exit depths, the default
 /// hysteresis, checked every second.
 fn planning_config(input: PlanInput, model: &Path) -> anyhow::Result<PlanningConfig> {
-    let cfg = flow_familial::ModelConfig::from_file(&model.join("config.json"))
+    let cfg = flow_familial::source::model_config(model)
         .with_context(|| format!("reading {}", model.join("config.json").display()))?;
     let exit_depths: Vec<(u32, usize)> = cfg
         .exit_points()

@@ -274,7 +274,7 @@ fn run_in_pool(a: PlanArgs) -> anyhow::Result<()> {
 /// profile and the curves came from. Run it inside [`calibrate::in_pool`].
 pub(crate) fn planner_input(a: &PlanArgs) -> anyhow::Result<(PlanInput, String, String)> {
     let dir = &a.model;
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))
+    let cfg = flow_familial::source::model_config(dir)
         .with_context(|| format!("reading {}", dir.join("config.json").display()))?;
     let fingerprint = calibrate::fingerprint(dir)?;
     let model = FamilialModel::load(dir)
