@@ -37,7 +37,12 @@ RSS (VmHWM) of each run.
 Examples:
   flow-node bench model                               # fresh `small` family in a temp dir
   flow-node bench model --model models/small --threads 1,2 --json bench.json
-  flow-node bench model --preset tiny --prompt-len 32 --decode-tokens 16 --reps 3")]
+  flow-node bench model --preset tiny --prompt-len 32 --decode-tokens 16 --reps 3
+  flow-node bench model --model smollm2-135m-instruct --vs-llama-cpp --threads 1,2
+
+With a GGUF model (a pulled name or a .gguf file) the quantized decoder is measured instead,
+each repetition in a fresh process, and --vs-llama-cpp runs llama.cpp on the same file in
+alternation (medians, ratios, peak RSS).")]
 pub struct BenchModelArgs {
     /// Checkpoint directory to benchmark. Without it, a fresh --preset family is initialised
     /// in a temporary directory.
@@ -69,6 +74,10 @@ pub struct BenchModelArgs {
     /// instead of being handed from the main thread to the global pool for every op.
     #[arg(long)]
     pub in_pool: bool,
+    /// With a GGUF --model: also run llama.cpp (llama-cpp-python) on the same file, same
+    /// threads, alternating with ours, and print the ratios.
+    #[arg(long)]
+    pub vs_llama_cpp: bool,
     /// Internal: run one thread count in this process and print JSON.
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -147,6 +156,18 @@ pub struct BenchReport {
 pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
     if a.reps == 0 || a.prompt_len == 0 || a.decode_tokens == 0 {
         bail!("--reps, --prompt-len and --decode-tokens must be at least 1");
+    }
+    if let Some(m) = a
+        .model
+        .as_deref()
+        .filter(|m| flow_familial::source::is_gguf(m))
+    {
+        if a.worker {
+            let r = super::bench_gguf::worker(m, &a)?;
+            println!("{}", serde_json::to_string(&r)?);
+            return Ok(());
+        }
+        return super::bench_gguf::run(m, &a);
     }
     if a.worker {
         let dir = a
@@ -372,7 +393,7 @@ fn print_report(r: &BenchReport) {
 // ---------------------------------------------------------------------------------------
 // the worker (one thread count, one process)
 
-fn proc_status_kb(key: &str) -> u64 {
+pub(crate) fn proc_status_kb(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

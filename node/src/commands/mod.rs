@@ -4,6 +4,7 @@ use clap::Subcommand;
 
 pub mod bench_batching;
 pub mod bench_finetune;
+pub mod bench_gguf;
 pub mod bench_model;
 pub mod bench_moe;
 pub mod bench_plan;
