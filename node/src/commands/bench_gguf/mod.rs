@@ -70,16 +70,14 @@ pub fn worker(path: &Path, a: &BenchModelArgs) -> anyhow::Result<Run> {
     let t = Instant::now();
     let mut row = prefill(&mut cache)?;
     let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut pos = prompt.len();
     let t = Instant::now();
-    for _ in 0..a.decode_tokens {
+    for pos in prompt.len()..prompt.len() + a.decode_tokens {
         let next = [flow_familial::sample::argmax(&row)];
         let seg = [Seg::new(pos, 1)];
         let h = model.embed(&next)?;
         let h = model.run_layers(&h, 0..exit, &seg, &mut [&mut cache])?;
         let l = model.exit(&h, exit, &seg, &mut [&mut cache], Rows::Last)?;
         row = l.squeeze(0)?.to_vec1()?;
-        pos += 1;
     }
     Ok(Run {
         engine: "aiflow".into(),
