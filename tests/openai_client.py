@@ -1,7 +1,8 @@
 """The official `openai` Python client against a 3-tier aiflow cluster (device API).
 
-Usage: python3 tests/openai_client.py HOST:PORT
-Run by .ci/run against `flow-node cluster`.
+Usage: python3 tests/openai_client.py HOST:PORT [DEEPEST_EXIT]
+Run by .ci/run against `flow-node cluster` twice: on the toy family and on
+SmolLM2-135M-Instruct (`--model smollm2-135m-instruct`, deepest exit 29).
 """
 import sys
 
@@ -25,6 +26,7 @@ def check(name, cond, detail=""):
 models = client.models.list()
 check("models.list", len(models.data) == 1, models)
 model = models.data[0].id
+deepest = int(sys.argv[2]) if len(sys.argv) > 2 else (7 if "small" in model else 5)
 
 # Streaming chat completion, escalating through the tiers.
 stream = client.chat.completions.create(
@@ -33,7 +35,7 @@ stream = client.chat.completions.create(
     max_tokens=8,
     temperature=0,
     stream=True,
-    extra_body={"aiflow": {"mode": "route", "exit": 7 if "small" in model else 5}},
+    extra_body={"aiflow": {"mode": "route", "exit": deepest}},
 )
 chunks = list(stream)
 content = [c for c in chunks if c.choices and c.choices[0].delta.content]
@@ -49,7 +51,7 @@ full = client.chat.completions.create(
     messages=[{"role": "user", "content": "12+34="}],
     max_tokens=8,
     temperature=0,
-    extra_body={"aiflow": {"mode": "route", "exit": 7 if "small" in model else 5}},
+    extra_body={"aiflow": {"mode": "route", "exit": deepest}},
 )
 streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 check("non-streamed text equals streamed text", full.choices[0].message.content == streamed,
