@@ -462,6 +462,18 @@ impl Attention {
             let k = rope.apply(&heads(&k_all, kvh)?, seg.start, mode)?;
             let v = heads(&v_all, kvh)?;
             let (k, v) = kv.append(seg.start, &k, &v, mode == Mode::Train, what)?;
+            if mode == Mode::Infer && !q.track_op() && !k.track_op() && !v.track_op() {
+                // Row by row in a fixed order: batched rows equal single-row decoding.
+                outs.push(crate::attention::causal_gqa(
+                    &q,
+                    &k,
+                    &v,
+                    seg.start,
+                    scale as f32,
+                )?);
+                off += len;
+                continue;
+            }
             // Query heads are kv-major: heads j*g..(j+1)*g share kv head j.
             let q = q.reshape((kvh, g * len, hd))?;
             // A tracked `att` (training) falls back inside to the differentiable mask + softmax.

@@ -21,6 +21,7 @@
 //! Compute is f32 on the CPU. Matmul threads come from `RAYON_NUM_THREADS`; call
 //! [`set_compute_threads`] before any model work to bound them.
 
+pub mod attention;
 pub mod chat;
 pub mod confidence;
 pub mod config;

@@ -266,3 +266,34 @@ fn malformed_corpus_gives_clear_errors() {
     failures.sort();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `x · Wᵀ` of one row does not depend on the other rows of the batch, bit for bit: batched
+/// verification of speculative drafts must equal single-token decoding (I4), and with
+/// activations rounded to 8-bit blocks any last-bit difference can change a token.
+#[test]
+fn quantized_matmul_rows_do_not_depend_on_the_batch() {
+    let f = GgufFile::open(&gguf("quants.gguf")).unwrap();
+    for name in ["t.q4_1", "t.q4_0", "t.q8_0", "t.q4_k", "t.q6_k", "t.f16"] {
+        let e = &f.tensors()[name];
+        let (rows, cols) = (e.dims[0], e.dims[1]);
+        let q = flow_familial::quant::QMatrix::new(
+            e.dtype,
+            rows,
+            cols,
+            flow_familial::quant::QBytes::from_vec(f.tensor_bytes(name).unwrap().to_vec()),
+        )
+        .unwrap();
+        for m in [2usize, 3, 4, 5, 8, 17, 40] {
+            let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
+            let all = q.matmul_t(&x).unwrap();
+            for i in 0..m {
+                let one = q.matmul_t(&x.narrow(0, i, 1).unwrap()).unwrap();
+                assert_eq!(
+                    to_vec(&one),
+                    to_vec(&all.narrow(0, i, 1).unwrap()),
+                    "{name}: row {i} of {m}"
+                );
+            }
+        }
+    }
+}
