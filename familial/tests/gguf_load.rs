@@ -297,3 +297,49 @@ fn quantized_matmul_rows_do_not_depend_on_the_batch() {
         }
     }
 }
+
+/// Mutations of a valid file (truncations, flipped header bytes, lying lengths and counts)
+/// load or fail with an error — never a panic. A seeded, CI-sized companion of the
+/// malformed corpus; the cargo-fuzz target goes further (docs/fuzzing.md).
+#[test]
+fn mutated_files_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let good = std::fs::read(gguf("llama_q8_0.gguf")).unwrap();
+    let header_end = 4096.min(good.len());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for case in 0..400 {
+        let mut b = good.clone();
+        match case % 4 {
+            0 => b.truncate(rng.gen_range(0..good.len())),
+            1 => {
+                for _ in 0..rng.gen_range(1..8) {
+                    let i = rng.gen_range(0..header_end);
+                    b[i] = rng.gen();
+                }
+            }
+            2 => {
+                // A lying u64 (a length or count) somewhere in the header.
+                let i = rng.gen_range(8..header_end - 8);
+                let v: u64 = [u64::MAX, 1 << 40, 1 << 31, 0, rng.gen()][rng.gen_range(0..5)];
+                b[i..i + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            _ => {
+                let i = rng.gen_range(8..header_end - 4);
+                let v: u32 = [0, 13, 99, u32::MAX, rng.gen()][rng.gen_range(0..5)];
+                b[i..i + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        std::fs::write(&path, &b).unwrap();
+        let r = std::panic::catch_unwind(|| {
+            if let Ok(src) = ModelSource::open(&path) {
+                if let Ok(m) = src.load() {
+                    let exit = m.config().last_exit().point;
+                    let _ = m.forward_exit(&[1, 2, 3], exit, &mut m.new_cache());
+                }
+            }
+        });
+        assert!(r.is_ok(), "case {case} panicked");
+    }
+}

@@ -148,9 +148,18 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         "device: layers 0..{dev_exit} + exit {dev_exit} | edge: layers {dev_exit}..{edge_exit} + exit {edge_exit} | cloud: layers {edge_exit}..{last} + exit {last}"
     );
     println!(
-        "links: QUIC over loopback, mutual TLS (throwaway CA), hidden states in {}\n",
+        "links: QUIC over loopback, mutual TLS (throwaway CA), hidden states in {}",
         encoding.name()
     );
+    if declare_exits.is_some() {
+        println!(
+            "note: this model has one exit; exits {dev_exit} and {edge_exit} are declared, not \
+             trained: they reuse the final norm and head, so their own answers are poor and \
+             `escalate` trusts them only when confident. speculate and cloud-only are the full \
+             model's answers."
+        );
+    }
+    println!();
     let t0 = Instant::now();
     let cluster = LocalCluster::start(ClusterSpec {
         model_dir: dir.clone(),
