@@ -257,15 +257,20 @@ fn par_rows(
     out
 }
 
-/// `[n, m]` → `[m, n]`.
+/// `[n, m]` → `[m, n]`, in bands of 16 columns of the result (each written a cache line
+/// at a time while the 16 source rows stay in L1).
 fn transpose(yt: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
     if m == 1 || n == 1 {
         return yt;
     }
+    const BAND: usize = 16;
     let mut y = vec![0f32; n * m];
-    for (j, row) in yt.chunks_exact(m).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            y[i * n + j] = *v;
+    for j0 in (0..n).step_by(BAND) {
+        let src = &yt[j0 * m..(j0 + BAND).min(n) * m];
+        for (i, yrow) in y.chunks_exact_mut(n).enumerate() {
+            for (o, s) in yrow[j0..].iter_mut().zip(src.chunks_exact(m)) {
+                *o = s[i];
+            }
         }
     }
     y
