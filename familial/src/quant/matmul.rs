@@ -3,7 +3,7 @@
 //! `x` is quantized once per call (`act.rs`, into a thread-local buffer), then output rows
 //! are split into one contiguous chunk (of an even number of rows) per rayon thread; each
 //! thread walks its weight rows in file order, two at a time, and takes the pair's dot
-//! products with up to four activation rows at once while the pair is in L1 (`dot.rs`;
+//! products with two activation rows at once while the pair is in L1 (`dot.rs`;
 //! AVX2 / AVX-VNNI / AVX-512 VNNI in `dot_avx2.rs`). Q4_0, Q4_1 and Q8_0 run this
 //! module's integer kernels; Q5_0, Q5_1 and the K-quants candle's `GgmlType::vec_dot` on
 //! candle's activation blocks (scalar, correct, slower); F32, F16 and BF16 weights a
@@ -178,7 +178,7 @@ pub(crate) fn matmul_t_with(w: &QMatrix, x: &[f32], m: usize, isa: Isa) -> Resul
 }
 
 /// Weight rows `range` against all activation rows `x` into `out` (`[range.len(), m]`):
-/// two weight rows at a time (one at a segment's odd end), each pair against four
+/// two weight rows at a time (one at a segment's odd end), each pair against [`XR`]
 /// activation rows at a time while the pair is in L1.
 fn rows_tiled(
     w: &QMatrix,
@@ -209,7 +209,12 @@ fn rows_tiled(
     }
 }
 
-/// `J` weight rows against all activation rows `x`, four at a time.
+/// Activation rows per register tile (the match in [`tile_rows`] covers 1..=XR): 2 × 2 tiles (8 accumulators over the two block
+/// parities) fit the 16 vector registers; 2 × 4 spilled and ran 5-15% slower at 4 and
+/// 128 rows (`examples/quant_matmul.rs`). The tile shape does not change any result.
+const XR: usize = 2;
+
+/// `J` weight rows against all activation rows `x`, [`XR`] at a time.
 fn tile_rows<const J: usize>(
     kind: Kind,
     w: [&[u8]; J],
@@ -223,12 +228,10 @@ fn tile_rows<const J: usize>(
         }
     }
     let mut i = 0;
-    for xs in x.chunks(4) {
+    for xs in x.chunks(XR) {
         match xs {
             [a] => put(&mut out, i, tile::<J, 1>(kind, &w, &[*a], isa)),
             [a, b] => put(&mut out, i, tile::<J, 2>(kind, &w, &[*a, *b], isa)),
-            [a, b, c] => put(&mut out, i, tile::<J, 3>(kind, &w, &[*a, *b, *c], isa)),
-            [a, b, c, d] => put(&mut out, i, tile::<J, 4>(kind, &w, &[*a, *b, *c, *d], isa)),
             _ => {}
         }
         i += xs.len();
