@@ -4,6 +4,9 @@
 //! one multiply. Weights of every 32-block dtype this module computes with integers
 //! (Q4_0, Q4_1, Q8_0) take this one format.
 //!
+//! `d` and `s` of a block are stored side by side (`ds[b] = [d, s]`), so a kernel loads
+//! both with one 64-bit read and meets a Q4_1 block's `[d, m]` pair in one multiply.
+//!
 //! Entry point: [`Q8Act::quantize`]; kernels read rows through [`Q8Act::row`].
 
 /// Values per activation block.
@@ -15,16 +18,14 @@ pub(crate) struct Q8Act {
     pub(crate) m: usize,
     pub(crate) cols: usize,
     qs: Vec<i8>,
-    d: Vec<f32>,
-    s: Vec<f32>,
+    ds: Vec<[f32; 2]>,
 }
 
-/// One quantized activation row: `qs` (cols values), and per block `d` and `s`.
+/// One quantized activation row: `qs` (cols values), and per block `[d, s]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Q8Row<'a> {
     pub(crate) qs: &'a [i8],
-    pub(crate) d: &'a [f32],
-    pub(crate) s: &'a [f32],
+    pub(crate) ds: &'a [[f32; 2]],
 }
 
 impl Q8Act {
@@ -37,16 +38,15 @@ impl Q8Act {
         self.m = m;
         self.cols = cols;
         self.qs.resize(m * cols, 0);
-        self.d.resize(m * nb, 0.0);
-        self.s.resize(m * nb, 0.0);
+        self.ds.resize(m * nb, [0.0; 2]);
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: `simd` is only set where `super::matmul::avx2()` found AVX2 + FMA.
-            unsafe { quantize_avx2(x, &mut self.qs, &mut self.d, &mut self.s) };
+            // SAFETY: `simd` is only set where `super::matmul::isa()` found AVX2 + FMA.
+            unsafe { quantize_avx2(x, &mut self.qs, &mut self.ds) };
             return;
         }
         let _ = simd;
-        quantize_blocks(x, &mut self.qs, &mut self.d, &mut self.s);
+        quantize_blocks(x, &mut self.qs, &mut self.ds);
     }
 
     /// Row `i`.
@@ -54,8 +54,7 @@ impl Q8Act {
         let nb = self.cols / QK;
         Q8Row {
             qs: &self.qs[i * self.cols..(i + 1) * self.cols],
-            d: &self.d[i * nb..(i + 1) * nb],
-            s: &self.s[i * nb..(i + 1) * nb],
+            ds: &self.ds[i * nb..(i + 1) * nb],
         }
     }
 }
@@ -63,14 +62,21 @@ impl Q8Act {
 /// The quantization itself, written so the compiler vectorises it when inlined into an
 /// AVX2 function (plain IEEE operations: the same bits either way).
 #[inline(always)]
-fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
-    for (((xb, qb), d), s) in x
+fn quantize_blocks(x: &[f32], qs: &mut [i8], ds: &mut [[f32; 2]]) {
+    for ((xb, qb), ds) in x
         .chunks_exact(QK)
         .zip(qs.chunks_exact_mut(QK))
-        .zip(d.iter_mut())
-        .zip(s.iter_mut())
+        .zip(ds.iter_mut())
     {
-        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        // Eight running maxima (vectorises; a single fold chain does not): the same
+        // value, as max over non-NaN values is order-independent and NaN is skipped.
+        let mut m8 = [0f32; 8];
+        for c in xb.chunks_exact(8) {
+            for (m, v) in m8.iter_mut().zip(c) {
+                *m = m.max(v.abs());
+            }
+        }
+        let amax = m8.iter().fold(0f32, |a, &v| a.max(v));
         let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, v) in qb.iter_mut().zip(xb) {
@@ -79,14 +85,14 @@ fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
             *q = r as i8;
             sum += *q as i32;
         }
-        *d = amax / 127.0;
-        *s = *d * sum as f32;
+        let d = amax / 127.0;
+        *ds = [d, d * sum as f32];
     }
 }
 
 /// [`quantize_blocks`] compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn quantize_avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
-    quantize_blocks(x, qs, d, s)
+fn quantize_avx2(x: &[f32], qs: &mut [i8], ds: &mut [[f32; 2]]) {
+    quantize_blocks(x, qs, ds)
 }

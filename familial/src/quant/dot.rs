@@ -1,12 +1,13 @@
-//! Integer dot products of one weight row (Q4_0, Q4_1 or Q8_0 blocks, read straight from
+//! Integer dot products of `J` weight rows (Q4_0, Q4_1 or Q8_0 blocks, read straight from
 //! the file's bytes) with `R` quantized activation rows ([`Q8Row`]): the portable loop
-//! every build has, and the dispatch to the AVX2 one (`dot_avx2.rs`) where the CPU has it.
+//! every build has, and the dispatch to the x86 ones (`dot_avx2.rs`: AVX2, AVX-VNNI,
+//! AVX-512 VNNI) where the CPU has them.
 //!
 //! Per 32-block `b`, with `qw` the weight's integers and `qx` the activation's:
 //! `Σ_b d_w d_x Σ qw·qx + m_w s_x`, where Q4_1's `m_w` is its offset, Q4_0 stores nibbles
 //! `qw + 8` so its `m_w = -8 d_w` (and `Σ (qw - 8) qx` becomes the same form), and Q8_0
 //! has none. The integer sums are exact; only the f32 accumulation order differs between
-//! the portable and AVX2 loops (results agree to ~1e-6 relative).
+//! the portable and SIMD loops (results agree to ~1e-6 relative).
 
 use half::f16;
 
@@ -34,32 +35,57 @@ impl Kind {
     }
 }
 
+/// Which build of the kernels runs: detected once by `matmul::isa`; tests pick each one
+/// the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Isa {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 + FMA + F16C: `vpmaddubsw` + `vpmaddwd`.
+    Avx2,
+    /// The same plus AVX-VNNI (VEX `vpdpbusd`).
+    AvxVnni,
+    /// The same plus AVX-512 VNNI and VL (EVEX `vpdpbusd`).
+    Avx512Vnni,
+}
+
 /// The little-endian f16 at `b[i..i + 2]`, as f32.
 #[inline(always)]
 pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
-/// `w · x[r]` for each `r`: `w` is one weight row of `kind` blocks, each `x[r]` an
-/// activation row of the same width. `simd` picks the AVX2 loop (set only where the CPU
-/// has it, see `matmul::avx2`).
+/// `w[j] · x[r]` for each `j`, `r`: each `w[j]` is one weight row of `kind` blocks, each
+/// `x[r]` an activation row of the same width. `isa` must be one the CPU has (see
+/// `matmul::available`).
+///
+/// # Panics
+/// If a weight row is not whole blocks or an activation row is shorter (caller bugs).
 #[inline]
-pub(crate) fn dots<const R: usize>(
+pub(crate) fn tile<const J: usize, const R: usize>(
     kind: Kind,
-    w: &[u8],
+    w: &[&[u8]; J],
     x: &[Q8Row<'_>; R],
-    simd: bool,
-) -> [f32; R] {
+    isa: Isa,
+) -> [[f32; R]; J] {
+    let bb = kind.block_bytes();
+    let nb = w.first().map_or(0, |r| r.len() / bb);
+    assert!(
+        w.iter().all(|r| r.len() == nb * bb)
+            && x.iter().all(|r| r.qs.len() >= nb * QK && r.ds.len() >= nb),
+        "quant dot: weight rows do not fit their activations"
+    );
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is only true where AVX2, FMA and F16C were detected.
-        return unsafe { super::dot_avx2::dots::<R>(kind, w, x) };
+    if isa != Isa::Portable {
+        // SAFETY: lengths checked above; `isa` is one the CPU has (the caller's contract,
+        // kept by `matmul`, which only passes detected ones).
+        return unsafe { super::dot_avx2::tile::<J, R>(isa, kind, w, x, nb) };
     }
-    let _ = simd;
-    dots_portable(kind, w, x)
+    let _ = isa;
+    std::array::from_fn(|j| dots_portable(kind, w[j], x))
 }
 
-/// The portable loop.
+/// The portable loop: one weight row against `R` activation rows.
 pub(crate) fn dots_portable<const R: usize>(kind: Kind, w: &[u8], x: &[Q8Row<'_>; R]) -> [f32; R] {
     let bb = kind.block_bytes();
     let mut acc = [0f32; R];
@@ -79,8 +105,9 @@ pub(crate) fn dots_portable<const R: usize>(kind: Kind, w: &[u8], x: &[Q8Row<'_>
                         sumi += (qs[j] & 15) as i32 * xq[j] as i32
                             + (qs[j] >> 4) as i32 * xq[j + QK / 2] as i32;
                     }
-                    acc[r] += sumi as f32 * (d * x[r].d[b]);
-                    off[r] += m * x[r].s[b];
+                    let [xd, xs] = x[r].ds[b];
+                    acc[r] += sumi as f32 * (d * xd);
+                    off[r] += m * xs;
                 }
             }
             Kind::Q8_0 => {
@@ -92,7 +119,7 @@ pub(crate) fn dots_portable<const R: usize>(kind: Kind, w: &[u8], x: &[Q8Row<'_>
                         .zip(xq)
                         .map(|(&a, &c)| a as i8 as i32 * c as i32)
                         .sum();
-                    acc[r] += sumi as f32 * (d * x[r].d[b]);
+                    acc[r] += sumi as f32 * (d * x[r].ds[b][0]);
                 }
             }
         }

@@ -1,185 +1,423 @@
-//! The AVX2 + FMA + F16C build of `dot.rs`'s integer dot products (llama.cpp's
-//! `ggml_vec_dot_q4_1_q8_1` / `q4_0_q8_0` / `q8_0_q8_0` scheme): per 32-block, the
-//! weight's integers are widened to 32 bytes once and meet each of the `R` activation rows
-//! with `vpmaddubsw` (unsigned × signed byte pairs → i16, no saturation for these
-//! ranges) and `vpmaddwd` (→ 8 × i32), then one FMA with `d_w d_x` into an f32 lane
-//! accumulator per row. Blocks alternate between two accumulators so the FMA latency is
-//! not the loop's limit.
+//! The x86 builds of `dot.rs`'s integer dot products (llama.cpp's `q4_1_q8_1` /
+//! `q4_0_q8_0` / `q8_0_q8_0` scheme), each a register tile of `J` weight rows × `R`
+//! activation rows: per 32-block, each weight row's integers are widened to 32 bytes once
+//! and meet every activation row (loaded once for all `J` weight rows) in an unsigned ×
+//! signed byte dot product to 8 × i32, then one FMA with `d_w d_x` into an f32 lane
+//! accumulator per (weight row, activation row).
+//!
+//! The byte dot is `vpmaddubsw` + `vpmaddwd` (AVX2) or one `vpdpbusd` (AVX-VNNI's VEX
+//! or AVX-512 VNNI's EVEX form, through `asm!`): the same exact integers. Scales are handled
+//! in one 128-bit multiply per (block, activation row): the weights' `[d, m]` pairs
+//! (`[d_0, m_0, d_1, m_1]`, F16C) times the activation's `[d, s, d, s]`, giving both
+//! rows' `d_w d_x` (broadcast into the FMA) and `m_w s_x` (summed in a vector, read at
+//! the end).
+//!
+//! Even and odd blocks accumulate separately and meet only at the end, in the order of the
+//! one-row kernels these replaced: results are bit-identical to them (and to each other
+//! across the three instruction sets). That order matters here: SmolLM2's logits are
+//! sensitive enough to activation-rounding flips that a single-accumulator order moved
+//! the `smollm2` test's worst |Δlogit| against llama.cpp from 0.92 to 1.21.
 
 use std::arch::x86_64::*;
 
 use super::act::{Q8Row, QK};
-use super::dot::Kind;
+use super::dot::{Isa, Kind};
 
-/// `w · x[r]` for each `r` (see `dot::dots`).
-///
-/// # Panics
-/// If `w` is not whole blocks or an activation row is shorter than `w` (caller bugs).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dots<const R: usize>(kind: Kind, w: &[u8], x: &[Q8Row<'_>; R]) -> [f32; R] {
-    let bb = kind.block_bytes();
-    let nb = w.len() / bb;
-    assert!(
-        w.len() == nb * bb
-            && x.iter()
-                .all(|r| r.qs.len() >= nb * QK && r.d.len() >= nb && r.s.len() >= nb),
-        "quant dot: weight row of {} bytes does not fit its activations",
-        w.len()
-    );
-    match kind {
-        Kind::Q4_0 => q4::<R, false>(w, x, nb),
-        Kind::Q4_1 => q4::<R, true>(w, x, nb),
-        Kind::Q8_0 => q8_0::<R>(w, x, nb),
+/// Bytes ahead of the current block that the weight rows are prefetched into L1: a decode
+/// token streams ~96 MB of SmolLM2-135M weights, and the hardware prefetcher alone (it
+/// stops at 4 KiB pages) left the loop waiting on memory. Measured on the whole-token
+/// loop of `examples/quant_matmul.rs` (1 thread): none 16.8-19.8 ms, 768 B 12.0-13.2,
+/// 2048 B 9.9-11.1, 3072 B 9.2-10.7.
+const PREFETCH: usize = 2048;
+
+/// The byte dot product of 32 unsigned weight bytes with 32 signed activation bytes, as
+/// 8 × i32 sums of 4 adjacent products.
+trait ByteDot {
+    /// # Safety
+    /// The CPU must have the instructions the implementation uses.
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i;
+}
+
+struct Avx2;
+struct AvxVnni;
+struct Avx512Vnni;
+
+impl ByteDot for Avx2 {
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: the caller guarantees AVX2. No saturation: weights ≤ 128 (Q8_0's |w|) or
+        // ≤ 15, activations within ±127, so a pair sums to at most 2 · 128 · 127.
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)) }
     }
 }
 
-/// Sum of the 8 lanes.
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-    _mm_cvtss_f32(s)
+// VNNI through `asm!`: the intrinsics and the `avxvnni` / `avx512*` target features need
+// Rust 1.89, the workspace builds with 1.85. The kernels around them are AVX2 code.
+impl ByteDot for AvxVnni {
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: the caller guarantees AVX-VNNI.
+        unsafe { dpbusd_vex(w, x) }
+    }
 }
 
-/// The f16 at `p` as f32.
+impl ByteDot for Avx512Vnni {
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        // SAFETY: the caller guarantees AVX-512 VNNI and VL.
+        unsafe { dpbusd_evex(w, x) }
+    }
+}
+
+/// `vpdpbusd` from zero in one encoding.
+macro_rules! dpbusd_fn {
+    ($name:ident, $insn:literal, $doc:literal) => {
+        #[doc = $doc]
+        ///
+        /// # Safety
+        /// The CPU must have the instruction.
+        #[target_feature(enable = "avx2")]
+        #[inline]
+        unsafe fn $name(w: __m256i, x: __m256i) -> __m256i {
+            let mut acc = _mm256_setzero_si256();
+            // SAFETY: register-only instruction the caller guarantees the CPU has.
+            unsafe {
+                std::arch::asm!(
+                    $insn,
+                    acc = inout(ymm_reg) acc,
+                    w = in(ymm_reg) w,
+                    x = in(ymm_reg) x,
+                    options(pure, nomem, nostack, preserves_flags)
+                );
+            }
+            acc
+        }
+    };
+}
+
+dpbusd_fn!(
+    dpbusd_vex,
+    "{{vex}} vpdpbusd {acc}, {w}, {x}",
+    "`vpdpbusd`, VEX (AVX-VNNI)."
+);
+dpbusd_fn!(
+    dpbusd_evex,
+    "vpdpbusd {acc}, {w}, {x}",
+    "`vpdpbusd`, EVEX (AVX-512 VNNI + VL)."
+);
+
+/// `w[j] · x[r]` with the kernels of `isa` (not `Portable`).
 ///
 /// # Safety
-/// `p..p + 2` must be readable, and the CPU must have F16C.
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: the caller guarantees 2 readable bytes (unaligned reads are allowed) and F16C.
+/// The CPU must have `isa`'s features; every `w[j]` must hold `nb` whole `kind` blocks and
+/// every `x[r]` at least `nb` blocks (`dot::tile` checks both).
+#[inline]
+pub(crate) unsafe fn tile<const J: usize, const R: usize>(
+    isa: Isa,
+    kind: Kind,
+    w: &[&[u8]; J],
+    x: &[Q8Row<'_>; R],
+    nb: usize,
+) -> [[f32; R]; J] {
+    let wp: [*const u8; J] = std::array::from_fn(|j| w[j].as_ptr());
+    let rows = Rows::new(x);
+    // SAFETY: forwarded from the caller.
     unsafe {
-        let bits = p.cast::<u16>().read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        match isa {
+            Isa::Avx512Vnni => tile_avx512vnni::<J, R>(kind, &wp, &rows, nb),
+            Isa::AvxVnni => tile_avxvnni::<J, R>(kind, &wp, &rows, nb),
+            _ => tile_avx2::<J, R>(kind, &wp, &rows, nb),
+        }
     }
 }
 
-/// Raw pointers to the `R` activation rows' `qs`, `d` and `s` (lengths checked in `dots`).
+macro_rules! tile_fn {
+    ($name:ident, $features:literal, $dot:ty) => {
+        /// `tile` compiled for one instruction set.
+        ///
+        /// # Safety
+        /// As `tile`.
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const J: usize, const R: usize>(
+            kind: Kind,
+            w: &[*const u8; J],
+            x: &Rows<R>,
+            nb: usize,
+        ) -> [[f32; R]; J] {
+            // SAFETY: forwarded from the caller; this function has the features.
+            unsafe {
+                match kind {
+                    Kind::Q4_0 => q4::<$dot, J, R, false>(w, x, nb),
+                    Kind::Q4_1 => q4::<$dot, J, R, true>(w, x, nb),
+                    Kind::Q8_0 => q8_0::<$dot, J, R>(w, x, nb),
+                }
+            }
+        }
+    };
+}
+
+tile_fn!(tile_avx2, "avx2,fma,f16c", Avx2);
+tile_fn!(tile_avxvnni, "avx2,fma,f16c", AvxVnni);
+tile_fn!(tile_avx512vnni, "avx2,fma,f16c", Avx512Vnni);
+
+/// Raw pointers to the `R` activation rows' `qs` and `ds`.
 struct Rows<const R: usize> {
     qs: [*const i8; R],
-    d: [*const f32; R],
-    s: [*const f32; R],
+    ds: [*const [f32; 2]; R],
 }
 
 impl<const R: usize> Rows<R> {
     fn new(x: &[Q8Row<'_>; R]) -> Self {
         Rows {
             qs: std::array::from_fn(|r| x[r].qs.as_ptr()),
-            d: std::array::from_fn(|r| x[r].d.as_ptr()),
-            s: std::array::from_fn(|r| x[r].s.as_ptr()),
+            ds: std::array::from_fn(|r| x[r].ds.as_ptr()),
         }
     }
 }
 
-/// One Q4 block (bytes at `p`, index `b`) against every row, into `acc` and `off`.
-///
-/// Inlined into the `#[target_feature]` loops below, which compile it for AVX2.
-///
-/// # Safety
-/// `p` must start a whole Q4_0 / Q4_1 block, `b` be below the rows' block count, and the
-/// CPU have AVX2, FMA and F16C.
-#[allow(clippy::needless_range_loop)]
+/// Sum of the 8 lanes.
 #[inline(always)]
-unsafe fn q4_block<const R: usize, const MIN: bool>(
-    p: *const u8,
-    b: usize,
-    x: &Rows<R>,
-    acc: &mut [__m256; R],
-    off: &mut [f32; R],
-) {
-    // SAFETY (all reads): the caller guarantees the block's 18 or 20 bytes and that every
-    // row holds block `b` (32 values of `qs`, one `d` and one `s`).
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: register-only AVX operations; the caller has AVX2.
     unsafe {
-        let d = f16_at(p);
-        let (m, qp) = if MIN {
-            (f16_at(p.add(2)), p.add(4))
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// Lane `2j` of `v` (lanes 0 and 2 hold the two weight rows' `d_w d_x`) in all 8 lanes.
+#[inline(always)]
+unsafe fn scale_of(v: __m128, j: usize) -> __m256 {
+    // SAFETY: register-only AVX2 operations; the caller has AVX2.
+    unsafe {
+        if j == 0 {
+            _mm256_broadcastss_ps(v)
         } else {
-            (-8.0 * d, p.add(2))
-        };
-        let t = _mm_loadu_si128(qp.cast());
-        // Low nibbles are values 0..16 of the block, high nibbles 16..32.
-        let q = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16::<4>(t), t),
-            _mm256_set1_epi8(15),
-        );
-        for r in 0..R {
-            let xq = _mm256_loadu_si256(x.qs[r].add(b * QK).cast());
-            let s = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xq), _mm256_set1_epi16(1));
-            let sc = _mm256_set1_ps(d * *x.d[r].add(b));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
-            off[r] += m * *x.s[r].add(b);
+            _mm256_broadcastss_ps(_mm_movehl_ps(v, v))
         }
     }
 }
 
-/// Q4_0 (`MIN = false`) or Q4_1 (`MIN = true`) blocks against Q8 activations.
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q4<const R: usize, const MIN: bool>(w: &[u8], x: &[Q8Row<'_>; R], nb: usize) -> [f32; R] {
-    let bb = if MIN { 20 } else { 18 };
-    let rows = Rows::new(x);
-    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-    let (mut off0, mut off1) = ([0f32; R], [0f32; R]);
-    let wp = w.as_ptr();
-    let mut b = 0;
-    while b + 2 <= nb {
-        // SAFETY: b + 1 < nb; `w` holds nb whole blocks and every row nb blocks (`dots`).
+/// Prefetch the cache line `PREFETCH` bytes past `p` into L1 (a hint: any address is
+/// allowed).
+#[inline(always)]
+unsafe fn prefetch(p: *const u8) {
+    // SAFETY: prefetches never fault; `wrapping_add` keeps the address computation
+    // defined past the end of the row.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH).cast()) }
+}
+
+/// Accumulators of one block parity: per (weight row, activation row) 8 f32 lanes, and
+/// per activation row the `[_, m_0 s_x, _, m_1 s_x]` sums.
+struct Acc<const J: usize, const R: usize> {
+    v: [[__m256; R]; J],
+    off: [__m128; R],
+}
+
+impl<const J: usize, const R: usize> Acc<J, R> {
+    #[inline(always)]
+    unsafe fn new() -> Self {
+        // SAFETY: register-only; the caller has AVX.
         unsafe {
-            q4_block::<R, MIN>(wp.add(b * bb), b, &rows, &mut acc0, &mut off0);
-            q4_block::<R, MIN>(wp.add((b + 1) * bb), b + 1, &rows, &mut acc1, &mut off1);
+            Acc {
+                v: [[_mm256_setzero_ps(); R]; J],
+                off: [_mm_setzero_ps(); R],
+            }
         }
-        b += 2;
     }
-    if b < nb {
-        // SAFETY: as above, b < nb.
-        unsafe { q4_block::<R, MIN>(wp.add(b * bb), b, &rows, &mut acc0, &mut off0) };
+
+    /// `Σ lanes (self + other)` plus, with `OFF` (Q4 rows), the offsets: the reduction order of
+    /// the kernels this replaced (bit-identical results).
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn finish<const OFF: bool>(&self, other: &Self) -> [[f32; R]; J] {
+        // SAFETY: register-only; the caller has AVX.
+        unsafe {
+            let mut out = [[0f32; R]; J];
+            for r in 0..R {
+                let (mut o0, mut o1) = ([0f32; 4], [0f32; 4]);
+                _mm_storeu_ps(o0.as_mut_ptr(), self.off[r]);
+                _mm_storeu_ps(o1.as_mut_ptr(), other.off[r]);
+                for j in 0..J {
+                    out[j][r] = hsum(_mm256_add_ps(self.v[j][r], other.v[j][r]));
+                    if OFF {
+                        out[j][r] += o0[2 * j + 1] + o1[2 * j + 1];
+                    }
+                }
+            }
+            out
+        }
     }
-    std::array::from_fn(|r| hsum(_mm256_add_ps(acc0[r], acc1[r])) + (off0[r] + off1[r]))
 }
 
-/// One Q8_0 block: signed × signed through `|w| × sign(w)·x`.
+/// `block(b, acc)` for every block `b < nb`, even and odd blocks into two sets of
+/// accumulators (latency, and the summation order of the kernels this replaced), then
+/// the tile's sums (with the Q4 offsets where `OFF`).
+#[inline(always)]
+unsafe fn over_blocks<const J: usize, const R: usize, const OFF: bool>(
+    nb: usize,
+    mut block: impl FnMut(usize, &mut Acc<J, R>),
+) -> [[f32; R]; J] {
+    // SAFETY: register-only setup and reduction; the caller has AVX2.
+    unsafe {
+        let (mut a0, mut a1) = (Acc::<J, R>::new(), Acc::<J, R>::new());
+        let mut b = 0;
+        while b + 2 <= nb {
+            block(b, &mut a0);
+            block(b + 1, &mut a1);
+            b += 2;
+        }
+        if b < nb {
+            block(b, &mut a0);
+        }
+        a0.finish::<OFF>(&a1)
+    }
+}
+
+/// Q4_0 (`MIN = false`) or Q4_1 (`MIN = true`) rows against Q8 activations.
 ///
 /// # Safety
-/// As [`q4_block`], for a 34-byte Q8_0 block.
-// `r` indexes the accumulators and the rows' pointers at once.
+/// As `tile`, with the features `D` needs plus AVX2, FMA and F16C.
+#[inline(always)]
+unsafe fn q4<D: ByteDot, const J: usize, const R: usize, const MIN: bool>(
+    w: &[*const u8; J],
+    x: &Rows<R>,
+    nb: usize,
+) -> [[f32; R]; J] {
+    // SAFETY: `over_blocks` passes only b < nb (the caller's contract covers those).
+    unsafe {
+        over_blocks::<J, R, true>(
+            nb,
+            #[inline(always)]
+            |b, acc| q4_block::<D, J, R, MIN>(w, x, b, acc),
+        )
+    }
+}
+
+/// Block `b` of Q4 rows `w` against activation rows `x`, into `acc`.
+///
+/// # Safety
+/// As [`q4`], with `b < nb`.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn q8_block<const R: usize>(p: *const u8, b: usize, x: &Rows<R>, acc: &mut [__m256; R]) {
-    // SAFETY (all reads): as in `q4_block`.
+unsafe fn q4_block<D: ByteDot, const J: usize, const R: usize, const MIN: bool>(
+    w: &[*const u8; J],
+    x: &Rows<R>,
+    b: usize,
+    acc: &mut Acc<J, R>,
+) {
+    let bb = if MIN { 20 } else { 18 };
+    // SAFETY (all reads): block `b` of every weight row (bb bytes at w[j] + b·bb) and of
+    // every activation row (32 qs at b·32, one ds pair at b) exist (the caller's
+    // contract).
     unsafe {
-        let d = f16_at(p);
-        let wq = _mm256_loadu_si256(p.add(2).cast());
-        // |w| as unsigned bytes (-128 → 128); activations are within ±127, so the i16
-        // pair sums stay below 2 · 128 · 127.
-        let aw = _mm256_sign_epi8(wq, wq);
+        let p: [*const u8; J] = std::array::from_fn(|j| w[j].add(b * bb));
+        if b % 3 == 0 {
+            for j in 0..J {
+                prefetch(p[j]);
+            }
+        }
+        // [d_0, m_0, d_1, m_1] as f16 in the low 64 bits.
+        let raw = |j: usize| -> i32 {
+            if MIN {
+                p[j].cast::<i32>().read_unaligned()
+            } else {
+                let d = p[j].cast::<u16>().read_unaligned() as i32;
+                d | (d << 16)
+            }
+        };
+        let h = if J == 2 {
+            _mm_set_epi32(0, 0, raw(1), raw(0))
+        } else {
+            _mm_cvtsi32_si128(raw(0))
+        };
+        let mut dm = _mm_cvtph_ps(h);
+        if !MIN {
+            // Q4_0's implicit offset: m = -8 d.
+            dm = _mm_mul_ps(dm, _mm_setr_ps(1.0, -8.0, 1.0, -8.0));
+        }
+        let mask = _mm256_set1_epi8(15);
+        let q: [__m256i; J] = std::array::from_fn(|j| {
+            let t = _mm_loadu_si128(p[j].add(bb - 16).cast());
+            // Low nibbles are values 0..16 of the block, high nibbles 16..32.
+            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(t), t), mask)
+        });
         for r in 0..R {
             let xq = _mm256_loadu_si256(x.qs[r].add(b * QK).cast());
-            let prod = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xq, wq));
-            let s = _mm256_madd_epi16(prod, _mm256_set1_epi16(1));
-            let sc = _mm256_set1_ps(d * *x.d[r].add(b));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[r]);
+            // [d_x, s_x, d_x, s_x] × [d_0, m_0, d_1, m_1]
+            let xds = _mm_castpd_ps(_mm_loaddup_pd(x.ds[r].add(b).cast()));
+            let prod = _mm_mul_ps(dm, xds);
+            acc.off[r] = _mm_add_ps(acc.off[r], prod);
+            for j in 0..J {
+                let s = D::dot(q[j], xq);
+                acc.v[j][r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale_of(prod, j), acc.v[j][r]);
+            }
         }
     }
 }
 
-/// Q8_0 blocks against Q8 activations.
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q8_0<const R: usize>(w: &[u8], x: &[Q8Row<'_>; R], nb: usize) -> [f32; R] {
-    let rows = Rows::new(x);
-    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-    let wp = w.as_ptr();
-    let mut b = 0;
-    while b + 2 <= nb {
-        // SAFETY: b + 1 < nb; `w` holds nb whole blocks and every row nb blocks (`dots`).
-        unsafe {
-            q8_block::<R>(wp.add(b * 34), b, &rows, &mut acc0);
-            q8_block::<R>(wp.add((b + 1) * 34), b + 1, &rows, &mut acc1);
+/// Q8_0 rows against Q8 activations.
+///
+/// # Safety
+/// As [`q4`], for 34-byte Q8_0 blocks.
+#[inline(always)]
+unsafe fn q8_0<D: ByteDot, const J: usize, const R: usize>(
+    w: &[*const u8; J],
+    x: &Rows<R>,
+    nb: usize,
+) -> [[f32; R]; J] {
+    // SAFETY: as in `q4`.
+    unsafe {
+        over_blocks::<J, R, false>(
+            nb,
+            #[inline(always)]
+            |b, acc| q8_block::<D, J, R>(w, x, b, acc),
+        )
+    }
+}
+
+/// Block `b` of Q8_0 rows: signed × signed through `|w| × sign(w)·x`.
+///
+/// # Safety
+/// As [`q4_block`], for 34-byte Q8_0 blocks.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn q8_block<D: ByteDot, const J: usize, const R: usize>(
+    w: &[*const u8; J],
+    x: &Rows<R>,
+    b: usize,
+    acc: &mut Acc<J, R>,
+) {
+    // SAFETY (all reads): as in `q4_block`, for 34-byte blocks.
+    unsafe {
+        let p: [*const u8; J] = std::array::from_fn(|j| w[j].add(b * 34));
+        if b % 2 == 0 {
+            for j in 0..J {
+                prefetch(p[j]);
+            }
         }
-        b += 2;
+        let raw = |j: usize| p[j].cast::<u16>().read_unaligned() as i32;
+        // [d_0, _, d_1, _]: the zero high halves of each 32-bit lane convert to 0.0.
+        let h = if J == 2 {
+            _mm_set_epi32(0, 0, raw(1), raw(0))
+        } else {
+            _mm_cvtsi32_si128(raw(0))
+        };
+        let d = _mm_cvtph_ps(h);
+        let wq: [__m256i; J] = std::array::from_fn(|j| _mm256_loadu_si256(p[j].add(2).cast()));
+        // |w| as unsigned bytes (-128 → 128).
+        let aw: [__m256i; J] = std::array::from_fn(|j| _mm256_sign_epi8(wq[j], wq[j]));
+        for r in 0..R {
+            let xq = _mm256_loadu_si256(x.qs[r].add(b * QK).cast());
+            let prod = _mm_mul_ps(d, _mm_set1_ps((*x.ds[r].add(b))[0]));
+            for j in 0..J {
+                let s = D::dot(aw[j], _mm256_sign_epi8(xq, wq[j]));
+                acc.v[j][r] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale_of(prod, j), acc.v[j][r]);
+            }
+        }
     }
-    if b < nb {
-        // SAFETY: as above, b < nb.
-        unsafe { q8_block::<R>(wp.add(b * 34), b, &rows, &mut acc0) };
-    }
-    std::array::from_fn(|r| hsum(_mm256_add_ps(acc0[r], acc1[r])))
 }

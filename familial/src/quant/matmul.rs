@@ -1,9 +1,10 @@
 //! `y = x · Wᵀ` for a [`QMatrix`] `W`: the hot path of every quantized linear layer.
 //!
 //! `x` is quantized once per call (`act.rs`, into a thread-local buffer), then output rows
-//! are split into one contiguous chunk per rayon thread; each thread walks its weight rows
-//! in file order and takes every row's dot product with up to four activation rows while
-//! the row is in L1 (`dot.rs`, AVX2 in `dot_avx2.rs`). Q4_0, Q4_1 and Q8_0 run this
+//! are split into two contiguous chunks (of an even number of rows) per rayon thread; each
+//! thread walks its weight rows in file order, two at a time, and takes the pair's dot
+//! products with two activation rows at once while the pair is in L1 (`dot.rs`;
+//! AVX2 / AVX-VNNI / AVX-512 VNNI in `dot_avx2.rs`). Q4_0, Q4_1 and Q8_0 run this
 //! module's integer kernels; Q5_0, Q5_1 and the K-quants candle's `GgmlType::vec_dot` on
 //! candle's activation blocks (scalar, correct, slower); F32, F16 and BF16 weights a
 //! dequantize-a-row-then-f32-dot loop.
@@ -19,7 +20,7 @@ use rayon::prelude::*;
 
 use super::act::{Q8Act, Q8Row};
 use super::blocks::{self, with_block, Plain};
-use super::dot::{dots, Kind};
+use super::dot::{tile, Isa, Kind};
 use super::QMatrix;
 use crate::{Error, Result};
 
@@ -27,19 +28,67 @@ use crate::{Error, Result};
 /// costs a few µs).
 const PAR_MIN_WORK: usize = 1 << 16;
 
-/// Whether this CPU runs the AVX2 kernels (AVX2, FMA and F16C), detected once.
-pub(crate) fn avx2() -> bool {
+/// The best kernel build this CPU runs, detected once: AVX-512 VNNI (with VL), else
+/// AVX-VNNI, else AVX2 (all three with FMA and F16C), else the portable loop.
+/// (On the Sapphire Rapids VM this was tuned on, which has both, the VEX `vpdpbusd` of
+/// AVX-VNNI ran decode-shaped products ~1.5× slower than the EVEX one or plain AVX2.)
+/// `AIFLOW_QUANT_ISA` (`portable`, `avx2`, `avxvnni`, `avx512vnni`) picks a lower one
+/// (benchmarks, bisecting numerical differences); one the CPU lacks is ignored.
+pub(crate) fn isa() -> Isa {
+    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| {
+        let forced = match std::env::var("AIFLOW_QUANT_ISA").as_deref() {
+            Ok("portable") => Some(Isa::Portable),
+            Ok("avx2") => Some(Isa::Avx2),
+            Ok("avxvnni") => Some(Isa::AvxVnni),
+            Ok("avx512vnni") => Some(Isa::Avx512Vnni),
+            _ => None,
+        };
+        forced.filter(|&i| available(i)).unwrap_or_else(|| {
+            [Isa::Avx512Vnni, Isa::AvxVnni, Isa::Avx2]
+                .into_iter()
+                .find(|&i| available(i))
+                .unwrap_or(Isa::Portable)
+        })
+    })
+}
+
+/// AVX-VNNI (CPUID leaf 7 sub-leaf 1, EAX bit 4), read directly: its
+/// `is_x86_feature_detected!` name needs Rust 1.89. Its VEX instructions need the OS to
+/// keep AVX state, which the AVX2 check covers.
+#[cfg(target_arch = "x86_64")]
+// `__cpuid_count` is an `unsafe fn` before Rust 1.87 (MSRV 1.85), safe after.
+#[allow(unused_unsafe)]
+fn avx_vnni() -> bool {
+    // SAFETY: CPUID exists on every x86_64 CPU; leaf 7 is valid where the max leaf ≥ 7.
+    unsafe {
+        use std::arch::x86_64::__cpuid_count;
+        __cpuid_count(0, 0).eax >= 7 && __cpuid_count(7, 1).eax & (1 << 4) != 0
+    }
+}
+
+/// Whether this CPU runs the kernels of `isa`.
+pub(crate) fn available(isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c");
+        match isa {
+            Isa::Portable => true,
+            Isa::Avx2 => avx2,
+            Isa::AvxVnni => avx2 && avx_vnni(),
+            Isa::Avx512Vnni => {
+                avx2 && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    false
+    {
+        isa == Isa::Portable
+    }
 }
 
 thread_local! {
@@ -81,15 +130,15 @@ impl QMatrix {
             .contiguous_offsets()
             .ok_or_else(|| Error::Quant("matmul_t input is not contiguous".into()))?;
         let xs = cpu.as_slice::<f32>()?.get(a..b).unwrap_or(&[]);
-        let y = matmul_t_with(self, xs, m, avx2())?;
+        let y = matmul_t_with(self, xs, m, isa())?;
         drop(storage);
         Ok(Tensor::from_vec(y, out_dims, &Device::Cpu)?)
     }
 }
 
-/// `x` (`m` rows of `w.cols`) times `wᵀ`, row-major `[m, rows]`; `simd` picks the AVX2
-/// kernels (only where [`avx2`] is true) — tests run both.
-pub(crate) fn matmul_t_with(w: &QMatrix, x: &[f32], m: usize, simd: bool) -> Result<Vec<f32>> {
+/// `x` (`m` rows of `w.cols`) times `wᵀ`, row-major `[m, rows]`, with the kernels of
+/// `isa` (the portable loop where the CPU lacks it) — tests run each one.
+pub(crate) fn matmul_t_with(w: &QMatrix, x: &[f32], m: usize, isa: Isa) -> Result<Vec<f32>> {
     let (n, k) = (w.rows, w.cols);
     if x.len() != m * k {
         return Err(Error::Quant(format!(
@@ -100,7 +149,7 @@ pub(crate) fn matmul_t_with(w: &QMatrix, x: &[f32], m: usize, simd: bool) -> Res
     if m == 0 || n == 0 || k == 0 {
         return Ok(vec![0f32; m * n]);
     }
-    let simd = simd && avx2();
+    let isa = if available(isa) { isa } else { Isa::Portable };
     // Transposed result [n, m]: each thread's rows are one contiguous piece.
     let yt = match w.dtype {
         GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 => {
@@ -110,12 +159,10 @@ pub(crate) fn matmul_t_with(w: &QMatrix, x: &[f32], m: usize, simd: bool) -> Res
                 _ => Kind::Q8_0,
             };
             let run = |act: &mut Q8Act| {
-                act.quantize(x, m, k, simd);
+                act.quantize(x, m, k, isa != Isa::Portable);
                 let xr: Vec<Q8Row<'_>> = (0..m).map(|i| act.row(i)).collect();
                 par_rows(n, m, m * k, |range, out| {
-                    w.for_rows(range.clone(), |j, row| {
-                        tile(kind, row, &xr, &mut out[(j - range.start) * m..][..m], simd)
-                    })
+                    rows_tiled(w, kind, range, &xr, out, isa)
                 })
             };
             ACT.with(|c| match c.try_borrow_mut() {
@@ -130,20 +177,68 @@ pub(crate) fn matmul_t_with(w: &QMatrix, x: &[f32], m: usize, simd: bool) -> Res
     Ok(transpose(yt, n, m))
 }
 
-/// One weight row against all activation rows `x`, four at a time.
-fn tile(kind: Kind, row: &[u8], x: &[Q8Row<'_>], out: &mut [f32], simd: bool) {
-    for (xs, o) in x.chunks(4).zip(out.chunks_mut(4)) {
-        match xs {
-            [a] => o[0] = dots::<1>(kind, row, &[*a], simd)[0],
-            [a, b] => o.copy_from_slice(&dots::<2>(kind, row, &[*a, *b], simd)),
-            [a, b, c] => o.copy_from_slice(&dots::<3>(kind, row, &[*a, *b, *c], simd)),
-            [a, b, c, d] => o.copy_from_slice(&dots::<4>(kind, row, &[*a, *b, *c, *d], simd)),
-            _ => {}
+/// Weight rows `range` against all activation rows `x` into `out` (`[range.len(), m]`):
+/// two weight rows at a time (one at a segment's odd end), each pair against [`XR`]
+/// activation rows at a time while the pair is in L1.
+fn rows_tiled(
+    w: &QMatrix,
+    kind: Kind,
+    range: Range<usize>,
+    x: &[Q8Row<'_>],
+    out: &mut [f32],
+    isa: Isa,
+) {
+    let m = x.len();
+    let mut j = range.start;
+    while j < range.end {
+        let Some((bytes, avail)) = w.rows_from(j) else {
+            return;
+        };
+        let take = avail.min(range.end - j);
+        let rb = w.row_bytes;
+        let o = &mut out[(j - range.start) * m..(j - range.start + take) * m];
+        let mut rows = bytes[..take * rb].chunks_exact(rb);
+        let mut outs = o.chunks_exact_mut(m);
+        while let (Some(r0), Some(o0)) = (rows.next(), outs.next()) {
+            match (rows.next(), outs.next()) {
+                (Some(r1), Some(o1)) => tile_rows::<2>(kind, [r0, r1], x, [o0, o1], isa),
+                _ => tile_rows::<1>(kind, [r0], x, [o0], isa),
+            }
         }
+        j += take;
     }
 }
 
-/// Run `f(rows, out)` over contiguous chunks of `0..n` (one per rayon thread), each
+/// Activation rows per register tile (the match in [`tile_rows`] covers 1..=XR): 2 × 2 tiles (8 accumulators over the two block
+/// parities) fit the 16 vector registers; 2 × 4 spilled and ran 5-15% slower at 4 and
+/// 128 rows (`examples/quant_matmul.rs`). The tile shape does not change any result.
+const XR: usize = 2;
+
+/// `J` weight rows against all activation rows `x`, [`XR`] at a time.
+fn tile_rows<const J: usize>(
+    kind: Kind,
+    w: [&[u8]; J],
+    x: &[Q8Row<'_>],
+    mut out: [&mut [f32]; J],
+    isa: Isa,
+) {
+    fn put<const J: usize, const R: usize>(out: &mut [&mut [f32]; J], i: usize, v: [[f32; R]; J]) {
+        for (o, v) in out.iter_mut().zip(v) {
+            o[i..i + R].copy_from_slice(&v);
+        }
+    }
+    let mut i = 0;
+    for xs in x.chunks(XR) {
+        match xs {
+            [a] => put(&mut out, i, tile::<J, 1>(kind, &w, &[*a], isa)),
+            [a, b] => put(&mut out, i, tile::<J, 2>(kind, &w, &[*a, *b], isa)),
+            _ => {}
+        }
+        i += xs.len();
+    }
+}
+
+/// Run `f(rows, out)` over contiguous chunks of `0..n` (two per rayon thread), each
 /// writing its rows' `m` results into its piece of the `[n, m]` output.
 fn par_rows(
     n: usize,
@@ -157,22 +252,31 @@ fn par_rows(
         f(0..n, &mut out);
         return out;
     }
-    let chunk = n.div_ceil(threads);
+    // Two chunks per thread, so work-stealing evens out a worker that another process
+    // preempts (2-thread SmolLM2 decode on a shared 2-core VM: median 603.5 vs 623.8 ms
+    // per 64 tokens with one chunk per thread, prefill 338 vs 356 ms; 5 alternated runs);
+    // an even row count per chunk, so the kernels' weight-row pairs never straddle two.
+    let chunk = n.div_ceil(threads * 2).next_multiple_of(2);
     out.par_chunks_mut(chunk * m)
         .enumerate()
         .for_each(|(c, o)| f(c * chunk..(c * chunk + chunk).min(n), o));
     out
 }
 
-/// `[n, m]` → `[m, n]`.
+/// `[n, m]` → `[m, n]`, in bands of 16 columns of the result (each written a cache line
+/// at a time while the 16 source rows stay in L1).
 fn transpose(yt: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
     if m == 1 || n == 1 {
         return yt;
     }
+    const BAND: usize = 16;
     let mut y = vec![0f32; n * m];
-    for (j, row) in yt.chunks_exact(m).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            y[i * n + j] = *v;
+    for j0 in (0..n).step_by(BAND) {
+        let src = &yt[j0 * m..(j0 + BAND).min(n) * m];
+        for (i, yrow) in y.chunks_exact_mut(n).enumerate() {
+            for (o, s) in yrow[j0..].iter_mut().zip(src.chunks_exact(m)) {
+                *o = s[i];
+            }
         }
     }
     y

@@ -8,8 +8,9 @@
 //! Entry points:
 //! - [`QMatrix::matmul_t`] — `y = x · Wᵀ`, the hot path of every quantized linear layer.
 //!   Like llama.cpp, `x` is quantized once per call to 8-bit blocks and Q4_0 / Q4_1 /
-//!   Q8_0 weights meet it in integer dot products (AVX2 + FMA + F16C detected at run
-//!   time, a portable loop otherwise), output rows split over the rayon pool.
+//!   Q8_0 weights meet it in integer dot products (AVX-512 VNNI, AVX-VNNI or AVX2, with
+//!   FMA and F16C, detected at run time; a portable loop otherwise), two weight rows ×
+//!   two activation rows per register tile, output rows split over the rayon pool.
 //! - [`QMatrix::dequantize_row_into`] (embedding lookup) and [`QMatrix::dequantize`],
 //!   bit-exact with ggml / gguf-py.
 //!
@@ -19,8 +20,8 @@
 //!
 //! Accuracy: activation quantization (8 bits per 32-block, f32 scales) puts `matmul_t`
 //! within about 1e-3 (tests allow 1e-2) of `‖w_j‖·‖x_i‖` from the exact f32 product of
-//! the dequantized weight; the AVX2 and portable loops do the same integer math and agree
-//! to 1e-6 of that scale.
+//! the dequantized weight; the SIMD and portable loops do the same integer math and agree
+//! to 1e-6 of that scale (the three SIMD builds bit for bit).
 
 mod act;
 pub(crate) mod blocks;

@@ -8,7 +8,8 @@ use candle_core::{CpuStorage, DType, Device, Tensor};
 use half::{bf16, f16};
 use rand::{Rng, SeedableRng};
 
-use super::matmul::{avx2, matmul_t_with};
+use super::dot::Isa;
+use super::matmul::{available, matmul_t_with};
 use super::*;
 use crate::Error;
 
@@ -141,10 +142,14 @@ fn matmul_case(dtype: GgmlDType, rows: usize, cols: usize, m: usize) {
     assert_eq!(y.dims(), &[m, rows], "{what}");
     let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     check(&y, &want, &w, &x, cols, 1e-2, &what);
-    let portable = matmul_t_with(&q, &x, m, false).unwrap();
+    let portable = matmul_t_with(&q, &x, m, Isa::Portable).unwrap();
     check(&portable, &want, &w, &x, cols, 1e-2, &what);
-    if avx2() {
-        let simd = matmul_t_with(&q, &x, m, true).unwrap();
+    for isa in [Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni] {
+        if !available(isa) {
+            eprintln!("{what}: this CPU has no {isa:?}, not tested");
+            continue;
+        }
+        let simd = matmul_t_with(&q, &x, m, isa).unwrap();
         check(
             &simd,
             &portable,
@@ -152,7 +157,7 @@ fn matmul_case(dtype: GgmlDType, rows: usize, cols: usize, m: usize) {
             &x,
             cols,
             1e-6,
-            &format!("{what} avx2 vs portable"),
+            &format!("{what} {isa:?} vs portable"),
         );
     }
 }
