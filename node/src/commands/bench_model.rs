@@ -163,7 +163,13 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
         .filter(|m| flow_familial::source::is_gguf(m))
     {
         if a.worker {
-            let r = super::bench_gguf::worker(m, &a)?;
+            // Inside a pool of --threads workers, as the node's engine thread runs the model.
+            let threads = *a.threads.first().unwrap_or(&1);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .context("building the rayon pool")?;
+            let r = pool.install(|| super::bench_gguf::worker(m, &a))?;
             println!("{}", serde_json::to_string(&r)?);
             return Ok(());
         }
