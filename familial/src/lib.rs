@@ -11,6 +11,14 @@
 //!   run it: [`FamilialModel::embed`], [`FamilialModel::run_layers`],
 //!   [`FamilialModel::exit`], [`FamilialModel::backfill`]. Batches are `[tokens, hidden]`
 //!   with one [`Seg`] and one [`SeqCache`] per sequence.
+//! - [`ModelSource`] — what `--model` points at: an HF directory or a GGUF file
+//!   ([`gguf::GgufFile`]: mmap'd, validated, tensors under HF names), with its config,
+//!   tokenizer ([`tokenizer::Tokenizer::from_gguf`], llama.cpp's pre-tokenizers), chat
+//!   template ([`chat::ChatTemplate`], minijinja) and BOS rule.
+//! - [`quant::QMatrix`] — quantized GGUF weights multiplied in place (activations quantized
+//!   per 32-block, integer dot products, AVX2/VNNI with a portable fallback); [`proj`] holds
+//!   a layer's dense or quantized weight; [`attention::causal_gqa`] keeps every row
+//!   independent of the batch (speculation equals decoding on quantized models).
 //! - [`confidence`] — max-prob, top-2 margin and entropy of exit logits; [`sample`] — greedy
 //!   and temperature/top-p sampling.
 //! - [`weights`] — checkpoint access and fingerprints; [`init`] — seeded checkpoints in the
@@ -18,7 +26,7 @@
 //! - [`tasks`] — built-in synthetic tasks (`add`, `lookup`, `reverse`, `mix`) and text data;
 //!   [`train`] — joint training of every exit (AdamW, resume) and per-exit evaluation.
 //!
-//! Compute is f32 on the CPU. Matmul threads come from `RAYON_NUM_THREADS`; call
+//! Activations are f32 on the CPU; weights are f32 or, from GGUF files, stay quantized. Matmul threads come from `RAYON_NUM_THREADS`; call
 //! [`set_compute_threads`] before any model work to bound them.
 
 pub mod attention;
