@@ -22,7 +22,7 @@
 //! on small CPUs that beats multi-threaded matmuls.
 //!
 //! ## Optimiser
-//! [`AdamW`] with decoupled weight decay on matrices only (norm weights and biases are not
+//! [`AdamW`](candle_nn::AdamW) with decoupled weight decay on matrices only (norm weights and biases are not
 //! decayed), global-norm gradient clipping, linear warm-up then cosine decay to
 //! `min_lr_ratio · lr`. Its state (first/second moments, step) and f32 master weights are
 //! saved in `train_state.safetensors` next to the HF checkpoint, so `--resume` continues
