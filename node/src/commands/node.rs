@@ -86,6 +86,11 @@ pub struct NodeArgs {
     /// the lowest split point on (it continues from whatever layer a request was cut at).
     #[arg(long, value_delimiter = ',')]
     pub split_points: Vec<usize>,
+    /// Declare the family's exits, e.g. `10,20,29` (the last must be the last layer), for a
+    /// model that ships with one exit (a pretrained GGUF such as SmolLM2): every node of the
+    /// cluster must declare the same list. The declared exits reuse the final norm and head.
+    #[arg(long, value_delimiter = ',')]
+    pub exits: Vec<usize>,
     /// Re-plan at run time from live link estimates: FILE is the planner input as JSON
     /// (a PlanInput, or the report of `flow-node plan --json`, whose `input` is used). The
     /// first link is replaced by the measured estimate of the parent in use; new requests
@@ -140,6 +145,7 @@ struct FileConfig {
     kv_budget_mb: Option<usize>,
     batch_tokens: Option<usize>,
     split_points: Option<Vec<usize>>,
+    exits: Option<Vec<usize>>,
     plan: Option<PathBuf>,
     moe_patterns: Option<PathBuf>,
     moe_experts: Option<usize>,
@@ -323,7 +329,11 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
             .unwrap_or_else(|| role.as_str().to_string()),
         role,
         model_dir: model,
-        declare_exits: None,
+        declare_exits: match (a.exits.is_empty(), f.exits) {
+            (false, _) => Some(a.exits),
+            (true, Some(e)) if !e.is_empty() => Some(e),
+            _ => None,
+        },
         stage: Stage {
             a: start,
             b: end,
