@@ -6,12 +6,13 @@ use std::path::Path;
 
 mod common;
 
+use common::{ids, policy, request};
 use flow_familial::confidence::Confidence;
 use flow_familial::init::{init_checkpoint, Preset};
 use flow_familial::{FamilialModel, Layout};
 use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
-use flow_node::{EngineConfig, GenerateRequest};
-use flow_protocol::{Encoding, InferMode, Policy, Role, Sampling};
+use flow_node::EngineConfig;
+use flow_protocol::{Encoding, InferMode, Policy, Role};
 
 const PROMPTS: [&[u32]; 3] = [
     &[256, 49, 50, 43, 51, 52, 61],
@@ -19,24 +20,6 @@ const PROMPTS: [&[u32]; 3] = [
     &[256, 7, 200, 31, 99, 150, 2, 64, 64],
 ];
 const NEW: usize = 12;
-
-fn policy(mode: InferMode) -> Policy {
-    Policy {
-        mode,
-        ..Policy::default()
-    }
-}
-
-fn request(prompt: &[u32], p: Policy) -> GenerateRequest {
-    GenerateRequest {
-        prompt: prompt.to_vec(),
-        max_new_tokens: NEW,
-        sampling: Sampling::default(),
-        policy: Some(p),
-        // Never stop early, so every position is compared.
-        stop_tokens: vec![],
-    }
-}
 
 async fn cluster(dir: &Path, certs: &Path) -> LocalCluster {
     LocalCluster::start(ClusterSpec {
@@ -51,10 +34,6 @@ async fn cluster(dir: &Path, certs: &Path) -> LocalCluster {
     })
     .await
     .expect("cluster starts")
-}
-
-fn ids(t: &[flow_protocol::TokenOut]) -> Vec<u32> {
-    t.iter().map(|t| t.id).collect()
 }
 
 /// The tiny model emits eos sometimes; the family has no eos stop here because stop tokens
@@ -83,7 +62,7 @@ async fn i2_i3_i4_three_tiers_equal_single_node() {
         .unwrap();
         for prompt in PROMPTS {
             let (want, _) = single
-                .generate_collect(request(prompt, policy(InferMode::Local)))
+                .generate_collect(request(prompt, policy(InferMode::Local), NEW))
                 .await
                 .unwrap();
             assert_eq!(want.len(), NEW);
@@ -92,7 +71,11 @@ async fn i2_i3_i4_three_tiers_equal_single_node() {
                 answer_exit: Some(exit as u32),
                 ..policy(InferMode::Route)
             };
-            let (got, stats) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+            let (got, stats) = c
+                .device
+                .generate_collect(request(prompt, p, NEW))
+                .await
+                .unwrap();
             assert_eq!(
                 ids(&got),
                 ids(&want),
@@ -118,7 +101,11 @@ async fn i2_i3_i4_three_tiers_equal_single_node() {
                     default_threshold: 2.0,
                     ..policy(InferMode::Escalate)
                 };
-                let (got, _) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+                let (got, _) = c
+                    .device
+                    .generate_collect(request(prompt, p, NEW))
+                    .await
+                    .unwrap();
                 assert_eq!(ids(&got), ids(&want), "escalate-always, prompt {prompt:?}");
                 // I4: speculative decoding gives the full model's tokens.
                 for draft_len in [1u32, 3, 5] {
@@ -126,7 +113,11 @@ async fn i2_i3_i4_three_tiers_equal_single_node() {
                         draft_len,
                         ..policy(InferMode::Speculate)
                     };
-                    let (got, stats) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+                    let (got, stats) = c
+                        .device
+                        .generate_collect(request(prompt, p, NEW))
+                        .await
+                        .unwrap();
                     assert_eq!(
                         ids(&got),
                         ids(&want),
@@ -196,7 +187,11 @@ async fn escalate_matches_calm_with_exact_backfill() {
             default_threshold: th,
             ..policy(InferMode::Escalate)
         };
-        let (got, stats) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+        let (got, stats) = c
+            .device
+            .generate_collect(request(prompt, p, NEW))
+            .await
+            .unwrap();
         let got: Vec<(u32, u32)> = got.iter().map(|t| (t.id, t.exit)).collect();
         assert_eq!(got, want, "threshold {th}, prompt {prompt:?}");
         for (_, e) in &got {
@@ -218,7 +213,7 @@ async fn a_dead_parent_fails_or_degrades_clearly_and_the_node_keeps_serving() {
         ..policy(InferMode::Route)
     };
     c.device
-        .generate_collect(request(PROMPTS[0], p.clone()))
+        .generate_collect(request(PROMPTS[0], p.clone(), NEW))
         .await
         .unwrap();
     // The cloud goes away.
@@ -227,7 +222,7 @@ async fn a_dead_parent_fails_or_degrades_clearly_and_the_node_keeps_serving() {
     // Route to the cloud's exit: nobody below can answer it, so a clear error.
     let err = c
         .device
-        .generate_collect(request(PROMPTS[1], p))
+        .generate_collect(request(PROMPTS[1], p, NEW))
         .await
         .unwrap_err()
         .to_string();
@@ -240,7 +235,7 @@ async fn a_dead_parent_fails_or_degrades_clearly_and_the_node_keeps_serving() {
     };
     let (toks, stats) = c
         .device
-        .generate_collect(request(PROMPTS[2], p))
+        .generate_collect(request(PROMPTS[2], p, NEW))
         .await
         .unwrap();
     assert_eq!(toks.len(), NEW);
@@ -249,7 +244,7 @@ async fn a_dead_parent_fails_or_degrades_clearly_and_the_node_keeps_serving() {
     // Local requests are unaffected.
     let (toks, _) = c
         .device
-        .generate_collect(request(PROMPTS[0], policy(InferMode::Local)))
+        .generate_collect(request(PROMPTS[0], policy(InferMode::Local), NEW))
         .await
         .unwrap();
     assert_eq!(toks.len(), NEW);
@@ -271,7 +266,7 @@ async fn concurrent_sessions_are_batched_and_stay_exact() {
     let mut want = Vec::new();
     for p in PROMPTS {
         want.push(ids(&single
-            .generate_collect(request(p, policy(InferMode::Local)))
+            .generate_collect(request(p, policy(InferMode::Local), NEW))
             .await
             .unwrap()
             .0));
@@ -288,7 +283,7 @@ async fn concurrent_sessions_are_batched_and_stay_exact() {
         tasks.push(tokio::spawn(async move {
             (
                 i % 3,
-                dev.generate_collect(request(PROMPTS[i % 3], p)).await,
+                dev.generate_collect(request(PROMPTS[i % 3], p, NEW)).await,
             )
         }));
     }
@@ -316,7 +311,7 @@ async fn drain_finishes_in_flight_and_refuses_new_requests() {
     };
     let mut rx = c
         .device
-        .generate(request(PROMPTS[0], route.clone()))
+        .generate(request(PROMPTS[0], route.clone(), NEW))
         .await
         .unwrap();
     let dev = c.device.clone();
@@ -324,7 +319,7 @@ async fn drain_finishes_in_flight_and_refuses_new_requests() {
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let err = c
         .device
-        .generate(request(PROMPTS[1], route))
+        .generate(request(PROMPTS[1], route, NEW))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("shutting down"), "{err}");
@@ -400,7 +395,7 @@ async fn kv_eviction_fails_the_evicted_request_clearly() {
     for i in 0..4 {
         let a = single.clone();
         tasks.push(tokio::spawn(async move {
-            a.generate_collect(request(PROMPTS[i % 3], policy(InferMode::Local)))
+            a.generate_collect(request(PROMPTS[i % 3], policy(InferMode::Local), NEW))
                 .await
         }));
     }
@@ -418,7 +413,7 @@ async fn kv_eviction_fails_the_evicted_request_clearly() {
     assert!(single.engine_stats().await.evictions > 0);
     // The node keeps serving.
     single
-        .generate_collect(request(PROMPTS[0], policy(InferMode::Local)))
+        .generate_collect(request(PROMPTS[0], policy(InferMode::Local), NEW))
         .await
         .unwrap();
 }
@@ -440,7 +435,7 @@ async fn mixed_policies_in_one_batch_stay_exact() {
         .unwrap();
         for (k, p) in PROMPTS.iter().enumerate() {
             let toks = single
-                .generate_collect(request(p, policy(InferMode::Local)))
+                .generate_collect(request(p, policy(InferMode::Local), NEW))
                 .await
                 .unwrap()
                 .0;
@@ -466,7 +461,7 @@ async fn mixed_policies_in_one_batch_stay_exact() {
             (
                 exit,
                 i % 3,
-                dev.generate_collect(request(PROMPTS[i % 3], p)).await,
+                dev.generate_collect(request(PROMPTS[i % 3], p, NEW)).await,
             )
         }));
     }

@@ -9,11 +9,14 @@
 
 use std::path::PathBuf;
 
+mod common;
+
+use common::{ids, policy, request};
 use flow_familial::chat::ChatMessage;
 use flow_familial::ModelSource;
 use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
-use flow_node::{EngineConfig, GenerateRequest};
-use flow_protocol::{Encoding, InferMode, Policy, Role, Sampling};
+use flow_node::EngineConfig;
+use flow_protocol::{Encoding, InferMode, Policy, Role};
 
 const EXITS: [usize; 3] = [10, 20, 29];
 const NEW: usize = 16;
@@ -38,27 +41,6 @@ fn model_path() -> Option<PathBuf> {
     );
     eprintln!("skipped: {} is absent", p.display());
     None
-}
-
-fn policy(mode: InferMode) -> Policy {
-    Policy {
-        mode,
-        ..Policy::default()
-    }
-}
-
-fn request(prompt: &[u32], p: Policy) -> GenerateRequest {
-    GenerateRequest {
-        prompt: prompt.to_vec(),
-        max_new_tokens: NEW,
-        sampling: Sampling::default(),
-        policy: Some(p),
-        stop_tokens: vec![],
-    }
-}
-
-fn ids(t: &[flow_protocol::TokenOut]) -> Vec<u32> {
-    t.iter().map(|t| t.id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,7 +85,7 @@ async fn smollm2_three_tiers_equal_single_node() {
         .unwrap();
         for prompt in &prompts {
             let (want, _) = single
-                .generate_collect(request(prompt, policy(InferMode::Local)))
+                .generate_collect(request(prompt, policy(InferMode::Local), NEW))
                 .await
                 .unwrap();
             // I3 (and I2 at the deepest exit): every token answered by one exit.
@@ -111,7 +93,11 @@ async fn smollm2_three_tiers_equal_single_node() {
                 answer_exit: Some(exit as u32),
                 ..policy(InferMode::Route)
             };
-            let (got, stats) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+            let (got, stats) = c
+                .device
+                .generate_collect(request(prompt, p, NEW))
+                .await
+                .unwrap();
             assert_eq!(ids(&got), ids(&want), "route to exit {exit}");
             let tier = [Role::Device, Role::Edge, Role::Cloud][i];
             assert!(got.iter().all(|t| t.tier == tier && t.exit == exit as u32));
@@ -122,14 +108,22 @@ async fn smollm2_three_tiers_equal_single_node() {
                     default_threshold: 2.0,
                     ..policy(InferMode::Escalate)
                 };
-                let (got, _) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+                let (got, _) = c
+                    .device
+                    .generate_collect(request(prompt, p, NEW))
+                    .await
+                    .unwrap();
                 assert_eq!(ids(&got), ids(&want), "escalate-always");
                 // I4: speculation keeps the full model's tokens.
                 let p = Policy {
                     draft_len: 4,
                     ..policy(InferMode::Speculate)
                 };
-                let (got, stats) = c.device.generate_collect(request(prompt, p)).await.unwrap();
+                let (got, stats) = c
+                    .device
+                    .generate_collect(request(prompt, p, NEW))
+                    .await
+                    .unwrap();
                 assert_eq!(ids(&got), ids(&want), "speculate n=4");
                 assert!(stats.drafts_proposed > 0);
             }

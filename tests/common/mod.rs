@@ -5,6 +5,7 @@ use flow_familial::Layout;
 
 /// The tiny family (6 layers, exits 1/3/5, seed 21) with no eos in its config, so
 /// generation always runs to length and every position is compared.
+#[allow(dead_code)]
 pub fn tiny_family_without_eos() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     init_checkpoint(Preset::Tiny, Layout::RuyiQwen2, 21, dir.path()).unwrap();
@@ -173,4 +174,31 @@ pub fn node_config(
         .unwrap();
     cfg.listen = (role != flow_protocol::Role::Device).then(|| "127.0.0.1:0".parse().unwrap());
     cfg
+}
+
+/// A policy of `mode` with every other field at its default.
+#[allow(dead_code)]
+pub fn policy(mode: flow_protocol::InferMode) -> flow_protocol::Policy {
+    flow_protocol::Policy {
+        mode,
+        ..flow_protocol::Policy::default()
+    }
+}
+
+/// A greedy request for exactly `new` tokens (no stop token, so every position counts).
+#[allow(dead_code)]
+pub fn request(prompt: &[u32], p: flow_protocol::Policy, new: usize) -> flow_node::GenerateRequest {
+    flow_node::GenerateRequest {
+        prompt: prompt.to_vec(),
+        max_new_tokens: new,
+        sampling: flow_protocol::Sampling::default(),
+        policy: Some(p),
+        stop_tokens: vec![],
+    }
+}
+
+/// The token ids of generated tokens.
+#[allow(dead_code)]
+pub fn ids(t: &[flow_protocol::TokenOut]) -> Vec<u32> {
+    t.iter().map(|t| t.id).collect()
 }
