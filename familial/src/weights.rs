@@ -157,21 +157,10 @@ impl Checkpoint {
     /// SHA-256 over the names, dtypes, shapes and bytes of `names` (sorted), read from the
     /// mapping without copying. Two nodes that agree on this agree on those weights.
     pub fn fingerprint<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<[u8; 32]> {
-        let mut names: Vec<&str> = names.into_iter().collect();
-        names.sort_unstable();
-        names.dedup();
-        let mut h = Sha256::new();
-        for n in names {
-            let v = self.st.get(n).map_err(|_| Error::MissingTensor {
-                name: n.to_string(),
-                expected: vec![],
-            })?;
-            h.update((n.len() as u64).to_le_bytes());
-            h.update(n.as_bytes());
-            h.update(format!("{:?}{:?}", v.dtype(), v.shape()).as_bytes());
-            h.update(v.data());
-        }
-        Ok(h.finalize().into())
+        fingerprint_tensors(names, |n| {
+            let v = self.st.get(n).ok()?;
+            Some((format!("{:?}{:?}", v.dtype(), v.shape()), v.data()))
+        })
     }
 }
 
@@ -215,6 +204,30 @@ impl TensorSource for Checkpoint {
     fn contains(&self, name: &str) -> bool {
         self.st.get(name).is_ok()
     }
+}
+
+/// SHA-256 over the sorted, deduplicated `names`, each hashed as its length, the name, the
+/// `(type and shape, bytes)` that `tensor` looks up for it. The one fingerprint rule of
+/// every checkpoint format (safetensors here, GGUF in [`crate::gguf`]).
+pub(crate) fn fingerprint_tensors<'a, 'b>(
+    names: impl IntoIterator<Item = &'a str>,
+    tensor: impl Fn(&str) -> Option<(String, &'b [u8])>,
+) -> Result<[u8; 32]> {
+    let mut names: Vec<&str> = names.into_iter().collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut h = Sha256::new();
+    for n in names {
+        let (kind, bytes) = tensor(n).ok_or_else(|| Error::MissingTensor {
+            name: n.to_string(),
+            expected: vec![],
+        })?;
+        h.update((n.len() as u64).to_le_bytes());
+        h.update(n.as_bytes());
+        h.update(kind.as_bytes());
+        h.update(bytes);
+    }
+    Ok(h.finalize().into())
 }
 
 /// Tensors held in memory (training, tests, freshly initialised checkpoints).

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 use flow_familial::tokenizer::Tokenizer;
-use flow_familial::weights::Checkpoint;
 use flow_familial::ModelSource;
 use flow_familial::{FamilialModel, ModelConfig, Part};
 use flow_protocol::transport::{Endpoint, EndpointConfig, PeerConnection, Security, SessionStream};
@@ -246,32 +245,35 @@ impl Agent {
                     let family = src.fingerprint(all.iter().map(String::as_str))?;
                     let hosted_names = FamilialModel::tensor_names(&mc, &part2)?;
                     let hosted = src.fingerprint(hosted_names.iter().map(String::as_str))?;
-                    let (store, model) = if let ModelSource::Gguf(_) = &src {
-                        // GGUF weights stay quantized in the mapping; deltas (which need
-                        // f32 copies of the hosted tensors) are refused on such nodes.
-                        let empty = std::collections::HashMap::new();
-                        (
-                            crate::delta::WeightStore::new(empty, family),
-                            src.load_part(mc.clone(), part2.clone())?,
-                        )
-                    } else if cfg2.moe.is_some() {
-                        // Experts are paged in per task pattern (flow_moe::cloud); this node
-                        // refuses deltas (see `Agent::apply_delta`), so its store is empty.
-                        let model = FamilialModel::load_part_without_experts(
-                            &cfg2.model_dir,
-                            mc.clone(),
-                            part2.clone(),
-                        )?;
-                        (
-                            crate::delta::WeightStore::new(
-                                std::collections::HashMap::new(),
-                                family,
-                            ),
-                            model,
-                        )
-                    } else {
-                        let ck = Checkpoint::open(&cfg2.model_dir)?;
-                        crate::fleet::load_store(&ck, &mc, &part2, &all, family)?
+                    let (store, model) = match &src {
+                        ModelSource::Gguf(_) => {
+                            // GGUF weights stay quantized in the mapping; deltas (which need
+                            // f32 copies of the hosted tensors) are refused on such nodes.
+                            let empty = std::collections::HashMap::new();
+                            (
+                                crate::delta::WeightStore::new(empty, family),
+                                src.load_part(mc.clone(), part2.clone())?,
+                            )
+                        }
+                        ModelSource::Hf(_) if cfg2.moe.is_some() => {
+                            // Experts are paged in per task pattern (flow_moe::cloud); this node
+                            // refuses deltas (see `Agent::apply_delta`), so its store is empty.
+                            let model = FamilialModel::load_part_without_experts(
+                                &cfg2.model_dir,
+                                mc.clone(),
+                                part2.clone(),
+                            )?;
+                            (
+                                crate::delta::WeightStore::new(
+                                    std::collections::HashMap::new(),
+                                    family,
+                                ),
+                                model,
+                            )
+                        }
+                        ModelSource::Hf(ck) => {
+                            crate::fleet::load_store(ck, &mc, &part2, &all, family)?
+                        }
                     };
                     let hello = Hello {
                         node_id: cfg2.node_id.clone(),

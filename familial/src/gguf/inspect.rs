@@ -3,10 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use sha2::{Digest, Sha256};
-
 use super::{gguf_name, hf_name, GgufFile};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 impl GgufFile {
     /// HF name → (GGUF type, shape) of every tensor with an HF name, sorted by name;
@@ -31,23 +29,10 @@ impl GgufFile {
     /// the mapping without copying; the GGUF counterpart of
     /// [`Checkpoint::fingerprint`](crate::weights::Checkpoint::fingerprint).
     pub fn fingerprint<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<[u8; 32]> {
-        let mut names: Vec<&str> = names.into_iter().collect();
-        names.sort_unstable();
-        names.dedup();
-        let mut h = Sha256::new();
-        for n in names {
+        crate::weights::fingerprint_tensors(names, |n| {
             let g = gguf_name(n).unwrap_or_else(|| n.to_string());
-            let missing = || Error::MissingTensor {
-                name: n.to_string(),
-                expected: vec![],
-            };
-            let e = self.tensors().get(&g).ok_or_else(missing)?;
-            let bytes = self.tensor_bytes(&g).ok_or_else(missing)?;
-            h.update((n.len() as u64).to_le_bytes());
-            h.update(n.as_bytes());
-            h.update(format!("{:?}{:?}", e.dtype, e.dims).as_bytes());
-            h.update(bytes);
-        }
-        Ok(h.finalize().into())
+            let e = self.tensors().get(&g)?;
+            Some((format!("{:?}{:?}", e.dtype, e.dims), self.tensor_bytes(&g)?))
+        })
     }
 }

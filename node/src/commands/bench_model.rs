@@ -231,17 +231,9 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for &t in &a.threads {
         eprintln!("threads {t}: measuring (child process)...");
-        let out = Command::new(&exe)
-            .args(["bench", "model", "--worker", "--model"])
-            .arg(&dir)
-            .args(["--threads", &t.to_string()])
-            .args(["--prompt-len", &a.prompt_len.to_string()])
-            .args(["--decode-tokens", &a.decode_tokens.to_string()])
+        let out = worker_command(&exe, &dir, t, &a)
             .args(["--reps", &a.reps.to_string()])
             .args(a.in_pool.then_some("--in-pool"))
-            .env("RAYON_NUM_THREADS", t.to_string())
-            .env("CANDLE_NUM_THREADS", "1")
-            .stderr(std::process::Stdio::inherit())
             .output()
             .context("running the benchmark child process")?;
         if !out.status.success() {
@@ -398,6 +390,20 @@ fn print_report(r: &BenchReport) {
 
 // ---------------------------------------------------------------------------------------
 // the worker (one thread count, one process)
+
+/// This binary as a `bench model --worker` child measuring `model` with `t` threads.
+pub(crate) fn worker_command(exe: &Path, model: &Path, t: usize, a: &BenchModelArgs) -> Command {
+    let mut c = Command::new(exe);
+    c.args(["bench", "model", "--worker", "--model"])
+        .arg(model)
+        .args(["--threads", &t.to_string()])
+        .args(["--prompt-len", &a.prompt_len.to_string()])
+        .args(["--decode-tokens", &a.decode_tokens.to_string()])
+        .env("RAYON_NUM_THREADS", t.to_string())
+        .env("CANDLE_NUM_THREADS", "1")
+        .stderr(std::process::Stdio::inherit());
+    c
+}
 
 pub(crate) fn proc_status_kb(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -97,15 +97,7 @@ fn last_json_line<T: for<'de> Deserialize<'de>>(out: &[u8], what: &str) -> anyho
 
 fn ours(path: &Path, t: usize, a: &BenchModelArgs) -> anyhow::Result<Run> {
     let exe = std::env::current_exe().context("locating the flow-node binary")?;
-    let out = Command::new(exe)
-        .args(["bench", "model", "--worker", "--model"])
-        .arg(path)
-        .args(["--threads", &t.to_string()])
-        .args(["--prompt-len", &a.prompt_len.to_string()])
-        .args(["--decode-tokens", &a.decode_tokens.to_string()])
-        .env("RAYON_NUM_THREADS", t.to_string())
-        .env("CANDLE_NUM_THREADS", "1")
-        .stderr(std::process::Stdio::inherit())
+    let out = super::bench_model::worker_command(&exe, path, t, a)
         .output()
         .context("running the benchmark child process")?;
     if !out.status.success() {
