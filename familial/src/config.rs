@@ -417,6 +417,36 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// Attach Ruyi-style exits to a plain (non-Ruyi) trunk: exit `points[i]` (all but the
+    /// last) reads the state after trunk layers `[0, point)` and runs its own decoder block
+    /// `model.eelayers.{i}` (same shape as a trunk layer), its own norm `model.norms.{i}` and
+    /// the head `head` (tied embedding or `lm_head`); the last point must be the last layer
+    /// and is the full model (trunk block, final norm). Used by family overlays
+    /// ([`crate::family`]).
+    pub fn attach_exits(&mut self, points: &[usize]) -> Result<()> {
+        if self.layout == Layout::RuyiQwen2 {
+            return Err(cfg_err(
+                "ruyi_qwen2 checkpoints already have their exits in `early_exit_points`".into(),
+            ));
+        }
+        if self.ffn.iter().any(|f| matches!(f, Ffn::Moe(_))) {
+            return Err(cfg_err(
+                "exit blocks can only be attached to dense trunks".into(),
+            ));
+        }
+        self.declare_exits(points)?;
+        let n = self.exits.len();
+        for (i, e) in self.exits.iter_mut().take(n - 1).enumerate() {
+            e.block = ExitBlock::Own(i);
+            e.norm = NormRef::Own(i);
+        }
+        self.exit_block_ffn = self.exits[..n - 1]
+            .iter()
+            .map(|e| self.ffn[e.point].clone())
+            .collect();
+        Ok(())
+    }
+
     /// Exit points, ascending.
     pub fn exit_points(&self) -> Vec<usize> {
         self.exits.iter().map(|e| e.point).collect()

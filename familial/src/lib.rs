@@ -19,6 +19,9 @@
 //!   per 32-block, integer dot products, AVX2/VNNI with a portable fallback); [`proj`] holds
 //!   a layer's dense or quantized weight; [`attention::causal_gqa`] keeps every row
 //!   independent of the batch (speculation equals decoding on quantized models).
+//! - [`family`] — Ruyi-style exits attached to a pretrained trunk, stored as a small overlay
+//!   beside a verified reference to the base ([`family::Family`]), trained by distillation
+//!   from the deepest exit with the trunk frozen ([`family::distill`]).
 //! - [`confidence`] — max-prob, top-2 margin and entropy of exit logits; [`sample`] — greedy
 //!   and temperature/top-p sampling.
 //! - [`weights`] — checkpoint access and fingerprints; [`init`] — seeded checkpoints in the
@@ -34,6 +37,7 @@ pub mod chat;
 pub mod confidence;
 pub mod config;
 pub mod error;
+pub mod family;
 pub mod gguf;
 pub mod init;
 pub mod kernels;

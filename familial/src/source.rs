@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::family::{is_family_dir, Family};
 use crate::gguf::GgufFile;
 use crate::layers::Mode;
 use crate::model::{FamilialModel, Part};
@@ -23,6 +24,8 @@ pub enum ModelSource {
     Hf(Arc<Checkpoint>),
     /// A GGUF file (mapped).
     Gguf(Arc<GgufFile>),
+    /// A family overlay over a verified base ([`crate::family`]).
+    Family(Arc<Family>),
 }
 
 /// Whether `path` starts with the GGUF magic.
@@ -36,8 +39,12 @@ pub fn is_gguf(path: &Path) -> bool {
 }
 
 impl ModelSource {
-    /// Open `path`: a directory is an HF checkpoint, a file must be GGUF.
+    /// Open `path`: a directory with `family.json` is a family overlay (its base found and
+    /// verified by [`Family::open`]), another directory an HF checkpoint, a file must be GGUF.
     pub fn open(path: &Path) -> Result<Self> {
+        if is_family_dir(path) {
+            return Ok(Self::Family(Arc::new(Family::open(path)?)));
+        }
         if path.is_dir() {
             return Ok(Self::Hf(Arc::new(Checkpoint::open(path)?)));
         }
@@ -61,6 +68,7 @@ impl ModelSource {
         match self {
             Self::Hf(c) => c.dir().to_path_buf(),
             Self::Gguf(g) => g.path().to_path_buf(),
+            Self::Family(f) => f.dir().to_path_buf(),
         }
     }
 
@@ -69,6 +77,7 @@ impl ModelSource {
         match self {
             Self::Hf(c) => ModelConfig::from_file(&c.dir().join("config.json")),
             Self::Gguf(g) => g.config(),
+            Self::Family(f) => Ok(f.config().clone()),
         }
     }
 
@@ -77,6 +86,7 @@ impl ModelSource {
         match self {
             Self::Hf(c) => c.as_ref(),
             Self::Gguf(g) => g.as_ref(),
+            Self::Family(f) => f.as_ref(),
         }
     }
 
@@ -97,6 +107,7 @@ impl ModelSource {
         match self {
             Self::Hf(c) => c.tensor_infos(),
             Self::Gguf(g) => g.tensor_infos(),
+            Self::Family(f) => f.tensor_infos(),
         }
     }
 
@@ -105,6 +116,7 @@ impl ModelSource {
         match self {
             Self::Hf(c) => c.stored_bytes(name),
             Self::Gguf(g) => g.stored_bytes(name),
+            Self::Family(f) => f.stored_bytes(name),
         }
     }
 
@@ -113,6 +125,7 @@ impl ModelSource {
         match self {
             Self::Hf(c) => c.fingerprint(names),
             Self::Gguf(g) => g.fingerprint(names),
+            Self::Family(f) => f.fingerprint(names),
         }
     }
 
@@ -121,6 +134,7 @@ impl ModelSource {
     pub fn chat_template(&self) -> Option<String> {
         match self {
             Self::Gguf(g) => g.meta_str("tokenizer.chat_template").map(str::to_string),
+            Self::Family(f) => f.base().chat_template(),
             Self::Hf(c) => {
                 let text = std::fs::read_to_string(c.dir().join("tokenizer_config.json")).ok()?;
                 let v: serde_json::Value = serde_json::from_str(&text).ok()?;
@@ -135,6 +149,7 @@ impl ModelSource {
     pub fn chat(&self) -> Result<Option<crate::chat::ChatTemplate>> {
         match self {
             Self::Gguf(g) => crate::chat::ChatTemplate::from_gguf(g.metadata()),
+            Self::Family(f) => f.base().chat(),
             Self::Hf(c) => {
                 let Some(t) = self.chat_template() else {
                     return Ok(None);
@@ -166,6 +181,7 @@ impl ModelSource {
                 None | Some("none") => Ok(Tokenizer::Bytes),
                 Some(_) => Tokenizer::from_gguf(g.metadata()),
             },
+            Self::Family(f) => f.base().tokenizer(),
         }
     }
 
@@ -176,6 +192,7 @@ impl ModelSource {
     pub fn add_bos_token(&self) -> bool {
         match self {
             Self::Gguf(g) => g.meta_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            Self::Family(f) => f.base().add_bos_token(),
             Self::Hf(c) => std::fs::read_to_string(c.dir().join("tokenizer_config.json"))
                 .ok()
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -188,7 +205,7 @@ impl ModelSource {
 /// The configuration of the model at `path` (an HF directory's `config.json`, or a GGUF
 /// file's metadata) without mapping its weights.
 pub fn model_config(path: &Path) -> Result<ModelConfig> {
-    if path.is_dir() {
+    if path.is_dir() && !is_family_dir(path) {
         ModelConfig::from_file(&path.join("config.json"))
     } else {
         ModelSource::open(path)?.config()

@@ -215,6 +215,19 @@ impl Trainer {
         opts: TrainOptions,
     ) -> Result<Self> {
         let names = FamilialModel::tensor_names(&cfg, &Part::full(&cfg))?;
+        Self::with_names(cfg, names, tensors, opts)
+    }
+
+    /// Start a run that trains only the tensors `names` of `tensors` (e.g. the exits of a
+    /// family over a frozen trunk, [`crate::family::distill`]). [`Trainer::train_step`],
+    /// [`Trainer::tensors`] and the model builders need every tensor of the family; the
+    /// optimiser ([`Trainer::apply`]) and the state files work on any subset.
+    pub fn with_names(
+        cfg: ModelConfig,
+        names: Vec<String>,
+        tensors: &HashMap<String, Tensor>,
+        opts: TrainOptions,
+    ) -> Result<Self> {
         let mut vars = Vec::with_capacity(names.len());
         let mut decay = Vec::with_capacity(names.len());
         for n in &names {
@@ -494,6 +507,31 @@ impl Trainer {
         let (grads, exit_losses, router) = self.gradients_with_router_aux(batch)?;
         let weights = self.exit_weights();
         let loss = exit_losses.iter().zip(&weights).map(|(l, w)| l * w).sum();
+        let (grad_norm, lr) = self.apply(&grads, loss)?;
+        Ok(StepStats {
+            step: self.step,
+            loss,
+            exit_losses,
+            tokens: batch.iter().map(|s| s.tokens.len() - 1).sum(),
+            loss_tokens: batch.iter().map(Sequence::loss_positions).sum(),
+            grad_norm,
+            lr,
+            router,
+        })
+    }
+
+    /// One AdamW step with `grads` (one per [`Trainer::vars`] entry; `None` = no gradient):
+    /// global-norm clipping, the scheduled learning rate, decoupled weight decay on
+    /// matrices. `loss` only goes into the error message of a non-finite gradient. Returns
+    /// the gradient norm before clipping and the learning rate used.
+    pub fn apply(&mut self, grads: &[Option<Tensor>], loss: f64) -> Result<(f64, f64)> {
+        if grads.len() != self.vars.len() {
+            return Err(Error::Invalid(format!(
+                "{} gradients for {} trainable tensors",
+                grads.len(),
+                self.vars.len()
+            )));
+        }
         let mut sq = 0f64;
         for g in grads.iter().flatten() {
             sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
@@ -536,16 +574,7 @@ impl Trainer {
             self.m[i] = m;
             self.v[i] = v;
         }
-        Ok(StepStats {
-            step: self.step,
-            loss,
-            exit_losses,
-            tokens: batch.iter().map(|s| s.tokens.len() - 1).sum(),
-            loss_tokens: batch.iter().map(Sequence::loss_positions).sum(),
-            grad_norm,
-            lr,
-            router,
-        })
+        Ok((grad_norm, lr))
     }
 
     /// Write the HF checkpoint (`config.json`, `model.safetensors` in `dtype`,
@@ -589,6 +618,36 @@ impl Trainer {
         let state: TrainState = serde_json::from_str(&text)
             .map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
         let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let names = FamilialModel::tensor_names(&cfg, &Part::full(&cfg))?;
+        let opts = opts.unwrap_or_else(|| state.options.clone());
+        let t = Self::load_state(dir, cfg, names, opts, state.step)?;
+        Ok((t, state))
+    }
+
+    /// Read the state files in `dir` for a run training `names` of a family with `cfg`
+    /// (see [`Trainer::with_names`]): master weights, moments, step.
+    pub fn resume_names(
+        dir: &Path,
+        cfg: ModelConfig,
+        names: Vec<String>,
+        opts: Option<TrainOptions>,
+    ) -> Result<(Self, TrainState)> {
+        let p = dir.join(STATE_JSON);
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let state: TrainState = serde_json::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))?;
+        let opts = opts.unwrap_or_else(|| state.options.clone());
+        let t = Self::load_state(dir, cfg, names, opts, state.step)?;
+        Ok((t, state))
+    }
+
+    fn load_state(
+        dir: &Path,
+        cfg: ModelConfig,
+        names: Vec<String>,
+        opts: TrainOptions,
+        step: u64,
+    ) -> Result<Self> {
         let st_path = dir.join(STATE_TENSORS);
         // SAFETY: read-only mapping of a file this process does not modify while mapped.
         let st =
@@ -604,18 +663,17 @@ impl Trainer {
                 msg: format!("`{n}`: {e}"),
             })
         };
-        let names = FamilialModel::tensor_names(&cfg, &Part::full(&cfg))?;
         let mut w = HashMap::new();
         for n in &names {
             w.insert(n.clone(), load(&format!("w.{n}"))?);
         }
-        let mut t = Self::new(cfg, &w, opts.unwrap_or_else(|| state.options.clone()))?;
+        let mut t = Self::with_names(cfg, names.clone(), &w, opts)?;
         for (i, n) in names.iter().enumerate() {
             t.m[i] = load(&format!("m.{n}"))?;
             t.v[i] = load(&format!("v.{n}"))?;
         }
-        t.step = state.step;
-        Ok((t, state))
+        t.step = step;
+        Ok(t)
     }
 }
 
@@ -639,28 +697,12 @@ pub fn exit_nll_sums_at(
             "exit points {points:?} must be strictly ascending"
         )));
     }
-    let mut inputs = Vec::new();
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    let mut segs = Vec::with_capacity(batch.len());
-    let mut off = 0usize;
-    for s in batch {
-        if s.tokens.len() < 2 {
-            return Err(Error::Invalid(
-                "a training sequence needs 2 tokens or more".into(),
-            ));
-        }
-        let n = s.tokens.len() - 1;
-        inputs.extend_from_slice(&s.tokens[..n]);
-        for i in 0..n {
-            if i + 1 >= s.loss_from {
-                rows.push((off + i) as u32);
-                targets.push(s.tokens[i + 1]);
-            }
-        }
-        segs.push(Seg::new(0, n));
-        off += n;
-    }
+    let Packed {
+        inputs,
+        rows,
+        targets,
+        segs,
+    } = pack(batch)?;
     if rows.is_empty() {
         return points
             .iter()
@@ -682,6 +724,45 @@ pub fn exit_nll_sums_at(
         out.push(nll_sum(&logits, &targets)?);
     }
     Ok(out)
+}
+
+/// A batch of sequences laid out for one forward: inputs concatenated (each sequence
+/// without its last token), one segment per sequence, and the loss rows with their next
+/// tokens (positions predicting `tokens[loss_from..]`).
+pub(crate) struct Packed {
+    pub inputs: Vec<u32>,
+    pub rows: Vec<u32>,
+    pub targets: Vec<u32>,
+    pub segs: Vec<Seg>,
+}
+
+/// Lay out `batch` (see [`Packed`]); every sequence needs 2 tokens or more.
+pub(crate) fn pack(batch: &[Sequence]) -> Result<Packed> {
+    let mut p = Packed {
+        inputs: Vec::new(),
+        rows: Vec::new(),
+        targets: Vec::new(),
+        segs: Vec::with_capacity(batch.len()),
+    };
+    let mut off = 0usize;
+    for s in batch {
+        if s.tokens.len() < 2 {
+            return Err(Error::Invalid(
+                "a training sequence needs 2 tokens or more".into(),
+            ));
+        }
+        let n = s.tokens.len() - 1;
+        p.inputs.extend_from_slice(&s.tokens[..n]);
+        for i in 0..n {
+            if i + 1 >= s.loss_from {
+                p.rows.push((off + i) as u32);
+                p.targets.push(s.tokens[i + 1]);
+            }
+        }
+        p.segs.push(Seg::new(0, n));
+        off += n;
+    }
+    Ok(p)
 }
 
 /// `-Σ log softmax(logits)[target]` over rows; `targets` is `[rows, 1]` u32. Built from

@@ -300,3 +300,40 @@ pub fn save_safetensors(
     })?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
+
+/// Two sources as one: `top` first, then `base` (a family overlay over its base; trainable
+/// exit tensors over a frozen trunk).
+pub struct Stacked<'a> {
+    pub top: &'a dyn TensorSource,
+    pub base: &'a dyn TensorSource,
+}
+
+impl TensorSource for Stacked<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if self.top.contains(name) {
+            self.top.get(name, shape)
+        } else {
+            self.base.get(name, shape)
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.top.contains(name) || self.base.contains(name)
+    }
+
+    fn row_slice(&self, name: &str) -> Option<RowSlice> {
+        if self.top.contains(name) {
+            self.top.row_slice(name)
+        } else {
+            self.base.row_slice(name)
+        }
+    }
+
+    fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<crate::quant::QMatrix>> {
+        if self.top.contains(name) {
+            self.top.quantized(name, shape)
+        } else {
+            self.base.quantized(name, shape)
+        }
+    }
+}

@@ -246,9 +246,10 @@ impl Agent {
                     let hosted_names = FamilialModel::tensor_names(&mc, &part2)?;
                     let hosted = src.fingerprint(hosted_names.iter().map(String::as_str))?;
                     let (store, model) = match &src {
-                        ModelSource::Gguf(_) => {
+                        ModelSource::Gguf(_) | ModelSource::Family(_) => {
                             // GGUF weights stay quantized in the mapping; deltas (which need
-                            // f32 copies of the hosted tensors) are refused on such nodes.
+                            // f32 copies of the hosted tensors) are refused on such nodes
+                            // (and on family overlays, whose trunk is such a base).
                             let empty = std::collections::HashMap::new();
                             (
                                 crate::delta::WeightStore::new(empty, family),

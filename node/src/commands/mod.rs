@@ -17,6 +17,7 @@ pub mod demo;
 pub mod finetune;
 pub mod finetune_fleet;
 pub mod model;
+pub mod model_family;
 pub mod model_pull;
 pub mod moe;
 pub mod node;
@@ -43,6 +44,8 @@ pub enum ModelCmd {
     Run(model::RunArgs),
     /// Per-exit escalation thresholds meeting a target agreement with the deepest exit.
     Calibrate(calibrate::CalibrateArgs),
+    /// Attach exits to a pretrained model (GGUF/HF) and train them by distillation; writes a family overlay.
+    Family(Box<model_family::FamilyArgs>),
     /// Download a known model (GGUF) into the local cache, or import one with --file.
     Pull(model_pull::PullArgs),
     /// Show the models in the local cache (name, size, sha256, path).
@@ -77,6 +80,7 @@ pub fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
         ModelCmd::Inspect(a) => model::inspect(a),
         ModelCmd::Run(a) => model::run(a),
         ModelCmd::Calibrate(a) => calibrate::run(a),
+        ModelCmd::Family(a) => model_family::run(*a),
         ModelCmd::Pull(a) => model_pull::pull_cmd(a),
         ModelCmd::List(a) => model_pull::list_cmd(a),
     }

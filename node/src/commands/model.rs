@@ -54,7 +54,7 @@ pub enum DtypeArg {
 }
 
 impl DtypeArg {
-    fn dtype(self) -> DType {
+    pub(crate) fn dtype(self) -> DType {
         match self {
             DtypeArg::F32 => DType::F32,
             DtypeArg::F16 => DType::F16,
@@ -324,7 +324,7 @@ fn check_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn open_source(dir: &Path) -> anyhow::Result<ModelSource> {
-    if !flow_familial::source::is_gguf(dir) {
+    if !flow_familial::source::is_gguf(dir) && !flow_familial::family::is_family_dir(dir) {
         check_dir(dir)?;
     }
     ModelSource::open(dir).map_err(anyhow::Error::from)
@@ -392,6 +392,14 @@ pub fn inspect_report(dir: &Path) -> anyhow::Result<InspectReport> {
     let files = match &ck {
         ModelSource::Hf(_) => checkpoint_files(dir)?,
         ModelSource::Gguf(_) => vec![dir.to_path_buf()],
+        ModelSource::Family(f) => {
+            let mut v = vec![
+                dir.join(flow_familial::family::MANIFEST_FILE),
+                dir.join("model.safetensors"),
+            ];
+            v.push(f.base().path());
+            v
+        }
     };
     let files = files
         .iter()

@@ -68,13 +68,12 @@ impl Store {
     }
 
     /// The cache at `$AIFLOW_HOME`, else `$HOME/.cache/aiflow/models`.
+    /// (One rule with family overlays, which find their base there:
+    /// [`flow_familial::family::default_model_cache`].)
     pub fn from_env() -> Result<Store> {
-        let var = |k| std::env::var_os(k).filter(|v| !v.is_empty());
-        if let Some(home) = var("AIFLOW_HOME") {
-            return Ok(Store::at(home));
-        }
-        let home = var("HOME").ok_or(StoreError::NoHome)?;
-        Ok(Store::at(PathBuf::from(home).join(".cache/aiflow/models")))
+        flow_familial::family::default_model_cache()
+            .map(Store::at)
+            .ok_or(StoreError::NoHome)
     }
 
     /// The cache root.

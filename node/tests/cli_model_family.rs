@@ -1,0 +1,120 @@
+//! `flow-node model family` end to end on the real model (SmolLM2 from the cache): data
+//! generation, a few distillation steps, the overlay written, reopened through `--model`
+//! (inspect shows the members; run answers at the device exit), resume, and the refusal of
+//! a base that is not the overlay's.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn smollm2() -> Option<PathBuf> {
+    let root = flow_familial::family::default_model_cache()?;
+    let p = root.join("smollm2-135m-instruct/model.gguf");
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{} is missing: CI pulls it with `flow-node model pull smollm2-135m-instruct`",
+        p.display()
+    );
+    eprintln!("skipped: {} is absent", p.display());
+    None
+}
+
+fn flow_node(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flow-node"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run flow-node")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = flow_node(args);
+    assert!(
+        out.status.success(),
+        "flow-node {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn family_is_built_reopened_resumed_and_bound_to_its_base() {
+    let Some(base) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("fam");
+    let out_s = out.to_str().unwrap();
+    let base_s = base.to_str().unwrap();
+    let common = [
+        "model",
+        "family",
+        "--base",
+        base_s,
+        "--exits",
+        "10,20",
+        "--out",
+        out_s,
+        "--prompts",
+        "4",
+        "--eval-prompts",
+        "2",
+        "--max-new",
+        "8",
+        "--batch",
+        "2",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "1",
+        "--threads",
+        "1",
+    ];
+    let log = ok(&[&common[..], &["--steps", "1"]].concat());
+    assert!(
+        log.contains("before training (logit lens): exit 10"),
+        "{log}"
+    );
+    for f in [
+        "family.json",
+        "model.safetensors",
+        "data/train.jsonl",
+        "eval.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    // Resume continues from step 1 to 2 with the cached data.
+    let log = ok(&[&common[..], &["--steps", "2", "--resume"]].concat());
+    assert!(!log.contains("generated"), "data should be reused: {log}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("train_state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"], 2);
+
+    // The overlay is a model like any other.
+    let inspect = ok(&["model", "inspect", out_s]);
+    assert!(inspect.contains("model.eelayers.0"), "{inspect}");
+    let run = ok(&[
+        "model",
+        "run",
+        out_s,
+        "--exit",
+        "10",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(!run.trim().is_empty());
+
+    // Another base under the overlay's reference is refused, naming the hashes.
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("family.json")).unwrap()).unwrap();
+    m["base"]["sha256"] = serde_json::Value::String("0".repeat(64));
+    std::fs::write(out.join("family.json"), m.to_string()).unwrap();
+    let bad = flow_node(&["model", "inspect", out_s]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("is not this family's base"), "{err}");
+}
