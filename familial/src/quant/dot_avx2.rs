@@ -339,11 +339,15 @@ unsafe fn q4_block<D: ByteDot, const J: usize, const R: usize, const MIN: bool>(
             dm = _mm_mul_ps(dm, _mm_setr_ps(1.0, -8.0, 1.0, -8.0));
         }
         let mask = _mm256_set1_epi8(15);
-        let q: [__m256i; J] = std::array::from_fn(|j| {
+        // Plain loops, not `array::from_fn`: a closure does not inherit this function's
+        // target features, so intrinsics inside one compile to out-of-line calls (measured:
+        // ~60% of batched matmul time went to such calls).
+        let mut q = [_mm256_setzero_si256(); J];
+        for j in 0..J {
             let t = _mm_loadu_si128(p[j].add(bb - 16).cast());
             // Low nibbles are values 0..16 of the block, high nibbles 16..32.
-            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(t), t), mask)
-        });
+            q[j] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(t), t), mask);
+        }
         for r in 0..R {
             let xq = _mm256_loadu_si256(x.qs[r].add(b * QK).cast());
             // [d_x, s_x, d_x, s_x] × [d_0, m_0, d_1, m_1]
@@ -407,9 +411,14 @@ unsafe fn q8_block<D: ByteDot, const J: usize, const R: usize>(
             _mm_cvtsi32_si128(raw(0))
         };
         let d = _mm_cvtph_ps(h);
-        let wq: [__m256i; J] = std::array::from_fn(|j| _mm256_loadu_si256(p[j].add(2).cast()));
+        // Loops, not `array::from_fn` closures (see `q4_block`).
+        let mut wq = [_mm256_setzero_si256(); J];
         // |w| as unsigned bytes (-128 → 128).
-        let aw: [__m256i; J] = std::array::from_fn(|j| _mm256_sign_epi8(wq[j], wq[j]));
+        let mut aw = [_mm256_setzero_si256(); J];
+        for j in 0..J {
+            wq[j] = _mm256_loadu_si256(p[j].add(2).cast());
+            aw[j] = _mm256_sign_epi8(wq[j], wq[j]);
+        }
         for r in 0..R {
             let xq = _mm256_loadu_si256(x.qs[r].add(b * QK).cast());
             let prod = _mm_mul_ps(d, _mm_set1_ps((*x.ds[r].add(b))[0]));
