@@ -176,6 +176,31 @@ pub struct ModelConfig {
     pub stored_dtype: Option<String>,
 }
 
+/// Most trunk layers a configuration may declare.
+pub const MAX_LAYERS: usize = 1 << 12;
+/// Largest width, head count, vocabulary or FFN size a configuration may declare.
+pub const MAX_DIM: usize = 1 << 24;
+/// Largest `max_position_embeddings` a configuration may declare.
+pub const MAX_POSITIONS: usize = 1 << 24;
+/// Most experts in one MoE layer.
+pub const MAX_EXPERTS: usize = 1 << 12;
+/// Most experts over all layers together (each is three tensors to name and look up).
+pub const MAX_TOTAL_EXPERTS: usize = 1 << 17;
+
+/// `value` of `key`, refused when above `max`. The limits lie far above every released
+/// model; they exist so that a corrupt or hostile file is refused before anything is sized
+/// by its numbers (per-layer tables, tensor name lists) and so that products of two of
+/// them cannot overflow.
+fn bounded(key: &str, value: usize, max: usize) -> Result<usize> {
+    if value > max {
+        return Err(cfg_err(format!(
+            "`{key}` = {value} is above {max}, the largest this loader accepts (no released \
+             model comes close: is the file corrupt?)"
+        )));
+    }
+    Ok(value)
+}
+
 fn get_usize(v: &Value, key: &str) -> Option<usize> {
     v.get(key).and_then(Value::as_u64).map(|x| x as usize)
 }
@@ -222,18 +247,25 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .ok_or_else(|| cfg_err("missing string field `model_type`".into()))?;
         let layout = Layout::from_model_type(model_type)?;
-        let need = |key: &str| -> Result<usize> {
-            get_usize(v, key).ok_or_else(|| cfg_err(format!("missing integer field `{key}`")))
+        let need_max = |key: &str, max: usize| -> Result<usize> {
+            let x = get_usize(v, key)
+                .ok_or_else(|| cfg_err(format!("missing integer field `{key}`")))?;
+            bounded(key, x, max)
         };
+        let need = |key: &str| need_max(key, MAX_DIM);
         let vocab_size = need("vocab_size")?;
         let hidden_size = need("hidden_size")?;
-        let num_layers = need("num_hidden_layers")?;
+        let num_layers = need_max("num_hidden_layers", MAX_LAYERS)?;
         let num_heads = need("num_attention_heads")?;
-        let num_kv_heads = get_usize(v, "num_key_value_heads").unwrap_or(num_heads);
+        let num_kv_heads = match get_usize(v, "num_key_value_heads") {
+            Some(n) => bounded("num_key_value_heads", n, MAX_DIM)?,
+            None => num_heads,
+        };
         let head_dim = match v.get("head_dim") {
             Some(Value::Number(n)) => n.as_u64().map(|x| x as usize).unwrap_or(0),
             _ => 0,
         };
+        let head_dim = bounded("head_dim", head_dim, MAX_DIM)?;
         let head_dim = if head_dim == 0 {
             if num_heads == 0 || hidden_size % num_heads != 0 {
                 return Err(cfg_err(format!(
@@ -285,15 +317,34 @@ impl ModelConfig {
         let qkv_bias = get_bool(v, "attention_bias").unwrap_or(layout.qkv_bias_default());
         let o_bias = matches!(layout, Layout::Llama) && get_bool(v, "attention_bias") == Some(true);
         let tie_word_embeddings = get_bool(v, "tie_word_embeddings").unwrap_or(false);
-        let max_position_embeddings = get_usize(v, "max_position_embeddings").unwrap_or(4096);
-        let intermediate = need("intermediate_size").or_else(|e| match layout {
-            Layout::Mixtral | Layout::Qwen2Moe => Ok(0),
-            _ => Err(e),
-        })?;
+        let max_position_embeddings = bounded(
+            "max_position_embeddings",
+            get_usize(v, "max_position_embeddings").unwrap_or(4096),
+            MAX_POSITIONS,
+        )?;
+        let intermediate = match (get_usize(v, "intermediate_size"), layout) {
+            (Some(_), _) | (None, Layout::Llama | Layout::Qwen2 | Layout::RuyiQwen2) => {
+                need("intermediate_size")?
+            }
+            (None, Layout::Mixtral | Layout::Qwen2Moe) => 0,
+        };
 
         let ffn: Vec<Ffn> = (0..num_layers)
             .map(|i| layer_ffn(v, layout, i, intermediate))
             .collect::<Result<_>>()?;
+        let experts: usize = ffn
+            .iter()
+            .map(|f| match f {
+                Ffn::Moe(m) => m.num_experts,
+                Ffn::Dense { .. } => 0,
+            })
+            .sum();
+        if experts > MAX_TOTAL_EXPERTS {
+            return Err(cfg_err(format!(
+                "{num_layers} layers declare {experts} experts in all, above {MAX_TOTAL_EXPERTS}, \
+                 the most this loader accepts (is the file corrupt?)"
+            )));
+        }
 
         let mut cfg = ModelConfig {
             layout,
@@ -519,10 +570,12 @@ impl ModelConfig {
         if let Some(b) = self.bos_token_id {
             put("bos_token_id", b.into());
         }
-        if let Some(&e) = self.eos_token_ids.first() {
-            put("eos_token_id", e.into());
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [e] => put("eos_token_id", (*e).into()),
+            all => put("eos_token_id", serde_json::json!(all)),
         }
-        if self.layout == Layout::Llama {
+        if self.layout == Layout::Llama || self.qkv_bias != self.layout.qkv_bias_default() {
             put("attention_bias", self.qkv_bias.into());
         }
         let dense_inter = self.ffn.iter().find_map(|f| match f {
@@ -583,6 +636,7 @@ fn layer_ffn(v: &Value, layout: Layout, i: usize, intermediate: usize) -> Result
         Layout::Mixtral => {
             let n = get_usize(v, "num_local_experts")
                 .ok_or_else(|| cfg_err("mixtral needs `num_local_experts`".into()))?;
+            let n = bounded("num_local_experts", n, MAX_EXPERTS)?;
             check_moe(n, top_k)?;
             Ok(Ffn::Moe(MoeSpec {
                 kind: MoeKind::Mixtral,
@@ -594,7 +648,11 @@ fn layer_ffn(v: &Value, layout: Layout, i: usize, intermediate: usize) -> Result
             }))
         }
         Layout::Qwen2Moe => {
-            let n = get_usize(v, "num_experts").unwrap_or(0);
+            let n = bounded(
+                "num_experts",
+                get_usize(v, "num_experts").unwrap_or(0),
+                MAX_EXPERTS,
+            )?;
             let step = get_usize(v, "decoder_sparse_step").unwrap_or(1).max(1);
             let dense_only = usize_list(v, "mlp_only_layers").unwrap_or_default();
             if n == 0 || dense_only.contains(&i) || (i + 1) % step != 0 {
@@ -610,9 +668,17 @@ fn layer_ffn(v: &Value, layout: Layout, i: usize, intermediate: usize) -> Result
                 kind: MoeKind::Qwen2Moe,
                 num_experts: n,
                 top_k,
-                expert_intermediate: get_usize(v, "moe_intermediate_size")
-                    .ok_or_else(|| cfg_err("qwen2_moe needs `moe_intermediate_size`".into()))?,
-                shared_intermediate: get_usize(v, "shared_expert_intermediate_size").unwrap_or(0),
+                expert_intermediate: bounded(
+                    "moe_intermediate_size",
+                    get_usize(v, "moe_intermediate_size")
+                        .ok_or_else(|| cfg_err("qwen2_moe needs `moe_intermediate_size`".into()))?,
+                    MAX_DIM,
+                )?,
+                shared_intermediate: bounded(
+                    "shared_expert_intermediate_size",
+                    get_usize(v, "shared_expert_intermediate_size").unwrap_or(0),
+                    MAX_DIM,
+                )?,
                 norm_topk_prob: get_bool(v, "norm_topk_prob").unwrap_or(false),
             }))
         }
@@ -701,6 +767,45 @@ mod tests {
         v["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
         let e = ModelConfig::from_json(&v).unwrap_err().to_string();
         assert!(e.contains("yarn"), "{e}");
+    }
+
+    /// Counts that size tables before any tensor is checked are refused, naming the key.
+    #[test]
+    fn huge_counts_are_refused() {
+        let base = serde_json::json!({
+            "model_type": "qwen2_moe", "vocab_size": 100, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_experts": 4, "moe_intermediate_size": 48
+        });
+        assert!(ModelConfig::from_json(&base).is_ok());
+        for (key, value, what) in [
+            (
+                "num_hidden_layers",
+                serde_json::json!(1_000_000_000_000u64),
+                "num_hidden_layers",
+            ),
+            ("vocab_size", serde_json::json!(1u64 << 40), "vocab_size"),
+            ("head_dim", serde_json::json!(1u64 << 62), "head_dim"),
+            (
+                "max_position_embeddings",
+                serde_json::json!(1u64 << 40),
+                "max_position",
+            ),
+            ("num_experts", serde_json::json!(1u64 << 20), "num_experts"),
+            (
+                "num_hidden_layers",
+                serde_json::json!(4096),
+                "experts in all",
+            ),
+        ] {
+            let mut v = base.clone();
+            v[key] = value;
+            if what == "experts in all" {
+                v["num_experts"] = serde_json::json!(4096);
+            }
+            let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+            assert!(e.contains(what), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -26,12 +26,16 @@ pub struct TensorEntry {
     pub len: usize,
 }
 
-/// A GGUF file: metadata, tensor table and a read-only mapping of the whole file.
+/// The bytes of a [`GgufFile`]: a read-only mapping of the file ([`GgufFile::open`]) or a
+/// buffer ([`GgufFile::from_bytes`]); tensors are views into them.
+pub type GgufBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A GGUF file: metadata, tensor table and the bytes of the whole file (mapped).
 pub struct GgufFile {
     path: PathBuf,
     metadata: HashMap<String, Value>,
     tensors: HashMap<String, TensorEntry>,
-    map: Arc<Mmap>,
+    map: GgufBytes,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -52,36 +56,41 @@ fn err(path: &Path, msg: impl Into<String>) -> Error {
 }
 
 impl GgufFile {
-    /// Parse the header of `path`, check every tensor's type, size, alignment and extent
-    /// against the file, and map the file. Nothing is copied.
+    /// Map `path`, parse its header, check every tensor's type, size, alignment and extent
+    /// against the file. Nothing is copied.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let (n_tensors, n_kv) = read_preamble(&mut file, path)?;
-        // candle's reader bounds every count and length by the file size; a zero
-        // `general.alignment` would still divide by zero inside it, so a panic there is
-        // turned into an error rather than taking the node down.
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the mapping is read-only and private to this process; like every
         // mmap-based loader (safetensors, llama.cpp) we rely on the file not being
         // truncated while mapped.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let refuse = |what: String| match super::walk::diagnose(&map) {
+        Self::parse(path, Arc::new(map))
+    }
+
+    /// [`GgufFile::open`] on a file already in memory (a download, a test, a fuzzer's
+    /// input); errors name the path `<memory>`. The buffer is kept (copied only if its
+    /// start is not 8-byte aligned, which quantized views need).
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
+        Self::parse(Path::new("<memory>"), crate::quant::aligned(bytes))
+    }
+
+    fn parse(path: &Path, map: GgufBytes) -> Result<Self> {
+        let bytes: &[u8] = (*map).as_ref();
+        let file_len = bytes.len() as u64;
+        let (n_tensors, n_kv) = read_preamble(bytes, path)?;
+        let refuse = |what: String| match super::walk::diagnose(bytes) {
             Some(d) => err(path, d),
             None => err(path, what),
         };
-        let content =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut file)))
-                .map_err(|_| {
-                    refuse("malformed header (the reader panicked: bad general.alignment?)".into())
-                })?
-                .map_err(|e| refuse(format!("not a readable GGUF file: {e}")))?;
-        let alignment = match content.metadata.get("general.alignment") {
-            None => 32,
-            Some(v) => match meta_u64(v) {
-                Some(a) if a > 0 && a.is_power_of_two() => a,
-                _ => return Err(err(path, "general.alignment must be a power of two")),
-            },
-        };
+        // candle's reader bounds every count and length by the file size, but divides by
+        // `general.alignment` and reads it only from some integer types: it is checked
+        // first. Any other panic in the reader is still turned into an error.
+        let alignment = super::walk::alignment(bytes)
+            .map_err(|m| err(path, m))?
+            .unwrap_or(32);
+        let content = std::panic::catch_unwind(|| Content::read(&mut std::io::Cursor::new(bytes)))
+            .map_err(|_| refuse("malformed header (the reader panicked)".into()))?
+            .map_err(|e| refuse(format!("not a readable GGUF file: {e}")))?;
         if content.metadata.len() as u64 != n_kv {
             return Err(refuse(format!(
                 "the header declares {n_kv} metadata entries but only {} distinct keys were \
@@ -164,7 +173,7 @@ impl GgufFile {
             path: path.to_path_buf(),
             metadata: content.metadata,
             tensors,
-            map: Arc::new(map),
+            map,
         })
     }
 
@@ -183,15 +192,15 @@ impl GgufFile {
         &self.tensors
     }
 
-    /// The mapping of the whole file (shared with zero-copy views).
-    pub fn mapping(&self) -> &Arc<Mmap> {
+    /// The bytes of the whole file (shared with zero-copy views).
+    pub fn mapping(&self) -> &GgufBytes {
         &self.map
     }
 
     /// The raw bytes of tensor `name` (GGUF name).
     pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
         let e = self.tensors.get(name)?;
-        self.map.get(e.start..e.start + e.len)
+        (*self.map).as_ref().get(e.start..e.start + e.len)
     }
 
     /// String metadata `key`, if present and a string.
@@ -242,12 +251,22 @@ impl GgufFile {
     /// The tensor `gguf` (GGUF name) dequantized to f32, checked to have `shape`.
     pub fn dequantize(&self, gguf: &str, shape: &[usize]) -> Result<Tensor> {
         let e = self.entry(gguf, shape)?;
-        let raw = self.map.get(e.start..e.start + e.len).ok_or_else(|| {
+        let raw = self.tensor_bytes(gguf).ok_or_else(|| {
             err(
                 &self.path,
                 format!("tensor `{gguf}` lies outside the mapping"),
             )
         })?;
+        // candle views the bytes in place as f32s or blocks, which needs them aligned (up
+        // to 4 bytes); a file with `general.alignment` 1 or 2 may place a tensor anywhere,
+        // so such a tensor is copied to aligned storage first.
+        let copy;
+        let raw = if raw.as_ptr() as usize % 8 == 0 {
+            raw
+        } else {
+            copy = crate::quant::aligned(raw.to_vec());
+            (*copy).as_ref()
+        };
         let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
             e.dtype,
             raw,
@@ -276,18 +295,8 @@ impl GgufFile {
 }
 
 /// Magic and version (ours, for messages that say what is wrong), then the two counts.
-fn read_preamble(file: &mut std::fs::File, path: &Path) -> Result<(u64, u64)> {
-    use std::io::{Read, Seek};
-    let mut head = [0u8; 24];
-    let mut got = 0;
-    while got < head.len() {
-        match file.read(&mut head[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) => return Err(Error::io(path, e)),
-        }
-    }
-    if got < 8 || &head[..4] != b"GGUF" {
+fn read_preamble(head: &[u8], path: &Path) -> Result<(u64, u64)> {
+    if head.len() < 8 || &head[..4] != b"GGUF" {
         return Err(err(
             path,
             "bad magic: not a GGUF file (expected the bytes `GGUF` at offset 0)",
@@ -300,7 +309,7 @@ fn read_preamble(file: &mut std::fs::File, path: &Path) -> Result<(u64, u64)> {
             format!("GGUF version {version} is not supported (versions 2 and 3 are)"),
         ));
     }
-    if got < 24 {
+    if head.len() < 24 {
         return Err(err(path, "truncated header (shorter than 24 bytes)"));
     }
     let u64_at = |i: usize| {
@@ -308,7 +317,6 @@ fn read_preamble(file: &mut std::fs::File, path: &Path) -> Result<(u64, u64)> {
         b.copy_from_slice(&head[i..i + 8]);
         u64::from_le_bytes(b)
     };
-    file.rewind().map_err(|e| Error::io(path, e))?;
     Ok((u64_at(8), u64_at(16)))
 }
 
@@ -360,8 +368,7 @@ impl TensorSource for GgufFile {
                 expected: shape.to_vec(),
             });
         }
-        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = self.map.clone();
-        let bytes = QBytes::new(owner, e.start, e.len)?;
+        let bytes = QBytes::new(self.map.clone(), e.start, e.len)?;
         Ok(Some(QMatrix::new(e.dtype, shape[0], shape[1], bytes)?))
     }
 }

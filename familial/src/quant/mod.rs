@@ -34,4 +34,5 @@ mod storage;
 mod tests;
 
 pub use candle_core::quantized::GgmlDType;
+pub(crate) use storage::aligned;
 pub use storage::{QBytes, QMatrix};

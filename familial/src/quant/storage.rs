@@ -30,6 +30,18 @@ impl AsRef<[u8]> for Aligned {
     }
 }
 
+/// `v` as a shareable buffer whose start is 8-byte aligned: kept as is when it already is
+/// (as the allocator gives in practice), copied into aligned storage otherwise.
+pub(crate) fn aligned(v: Vec<u8>) -> Arc<dyn AsRef<[u8]> + Send + Sync> {
+    if v.as_ptr() as usize % 8 == 0 {
+        return Arc::new(v);
+    }
+    let len = v.len();
+    let mut words = vec![0u64; len.div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len].copy_from_slice(&v);
+    Arc::new(Aligned { words, len })
+}
+
 impl QBytes {
     /// `len` bytes of `owner` from `offset`; an error if the range runs past its end.
     pub fn new(
@@ -50,15 +62,8 @@ impl QBytes {
     /// gives in practice), copied into aligned storage otherwise.
     pub fn from_vec(v: Vec<u8>) -> Self {
         let len = v.len();
-        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = if v.as_ptr() as usize % 8 == 0 {
-            Arc::new(v)
-        } else {
-            let mut words = vec![0u64; len.div_ceil(8)];
-            bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len].copy_from_slice(&v);
-            Arc::new(Aligned { words, len })
-        };
         QBytes {
-            owner,
+            owner: aligned(v),
             offset: 0,
             len,
         }
