@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use candle_core::Tensor;
 use flow_familial::tokenizer::Tokenizer;
 use flow_familial::ModelSource;
 use flow_familial::{FamilialModel, ModelConfig, Part};
@@ -19,12 +18,12 @@ use flow_protocol::{
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::engine::{EngineConfig, EngineHandle, Input, Stage};
+use crate::engine::{EngineConfig, EngineHandle, Stage};
 use crate::error::{NodeError, Result};
 use crate::metrics::Metrics;
 use crate::parent::{answer_probes, ParentLink, Parents, ProbeConfig};
 use crate::planning::{apply, Applied, PlanningConfig};
-use crate::tier::{choose, from_wire, TierSession};
+use crate::session::{Driver, EntryRequest, Event, Session, SessionConfig};
 
 /// Everything needed to start an agent.
 #[derive(Debug, Clone)]
@@ -759,23 +758,38 @@ impl Agent {
         Ok(InflightGuard(self.inner.clone()))
     }
 
-    fn new_session(&self, request: u64, policy: Policy, sampling: Sampling) -> TierSession {
+    /// What every session of this node shares, for a request under `policy` at `stage`.
+    fn session_config(
+        &self,
+        request: u64,
+        policy: Policy,
+        sampling: Sampling,
+        stage: Stage,
+    ) -> SessionConfig {
         let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed)
             | ((std::process::id() as u64) << 40);
-        let mut t = TierSession::new(
+        let parents = self.inner.parents.as_ref();
+        SessionConfig {
             id,
             request,
-            self.inner.engine.get(),
-            self.inner.cfg.role,
-            self.inner.parents.clone(),
+            role: self.inner.cfg.role,
+            stage,
             policy,
             sampling,
-            self.inner.metrics.clone(),
-        );
-        if let Some(enc) = self.applied_plan().and_then(|a| a.uplink_encoding) {
-            t.set_encoding(enc);
+            has_parent: parents.is_some(),
+            keep_history: parents.is_some_and(|p| p.all().len() > 1),
+            encoding: self.applied_plan().and_then(|a| a.uplink_encoding),
+            degrade: flow_partition::DegradePolicy::default(),
         }
-        t
+    }
+
+    fn driver(&self, session: Session) -> Driver {
+        Driver::new(
+            session,
+            self.inner.engine.get(),
+            self.inner.parents.clone(),
+            self.inner.metrics.clone(),
+        )
     }
 
     // ----- serving children -------------------------------------------------------------
@@ -832,7 +846,7 @@ impl Agent {
             return;
         };
         self.inner.metrics.sessions_served.inc();
-        let mut tier: Option<TierSession> = None;
+        let mut tier: Option<Driver> = None;
         let hidden = self.inner.model_cfg.hidden_size;
         loop {
             let msg = match stream.recv().await {
@@ -851,7 +865,10 @@ impl Agent {
                     &c.policy,
                     &c.sampling,
                 ) {
-                    Ok(t) => self.handle_continue(t, c, hidden).await,
+                    Ok(t) => {
+                        t.session_mut().on_continue(c, hidden, Instant::now());
+                        child_reply(t).await
+                    }
                     Err(e) => Err(e),
                 },
                 Message::Draft(d) => match self.child_session(
@@ -861,10 +878,10 @@ impl Agent {
                     &d.policy,
                     &d.sampling,
                 ) {
-                    Ok(t) => match from_wire(&d.hidden, hidden) {
-                        Ok(h) => t.draft(d, h).await.map(Message::Verdict),
-                        Err(e) => Err(e),
-                    },
+                    Ok(t) => {
+                        t.session_mut().on_draft(d, hidden, Instant::now());
+                        child_reply(t).await
+                    }
                     Err(e) => Err(e),
                 },
                 Message::Cancel(_) | Message::Done(_) => break,
@@ -931,19 +948,19 @@ impl Agent {
     /// layers it started with).
     fn child_session<'t>(
         &self,
-        tier: &'t mut Option<TierSession>,
+        tier: &'t mut Option<Driver>,
         layer: u32,
         request: u64,
         policy: &Policy,
         sampling: &Sampling,
-    ) -> Result<&'t mut TierSession> {
+    ) -> Result<&'t mut Driver> {
         let hosted = self.inner.cfg.stage;
         let layer = layer as usize;
         if let Some(t) = tier {
-            if layer != t.stage().a {
+            let a = t.session().stage().a;
+            if layer != a {
                 return Err(NodeError::Protocol(format!(
-                    "message from layer {layer}, but this session started at layer {}",
-                    t.stage().a
+                    "message from layer {layer}, but this session started at layer {a}"
                 )));
             }
             return Ok(t);
@@ -959,57 +976,10 @@ impl Agent {
                 "hidden states after layer 0 are embeddings; send tokens to the entry node".into(),
             ));
         }
-        let mut t = self.new_session(request, policy.clone(), sampling.clone());
-        t.set_stage(Stage { a: layer, ..hosted });
+        let stage = Stage { a: layer, ..hosted };
+        let cfg = self.session_config(request, policy.clone(), sampling.clone(), stage);
+        let t = self.driver(Session::child(cfg, Instant::now()));
         Ok(tier.insert(t))
-    }
-
-    async fn handle_continue(
-        &self,
-        t: &mut TierSession,
-        c: flow_protocol::Continue,
-        hidden: usize,
-    ) -> Result<Message> {
-        let start = *c
-            .positions
-            .first()
-            .ok_or_else(|| NodeError::Protocol("Continue without positions".into()))?
-            as usize;
-        check_positions(&c.positions, start)?;
-        let h = from_wire(&c.hidden, hidden)?;
-        if h.dim(0)? != c.positions.len() {
-            return Err(NodeError::Protocol(format!(
-                "{} positions but {} hidden rows",
-                c.positions.len(),
-                h.dim(0)?
-            )));
-        }
-        let backfill = match &c.backfill {
-            Some(bf) => {
-                let s = *bf
-                    .positions
-                    .first()
-                    .ok_or_else(|| NodeError::Protocol("backfill without positions".into()))?
-                    as usize;
-                check_positions(&bf.positions, s)?;
-                if s + bf.positions.len() != start {
-                    return Err(NodeError::Protocol(format!(
-                        "backfill positions {}..{} do not end where the step starts ({start})",
-                        s,
-                        s + bf.positions.len()
-                    )));
-                }
-                let bh = from_wire(&bf.hidden, hidden)?;
-                if bh.dim(0)? != bf.positions.len() {
-                    return Err(NodeError::Protocol("backfill rows ≠ positions".into()));
-                }
-                Some((s, bh))
-            }
-            None => None,
-        };
-        t.set_step_budget(c.deadline_ms.map(|ms| Duration::from_millis(u64::from(ms))));
-        let r = t.step(Input::Hidden(h), start, backfill).await?;
-        Ok(t.tokens_reply(&r))
     }
 
     // ----- entry point ------------------------------------------------------------------
@@ -1055,11 +1025,7 @@ impl Agent {
         tokio::spawn(async move {
             let _guard = guard;
             let t0 = Instant::now();
-            let res = if policy.mode == InferMode::Speculate && me.inner.parents.is_some() {
-                me.run_speculative(req, policy, stage, &tx, t0).await
-            } else {
-                me.run_stepwise(req, policy, stage, &tx, t0).await
-            };
+            let res = me.run_request(req, policy, stage, &tx, t0).await;
             match res {
                 Ok(stats) => {
                     me.inner
@@ -1150,11 +1116,8 @@ impl Agent {
             .add(format!("tier=\"{}\",exit=\"{}\"", t.tier, t.exit), 1);
     }
 
-    fn is_stop(&self, req: &GenerateRequest, tok: u32) -> bool {
-        req.stop_tokens.contains(&tok) || self.inner.model_cfg.eos_token_ids.contains(&tok)
-    }
-
-    async fn run_stepwise(
+    /// One client request at this (entry) node, stepwise or speculative.
+    async fn run_request(
         &self,
         req: GenerateRequest,
         policy: Policy,
@@ -1162,182 +1125,67 @@ impl Agent {
         tx: &mpsc::Sender<GenEvent>,
         t0: Instant,
     ) -> Result<GenStats> {
-        let mut tier = self.new_session(tier_request_id(), policy, req.sampling.clone());
-        tier.set_stage(stage);
         let mut stats = GenStats {
             prompt_tokens: req.prompt.len(),
             finish_reason: "length".into(),
             cut: stage.b,
             ..GenStats::default()
         };
-        let mut input = req.prompt.clone();
-        let mut start = 0;
+        let mut stop = req.stop_tokens.clone();
+        stop.extend(self.inner.model_cfg.eos_token_ids.iter().copied());
+        let cfg = self.session_config(tier_request_id(), policy, req.sampling.clone(), stage);
+        let entry = EntryRequest {
+            prompt: req.prompt,
+            max_new_tokens: req.max_new_tokens,
+            stop,
+        };
+        let mut d = self.driver(Session::entry(cfg, entry, t0));
         let result = async {
-            for _ in 0..req.max_new_tokens {
-                let r = tier.step(Input::Tokens(input.clone()), start, None).await?;
-                self.record(&mut stats, &r.token, r.degraded, t0);
-                let id = r.token.id;
-                if tx
-                    .send(GenEvent::Token {
-                        token: r.token,
-                        degraded: r.degraded,
-                    })
-                    .await
-                    .is_err()
-                {
-                    stats.finish_reason = "cancelled".into();
-                    break;
+            loop {
+                match d.next().await? {
+                    Event::Token { token, degraded } => {
+                        self.record(&mut stats, &token, degraded, t0);
+                        if tx.send(GenEvent::Token { token, degraded }).await.is_err() {
+                            stats.finish_reason = "cancelled".into();
+                            return Ok(());
+                        }
+                    }
+                    Event::Done(reason) => {
+                        stats.finish_reason = reason.into();
+                        return Ok(());
+                    }
+                    Event::Reply(m) => {
+                        return Err(NodeError::Internal(format!(
+                            "an entry session answered a child ({})",
+                            m.name()
+                        )))
+                    }
                 }
-                if self.is_stop(&req, id) {
-                    stats.finish_reason = "stop".into();
-                    break;
-                }
-                start += input.len();
-                input = vec![id];
             }
-            Ok::<(), NodeError>(())
         }
         .await;
-        stats.bytes_up = tier.bytes_up;
-        stats.hops = tier.hops;
-        stats.failovers = tier.failovers;
+        let s = d.session().stats();
+        stats.bytes_up = s.bytes_up;
+        stats.hops = s.hops;
+        stats.failovers = s.failovers;
+        stats.drafts_proposed = s.drafts_proposed;
+        stats.drafts_accepted = s.drafts_accepted;
+        let m = &self.inner.metrics;
+        m.drafts_proposed.add(s.drafts_proposed as u64);
+        m.drafts_accepted.add(s.drafts_accepted as u64);
         stats.total_ms = t0.elapsed().as_secs_f64() * 1e3;
-        tier.close().await;
+        d.close().await;
         result.map(|_| stats)
     }
+}
 
-    async fn run_speculative(
-        &self,
-        req: GenerateRequest,
-        policy: Policy,
-        stage: Stage,
-        tx: &mpsc::Sender<GenEvent>,
-        t0: Instant,
-    ) -> Result<GenStats> {
-        let n = policy.draft_len as usize;
-        let mut tier = self.new_session(tier_request_id(), policy, req.sampling.clone());
-        tier.set_stage(stage);
-        let engine = tier.engine().clone();
-        let stage = tier.stage();
-        let exit = stage.b as u32;
-        let mut stats = GenStats {
-            prompt_tokens: req.prompt.len(),
-            finish_reason: "length".into(),
-            cut: stage.b,
-            ..GenStats::default()
-        };
-        // With another parent to fail over to, keep the rows of every accepted position:
-        // a new parent rebuilds the session from them.
-        let keep_history = self
-            .inner
-            .parents
-            .as_ref()
-            .is_some_and(|p| p.all().len() > 1);
-        let mut history: Vec<Tensor> = Vec::new();
-        // `pending` = accepted tokens the verifier has not processed, starting at `s`.
-        let mut pending = req.prompt.clone();
-        let mut s = 0usize;
-        let mut produced = 0usize;
-        let result = async {
-            'outer: while produced < req.max_new_tokens {
-                let budget = (req.max_new_tokens - produced).min(n + 1);
-                let drafts_n = budget.saturating_sub(1).max(1).min(n);
-                // Draft: the pending rows, then one row per draft token.
-                let mut rows: Vec<Tensor> = Vec::with_capacity(drafts_n + 1);
-                let mut drafts = Vec::with_capacity(drafts_n);
-                let mut pos = s;
-                let mut feed = pending.clone();
-                for i in 0..=drafts_n {
-                    let out = engine
-                        .step(crate::engine::StepJob {
-                            session: tier.id,
-                            start: pos,
-                            input: Input::Tokens(feed.clone()),
-                            backfill: None,
-                            logit_rows: usize::from(i < drafts_n),
-                            exit_kv: true,
-                            stage: Some(stage),
-                        })
-                        .await?;
-                    pos += feed.len();
-                    rows.push(out.hidden);
-                    if i < drafts_n {
-                        let row =
-                            out.logits.as_ref().and_then(|l| l.last()).ok_or_else(|| {
-                                NodeError::Internal("draft without logits".into())
-                            })?;
-                        let d = choose(row, &req.sampling, pos);
-                        drafts.push(d);
-                        feed = vec![d];
-                    }
-                }
-                let hidden = Tensor::cat(&rows, 0)?;
-                self.inner.metrics.drafts_proposed.add(drafts.len() as u64);
-                stats.drafts_proposed += drafts.len();
-                let v = tier
-                    .verify_or_fail_over(s, hidden.clone(), drafts.clone(), &history)
-                    .await?;
-                let a = (v.accepted as usize).min(drafts.len());
-                self.inner.metrics.drafts_accepted.add(a as u64);
-                stats.drafts_accepted += a;
-                let r = pending.len();
-                if keep_history {
-                    history.push(hidden.narrow(0, 0, r + a)?);
-                }
-                engine.truncate(tier.id, s + r + a).await;
-                let mut emitted: Vec<TokenOut> = drafts[..a]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| TokenOut {
-                        id: d,
-                        position: (s + r + i) as u32,
-                        tier: self.inner.cfg.role,
-                        exit,
-                        confidence: 1.0,
-                    })
-                    .collect();
-                emitted.push(TokenOut {
-                    id: v.next_token,
-                    position: (s + r + a) as u32,
-                    tier: v.tier,
-                    exit: v.exit,
-                    confidence: 1.0,
-                });
-                for t in emitted {
-                    let id = t.id;
-                    self.record(&mut stats, &t, false, t0);
-                    produced += 1;
-                    if tx
-                        .send(GenEvent::Token {
-                            token: t,
-                            degraded: false,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        stats.finish_reason = "cancelled".into();
-                        break 'outer;
-                    }
-                    if self.is_stop(&req, id) {
-                        stats.finish_reason = "stop".into();
-                        break 'outer;
-                    }
-                    if produced >= req.max_new_tokens {
-                        break 'outer;
-                    }
-                }
-                s += r + a;
-                pending = vec![v.next_token];
-            }
-            Ok::<(), NodeError>(())
-        }
-        .await;
-        stats.bytes_up = tier.bytes_up;
-        stats.hops = tier.hops;
-        stats.failovers = tier.failovers;
-        stats.total_ms = t0.elapsed().as_secs_f64() * 1e3;
-        tier.close().await;
-        result.map(|_| stats)
+/// Run a child's message through its session: the reply for the child.
+async fn child_reply(d: &mut Driver) -> Result<Message> {
+    match d.next().await? {
+        Event::Reply(m) => Ok(*m),
+        other => Err(NodeError::Internal(format!(
+            "a child session produced {other:?} instead of a reply"
+        ))),
     }
 }
 
@@ -1369,18 +1217,6 @@ fn pin_entry_cuts(
     } else {
         allowed[0] = cuts;
     }
-}
-
-fn check_positions(p: &[u32], start: usize) -> Result<()> {
-    for (i, &x) in p.iter().enumerate() {
-        if x as usize != start + i {
-            return Err(NodeError::Protocol(format!(
-                "positions must be consecutive: got {x} at index {i}, expected {}",
-                start + i
-            )));
-        }
-    }
-    Ok(())
 }
 
 fn tier_request_id() -> u64 {

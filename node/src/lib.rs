@@ -14,7 +14,7 @@
 //!   `escalate` (per-token confidence escalation with exact KV backfill), `speculate` (the
 //!   device drafts, the top tier verifies a whole draft in one batched pass), `local`.
 //! - [`engine`] — the compute thread with continuous batching across sessions;
-//!   [`tier`] — one tier's per-request logic; [`metrics`] — Prometheus text;
+//!   [`session`] — one request at one tier: a sans-IO state machine and its driver; [`metrics`] — Prometheus text;
 //!   [`delta`] — versioned weights and delta-checkpoint transfers from edge to device;
 //!   [`fleet`] — deltas distributed down a running cluster ([`Agent::distribute`]) and
 //!   federated rounds aggregated up it ([`Agent::federate`]);
@@ -32,7 +32,7 @@ pub mod metrics;
 pub mod model_store;
 pub mod parent;
 pub mod planning;
-pub mod tier;
+pub mod session;
 
 pub use agent::{
     Agent, AgentBuilder, AgentConfig, GenEvent, GenStats, GenerateRequest, MoePruning,

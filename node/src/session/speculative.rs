@@ -1,0 +1,344 @@
+//! Speculative transitions: the entry node drafts rows at its exit and sends them up in one
+//! `Draft`; the top tier verifies them in one batched pass (tiers between relay them) and
+//! answers with a `Verdict`; every tier keeps the KV of what was accepted.
+
+use candle_core::Tensor;
+use flow_protocol::{Draft, Message, TokenOut, Verdict};
+use tokio::time::Instant;
+
+use super::wire::{rows_at, span};
+use super::{choose, to_wire, Action, Flow, Session, Uplink, Upward, Wait};
+use crate::engine::{Input, StepJob, StepOut};
+use crate::error::{NodeError, Result};
+
+/// The entry node's speculation state.
+pub(super) struct Spec {
+    /// Tokens drafted per round.
+    n: usize,
+    /// Accepted tokens the verifier has not processed yet, from position `s`.
+    pending: Vec<u32>,
+    s: usize,
+    round: Round,
+}
+
+/// One draft round: `pending` plus `drafts_n` drafted tokens, row by row.
+#[derive(Default)]
+struct Round {
+    drafts_n: usize,
+    rows: Vec<Tensor>,
+    drafts: Vec<u32>,
+    /// Position of the next input.
+    pos: usize,
+    feed: Vec<u32>,
+}
+
+impl Spec {
+    pub(super) fn new(n: usize, prompt: &[u32]) -> Self {
+        Self {
+            n: n.max(1),
+            pending: prompt.to_vec(),
+            s: 0,
+            round: Round::default(),
+        }
+    }
+}
+
+/// A child's draft at this tier: positions `start..start + r + n`, the last `n` drafted.
+pub(super) struct ChildDraft {
+    draft: Draft,
+    start: usize,
+    n: usize,
+    r: usize,
+}
+
+impl Session {
+    fn spec_mut(&mut self) -> Result<&mut Spec> {
+        match &mut self.flow {
+            Flow::Entry { spec: Some(s), .. } => Ok(s),
+            _ => Err(NodeError::Internal("no speculation in this session".into())),
+        }
+    }
+
+    /// Start a round: as many drafts as the request still has room for (at least one).
+    pub(super) fn start_round(&mut self) {
+        let r = (|| {
+            let left = match &self.flow {
+                Flow::Entry {
+                    max_new_tokens,
+                    produced,
+                    ..
+                } => max_new_tokens.saturating_sub(*produced),
+                Flow::Child => 0,
+            };
+            let spec = self.spec_mut()?;
+            let drafts_n = left.min(spec.n + 1).saturating_sub(1).clamp(1, spec.n);
+            spec.round = Round {
+                drafts_n,
+                rows: Vec::with_capacity(drafts_n + 1),
+                drafts: Vec::with_capacity(drafts_n),
+                pos: spec.s,
+                feed: spec.pending.clone(),
+            };
+            self.draft_step(0)
+        })();
+        self.check(r);
+    }
+
+    /// Run step `i` of the round: the pending rows (`i == 0`) or the last draft.
+    fn draft_step(&mut self, i: usize) -> Result<()> {
+        let (session, stage) = (self.cfg.id, self.cfg.stage);
+        let round = &self.spec_mut()?.round;
+        let job = StepJob {
+            session,
+            start: round.pos,
+            input: Input::Tokens(round.feed.clone()),
+            backfill: None,
+            logit_rows: usize::from(i < round.drafts_n),
+            exit_kv: true,
+            stage: Some(stage),
+        };
+        self.push(Action::Compute(job));
+        self.wait = Wait::DraftStep(i);
+        Ok(())
+    }
+
+    pub(super) fn draft_output(
+        &mut self,
+        i: usize,
+        out: StepOut,
+        now: Instant,
+        link: Option<&dyn Uplink>,
+    ) -> Result<()> {
+        let sampling = self.cfg.sampling.clone();
+        let spec = self.spec_mut()?;
+        let round = &mut spec.round;
+        round.pos += round.feed.len();
+        round.rows.push(out.hidden);
+        if i < round.drafts_n {
+            let row = out
+                .logits
+                .as_ref()
+                .and_then(|l| l.last())
+                .ok_or_else(|| NodeError::Internal("draft without logits".into()))?;
+            let d = choose(row, &sampling, round.pos);
+            round.drafts.push(d);
+            round.feed = vec![d];
+            return self.draft_step(i + 1);
+        }
+        let hidden = Tensor::cat(&round.rows, 0)?;
+        let (s, drafts) = (spec.s, round.drafts.clone());
+        self.stats.drafts_proposed += drafts.len();
+        self.send_round(s, hidden.clone(), hidden, drafts, now, link)
+    }
+
+    /// Send rows `start..` (`send`, ending with the round's rows `hidden`) for verification.
+    fn send_round(
+        &mut self,
+        start: usize,
+        send: Tensor,
+        hidden: Tensor,
+        drafts: Vec<u32>,
+        now: Instant,
+        link: Option<&dyn Uplink>,
+    ) -> Result<()> {
+        let link =
+            link.ok_or_else(|| NodeError::Internal("speculation without a parent".into()))?;
+        if link.is_down() {
+            self.parent_name = link.name();
+            let err = self.parent_error("the parent link is down".into());
+            self.lose(Upward::Round { hidden }, err);
+            return Ok(());
+        }
+        let enc = self.encoding(link);
+        let rows = send.dim(0)?;
+        let msg = Message::Draft(Draft {
+            request_id: self.cfg.request,
+            session_id: self.cfg.id,
+            positions: span(start, rows),
+            layer: self.cfg.stage.b as u32,
+            tokens: drafts,
+            hidden: to_wire(&send, enc)?,
+            deadline_ms: None,
+            sampling: self.cfg.sampling.clone(),
+            policy: self.cfg.policy.clone(),
+        });
+        let wait = self.reply_wait(link, rows, now);
+        self.send(Upward::Round { hidden }, msg, rows, wait, now, link);
+        Ok(())
+    }
+
+    /// The verdict on the round: keep the KV of the accepted rows, emit the accepted drafts
+    /// and the verifier's token, and start the next round.
+    pub(super) fn round_verdict(&mut self, hidden: Tensor, v: Verdict) -> Result<()> {
+        let (role, exit) = (self.cfg.role, self.cfg.stage.b as u32);
+        let spec = self.spec_mut()?;
+        let drafts = std::mem::take(&mut spec.round.drafts);
+        let a = (v.accepted as usize).min(drafts.len());
+        let (s, r) = (spec.s, spec.pending.len());
+        spec.s += r + a;
+        spec.pending = vec![v.next_token];
+        self.stats.drafts_accepted += a;
+        if self.cfg.keep_history {
+            self.history.push(hidden.narrow(0, 0, r + a)?);
+        }
+        self.push(Action::Truncate(s + r + a));
+        let accepted = drafts[..a].iter().enumerate().map(|(i, &d)| TokenOut {
+            id: d,
+            position: (s + r + i) as u32,
+            tier: role,
+            exit,
+            confidence: 1.0,
+        });
+        let verified = TokenOut {
+            id: v.next_token,
+            position: (s + r + a) as u32,
+            tier: v.tier,
+            exit: v.exit,
+            confidence: 1.0,
+        };
+        for t in accepted
+            .chain(std::iter::once(verified))
+            .collect::<Vec<_>>()
+        {
+            if !self.emit(t, false) {
+                return Ok(());
+            }
+        }
+        self.start_round();
+        Ok(())
+    }
+
+    /// The round's parent was lost: on the new parent, the session starts over from
+    /// position 0 with the rows of every accepted position in front of the round's.
+    pub(super) fn round_after_loss(
+        &mut self,
+        hidden: Tensor,
+        switched: bool,
+        err: NodeError,
+        now: Instant,
+        link: Option<&dyn Uplink>,
+    ) -> Result<()> {
+        if !switched {
+            return Err(err);
+        }
+        let drafts = self.spec_mut()?.round.drafts.clone();
+        tracing::warn!(session = self.cfg.id, error = %err, "speculation continues on another parent; the accepted states are re-sent");
+        let mut rows = self.history.clone();
+        rows.push(hidden.clone());
+        let all = Tensor::cat(&rows, 0)?;
+        self.send_round(0, all, hidden, drafts, now, link)
+    }
+
+    /// A child's `Draft`: run this stage over its rows, then verify (no parent) or relay.
+    pub fn on_draft(&mut self, d: Draft, hidden_size: usize, _now: Instant) {
+        if self.busy("Draft") {
+            return;
+        }
+        let r = (|| {
+            let (start, hidden) = rows_at(&d.hidden, &d.positions, hidden_size, "Draft")?;
+            let (rows, n) = (d.positions.len(), d.tokens.len());
+            if n == 0 || n >= rows {
+                return Err(NodeError::Protocol(format!(
+                    "Draft with {n} tokens for {rows} rows"
+                )));
+            }
+            if start != self.kv_len {
+                return Err(NodeError::Protocol(format!(
+                    "Draft starts at position {start}, but this session holds positions 0..{}",
+                    self.kv_len
+                )));
+            }
+            Ok((start, hidden, rows, n))
+        })();
+        let (start, hidden, rows, n) = match r {
+            Ok(x) => x,
+            Err(e) => return self.check(Err(e)),
+        };
+        let verify = !self.cfg.has_parent;
+        self.push(Action::Compute(StepJob {
+            session: self.cfg.id,
+            start,
+            input: Input::Hidden(hidden),
+            backfill: None,
+            logit_rows: if verify { n + 1 } else { 0 },
+            exit_kv: verify,
+            stage: Some(self.cfg.stage),
+        }));
+        self.wait = Wait::ChildDraft(ChildDraft {
+            draft: d,
+            start,
+            n,
+            r: rows - n,
+        });
+    }
+
+    pub(super) fn child_draft_output(
+        &mut self,
+        c: ChildDraft,
+        out: StepOut,
+        now: Instant,
+        link: Option<&dyn Uplink>,
+    ) -> Result<()> {
+        if !self.cfg.has_parent {
+            let logits = out
+                .logits
+                .ok_or_else(|| NodeError::Internal("verifier without logits".into()))?;
+            // logits[i] predicts position start + r + i (i = 0..=n).
+            let (mut accepted, mut next) = (0, 0);
+            for (i, row) in logits.iter().enumerate() {
+                let v = choose(row, &self.cfg.sampling, c.start + c.r + i);
+                if i < c.n && v == c.draft.tokens[i] {
+                    accepted += 1;
+                } else {
+                    next = v;
+                    break;
+                }
+            }
+            let v = Verdict {
+                request_id: c.draft.request_id,
+                session_id: c.draft.session_id,
+                accepted,
+                next_token: next,
+                tier: self.cfg.role,
+                exit: self.exit_point().unwrap_or(0),
+            };
+            return self.finish_child_draft(c, v);
+        }
+        let link = link.ok_or_else(|| NodeError::Internal("relay without a parent".into()))?;
+        self.parent_name = link.name();
+        if link.is_down() {
+            return Err(self.parent_error("the parent link is down".into()));
+        }
+        let enc = self.encoding(link);
+        let rows = out.hidden.dim(0)?;
+        let d = &c.draft;
+        let msg = Message::Draft(Draft {
+            request_id: d.request_id,
+            session_id: d.session_id,
+            positions: d.positions.clone(),
+            layer: self.cfg.stage.b as u32,
+            tokens: d.tokens.clone(),
+            hidden: to_wire(&out.hidden, enc)?,
+            deadline_ms: d.deadline_ms,
+            sampling: d.sampling.clone(),
+            policy: d.policy.clone(),
+        });
+        let wait = self.reply_wait(link, rows, now);
+        self.send(Upward::Relay(c), msg, rows, wait, now, link);
+        Ok(())
+    }
+
+    /// Keep the KV of the rows up to the last accepted draft and answer the child.
+    pub(super) fn finish_child_draft(&mut self, c: ChildDraft, v: Verdict) -> Result<()> {
+        if v.accepted as usize > c.n {
+            return Err(NodeError::Protocol(
+                "verdict accepts more than drafted".into(),
+            ));
+        }
+        let len = c.start + c.r + v.accepted as usize;
+        self.kv_len = len;
+        self.push(Action::Truncate(len));
+        self.push(Action::Reply(Message::Verdict(v)));
+        Ok(())
+    }
+}

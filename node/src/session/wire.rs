@@ -1,0 +1,104 @@
+//! Pure helpers shared by the session and the agent: tensors to and from the wire, token
+//! choice, the policy's confidence measure, and checks of the positions a peer sent.
+
+use candle_core::{Device, Tensor};
+use flow_familial::confidence::Measure;
+use flow_familial::sample::{Sampler, SamplingParams};
+use flow_protocol::{ConfidenceMeasure, Encoding, Message, Policy, Sampling, WireTensor};
+
+use crate::error::{NodeError, Result};
+
+/// Candle tensor `[rows, hidden]` → wire tensor in `enc`.
+pub fn to_wire(t: &Tensor, enc: Encoding) -> Result<WireTensor> {
+    let dims = t.dims().to_vec();
+    let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    Ok(WireTensor::encode(&data, &dims, enc)?)
+}
+
+/// Wire tensor → candle tensor `[rows, hidden]`, checking the width.
+pub fn from_wire(w: &WireTensor, hidden: usize) -> Result<Tensor> {
+    let dims = w.dims();
+    if dims.len() != 2 || dims[1] != hidden {
+        return Err(NodeError::Protocol(format!(
+            "hidden states have shape {dims:?}, expected [rows, {hidden}]"
+        )));
+    }
+    let data = w.decode()?;
+    if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+        return Err(NodeError::Protocol(format!(
+            "hidden state element {i} is not finite"
+        )));
+    }
+    Ok(Tensor::from_vec(data, (dims[0], dims[1]), &Device::Cpu)?)
+}
+
+/// Token choice for `position`: greedy, or sampling seeded by (seed, position) so every
+/// tier picks the same token from the same logits.
+pub fn choose(row: &[f32], s: &Sampling, position: usize) -> u32 {
+    let params = SamplingParams {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k as usize,
+        seed: s
+            .seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(position as u64),
+    };
+    Sampler::new(params).sample(row)
+}
+
+/// The familial confidence measure named by a policy.
+pub fn measure(p: &Policy) -> Measure {
+    match p.measure {
+        ConfidenceMeasure::MaxProb => Measure::MaxProb,
+        ConfidenceMeasure::Margin => Measure::Margin,
+        ConfidenceMeasure::NegEntropy => Measure::NegEntropy,
+    }
+}
+
+/// Tensor payload bytes of a message (what the link carries beyond headers).
+pub fn message_tensor_bytes(m: &Message) -> u64 {
+    m.tensors().iter().map(|t| t.bytes().len() as u64).sum()
+}
+
+/// The first of `positions`, which must be `first, first + 1, ...` (`what` names them in
+/// the error).
+pub fn consecutive(positions: &[u32], what: &str) -> Result<usize> {
+    let start = *positions
+        .first()
+        .ok_or_else(|| NodeError::Protocol(format!("{what} without positions")))?
+        as usize;
+    for (i, &x) in positions.iter().enumerate() {
+        if x as usize != start + i {
+            return Err(NodeError::Protocol(format!(
+                "{what}: positions must be consecutive: got {x} at index {i}, expected {}",
+                start + i
+            )));
+        }
+    }
+    Ok(start)
+}
+
+/// `w` as `[positions.len(), hidden]` states of consecutive positions: (first, states).
+pub fn rows_at(
+    w: &WireTensor,
+    positions: &[u32],
+    hidden: usize,
+    what: &str,
+) -> Result<(usize, Tensor)> {
+    let start = consecutive(positions, what)?;
+    let t = from_wire(w, hidden)?;
+    let rows = t.dim(0)?;
+    if rows != positions.len() {
+        return Err(NodeError::Protocol(format!(
+            "{what}: {} positions but {rows} hidden rows",
+            positions.len()
+        )));
+    }
+    Ok((start, t))
+}
+
+/// Positions `start..start + rows` as sent on the wire.
+pub fn span(start: usize, rows: usize) -> Vec<u32> {
+    (start as u32..(start + rows) as u32).collect()
+}
