@@ -342,6 +342,7 @@ pub fn run(args: FamilyArgs) -> anyhow::Result<()> {
     pb.set_position(d.step_count());
     let mut order: Vec<usize> = Vec::new();
     let t0 = Instant::now();
+    let first_step = d.step_count();
     let mut toks = 0usize;
     let mut last = serde_json::Value::Null;
     while d.step_count() < args.steps {
@@ -373,7 +374,14 @@ pub fn run(args: FamilyArgs) -> anyhow::Result<()> {
         let end = s.step == args.steps;
         if (args.eval_every > 0 && s.step % args.eval_every == 0) || end {
             let e = evaluate(&d, &test, args.batch)?;
-            pb.println(format!("step {}: held-out {}", s.step, fmt_stats(&e)));
+            let done = s.step - first_step;
+            pb.println(format!(
+                "step {}: held-out {} ({:.1} s/step, {:.0} tok/s)",
+                s.step,
+                fmt_stats(&e),
+                t0.elapsed().as_secs_f64() / done.max(1) as f64,
+                toks as f64 / t0.elapsed().as_secs_f64()
+            ));
             last = stats_json(&e);
         }
         if (args.save_every > 0 && s.step % args.save_every == 0) || end {
