@@ -80,6 +80,9 @@ fn real_main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !matches!(cli.cmd, None | Some(Cmd::Cluster(_))) {
+        die_quietly_on_closed_pipe();
+    }
     let Some(cmd) = cli.cmd else {
         return commands::node::run(cli.node);
     };
@@ -97,3 +100,19 @@ fn real_main() -> anyhow::Result<()> {
         Cmd::Fleet(f) => commands::finetune_fleet::run(f),
     }
 }
+
+/// A command whose output is cut short (`flow-node model inspect DIR | head`) ends quietly,
+/// as other Unix tools do: SIGPIPE gets its default action back (Rust starts programs with
+/// it ignored, so `println!` would panic on the closed pipe). Servers (a node, `cluster`)
+/// keep it ignored: a closed log pipe must not kill a serving node.
+#[cfg(unix)]
+fn die_quietly_on_closed_pipe() {
+    // SAFETY: `signal` with a valid signal number and `SIG_DFL` has no preconditions; it
+    // runs before this program writes to stdout.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn die_quietly_on_closed_pipe() {}

@@ -26,6 +26,8 @@
 
 use std::time::Duration;
 
+use flow_familial::config::ExitBlock;
+use flow_familial::ModelConfig;
 use flow_partition::planner::Payload;
 use flow_partition::{Plan, PlanInput, ReplanConfig, WireEncoding};
 use flow_protocol::{ConfidenceMeasure, Encoding, ExitThreshold, InferMode, Policy};
@@ -50,6 +52,40 @@ pub struct PlanningConfig {
     pub check_interval: Duration,
     /// Confidence measure the accuracy curves were calibrated with.
     pub measure: ConfidenceMeasure,
+}
+
+impl PlanningConfig {
+    /// Run-time planning of `input` for the family `cfg`, as `flow-node --plan` sets it up:
+    /// the family's exit depths ([`planner_depths`]), the default hysteresis, a check
+    /// every second, confidence as the top probability. For the embedded API
+    /// ([`crate::AgentBuilder::planning`]).
+    pub fn for_family(input: PlanInput, cfg: &ModelConfig) -> Self {
+        let exit_depths = cfg
+            .exit_points()
+            .iter()
+            .zip(planner_depths(cfg))
+            .map(|(&p, d)| (p as u32, d))
+            .collect();
+        Self {
+            input,
+            exit_depths,
+            replan: ReplanConfig::default(),
+            check_interval: Duration::from_secs(1),
+            measure: ConfidenceMeasure::MaxProb,
+        }
+    }
+}
+
+/// Planner depth of each exit of `cfg`, in its exit order: an exit with its own block at
+/// point E has depth E; an exit that reads the trunk after layer `l` has depth `l + 1`.
+pub fn planner_depths(cfg: &ModelConfig) -> Vec<usize> {
+    cfg.exits
+        .iter()
+        .map(|e| match e.block {
+            ExitBlock::Own(_) => e.point,
+            ExitBlock::Trunk(l) => l + 1,
+        })
+        .collect()
 }
 
 /// What the running system applies from a plan.
@@ -258,5 +294,38 @@ mod tests {
             tier(TierRole::Cloud, 5, 8, None, true),
         ]);
         assert!(apply(&p, &DEPTHS, ConfidenceMeasure::MaxProb).is_err());
+    }
+
+    #[test]
+    fn a_family_gives_its_exit_depths_and_the_binary_defaults() {
+        let mut mc = ModelConfig::from_json(&serde_json::json!({
+            "model_type": "llama", "vocab_size": 64, "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "rms_norm_eps": 1e-6
+        }))
+        .unwrap();
+        mc.declare_exits(&[1, 3]).unwrap();
+        let depths = planner_depths(&mc);
+        // Declared exits read the trunk: the deepest has depth = layers.
+        assert_eq!(depths, vec![2, 4]);
+        let input: PlanInput = PlanInput {
+            model: flow_partition::planner::ModelShape {
+                num_layers: 4,
+                hidden_size: 16,
+                token_id_bytes: 4,
+                exits: vec![],
+            },
+            tiers: vec![],
+            links: vec![],
+            config: flow_partition::PlannerConfig::default(),
+        };
+        let pc = PlanningConfig::for_family(input, &mc);
+        let points: Vec<u32> = mc.exit_points().iter().map(|&p| p as u32).collect();
+        assert_eq!(
+            pc.exit_depths,
+            points.into_iter().zip(depths).collect::<Vec<_>>()
+        );
+        assert_eq!(pc.check_interval, Duration::from_secs(1));
+        assert_eq!(pc.measure, ConfidenceMeasure::MaxProb);
     }
 }

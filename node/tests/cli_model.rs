@@ -366,3 +366,34 @@ fn moe_small_defaults_to_qwen2_moe_with_deep_moe_layers() {
     // Layers 0-3 dense, 4-7 MoE.
     assert_eq!(cfg["mlp_only_layers"], serde_json::json!([0, 1, 2, 3]));
 }
+
+/// `flow-node model inspect DIR | head`: a reader that goes away ends the command quietly
+/// (no "failed printing to stdout" panic).
+#[test]
+fn inspect_into_a_closed_pipe_ends_quietly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("tiny");
+    init(&dir, "tiny", "llama", 3, "f32");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flow-node"))
+        .args(["model", "inspect", dir.to_str().expect("utf-8 path")])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run flow-node");
+    // Close the read end before the table is printed.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "{:?}: {stderr}",
+            out.status
+        );
+    }
+}

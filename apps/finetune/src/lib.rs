@@ -13,7 +13,7 @@
 //! - [`delta`] — [`Delta`]: only the changed tensors, with the base fingerprint and a
 //!   version, as one safetensors file.
 //! - [`aggregate`] — FedAvg weighted by samples and hierarchical rounds with deadlines
-//!   ([`aggregate::run_round`], [`aggregate::Federation`]).
+//!   ([`aggregate::run_round`], [`aggregate::federate`]).
 //! - [`data`] — fine-tuning data, including the benchmark's shifted `add-long` domain.
 //! - [`mem`] — an opt-in counting allocator for measuring peak training memory.
 //!

@@ -5,7 +5,7 @@
 //! runs the batch once, keeping the hidden state after trunk layers `[0, p)` at every exit
 //! point `p` (exactly what a tier ships) and the deepest exit's next-token distribution
 //! `q` on the loss rows. The **student** is the family's exits only, rebuilt every step in
-//! [`Mode::Train`] from [`Var`]s (the exits' own blocks and norms) over the frozen base (the
+//! [`Mode::Train`] from [`Var`](candle_core::Var)s (the exits' own blocks and norms) over the frozen base (the
 //! tied head stays quantized; its backward computes only the input gradient). Each exit `e`
 //! gets
 //!

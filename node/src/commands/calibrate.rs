@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use flow_familial::confidence::{Confidence, Measure};
-use flow_familial::config::ExitBlock;
 use flow_familial::tasks::{eval_set, Example, Task};
 use flow_familial::train::greedy_batch;
 use flow_familial::weights::Checkpoint;
@@ -332,15 +331,7 @@ fn from_partition_measure(m: ConfidenceMeasure) -> Measure {
 }
 
 /// Planner depth of each exit (see [`ExitEntry::depth`]), in the config's exit order.
-pub fn planner_depths(cfg: &ModelConfig) -> Vec<usize> {
-    cfg.exits
-        .iter()
-        .map(|e| match e.block {
-            ExitBlock::Own(_) => e.point,
-            ExitBlock::Trunk(l) => l + 1,
-        })
-        .collect()
-}
+pub use flow_node::planning::planner_depths;
 
 /// First 16 hex digits of the SHA-256 over every tensor (as `flow-node model inspect`).
 pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use flow_node::planning::PlanningConfig;
 use flow_node::{Agent, AgentConfig, EngineConfig, Stage};
-use flow_partition::{PlanInput, ReplanConfig};
+use flow_partition::PlanInput;
 use flow_protocol::transport::Security;
-use flow_protocol::{ConfidenceMeasure, Encoding, InferMode, Policy, Role};
+use flow_protocol::{Encoding, InferMode, Policy, Role};
 use serde::Deserialize;
 
 /// Flags of a node. Every flag can also be set in the `--config` TOML file (same names,
@@ -437,19 +437,7 @@ fn auto_planning(model: &Path, role: Role) -> anyhow::Result<PlanningConfig> {
 fn planning_config(input: PlanInput, model: &Path) -> anyhow::Result<PlanningConfig> {
     let cfg = flow_familial::source::model_config(model)
         .with_context(|| format!("reading {}", model.join("config.json").display()))?;
-    let exit_depths: Vec<(u32, usize)> = cfg
-        .exit_points()
-        .iter()
-        .zip(super::calibrate::planner_depths(&cfg))
-        .map(|(&p, d)| (p as u32, d))
-        .collect();
-    Ok(PlanningConfig {
-        input,
-        exit_depths,
-        replan: ReplanConfig::default(),
-        check_interval: std::time::Duration::from_secs(1),
-        measure: ConfidenceMeasure::MaxProb,
-    })
+    Ok(PlanningConfig::for_family(input, &cfg))
 }
 
 pub fn run(a: NodeArgs) -> anyhow::Result<()> {
