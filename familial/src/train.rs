@@ -457,12 +457,7 @@ impl Trainer {
                 Some(a) => (loss + a)?,
                 None => loss,
             };
-            let grads = loss.backward()?;
-            let g = self
-                .vars
-                .iter()
-                .map(|v| grads.get(v.as_tensor()).cloned())
-                .collect();
+            let g = self.backward(&loss)?;
             Ok((g, per_exit, aux_stats))
         };
         let results: Vec<Result<WorkerOut>> = if chunks.len() == 1 {
@@ -518,6 +513,17 @@ impl Trainer {
             lr,
             router,
         })
+    }
+
+    /// Backpropagate `loss`: the gradient of every [`Trainer::vars`] entry, in order
+    /// (`None` where the loss does not depend on it).
+    pub fn backward(&self, loss: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let grads = loss.backward()?;
+        Ok(self
+            .vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect())
     }
 
     /// One AdamW step with `grads` (one per [`Trainer::vars`] entry; `None` = no gradient):

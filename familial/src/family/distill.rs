@@ -361,13 +361,7 @@ impl Distiller {
             });
         }
         let total = total.ok_or_else(|| Error::Invalid("every exit weight is 0".into()))?;
-        let grads = total.backward()?;
-        let g: Vec<Option<Tensor>> = self
-            .trainer
-            .vars()
-            .iter()
-            .map(|v| grads.get(v.as_tensor()).cloned())
-            .collect();
+        let g = self.trainer.backward(&total)?;
         let (grad_norm, lr) = self.trainer.apply(&g, loss)?;
         Ok(DistillStep {
             step: self.trainer.step_count(),
@@ -388,13 +382,7 @@ impl Distiller {
         for l in &losses[1..] {
             total = (total + l)?;
         }
-        let grads = total.backward()?;
-        Ok(self
-            .trainer
-            .vars()
-            .iter()
-            .map(|v| grads.get(v.as_tensor()).cloned())
-            .collect())
+        self.trainer.backward(&total)
     }
 
     /// KL, CE and top-1 agreement of every trained exit on `batch` (no gradients), with
