@@ -1,9 +1,13 @@
-//! `flow-node model init | inspect | run` through the real binary.
+//! `flow-node model init | inspect | run | family` through the real binary.
 
 use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
+
+/// `model family` on the real model (SmolLM2 from the cache).
+#[path = "cli_model/family.rs"]
+mod family;
 
 fn flow_node(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_flow-node"))

@@ -4,7 +4,8 @@
 //! a base that is not the overlay's.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+
+use super::{fails, flow_node, ok};
 
 fn smollm2() -> Option<PathBuf> {
     let root = flow_familial::family::default_model_cache()?;
@@ -21,15 +22,8 @@ fn smollm2() -> Option<PathBuf> {
     None
 }
 
-fn flow_node(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flow-node"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run flow-node")
-}
-
-fn ok(args: &[&str]) -> String {
+/// Runs, must succeed; returns stderr (the command's log).
+fn log(args: &[&str]) -> String {
     let out = flow_node(args);
     assert!(
         out.status.success(),
@@ -37,7 +31,7 @@ fn ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]
@@ -71,7 +65,7 @@ fn family_is_built_reopened_resumed_and_bound_to_its_base() {
         "--threads",
         "1",
     ];
-    let log = ok(&[&common[..], &["--steps", "1"]].concat());
+    let log = self::log(&[&common[..], &["--steps", "1"]].concat());
     assert!(
         log.contains("before training (logit lens): exit 10"),
         "{log}"
@@ -85,7 +79,7 @@ fn family_is_built_reopened_resumed_and_bound_to_its_base() {
         assert!(out.join(f).exists(), "{f} missing");
     }
     // Resume continues from step 1 to 2 with the cached data.
-    let log = ok(&[&common[..], &["--steps", "2", "--resume"]].concat());
+    let log = self::log(&[&common[..], &["--steps", "2", "--resume"]].concat());
     assert!(!log.contains("generated"), "data should be reused: {log}");
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("train_state.json")).unwrap())
@@ -113,8 +107,6 @@ fn family_is_built_reopened_resumed_and_bound_to_its_base() {
         serde_json::from_str(&std::fs::read_to_string(out.join("family.json")).unwrap()).unwrap();
     m["base"]["sha256"] = serde_json::Value::String("0".repeat(64));
     std::fs::write(out.join("family.json"), m.to_string()).unwrap();
-    let bad = flow_node(&["model", "inspect", out_s]);
-    assert!(!bad.status.success());
-    let err = String::from_utf8_lossy(&bad.stderr);
+    let err = fails(&["model", "inspect", out_s]);
     assert!(err.contains("is not this family's base"), "{err}");
 }
