@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use flow_familial::family::distill::{init_exit_tensors, Distiller};
-use flow_familial::family::{base_digest, exit_tensor_names, BaseRef, Family, FamilyManifest};
+use flow_familial::family::{
+    base_digest, exit_tensor_names, select_exits, BaseRef, Family, FamilyManifest,
+};
 use flow_familial::tasks::Sequence;
 use flow_familial::train::TrainOptions;
 use flow_familial::{ModelSource, Part, Rows, Seg};
@@ -217,6 +219,35 @@ fn distillation_lowers_the_kl_and_resumes_exactly() {
     );
 }
 
+/// The teacher cache changes nothing but speed: a run that reuses the teacher's outputs
+/// (batches served from the cache, in a different packing) takes the same steps as one that
+/// recomputes them.
+#[test]
+fn teacher_cache_gives_the_same_steps() {
+    let src = ModelSource::open(&fixture("llama_q8_0.gguf")).unwrap();
+    let pts = points(&src);
+    let b = batch();
+    let mut plain = Distiller::new(src.clone(), &pts, None, opts(3e-3), 0.5).unwrap();
+    let mut cached = Distiller::new(src, &pts, None, opts(3e-3), 0.5).unwrap();
+    cached.set_teacher_cache(64 << 20);
+    // Fill the cache one sequence at a time, so later batches are assembled from parts.
+    for s in &b {
+        cached.evaluate(std::slice::from_ref(s)).unwrap();
+    }
+    for _ in 0..3 {
+        let p = plain.step(&b).unwrap();
+        let c = cached.step(&b).unwrap();
+        assert!((p.loss - c.loss).abs() < 1e-5, "{} vs {}", p.loss, c.loss);
+        assert_eq!(p.rows, c.rows);
+        for (x, y) in p.exits.iter().zip(&c.exits) {
+            assert!(
+                (x.kl - y.kl).abs() < 1e-5 && x.agree == y.agree,
+                "{x:?} vs {y:?}"
+            );
+        }
+    }
+}
+
 /// I1 on a family: the device part (trunk [0, p) + exit p) and the upper part (trunk
 /// [p, n-1) + deepest exit) give the single node's logits at both exits.
 #[test]
@@ -273,4 +304,42 @@ fn split_family_equals_single_node() {
         let d = common::max_diff(&got, &want);
         assert!(d <= 1e-4, "exit {q}: {d}");
     }
+}
+
+/// Keeping some trained exits: the overlay with exits [1, last] selected from a family
+/// trained with [0, 1, last] gives exit 1 the same logits, and names a missing exit.
+#[test]
+fn selected_exits_keep_their_logits() {
+    let (_tmp, base, dir) = setup("qwen2_tied_f16.gguf");
+    let src = ModelSource::open(&base).unwrap();
+    let last = src.config().unwrap().num_layers - 1;
+    let all = vec![0, 1, last];
+    let mut d = Distiller::new(src, &all, None, opts(3e-3), 0.0).unwrap();
+    d.step(&batch()).unwrap();
+    let both = dir.with_file_name("both");
+    Family::write(
+        &both,
+        &manifest(&base, all.clone()),
+        &d.exit_tensors(),
+        DType::F32,
+    )
+    .unwrap();
+    let kept = select_exits(&d.exit_tensors(), &all, &[1]).unwrap();
+    assert!(kept
+        .keys()
+        .all(|k| k.starts_with("model.eelayers.0.") || k == "model.norms.0.weight"));
+    Family::write(&dir, &manifest(&base, vec![1, last]), &kept, DType::F32).unwrap();
+    let ids = [3u32, 17, 42, 5, 9];
+    let a = ModelSource::open(&both).unwrap().load().unwrap();
+    let b = ModelSource::open(&dir).unwrap().load().unwrap();
+    let want = a.forward_exit(&ids, 1, &mut a.new_cache()).unwrap();
+    let got = b.forward_exit(&ids, 1, &mut b.new_cache()).unwrap();
+    assert_eq!(common::max_diff(&got, &want), 0.0);
+    let err = select_exits(&d.exit_tensors(), &all, &[2])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("exit 2 is not one of the trained exits"),
+        "{err}"
+    );
 }

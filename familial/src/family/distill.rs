@@ -15,6 +15,11 @@
 //! [`crate::train::Trainer`] (warm-up, cosine, clipping, resume). No trunk tensor is a
 //! `Var`, so no gradient reaches the trunk.
 //!
+//! With [`Distiller::set_teacher_cache`] the teacher's per-sequence outputs (the hidden
+//! state at each exit point and the deepest block's output on the loss rows) are kept and
+//! reused by later epochs and evaluations: the trunk is frozen, so they never change, and
+//! a step then costs the student and one head pass for the teacher's distribution.
+//!
 //! ## Initialisation
 //! Exit block `i` at point `p` starts as a copy of trunk layer `p` (dequantized to f32), its
 //! norm as the final norm: before training, exit `p` equals running layers `[0, p]` and
@@ -22,6 +27,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -81,6 +87,37 @@ struct Teacher {
     top1: Vec<u32>,
 }
 
+/// The teacher's outputs for one sequence: what the student needs from the frozen base.
+struct SeqTeacher {
+    /// Hidden state entering each trained exit, `[len, hidden]`.
+    hidden: Vec<Tensor>,
+    /// The deepest block's output on the loss rows (before its norm and head).
+    last: Tensor,
+}
+
+impl SeqTeacher {
+    fn bytes(&self) -> usize {
+        self.hidden
+            .iter()
+            .chain(std::iter::once(&self.last))
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// Cached [`SeqTeacher`]s by sequence content, within a memory budget.
+#[derive(Default)]
+struct TeacherCache {
+    map: HashMap<(Vec<u32>, usize), Arc<SeqTeacher>>,
+    used: usize,
+    budget: usize,
+}
+
+/// Cache key of a sequence: its tokens and where its loss starts.
+fn seq_key(s: &Sequence) -> (Vec<u32>, usize) {
+    (s.tokens.clone(), s.loss_from)
+}
+
 /// A distillation run: the frozen base, the family configuration and the exit weights.
 pub struct Distiller {
     base: ModelSource,
@@ -89,6 +126,7 @@ pub struct Distiller {
     points: Vec<usize>,
     trainer: Trainer,
     ce_weight: f64,
+    cache: Mutex<TeacherCache>,
 }
 
 impl std::fmt::Debug for Distiller {
@@ -190,6 +228,7 @@ impl Distiller {
             points,
             trainer,
             ce_weight,
+            cache: Mutex::new(TeacherCache::default()),
         })
     }
 
@@ -235,10 +274,10 @@ impl Distiller {
 
     fn teacher_pass(&self, batch: &[Sequence]) -> Result<Teacher> {
         let Packed {
-            inputs,
             rows,
             targets,
             segs,
+            ..
         } = pack(batch)?;
         if rows.is_empty() {
             return Err(Error::Invalid("the batch has no loss positions".into()));
@@ -246,6 +285,76 @@ impl Distiller {
         let n_rows = rows.len();
         let rows = Tensor::from_vec(rows, n_rows, &Device::Cpu)?;
         let targets = Tensor::from_vec(targets, (n_rows, 1), &Device::Cpu)?;
+        let per_seq = self.teacher_seqs(batch)?;
+        let hidden = (0..self.points.len())
+            .map(|i| {
+                let parts: Vec<&Tensor> = per_seq.iter().map(|s| &s.hidden[i]).collect();
+                Ok(Tensor::cat(&parts, 0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Sequences are packed in order and their loss rows are contiguous, so the
+        // concatenated per-sequence rows are the batch's loss rows in `pack`'s order.
+        let lasts: Vec<&Tensor> = per_seq
+            .iter()
+            .filter(|s| s.last.dim(0).is_ok_and(|n| n > 0))
+            .map(|s| &s.last)
+            .collect();
+        let last = Tensor::cat(&lasts, 0)?;
+        let logits = self.teacher.exit_head(&last, self.cfg.num_layers - 1)?;
+        let logp = log_softmax(&logits)?;
+        let probs = logp.exp()?;
+        let neg_entropy = f64::from((&probs * &logp)?.sum_all()?.to_scalar::<f32>()?);
+        let top1 = logits.argmax(1)?.to_vec1()?;
+        Ok(Teacher {
+            segs,
+            hidden,
+            rows,
+            targets,
+            probs,
+            neg_entropy,
+            top1,
+        })
+    }
+
+    /// Keep the teacher's per-sequence outputs for reuse in later epochs and evaluations,
+    /// up to `bytes` of memory (0 = no cache). The trunk is frozen, so they never change.
+    pub fn set_teacher_cache(&mut self, bytes: usize) {
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        c.budget = bytes;
+    }
+
+    /// Teacher outputs of every sequence of `batch`, from the cache where present; the
+    /// missing ones run the base together in one packed pass.
+    fn teacher_seqs(&self, batch: &[Sequence]) -> Result<Vec<Arc<SeqTeacher>>> {
+        let keys: Vec<(Vec<u32>, usize)> = batch.iter().map(seq_key).collect();
+        let mut found: Vec<Option<Arc<SeqTeacher>>> = {
+            let c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            keys.iter().map(|k| c.map.get(k).cloned()).collect()
+        };
+        let missing: Vec<usize> = (0..batch.len()).filter(|&i| found[i].is_none()).collect();
+        if !missing.is_empty() {
+            let sub: Vec<Sequence> = missing.iter().map(|&i| batch[i].clone()).collect();
+            let fresh = self.run_teacher(&sub)?;
+            let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            for (&i, st) in missing.iter().zip(fresh) {
+                let st = Arc::new(st);
+                let bytes = st.bytes();
+                if c.used + bytes <= c.budget {
+                    c.used += bytes;
+                    c.map.insert(keys[i].clone(), st.clone());
+                }
+                found[i] = Some(st);
+            }
+        }
+        found
+            .into_iter()
+            .map(|s| s.ok_or_else(|| Error::Invalid("teacher output missing".into())))
+            .collect()
+    }
+
+    /// The base over `batch` in one packed pass, split per sequence.
+    fn run_teacher(&self, batch: &[Sequence]) -> Result<Vec<SeqTeacher>> {
+        let Packed { inputs, segs, .. } = pack(batch)?;
         let t = &self.teacher;
         let mut caches: Vec<SeqCache> = batch.iter().map(|_| t.new_cache()).collect();
         let mut refs: Vec<&mut SeqCache> = caches.iter_mut().collect();
@@ -260,20 +369,22 @@ impl Distiller {
         let last = self.cfg.num_layers - 1;
         h = t.run_layers(&h, at..last, &segs, &mut refs)?;
         let b = t.exit_block(&h, last, &segs, &mut refs)?;
-        let logits = t.exit_head(&b.index_select(&rows, 0)?, last)?;
-        let logp = log_softmax(&logits)?;
-        let probs = logp.exp()?;
-        let neg_entropy = f64::from((&probs * &logp)?.sum_all()?.to_scalar::<f32>()?);
-        let top1 = logits.argmax(1)?.to_vec1()?;
-        Ok(Teacher {
-            segs,
-            hidden,
-            rows,
-            targets,
-            probs,
-            neg_entropy,
-            top1,
-        })
+        let mut out = Vec::with_capacity(batch.len());
+        let mut off = 0;
+        for (s, seg) in batch.iter().zip(&segs) {
+            let n = seg.len;
+            // Loss rows of a sequence: positions i with i + 1 >= loss_from (contiguous).
+            let from = s.loss_from.saturating_sub(1).min(n);
+            out.push(SeqTeacher {
+                hidden: hidden
+                    .iter()
+                    .map(|x| Ok(x.narrow(0, off, n)?.copy()?))
+                    .collect::<Result<Vec<_>>>()?,
+                last: b.narrow(0, off + from, n - from)?.copy()?,
+            });
+            off += n;
+        }
+        Ok(out)
     }
 
     fn student(&self, mode: Mode) -> Result<FamilialModel> {

@@ -22,4 +22,6 @@ mod overlay;
 pub mod prompts;
 
 pub use manifest::{BaseRef, FamilyManifest, MANIFEST_FILE, OVERLAY_FORMAT};
-pub use overlay::{base_digest, default_model_cache, exit_tensor_names, is_family_dir, Family};
+pub use overlay::{
+    base_digest, default_model_cache, exit_tensor_names, is_family_dir, select_exits, Family,
+};

@@ -46,6 +46,38 @@ pub fn exit_tensor_names(cfg: &ModelConfig) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The exit tensors of a family trained with exits `points` (the last = the deepest, which
+/// has no own tensors) restricted to the exits `keep` (a subset, ascending), renumbered as
+/// a family with exits `keep` + the deepest names them: what an overlay keeps when only
+/// some trained exits are deployed (each exit evaluated costs its block and a head pass).
+pub fn select_exits(
+    tensors: &HashMap<String, Tensor>,
+    points: &[usize],
+    keep: &[usize],
+) -> Result<HashMap<String, Tensor>> {
+    let own = &points[..points.len().saturating_sub(1)];
+    let mut out = HashMap::new();
+    for (j, k) in keep.iter().enumerate() {
+        let i = own.iter().position(|p| p == k).ok_or_else(|| {
+            Error::Invalid(format!("exit {k} is not one of the trained exits {own:?}"))
+        })?;
+        if j > 0 && keep[j - 1] >= *k {
+            return Err(Error::Invalid(format!(
+                "exits to keep must be ascending (got {keep:?})"
+            )));
+        }
+        for prefix in ["model.eelayers", "model.norms"] {
+            let from = format!("{prefix}.{i}.");
+            for (name, t) in tensors {
+                if let Some(rest) = name.strip_prefix(&from) {
+                    out.insert(format!("{prefix}.{j}.{rest}"), t.clone());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// SHA-256 (hex) and size of a base: the GGUF file, or the safetensors files of an HF
 /// directory read in order.
 pub fn base_digest(path: &Path) -> Result<(String, u64)> {
