@@ -37,10 +37,12 @@ pub struct NodeArgs {
     /// UDP address to accept children on (edge, cloud), e.g. 0.0.0.0:7000.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Parent address (device → edge, edge → cloud). Repeat to add parents to fail over
-    /// to, in preference order: a session that loses its parent continues on the next one
-    /// (the tokens in between are answered locally and marked degraded).
-    #[arg(long)]
+    /// Parent address (device → edge, edge → cloud): `IP:PORT` or `HOST:PORT` (a DNS name
+    /// such as a Kubernetes Service or a swarm service, resolved once at start). Repeat to
+    /// add parents to fail over to, in preference order: a session that loses its parent
+    /// continues on the next one (the tokens in between are answered locally and marked
+    /// degraded).
+    #[arg(long, value_parser = resolve_addr)]
     pub parent: Vec<SocketAddr>,
     /// Name in the parent's certificate, one per --parent (the last one is reused).
     /// Default: the parent's role (edge or cloud).
@@ -131,7 +133,7 @@ struct FileConfig {
     layers: Option<String>,
     no_exit: Option<bool>,
     listen: Option<SocketAddr>,
-    parent: Option<OneOrMany<SocketAddr>>,
+    parent: Option<OneOrMany<String>>,
     parent_name: Option<OneOrMany<String>>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -177,6 +179,15 @@ pub fn parse_encoding(s: &str) -> anyhow::Result<Encoding> {
         "int8" => Encoding::Int8,
         o => anyhow::bail!("unknown encoding {o:?} (f32, f16, bf16 or int8)"),
     })
+}
+
+/// `IP:PORT` or `HOST:PORT`, resolved now (the first address the resolver returns).
+fn resolve_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?}: {e} (expected IP:PORT or HOST:PORT, e.g. aiflow-edge:7000)"))?
+        .next()
+        .ok_or_else(|| format!("{s:?}: the name resolves to no address"))
 }
 
 fn parse_layers(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -234,7 +245,10 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         a.key.or(f.key),
     )?;
     let parents = if a.parent.is_empty() {
-        f.parent.map(OneOrMany::into_vec).unwrap_or_default()
+        let file = f.parent.map(OneOrMany::into_vec).unwrap_or_default();
+        file.iter()
+            .map(|p| resolve_addr(p).map_err(|e| anyhow::anyhow!("parent {e}")))
+            .collect::<anyhow::Result<_>>()?
     } else {
         a.parent
     };
@@ -487,6 +501,18 @@ mod tests {
     use flow_partition::planner::{ExitSpec, ModelShape, TierRole, TierSpec};
     use flow_partition::profile::{BlockCost, Linear, NodeProfile, ProfileKey};
     use flow_partition::{LinkEstimate, PlannerConfig};
+
+    #[test]
+    fn parents_by_ip_or_dns_name() {
+        assert_eq!(
+            resolve_addr("10.0.0.2:7000").unwrap(),
+            "10.0.0.2:7000".parse::<SocketAddr>().unwrap()
+        );
+        // A name (a Kubernetes Service, a swarm service) resolves at start.
+        assert_eq!(resolve_addr("localhost:7000").unwrap().port(), 7000);
+        let e = resolve_addr("aiflow-edge").unwrap_err();
+        assert!(e.contains("HOST:PORT"), "{e}");
+    }
 
     /// A made-up two-tier planner input for the tiny family.
     fn input() -> PlanInput {
