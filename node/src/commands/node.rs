@@ -42,8 +42,8 @@ pub struct NodeArgs {
     /// add parents to fail over to, in preference order: a session that loses its parent
     /// continues on the next one (the tokens in between are answered locally and marked
     /// degraded).
-    #[arg(long, value_parser = resolve_addr)]
-    pub parent: Vec<SocketAddr>,
+    #[arg(long)]
+    pub parent: Vec<ParentArg>,
     /// Name in the parent's certificate, one per --parent (the last one is reused).
     /// Default: the parent's role (edge or cloud).
     #[arg(long)]
@@ -181,13 +181,33 @@ pub fn parse_encoding(s: &str) -> anyhow::Result<Encoding> {
     })
 }
 
-/// `IP:PORT` or `HOST:PORT`, resolved now (the first address the resolver returns).
-fn resolve_addr(s: &str) -> Result<SocketAddr, String> {
-    use std::net::ToSocketAddrs;
-    s.to_socket_addrs()
-        .map_err(|e| format!("{s:?}: {e} (expected IP:PORT or HOST:PORT, e.g. aiflow-edge:7000)"))?
-        .next()
-        .ok_or_else(|| format!("{s:?}: the name resolves to no address"))
+/// A `--parent`: `IP:PORT`, or `HOST:PORT` resolved now (the first address the resolver
+/// returns) and kept for re-resolving on every re-dial.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParentArg {
+    addr: SocketAddr,
+    host: Option<String>,
+}
+
+impl std::str::FromStr for ParentArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        use std::net::ToSocketAddrs;
+        if let Ok(addr) = s.parse() {
+            return Ok(Self { addr, host: None });
+        }
+        let addr = s
+            .to_socket_addrs()
+            .map_err(|e| {
+                format!("{s:?}: {e} (expected IP:PORT or HOST:PORT, e.g. aiflow-edge:7000)")
+            })?
+            .next()
+            .ok_or_else(|| format!("{s:?}: the name resolves to no address"))?;
+        Ok(Self {
+            addr,
+            host: Some(s.to_string()),
+        })
+    }
 }
 
 fn parse_layers(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -247,7 +267,7 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
     let parents = if a.parent.is_empty() {
         let file = f.parent.map(OneOrMany::into_vec).unwrap_or_default();
         file.iter()
-            .map(|p| resolve_addr(p).map_err(|e| anyhow::anyhow!("parent {e}")))
+            .map(|p| p.parse().map_err(|e| anyhow::anyhow!("parent {e}")))
             .collect::<anyhow::Result<_>>()?
     } else {
         a.parent
@@ -269,6 +289,7 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         _ => "cloud",
     }
     .to_string();
+    let parent_hosts = parents.iter().map(|p| p.host.clone()).collect();
     let mut parents: Vec<(SocketAddr, String)> = parents
         .into_iter()
         .enumerate()
@@ -278,7 +299,7 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
                 .or(names.last())
                 .cloned()
                 .unwrap_or_else(|| default_name.clone());
-            (p, name)
+            (p.addr, name)
         })
         .collect();
     let parent = (!parents.is_empty()).then(|| parents.remove(0));
@@ -356,6 +377,7 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         listen: a.listen.or(f.listen),
         parent,
         fallback_parents: parents,
+        parent_hosts,
         probe: flow_node::parent::ProbeConfig::default(),
         planning,
         split_points,
@@ -504,13 +526,15 @@ mod tests {
 
     #[test]
     fn parents_by_ip_or_dns_name() {
-        assert_eq!(
-            resolve_addr("10.0.0.2:7000").unwrap(),
-            "10.0.0.2:7000".parse::<SocketAddr>().unwrap()
-        );
-        // A name (a Kubernetes Service, a swarm service) resolves at start.
-        assert_eq!(resolve_addr("localhost:7000").unwrap().port(), 7000);
-        let e = resolve_addr("aiflow-edge").unwrap_err();
+        let ip: ParentArg = "10.0.0.2:7000".parse().unwrap();
+        assert_eq!(ip.addr, "10.0.0.2:7000".parse::<SocketAddr>().unwrap());
+        assert_eq!(ip.host, None);
+        // A name (a Kubernetes Service, a swarm service) resolves at start and is kept
+        // for re-dials.
+        let named: ParentArg = "localhost:7000".parse().unwrap();
+        assert_eq!(named.addr.port(), 7000);
+        assert_eq!(named.host.as_deref(), Some("localhost:7000"));
+        let e = "aiflow-edge".parse::<ParentArg>().unwrap_err();
         assert!(e.contains("HOST:PORT"), "{e}");
     }
 
