@@ -89,7 +89,11 @@ def kustomize_renders():
     base = os.path.join(ROOT, "kustomize")
     dirs = [os.path.join(base, "base")] + sorted(glob.glob(os.path.join(base, "overlays", "*")))
     for d in dirs:
-        out = subprocess.run(["kubectl", "kustomize", d], capture_output=True, text=True)
+        try:
+            out = subprocess.run(["kubectl", "kustomize", d], capture_output=True, text=True)
+        except FileNotFoundError:
+            problems.append("kubectl not found: it renders the kustomize overlays (kubectl kustomize)")
+            return
         if out.returncode != 0:
             problems.append(f"kubectl kustomize {d}: {out.stderr.strip()}")
             continue
