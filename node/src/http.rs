@@ -1,5 +1,5 @@
 //! OpenAI-compatible HTTP API on the entry node (axum): `/v1/models`, `/v1/completions`,
-//! `/v1/chat/completions` (with SSE streaming), `/healthz`, `/metrics`.
+//! `/v1/chat/completions` (with SSE streaming), `/health` (and `/healthz`), `/metrics`.
 //!
 //! Every response carries an `aiflow` object: tokens per tier and exit, bytes shipped,
 //! hops, degraded tokens, drafts. Requests may carry an `aiflow` object too, choosing the
@@ -110,6 +110,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
+        .route("/health", get(|| async { "ok\n" }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(agent)

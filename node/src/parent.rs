@@ -184,7 +184,10 @@ const BIG_PROBE_ALLOWANCE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct ParentLink {
     endpoint: Endpoint,
-    addr: SocketAddr,
+    /// Where the parent is now (re-resolved from `host` before each dial when set).
+    addr: std::sync::Mutex<SocketAddr>,
+    /// `HOST:PORT` the parent was named by (a Service or swarm service name).
+    host: std::sync::OnceLock<String>,
     server_name: String,
     encoding: Encoding,
     conn: Mutex<Option<Arc<PeerConnection>>>,
@@ -247,7 +250,8 @@ impl ParentLink {
         probe.health.validate()?;
         Ok(Arc::new(Self {
             endpoint,
-            addr,
+            addr: std::sync::Mutex::new(addr),
+            host: std::sync::OnceLock::new(),
             server_name,
             encoding,
             conn: Mutex::new(None),
@@ -272,7 +276,7 @@ impl ParentLink {
             Err(_) => {
                 self.reachable.store(false, Ordering::Release);
                 Err(NodeError::Parent {
-                    addr: self.addr.to_string(),
+                    addr: self.addr().to_string(),
                     msg: format!(
                         "no connection within {} ms",
                         self.probe.health.dial_timeout.as_millis()
@@ -286,18 +290,50 @@ impl ParentLink {
         r
     }
 
+    /// Resolve `host` (`HOST:PORT`) again before every re-dial: a parent named by DNS that
+    /// comes back at another address (a restarted container, a rescheduled pod) is found.
+    pub fn redial_by_name(&self, host: String) {
+        let _ = self.host.set(host);
+    }
+
+    /// The address to dial: `host` resolved now, else the address given (also when the
+    /// name does not resolve at the moment).
+    async fn resolve(&self) -> SocketAddr {
+        let given = self.addr();
+        let Some(host) = self.host.get() else {
+            return given;
+        };
+        match tokio::net::lookup_host(host.as_str()).await {
+            Ok(mut found) => match found.next() {
+                Some(a) => {
+                    if a != given {
+                        tracing::info!(parent = %host, from = %given, to = %a, "parent name resolves to a new address");
+                        *self.addr.lock().unwrap_or_else(|e| e.into_inner()) = a;
+                    }
+                    a
+                }
+                None => given,
+            },
+            Err(e) => {
+                tracing::debug!(parent = %host, error = %e, "parent name does not resolve; dialling the last address");
+                given
+            }
+        }
+    }
+
     async fn dial(self: &Arc<Self>) -> Result<()> {
-        let c = match self.endpoint.connect(self.addr, &self.server_name).await {
+        let addr = self.resolve().await;
+        let c = match self.endpoint.connect(addr, &self.server_name).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 self.reachable.store(false, Ordering::Release);
                 return Err(NodeError::Parent {
-                    addr: self.addr.to_string(),
+                    addr: self.addr().to_string(),
                     msg: e.to_string(),
                 });
             }
         };
-        tracing::info!(parent = %self.addr, node = %c.peer_hello().node_id, role = %c.peer_hello().role, "connected to parent");
+        tracing::info!(parent = %self.addr(), node = %c.peer_hello().node_id, role = %c.peer_hello().role, "connected to parent");
         self.reachable.store(true, Ordering::Release);
         self.failed.store(false, Ordering::Release);
         self.missed.store(0, Ordering::Release);
@@ -318,7 +354,7 @@ impl ParentLink {
 
     /// The parent's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        *self.addr.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Wire encoding of hidden states on this link.
@@ -439,7 +475,7 @@ impl ParentLink {
     pub async fn open_session(self: &Arc<Self>) -> Result<SessionStream> {
         if self.is_down() {
             return Err(NodeError::Parent {
-                addr: self.addr.to_string(),
+                addr: self.addr().to_string(),
                 msg: "the parent link is down (connection lost or probes missed)".into(),
             });
         }
@@ -454,7 +490,7 @@ impl ParentLink {
                 Some(Err(e)) if attempt == 1 => {
                     self.reachable.store(false, Ordering::Release);
                     return Err(NodeError::Parent {
-                        addr: self.addr.to_string(),
+                        addr: self.addr().to_string(),
                         msg: e.to_string(),
                     });
                 }
@@ -465,7 +501,7 @@ impl ParentLink {
             }
         }
         Err(NodeError::Parent {
-            addr: self.addr.to_string(),
+            addr: self.addr().to_string(),
             msg: "could not open a session".into(),
         })
     }
@@ -646,14 +682,14 @@ async fn probe_loop(
         .filter(|g| g.is_finite() && *g > 0.0);
         match (small_t, big_t) {
             (Ok(Err(e)), _) | (Ok(Ok(_)), Some(Ok(Err(e)))) => {
-                tracing::info!(parent = %l.addr, error = %e, "link probe failed; probing stops until the link is re-dialled");
+                tracing::info!(parent = %l.addr(), error = %e, "link probe failed; probing stops until the link is re-dialled");
                 l.reachable.store(false, Ordering::Release);
                 return;
             }
             (Err(_), _) => {
                 let missed = l.missed.fetch_add(1, Ordering::AcqRel) + 1;
                 if missed >= health.missed_probes && l.reachable.swap(false, Ordering::AcqRel) {
-                    tracing::warn!(parent = %l.addr, missed, wait_ms = wait.as_millis() as u64, "parent missed probes; link marked down");
+                    tracing::warn!(parent = %l.addr(), missed, wait_ms = wait.as_millis() as u64, "parent missed probes; link marked down");
                 }
             }
             (Ok(Ok(small)), _) => {
@@ -676,9 +712,9 @@ async fn probe_loop(
                 l.probes.fetch_add(1, Ordering::AcqRel);
                 l.missed.store(0, Ordering::Release);
                 if !l.reachable.swap(true, Ordering::AcqRel) {
-                    tracing::info!(parent = %l.addr, "parent answers probes again; link up");
+                    tracing::info!(parent = %l.addr(), "parent answers probes again; link up");
                 }
-                tracing::trace!(parent = %l.addr, rtt_ms = rtt, goodput_bps = ?goodput, "link probe");
+                tracing::trace!(parent = %l.addr(), rtt_ms = rtt, goodput_bps = ?goodput, "link probe");
             }
         }
     }
@@ -705,7 +741,7 @@ async fn supervise(link: Weak<ParentLink>, health: LinkHealth) {
                         return;
                     }
                     l.reachable.store(false, Ordering::Release);
-                    tracing::warn!(parent = %l.addr, reason = %why, "parent connection lost; re-dialling");
+                    tracing::warn!(parent = %l.addr(), reason = %why, "parent connection lost; re-dialling");
                 }
                 backoff = health.redial_min;
             }
@@ -716,15 +752,15 @@ async fn supervise(link: Weak<ParentLink>, health: LinkHealth) {
                 let r = tokio::time::timeout(health.dial_timeout, l.dial()).await;
                 match r {
                     Ok(Ok(())) => {
-                        tracing::info!(parent = %l.addr, "parent re-dialled");
+                        tracing::info!(parent = %l.addr(), "parent re-dialled");
                         backoff = health.redial_min;
                     }
                     Ok(Err(e)) => {
-                        tracing::debug!(parent = %l.addr, error = %e, backoff_ms = backoff.as_millis() as u64, "re-dial failed");
+                        tracing::debug!(parent = %l.addr(), error = %e, backoff_ms = backoff.as_millis() as u64, "re-dial failed");
                     }
                     Err(_) => {
                         l.reachable.store(false, Ordering::Release);
-                        tracing::debug!(parent = %l.addr, backoff_ms = backoff.as_millis() as u64, "re-dial timed out");
+                        tracing::debug!(parent = %l.addr(), backoff_ms = backoff.as_millis() as u64, "re-dial timed out");
                     }
                 }
                 let connected = l.conn.lock().await.is_some();

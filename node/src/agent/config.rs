@@ -30,6 +30,9 @@ pub struct AgentConfig {
     pub parent: Option<(SocketAddr, String)>,
     /// Further parents to fail over to, in preference order (dialled when first needed).
     pub fallback_parents: Vec<(SocketAddr, String)>,
+    /// Per parent, primary first: the `HOST:PORT` it was named by, if any. A named parent
+    /// is resolved again before every re-dial (it may come back at another address).
+    pub parent_hosts: Vec<Option<String>>,
     /// How parent links are probed for the link estimates.
     pub probe: ProbeConfig,
     /// Run-time planning (policy and uplink encoding of new requests from live link
@@ -105,6 +108,7 @@ impl Agent {
                 listen: None,
                 parent: None,
                 fallback_parents: Vec::new(),
+                parent_hosts: Vec::new(),
                 probe: ProbeConfig::default(),
                 planning: None,
                 split_points: Vec::new(),

@@ -84,6 +84,11 @@ pub(super) async fn connect_parents(
             cfg.probe,
         )?);
     }
+    for (link, host) in links.iter().zip(&cfg.parent_hosts) {
+        if let Some(host) = host {
+            link.redial_by_name(host.clone());
+        }
+    }
     Ok(Some(Parents::new(links)?))
 }
 

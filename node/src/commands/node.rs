@@ -37,11 +37,13 @@ pub struct NodeArgs {
     /// UDP address to accept children on (edge, cloud), e.g. 0.0.0.0:7000.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Parent address (device → edge, edge → cloud). Repeat to add parents to fail over
-    /// to, in preference order: a session that loses its parent continues on the next one
-    /// (the tokens in between are answered locally and marked degraded).
+    /// Parent address (device → edge, edge → cloud): `IP:PORT` or `HOST:PORT` (a DNS name
+    /// such as a Kubernetes Service or a swarm service, resolved once at start). Repeat to
+    /// add parents to fail over to, in preference order: a session that loses its parent
+    /// continues on the next one (the tokens in between are answered locally and marked
+    /// degraded).
     #[arg(long)]
-    pub parent: Vec<SocketAddr>,
+    pub parent: Vec<ParentArg>,
     /// Name in the parent's certificate, one per --parent (the last one is reused).
     /// Default: the parent's role (edge or cloud).
     #[arg(long)]
@@ -131,7 +133,7 @@ struct FileConfig {
     layers: Option<String>,
     no_exit: Option<bool>,
     listen: Option<SocketAddr>,
-    parent: Option<OneOrMany<SocketAddr>>,
+    parent: Option<OneOrMany<String>>,
     parent_name: Option<OneOrMany<String>>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -177,6 +179,35 @@ pub fn parse_encoding(s: &str) -> anyhow::Result<Encoding> {
         "int8" => Encoding::Int8,
         o => anyhow::bail!("unknown encoding {o:?} (f32, f16, bf16 or int8)"),
     })
+}
+
+/// A `--parent`: `IP:PORT`, or `HOST:PORT` resolved now (the first address the resolver
+/// returns) and kept for re-resolving on every re-dial.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParentArg {
+    addr: SocketAddr,
+    host: Option<String>,
+}
+
+impl std::str::FromStr for ParentArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        use std::net::ToSocketAddrs;
+        if let Ok(addr) = s.parse() {
+            return Ok(Self { addr, host: None });
+        }
+        let addr = s
+            .to_socket_addrs()
+            .map_err(|e| {
+                format!("{s:?}: {e} (expected IP:PORT or HOST:PORT, e.g. aiflow-edge:7000)")
+            })?
+            .next()
+            .ok_or_else(|| format!("{s:?}: the name resolves to no address"))?;
+        Ok(Self {
+            addr,
+            host: Some(s.to_string()),
+        })
+    }
 }
 
 fn parse_layers(s: &str) -> anyhow::Result<(usize, usize)> {
@@ -234,7 +265,10 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         a.key.or(f.key),
     )?;
     let parents = if a.parent.is_empty() {
-        f.parent.map(OneOrMany::into_vec).unwrap_or_default()
+        let file = f.parent.map(OneOrMany::into_vec).unwrap_or_default();
+        file.iter()
+            .map(|p| p.parse().map_err(|e| anyhow::anyhow!("parent {e}")))
+            .collect::<anyhow::Result<_>>()?
     } else {
         a.parent
     };
@@ -255,6 +289,7 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         _ => "cloud",
     }
     .to_string();
+    let parent_hosts = parents.iter().map(|p| p.host.clone()).collect();
     let mut parents: Vec<(SocketAddr, String)> = parents
         .into_iter()
         .enumerate()
@@ -264,7 +299,7 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
                 .or(names.last())
                 .cloned()
                 .unwrap_or_else(|| default_name.clone());
-            (p, name)
+            (p.addr, name)
         })
         .collect();
     let parent = (!parents.is_empty()).then(|| parents.remove(0));
@@ -342,6 +377,7 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         listen: a.listen.or(f.listen),
         parent,
         fallback_parents: parents,
+        parent_hosts,
         probe: flow_node::parent::ProbeConfig::default(),
         planning,
         split_points,
@@ -487,6 +523,20 @@ mod tests {
     use flow_partition::planner::{ExitSpec, ModelShape, TierRole, TierSpec};
     use flow_partition::profile::{BlockCost, Linear, NodeProfile, ProfileKey};
     use flow_partition::{LinkEstimate, PlannerConfig};
+
+    #[test]
+    fn parents_by_ip_or_dns_name() {
+        let ip: ParentArg = "10.0.0.2:7000".parse().unwrap();
+        assert_eq!(ip.addr, "10.0.0.2:7000".parse::<SocketAddr>().unwrap());
+        assert_eq!(ip.host, None);
+        // A name (a Kubernetes Service, a swarm service) resolves at start and is kept
+        // for re-dials.
+        let named: ParentArg = "localhost:7000".parse().unwrap();
+        assert_eq!(named.addr.port(), 7000);
+        assert_eq!(named.host.as_deref(), Some("localhost:7000"));
+        let e = "aiflow-edge".parse::<ParentArg>().unwrap_err();
+        assert!(e.contains("HOST:PORT"), "{e}");
+    }
 
     /// A made-up two-tier planner input for the tiny family.
     fn input() -> PlanInput {
