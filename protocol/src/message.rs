@@ -196,7 +196,7 @@ pub enum InferMode {
     /// Per-token escalation: a tier answers when its exit is confident.
     #[default]
     Escalate,
-    /// The entry tier drafts `draft_len` tokens; the top tier verifies them in one pass.
+    /// The entry tier drafts up to `draft_len` tokens; the top tier verifies them in one pass.
     Speculate,
     /// Never leave the entry node.
     Local,
@@ -264,7 +264,8 @@ pub struct Policy {
     pub default_threshold: f32,
     /// Confidence measure.
     pub measure: ConfidenceMeasure,
-    /// `Speculate`: tokens drafted per round.
+    /// `Speculate`: the most tokens drafted per round (the entry adapts the length within
+    /// 1..=draft_len to acceptance and round-trip time; it starts at draft_len).
     pub draft_len: u32,
 }
 

@@ -20,7 +20,8 @@
 //!
 //! Two transition sets share the session: **stepwise** (escalate, route, local: one
 //! position per step, `stepwise.rs`) and **speculative** (the entry drafts rows at its exit,
-//! the top tier verifies them in one pass, `speculative.rs`). Owed states: positions this
+//! the top tier verifies them in one pass, `speculative.rs`; the draft length adapts to
+//! acceptance and round-trip time, `draft_len.rs`). Owed states: positions this
 //! tier answered itself are *owed* to its parent — their states after this stage are kept
 //! and sent as a backfill with the next escalation, so the parent's KV is always exact
 //! (DESIGN.md §3, step 4). With more than one parent the session keeps the states of every
@@ -35,6 +36,7 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod draft_len;
 mod driver;
 mod speculative;
 mod stepwise;
@@ -162,7 +164,7 @@ enum Flow {
         stop: Vec<u32>,
         produced: usize,
         /// Speculative rounds (entry node with a parent, `speculate` policy).
-        spec: Option<Spec>,
+        spec: Option<Box<Spec>>,
     },
 }
 
@@ -263,7 +265,8 @@ impl Session {
     /// A client's request at the entry node; its first actions are queued.
     pub fn entry(cfg: SessionConfig, req: EntryRequest, now: Instant) -> Self {
         let speculate = cfg.policy.mode == InferMode::Speculate && cfg.has_parent;
-        let spec = speculate.then(|| Spec::new(cfg.policy.draft_len as usize, &req.prompt));
+        let spec =
+            speculate.then(|| Box::new(Spec::new(cfg.policy.draft_len as usize, &req.prompt)));
         let mut s = Self::new(
             cfg,
             Flow::Entry {
@@ -279,7 +282,7 @@ impl Session {
                 finish_reason: "length",
             });
         } else if speculate {
-            s.start_round();
+            s.start_round(now);
         } else {
             s.begin_step(Input::Tokens(req.prompt), 0, None);
         }
@@ -360,7 +363,10 @@ impl Session {
                 });
                 self.step_reply(step, t)
             }
-            (Upward::Round { hidden }, Message::Verdict(v)) => self.round_verdict(hidden, v),
+            (Upward::Round { hidden }, Message::Verdict(v)) => {
+                let round_s = now.saturating_duration_since(sent).as_secs_f64();
+                self.round_verdict(hidden, v, round_s, now)
+            }
             (Upward::Relay(c), Message::Verdict(v)) => self.finish_child_draft(c, v),
             (what, Message::Error(e)) => {
                 let err = self.parent_error(format!("{:?}: {}", e.code, e.message));

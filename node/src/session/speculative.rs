@@ -6,6 +6,7 @@ use candle_core::Tensor;
 use flow_protocol::{Draft, Message, TokenOut, Verdict};
 use tokio::time::Instant;
 
+use super::draft_len::DraftLen;
 use super::wire::{rows_at, span};
 use super::{choose, to_wire, Action, Flow, Session, Uplink, Upward, Wait};
 use crate::engine::{Input, StepJob, StepOut};
@@ -13,8 +14,8 @@ use crate::error::{NodeError, Result};
 
 /// The entry node's speculation state.
 pub(super) struct Spec {
-    /// Tokens drafted per round.
-    n: usize,
+    /// Tokens drafted per round (adaptive, at most the policy's `draft_len`).
+    len: DraftLen,
     /// Accepted tokens the verifier has not processed yet, from position `s`.
     pending: Vec<u32>,
     s: usize,
@@ -30,12 +31,15 @@ struct Round {
     /// Position of the next input.
     pos: usize,
     feed: Vec<u32>,
+    /// When the round started and how long its drafting took (seconds).
+    started: Option<Instant>,
+    draft_s: f64,
 }
 
 impl Spec {
     pub(super) fn new(n: usize, prompt: &[u32]) -> Self {
         Self {
-            n: n.max(1),
+            len: DraftLen::new(n),
             pending: prompt.to_vec(),
             s: 0,
             round: Round::default(),
@@ -54,13 +58,14 @@ pub(super) struct ChildDraft {
 impl Session {
     fn spec_mut(&mut self) -> Result<&mut Spec> {
         match &mut self.flow {
-            Flow::Entry { spec: Some(s), .. } => Ok(s),
+            Flow::Entry { spec: Some(s), .. } => Ok(&mut **s),
             _ => Err(NodeError::Internal("no speculation in this session".into())),
         }
     }
 
-    /// Start a round: as many drafts as the request still has room for (at least one).
-    pub(super) fn start_round(&mut self) {
+    /// Start a round: the controller's draft length, as far as the request still has room
+    /// (at least one).
+    pub(super) fn start_round(&mut self, now: Instant) {
         let r = (|| {
             let left = match &self.flow {
                 Flow::Entry {
@@ -71,13 +76,16 @@ impl Session {
                 Flow::Child => 0,
             };
             let spec = self.spec_mut()?;
-            let drafts_n = left.min(spec.n + 1).saturating_sub(1).clamp(1, spec.n);
+            let n = spec.len.get();
+            let drafts_n = left.min(n + 1).saturating_sub(1).clamp(1, n);
             spec.round = Round {
                 drafts_n,
                 rows: Vec::with_capacity(drafts_n + 1),
                 drafts: Vec::with_capacity(drafts_n),
                 pos: spec.s,
                 feed: spec.pending.clone(),
+                started: Some(now),
+                draft_s: 0.0,
             };
             self.draft_step(0)
         })();
@@ -126,6 +134,9 @@ impl Session {
             return self.draft_step(i + 1);
         }
         let hidden = Tensor::cat(&round.rows, 0)?;
+        round.draft_s = round
+            .started
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
         let (s, drafts) = (spec.s, round.drafts.clone());
         self.stats.drafts_proposed += drafts.len();
         self.send_round(s, hidden.clone(), hidden, drafts, now, link)
@@ -167,13 +178,22 @@ impl Session {
         Ok(())
     }
 
-    /// The verdict on the round: keep the KV of the accepted rows, emit the accepted drafts
-    /// and the verifier's token, and start the next round.
-    pub(super) fn round_verdict(&mut self, hidden: Tensor, v: Verdict) -> Result<()> {
+    /// The verdict on the round (`round_s` after the draft was sent): keep the KV of the
+    /// accepted rows, emit the accepted drafts and the verifier's token, adapt the draft
+    /// length and start the next round.
+    pub(super) fn round_verdict(
+        &mut self,
+        hidden: Tensor,
+        v: Verdict,
+        round_s: f64,
+        now: Instant,
+    ) -> Result<()> {
         let (role, exit) = (self.cfg.role, self.cfg.stage.b as u32);
         let spec = self.spec_mut()?;
         let drafts = std::mem::take(&mut spec.round.drafts);
         let a = (v.accepted as usize).min(drafts.len());
+        spec.len
+            .observe(drafts.len(), a, spec.round.draft_s, round_s);
         let (s, r) = (spec.s, spec.pending.len());
         spec.s += r + a;
         spec.pending = vec![v.next_token];
@@ -204,7 +224,7 @@ impl Session {
                 return Ok(());
             }
         }
-        self.start_round();
+        self.start_round(now);
         Ok(())
     }
 
