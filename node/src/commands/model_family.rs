@@ -8,7 +8,9 @@ use anyhow::{bail, Context};
 use flow_familial::family::data::{generate, ChatEncoder, ChatSample};
 use flow_familial::family::distill::{Distiller, ExitStats};
 use flow_familial::family::prompts::{chat_prompts, Split};
-use flow_familial::family::{base_digest, BaseRef, Family, FamilyManifest, OVERLAY_FORMAT};
+use flow_familial::family::{
+    base_digest, select_exits, BaseRef, Family, FamilyManifest, OVERLAY_FORMAT,
+};
 use flow_familial::tasks::Sequence;
 use flow_familial::train::{TrainOptions, STATE_JSON};
 use flow_familial::{ModelSource, Part};
@@ -55,6 +57,11 @@ pub struct FamilyArgs {
     /// Exit points below the last layer, ascending (e.g. 10,20); the last layer is added.
     #[arg(long, value_delimiter = ',', required = true)]
     pub exits: Vec<usize>,
+    /// Trained exits the overlay keeps (default: all). Train several candidates, measure,
+    /// deploy few: every exit a tier evaluates costs its block and a head pass. With
+    /// --resume at the last step, only rewrites the overlay.
+    #[arg(long, value_delimiter = ',')]
+    pub keep: Vec<usize>,
     /// Output directory (overlay, training state, data cache).
     #[arg(long)]
     pub out: PathBuf,
@@ -99,6 +106,10 @@ pub struct FamilyArgs {
     /// Dtype of the overlay tensors.
     #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
     pub save_dtype: DtypeArg,
+    /// Memory for the teacher's per-sequence outputs, reused by later epochs and evaluations
+    /// (MiB; 0 = recompute every step): 4 x hidden bytes per token and exit point.
+    #[arg(long, default_value_t = 4096)]
+    pub teacher_cache_mb: usize,
     /// Matmul threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
@@ -287,20 +298,27 @@ pub fn run(args: FamilyArgs) -> anyhow::Result<()> {
         workers: 1,
         ..TrainOptions::default()
     };
-    let (mut d, mut before) = if args.resume {
+    let (mut d, mut before, prior_wall) = if args.resume {
         if !args.out.join(STATE_JSON).exists() {
             bail!("--resume: no training state in {}", args.out.display());
         }
         let (d, st) =
             Distiller::resume(src.clone(), &points, &args.out, Some(opts), args.ce_weight)?;
         let before = st.extra.get("before").cloned().unwrap_or_default();
-        (d, before)
+        let wall = st
+            .extra
+            .get("wall_s")
+            .and_then(|w| w.as_f64())
+            .unwrap_or(0.0);
+        (d, before, wall)
     } else {
         (
             Distiller::new(src.clone(), &points, None, opts, args.ce_weight)?,
             serde_json::Value::Null,
+            0.0,
         )
     };
+    d.set_teacher_cache(args.teacher_cache_mb << 20);
     eprintln!(
         "family: exits {:?} over {} ({} trainable parameters); {} training / {} held-out sequences",
         points,
@@ -318,24 +336,27 @@ pub fn run(args: FamilyArgs) -> anyhow::Result<()> {
     let save = |d: &Distiller, after: &serde_json::Value, wall: f64| -> anyhow::Result<()> {
         let extra = serde_json::json!({"before": before, "after": after, "wall_s": wall});
         d.save_state(&args.out, extra.clone())?;
+        let (tensors, exit_points) = if args.keep.is_empty() {
+            (d.exit_tensors(), points.clone())
+        } else {
+            let mut kept = args.keep.clone();
+            kept.push(n_layers - 1);
+            (select_exits(&d.exit_tensors(), &points, &args.keep)?, kept)
+        };
         let manifest = FamilyManifest {
             format: OVERLAY_FORMAT.into(),
             base: base.clone(),
-            exit_points: points.clone(),
+            exit_points,
             trained: serde_json::json!({
                 "command": std::env::args().collect::<Vec<_>>().join(" "),
+                "trained_exits": points,
                 "steps": d.step_count(),
                 "seed": args.seed,
                 "data": "self-distillation: flow_familial::family::prompts (project-written) answered greedily by the base",
                 "eval": extra,
             }),
         };
-        Family::write(
-            &args.out,
-            &manifest,
-            &d.exit_tensors(),
-            args.save_dtype.dtype(),
-        )?;
+        Family::write(&args.out, &manifest, &tensors, args.save_dtype.dtype())?;
         Ok(())
     };
     let pb = step_progress(args.steps)?;
@@ -375,20 +396,33 @@ pub fn run(args: FamilyArgs) -> anyhow::Result<()> {
         if (args.eval_every > 0 && s.step % args.eval_every == 0) || end {
             let e = evaluate(&d, &test, args.batch)?;
             let done = s.step - first_step;
-            pb.println(format!(
+            let msg = format!(
                 "step {}: held-out {} ({:.1} s/step, {:.0} tok/s)",
                 s.step,
                 fmt_stats(&e),
                 t0.elapsed().as_secs_f64() / done.max(1) as f64,
                 toks as f64 / t0.elapsed().as_secs_f64()
-            ));
+            );
+            // A hidden bar (no terminal: logs, CI) drops println: write the line itself.
+            if pb.is_hidden() {
+                eprintln!("{msg}");
+            } else {
+                pb.println(msg);
+            }
             last = stats_json(&e);
         }
         if (args.save_every > 0 && s.step % args.save_every == 0) || end {
-            save(&d, &last, t0.elapsed().as_secs_f64())?;
+            save(&d, &last, prior_wall + t0.elapsed().as_secs_f64())?;
         }
     }
     pb.finish_and_clear();
+    if d.step_count() == first_step {
+        // Nothing left to train (--resume at the last step): evaluate and rewrite.
+        let e = evaluate(&d, &test, args.batch)?;
+        eprintln!("step {}: held-out {}", d.step_count(), fmt_stats(&e));
+        last = stats_json(&e);
+        save(&d, &last, prior_wall)?;
+    }
     let report = serde_json::json!({"before": before, "after": last, "steps": d.step_count()});
     std::fs::write(
         args.out.join("eval.json"),
