@@ -27,10 +27,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use flow_familial::confidence::{Confidence, Measure};
+use flow_familial::family::data::ChatEncoder;
+use flow_familial::family::prompts::{chat_prompts, Split};
+use flow_familial::family::MANIFEST_FILE;
 use flow_familial::tasks::{eval_set, Example, Task};
 use flow_familial::train::greedy_batch;
 use flow_familial::weights::Checkpoint;
-use flow_familial::{FamilialModel, ModelConfig, Rows, Seg, SeqCache};
+use flow_familial::{FamilialModel, ModelConfig, ModelSource, Rows, Seg, SeqCache};
 use flow_partition::{
     agreement_curve, calibrate_cascade, calibrate_exit, calibrate_family, cascade_curves,
     composed_agreement, Bound, BoundKind, CalibrationConfig, CascadeConfig, CascadeToken,
@@ -149,6 +152,10 @@ pub struct CalibrateArgs {
     /// Built-in task the validation set is drawn from: add, lookup, reverse or mix.
     #[arg(long, default_value = "mix", value_parser = parse_task)]
     pub task: Task,
+    /// Most tokens decoded per chat prompt (families over a pretrained model, which are
+    /// validated on chat prompts: the calibrate split, or the test split with --check).
+    #[arg(long, default_value_t = 64)]
+    pub max_new: usize,
     /// Evaluation split of the task generator (0 is the one `model train` reports; any
     /// split is disjoint from the training stream). Use another seed for a held-out check.
     #[arg(long, default_value_t = 1)]
@@ -330,11 +337,66 @@ fn from_partition_measure(m: ConfidenceMeasure) -> Measure {
     }
 }
 
+/// The escalation thresholds calibrated for the family in `model`
+/// (`MODEL/aiflow_calibration.json`), as a request policy takes them: what nodes and the demo
+/// use when no `--threshold` is given. `None` when the model has no calibration file; an
+/// error when the file is unreadable or was calibrated for other weights.
+pub fn calibrated_policy(
+    model: &Path,
+) -> anyhow::Result<
+    Option<(
+        Vec<flow_protocol::ExitThreshold>,
+        flow_protocol::ConfidenceMeasure,
+    )>,
+> {
+    let path = model.join(FILE_NAME);
+    if !model.is_dir() || !path.is_file() {
+        return Ok(None);
+    }
+    let f = CalibrationFile::read(&path)?;
+    let fp = fingerprint(model)?;
+    if fp != f.model_fingerprint {
+        bail!(
+            "{} was calibrated for model {}, but the weights in {} are {fp}: recalibrate with \
+             `flow-node model calibrate {} --write`, or pass --threshold",
+            path.display(),
+            f.model_fingerprint,
+            model.display(),
+            model.display()
+        );
+    }
+    let measure = match f.measure {
+        ConfidenceMeasure::MaxProb => flow_protocol::ConfidenceMeasure::MaxProb,
+        ConfidenceMeasure::Margin => flow_protocol::ConfidenceMeasure::Margin,
+        ConfidenceMeasure::NegEntropy => flow_protocol::ConfidenceMeasure::NegEntropy,
+    };
+    let thresholds = f
+        .exits
+        .iter()
+        .filter(|e| e.point != f.deepest_exit)
+        .map(|e| flow_protocol::ExitThreshold {
+            exit: e.point as u32,
+            // No threshold meets the target: this exit always escalates.
+            threshold: e
+                .threshold
+                .map_or(flow_node::planning::ALWAYS_ESCALATE, |t| t as f32),
+        })
+        .collect();
+    Ok(Some((thresholds, measure)))
+}
+
 /// Planner depth of each exit (see [`ExitEntry::depth`]), in the config's exit order.
 pub use flow_node::planning::planner_depths;
 
-/// First 16 hex digits of the SHA-256 over every tensor (as `flow-node model inspect`).
+/// First 16 hex digits of the SHA-256 over every tensor (as `flow-node model inspect`);
+/// for a family overlay, over the overlay's and its base's tensors.
 pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
+    if dir.join(MANIFEST_FILE).is_file() {
+        let src = ModelSource::open(dir)?;
+        let infos = src.tensor_infos();
+        let fp = src.fingerprint(infos.keys().map(String::as_str))?;
+        return Ok(hex::encode(&fp[..8]));
+    }
     let ck = Checkpoint::open(dir)?;
     let infos = ck.tensor_infos();
     let fp = ck.fingerprint(infos.keys().map(String::as_str))?;
@@ -370,6 +432,75 @@ pub fn validation_set(task: Task, n: usize, split: u64) -> Vec<Example> {
         .collect()
 }
 
+/// A validation prompt: its tokens and the most tokens to decode after it.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub tokens: Vec<u32>,
+    pub max_new: usize,
+}
+
+impl From<&Example> for Prompt {
+    /// Room for the answer, its end-of-sequence and one token of slack.
+    fn from(e: &Example) -> Self {
+        Self {
+            tokens: e.prompt.clone(),
+            max_new: e.answer.len() + 2,
+        }
+    }
+}
+
+/// The prompts of `examples`.
+pub fn prompts_of(examples: &[Example]) -> Vec<Prompt> {
+    examples.iter().map(Prompt::from).collect()
+}
+
+/// What the records are decoded on: the built-in task's examples for the project's own
+/// families, chat prompts (rendered with the model's template) for a family over a
+/// pretrained model — `Calibrate` split to calibrate, `Test` split (unseen topics) for
+/// `--check`.
+struct Validation {
+    prompts: Vec<Prompt>,
+    /// `task` of the file: the task's name, or `chat/<split>`.
+    task: String,
+}
+
+fn validation(a: &CalibrateArgs, src: &ModelSource, held_out: bool) -> anyhow::Result<Validation> {
+    if !matches!(src, ModelSource::Family(_)) {
+        let ex = validation_set(a.task, a.examples, a.split_seed);
+        return Ok(Validation {
+            prompts: prompts_of(&ex),
+            task: a.task.name().into(),
+        });
+    }
+    let split = if held_out {
+        Split::Test
+    } else {
+        Split::Calibrate
+    };
+    let texts = chat_prompts(split, a.examples, a.split_seed);
+    if texts.len() < a.examples {
+        bail!(
+            "only {} distinct {split:?} chat prompts exist (--examples {})",
+            texts.len(),
+            a.examples
+        );
+    }
+    let enc = ChatEncoder::new(src)?;
+    let prompts = texts
+        .iter()
+        .map(|t| {
+            Ok(Prompt {
+                tokens: enc.encode(t)?,
+                max_new: a.max_new,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Validation {
+        prompts,
+        task: format!("chat/{}", if held_out { "test" } else { "calibrate" }),
+    })
+}
+
 /// The exit points, the deepest one, and an empty record list per non-deepest exit.
 fn empty_records(cfg: &ModelConfig) -> anyhow::Result<(Vec<usize>, usize, Vec<ExitTokens>)> {
     let points = cfg.exit_points();
@@ -391,7 +522,7 @@ fn empty_records(cfg: &ModelConfig) -> anyhow::Result<(Vec<usize>, usize, Vec<Ex
 /// Per-exit records on `examples` (see the module docs).
 pub fn collect_records(
     model: &FamilialModel,
-    examples: &[Example],
+    examples: &[Prompt],
     measure: Measure,
 ) -> anyhow::Result<Collected> {
     let cfg = model.config();
@@ -399,9 +530,8 @@ pub fn collect_records(
     let (mut tokens, mut mismatches) = (0usize, 0usize);
     const CHUNK: usize = 32;
     for chunk in examples.chunks(CHUNK) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
-        // Room for the answer, its end-of-sequence and one token of slack.
-        let max_new = chunk.iter().map(|e| e.answer.len() + 2).max().unwrap_or(1);
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.tokens.clone()).collect();
+        let max_new = chunk.iter().map(|e| e.max_new).max().unwrap_or(1);
         let conts = greedy_batch(model, &prompts, deepest, max_new)?;
         // Teacher-forced inputs: prompt + continuation minus its last token; the rows
         // `prompt.len() - 1 ..` predict the continuation.
@@ -468,7 +598,7 @@ pub fn calibrate(
     config: &CalibrationConfig,
     curve_points: usize,
     fingerprint: String,
-    task: Task,
+    task: &str,
     examples_per_task: usize,
     split: u64,
 ) -> anyhow::Result<CalibrationFile> {
@@ -523,7 +653,7 @@ pub fn calibrate(
         target_agreement: config.target_agreement,
         bound: config.bound,
         model_fingerprint: fingerprint,
-        task: task.name().into(),
+        task: task.into(),
         examples_per_task,
         split,
         reference: REFERENCE.into(),
@@ -550,7 +680,7 @@ pub struct CascadeDecode {
 /// confidence and whether its token equals the deepest exit's on this context.
 pub fn cascade_decode(
     model: &FamilialModel,
-    examples: &[Example],
+    examples: &[Prompt],
     measure: Measure,
     deciders: &[usize],
     thresholds: &[Option<f64>],
@@ -565,8 +695,8 @@ pub fn cascade_decode(
     let mut tokens = Vec::new();
     const CHUNK: usize = 32;
     for chunk in examples.chunks(CHUNK) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.prompt.clone()).collect();
-        let max_new = chunk.iter().map(|e| e.answer.len() + 2).max().unwrap_or(1);
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|e| e.tokens.clone()).collect();
+        let max_new = chunk.iter().map(|e| e.max_new).max().unwrap_or(1);
         let mut caches: Vec<SeqCache> = prompts.iter().map(|_| model.new_cache()).collect();
         let mut done = vec![false; prompts.len()];
         let mut segs: Vec<Seg> = prompts.iter().map(|p| Seg::new(0, p.len())).collect();
@@ -646,7 +776,8 @@ fn decider_indices(cfg: &ModelConfig, points: &[usize]) -> anyhow::Result<Vec<us
 pub fn calibrate_on_policy(
     a: &CalibrateArgs,
     model: &FamilialModel,
-    examples: &[Example],
+    examples: &[Prompt],
+    task: &str,
 ) -> anyhow::Result<CalibrationFile> {
     let cfg = model.config();
     let deciders = decider_indices(cfg, &a.deciders)?;
@@ -764,7 +895,7 @@ pub fn calibrate_on_policy(
         target_agreement: a.target,
         bound,
         model_fingerprint: fingerprint(&a.dir)?,
-        task: a.task.name().into(),
+        task: task.into(),
         examples_per_task: a.examples,
         split: a.split_seed,
         reference: REFERENCE_CASCADE.into(),
@@ -790,7 +921,7 @@ pub fn calibrate_on_policy(
 /// The file's cascade decoded on `examples` with its thresholds.
 fn check_cascade(
     model: &FamilialModel,
-    examples: &[Example],
+    examples: &[Prompt],
     measure: Measure,
     f: &CalibrationFile,
     c: &CascadeEntry,
@@ -817,6 +948,8 @@ fn check_cascade(
             Some(b) => b.lower(agreeing as u64, n as u64),
             None => agreeing as f64 / n.max(1) as f64,
         },
+        layers_per_token: layers_per_token(&c.deciders, &answered, model.config().num_layers),
+        full_layers: model.config().num_layers,
         answered,
     })
 }
@@ -904,6 +1037,23 @@ pub struct CascadeCheck {
     pub agreement: f64,
     pub bounded_agreement: f64,
     pub answered: Vec<usize>,
+    /// Mean layers on a token's path (see [`layers_per_token`]) and the full model's.
+    pub layers_per_token: f64,
+    pub full_layers: usize,
+}
+
+/// Mean layers computed on the path of a generated token: a token answered at decider
+/// exit `p` ran trunk layers `[0, p)` and the exit's own block (`p + 1`), one answered by
+/// the deepest exit all `num_layers`. The skipped layers' KV that a later escalated token
+/// back-fills (in one batched pass with it) is not counted.
+pub fn layers_per_token(deciders: &[usize], answered: &[usize], num_layers: usize) -> f64 {
+    let n: usize = answered.iter().sum();
+    let layers: usize = answered
+        .iter()
+        .enumerate()
+        .map(|(j, a)| a * deciders.get(j).map_or(num_layers, |p| p + 1))
+        .sum();
+    layers as f64 / n.max(1) as f64
 }
 
 fn bound_of(a: &CalibrateArgs) -> Option<Bound> {
@@ -931,16 +1081,24 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<()> {
     in_pool(threads, move || run_in_pool(a))
 }
 
-fn load(dir: &Path) -> anyhow::Result<FamilialModel> {
-    FamilialModel::load(dir).with_context(|| format!("loading the family in {}", dir.display()))
+/// The family in `dir` (a checkpoint directory or a family overlay) and its source.
+fn load(dir: &Path) -> anyhow::Result<(ModelSource, FamilialModel)> {
+    let src = ModelSource::open(dir)?;
+    let model = src
+        .load()
+        .with_context(|| format!("loading the family in {}", dir.display()))?;
+    Ok((src, model))
 }
 
 fn run_in_pool(a: CalibrateArgs) -> anyhow::Result<()> {
     if let Some(file) = &a.check {
         return check(&a, file);
     }
-    let model = load(&a.dir)?;
-    let examples = validation_set(a.task, a.examples, a.split_seed);
+    let (src, model) = load(&a.dir)?;
+    let Validation {
+        prompts: examples,
+        task,
+    } = validation(&a, &src, false)?;
     let t0 = std::time::Instant::now();
     let file = if a.teacher_forced {
         let collected = collect_records(&model, &examples, a.measure)?;
@@ -957,14 +1115,14 @@ fn run_in_pool(a: CalibrateArgs) -> anyhow::Result<()> {
             &config,
             a.curve_points,
             fingerprint(&a.dir)?,
-            a.task,
+            &task,
             a.examples,
             a.split_seed,
         )?;
         print_table(&a, &file, &collected, examples.len(), secs)?;
         file
     } else {
-        let file = calibrate_on_policy(&a, &model, &examples)?;
+        let file = calibrate_on_policy(&a, &model, &examples, &task)?;
         print_header(&a, &file);
         println!(
             "validation: task {}, {} examples ({} per task, split {}), {:.1} s",
@@ -1100,9 +1258,12 @@ fn check(a: &CalibrateArgs, path: &Path) -> anyhow::Result<()> {
             a.dir.display()
         );
     }
-    let model = load(&a.dir)?;
+    let (src, model) = load(&a.dir)?;
     let measure = from_partition_measure(f.measure);
-    let examples = validation_set(a.task, a.examples, a.split_seed);
+    let Validation {
+        prompts: examples,
+        task,
+    } = validation(a, &src, true)?;
     let collected = collect_records(&model, &examples, measure)?;
     let mut exits = Vec::new();
     for e in &collected.exits {
@@ -1135,7 +1296,7 @@ fn check(a: &CalibrateArgs, path: &Path) -> anyhow::Result<()> {
         calibration: path.to_path_buf(),
         measure: f.measure,
         target_agreement: f.target_agreement,
-        task: a.task.name().into(),
+        task,
         examples_per_task: a.examples,
         split: a.split_seed,
         calibrated_on_split: f.split,
@@ -1181,6 +1342,12 @@ fn check(a: &CalibrateArgs, path: &Path) -> anyhow::Result<()> {
             c.agreement,
             c.bounded_agreement,
             c.answered
+        );
+        println!(
+            "  layers per token {:.2} of {} ({:.3}x the full model; exit blocks counted, back-fill not)",
+            c.layers_per_token,
+            c.full_layers,
+            c.layers_per_token / c.full_layers.max(1) as f64
         );
     }
     if let Some(p) = &a.json {

@@ -46,13 +46,19 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         let cfg = flow_familial::source::model_config(&dir)?;
         let (declare_exits, exits) = tier_exits(&cfg);
         let (device_exit, edge_exit, _) = three_tier_exits(&exits, "flow-node cluster")?;
+        // The family's calibrated thresholds (MODEL/aiflow_calibration.json) by default.
+        let mut policy = Policy::default();
+        if let Some((thresholds, measure)) = super::calibrate::calibrated_policy(&dir)? {
+            policy.thresholds = thresholds;
+            policy.measure = measure;
+        }
         let cluster = LocalCluster::start(ClusterSpec {
             model_dir: dir,
             declare_exits,
             device_exit,
             edge_exit,
             certs_dir: tmp.path().join("certs"),
-            policy: Policy::default(),
+            policy,
             encoding: super::node::parse_encoding(&a.encoding)?,
             engine: EngineConfig::default(),
         })

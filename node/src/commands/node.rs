@@ -309,6 +309,18 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
     }
     if let Some(t) = a.threshold.or(f.threshold) {
         policy.default_threshold = t;
+    } else if let Some((thresholds, measure)) = super::calibrate::calibrated_policy(&model)? {
+        eprintln!(
+            "escalation thresholds from {}: {}",
+            model.join(super::calibrate::FILE_NAME).display(),
+            thresholds
+                .iter()
+                .map(|t| format!("exit {} >= {:.3}", t.exit, t.threshold))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        policy.thresholds = thresholds;
+        policy.measure = measure;
     }
     let encoding = parse_encoding(&a.encoding.or(f.encoding).unwrap_or_else(|| "f32".into()))?;
     let mut engine = EngineConfig::default();

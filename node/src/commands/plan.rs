@@ -472,7 +472,8 @@ pub(crate) fn exit_specs(
         }
         const N: usize = 100;
         let examples = calibrate::validation_set(Task::Mix, N, 1);
-        let collected = calibrate::collect_records(model, &examples, Measure::MaxProb)?;
+        let collected =
+            calibrate::collect_records(model, &calibrate::prompts_of(&examples), Measure::MaxProb)?;
         let config = CalibrationConfig {
             target_agreement: a.target,
             bound: Some(Bound {
@@ -488,7 +489,7 @@ pub(crate) fn exit_specs(
             &config,
             24,
             fingerprint.to_string(),
-            Task::Mix,
+            Task::Mix.name(),
             N,
             1,
         )?;
