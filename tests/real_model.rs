@@ -46,6 +46,23 @@ fn model_path() -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm2_three_tiers_equal_single_node() {
     let Some(path) = model_path() else { return };
+    three_tiers_equal_single_node(path, Some(EXITS.to_vec())).await;
+}
+
+/// The same invariants on the committed family (`models/smollm2-family`: trained exits at
+/// 10 and 20 over the pulled base), whose exits are its own (nothing declared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_family_three_tiers_equal_single_node() {
+    if model_path().is_none() {
+        return;
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-family");
+    let cfg = ModelSource::open(&dir).unwrap().config().unwrap();
+    assert_eq!(cfg.exit_points(), EXITS.to_vec());
+    three_tiers_equal_single_node(dir, None).await;
+}
+
+async fn three_tiers_equal_single_node(path: PathBuf, declare: Option<Vec<usize>>) {
     let src = ModelSource::open(&path).unwrap();
     let tok = src.tokenizer().unwrap();
     let chat = src.chat().unwrap().expect("SmolLM2 has a chat template");
@@ -63,7 +80,7 @@ async fn smollm2_three_tiers_equal_single_node() {
     let certs = tempfile::tempdir().unwrap();
     let c = LocalCluster::start(ClusterSpec {
         model_dir: path.clone(),
-        declare_exits: Some(EXITS.to_vec()),
+        declare_exits: declare.clone(),
         device_exit: EXITS[0],
         edge_exit: EXITS[1],
         certs_dir: certs.path().to_path_buf(),
@@ -76,7 +93,7 @@ async fn smollm2_three_tiers_equal_single_node() {
     for (i, &exit) in EXITS.iter().enumerate() {
         let single = single_node(
             &path,
-            Some(EXITS.to_vec()),
+            declare.clone(),
             Some(exit),
             policy(InferMode::Local),
             EngineConfig::default(),

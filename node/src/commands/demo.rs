@@ -19,17 +19,19 @@ use flow_protocol::{InferMode, Policy, Sampling};
 /// compared with a cloud-only (full model) answer.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// The model: a pulled name, a GGUF file or an HF directory. Default:
-    /// SmolLM2-135M-Instruct (pulled into the cache on first run), or the committed trained
+    /// The model: a pulled name, a GGUF file, an HF directory or a family overlay. Default:
+    /// the committed SmolLM2 family `models/smollm2-family` (trained exits over
+    /// SmolLM2-135M-Instruct, which is pulled into the cache on first run), or the trained
     /// toy family `models/small` when the pull is impossible (with a warning).
     #[arg(value_parser = super::model_arg, long)]
     pub model: Option<PathBuf>,
     /// Tokens to generate per request.
     #[arg(long, default_value_t = 24)]
     pub max_tokens: usize,
-    /// Confidence threshold (max softmax probability) for `escalate`.
-    #[arg(long, default_value_t = 0.6)]
-    pub threshold: f32,
+    /// Confidence threshold (max softmax probability) for `escalate`. Default: the family's
+    /// calibrated thresholds (MODEL/aiflow_calibration.json), else 0.6.
+    #[arg(long)]
+    pub threshold: Option<f32>,
     /// Wire encoding of hidden states between tiers: f32, f16, bf16 or int8.
     #[arg(long, default_value = "f32")]
     pub encoding: String,
@@ -53,6 +55,76 @@ const PROMPTS: [&str; 6] = [
     "48+19=",
 ];
 
+/// The escalate mode's policy: `--threshold` for every exit, else the family's calibrated
+/// thresholds, else 0.6.
+fn escalate_policy(threshold: Option<f32>, model: &std::path::Path) -> anyhow::Result<Policy> {
+    let mut p = Policy {
+        mode: InferMode::Escalate,
+        default_threshold: threshold.unwrap_or(0.6),
+        ..Policy::default()
+    };
+    if threshold.is_none() {
+        if let Some((th, measure)) = super::calibrate::calibrated_policy(model)? {
+            println!(
+                "escalate uses the calibrated thresholds of {}: {}",
+                model.join(super::calibrate::FILE_NAME).display(),
+                th.iter()
+                    .map(|t| format!("exit {} >= {:.3}", t.exit, t.threshold))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            p.thresholds = th;
+            p.measure = measure;
+        }
+    }
+    Ok(p)
+}
+
+/// The answer with each token marked by the tier that produced it: coloured on a
+/// terminal (device green, edge yellow, cloud blue), else `[d]`/`[e]`/`[c]` before each
+/// run of tokens from one tier.
+fn tagged(
+    tok: &flow_familial::tokenizer::Tokenizer,
+    tokens: &[flow_protocol::TokenOut],
+    (dev_exit, edge_exit): (usize, usize),
+) -> anyhow::Result<String> {
+    use std::io::IsTerminal;
+    let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let tier = |t: &flow_protocol::TokenOut| match t.exit as usize {
+        e if e <= dev_exit => 'd',
+        e if e <= edge_exit => 'e',
+        _ => 'c',
+    };
+    let mut out = String::new();
+    let mut i = 0;
+    let mut shown = 0usize;
+    while i < tokens.len() && shown < 120 {
+        let k = tier(&tokens[i]);
+        let mut j = i;
+        while j < tokens.len() && tier(&tokens[j]) == k {
+            j += 1;
+        }
+        let ids: Vec<u32> = tokens[i..j].iter().map(|t| t.id).collect();
+        let text: String = tok.decode(&ids)?.replace('\n', "⏎");
+        shown += text.chars().count();
+        if colour {
+            let c = match k {
+                'd' => "32",
+                'e' => "33",
+                _ => "34",
+            };
+            out.push_str(&format!("\x1b[{c}m{text}\x1b[0m"));
+        } else {
+            out.push_str(&format!("[{k}]{text}"));
+        }
+        i = j;
+    }
+    if i < tokens.len() {
+        out.push('…');
+    }
+    Ok(out)
+}
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -72,8 +144,22 @@ fn clip(s: &str, n: usize) -> String {
     }
 }
 
-/// SmolLM2-135M-Instruct from the cache, pulled (with progress) when absent.
+/// The committed family over SmolLM2 (its base pulled when absent), else the base alone.
 fn default_model() -> anyhow::Result<PathBuf> {
+    let base = smollm2()?;
+    let family = PathBuf::from(FAMILY);
+    if family.join(flow_familial::family::MANIFEST_FILE).is_file() {
+        return Ok(family);
+    }
+    eprintln!("note: {FAMILY} is not here (run from the repository root); serving the base model with declared, untrained exits");
+    Ok(base)
+}
+
+/// The trained SmolLM2 family committed in the repository (an overlay over the pulled base).
+const FAMILY: &str = "models/smollm2-family";
+
+/// SmolLM2-135M-Instruct from the cache, pulled (with progress) when absent.
+fn smollm2() -> anyhow::Result<PathBuf> {
     use flow_node::model_store::{pull, PullOptions, Store};
     const NAME: &str = "smollm2-135m-instruct";
     let store = Store::from_env()?;
@@ -199,6 +285,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
             .map(|p| (p.to_string(), p.to_string()))
             .collect(),
     };
+    let escalate = escalate_policy(a.threshold, &dir)?;
     let modes: Vec<(&str, Policy)> = vec![
         (
             "local (device only)",
@@ -215,19 +302,12 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
                 ..Policy::default()
             },
         ),
+        ("escalate", escalate),
         (
-            "escalate",
-            Policy {
-                mode: InferMode::Escalate,
-                default_threshold: a.threshold,
-                ..Policy::default()
-            },
-        ),
-        (
-            "speculate (n=4)",
+            "speculate (adaptive)",
             Policy {
                 mode: InferMode::Speculate,
-                draft_len: 4,
+                draft_len: 8,
                 ..Policy::default()
             },
         ),
@@ -240,6 +320,10 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
             },
         ),
     ];
+    println!(
+        "answers: each token marked by the tier that produced it — [d] device (exit {dev_exit}), \
+         [e] edge (exit {edge_exit}), [c] cloud (exit {last}); coloured on a terminal\n"
+    );
     let mut summary = Vec::new();
     for (name, policy) in &modes {
         println!("── {name}");
@@ -249,6 +333,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         let edge_up0 = cluster.edge.metrics().bytes_up.get();
         let mut agree = 0usize;
         let mut total = 0usize;
+        let (mut proposed, mut accepted) = (0usize, 0usize);
         for (shown, p) in &prompts {
             let mut ids: Vec<u32> = bos.into_iter().collect();
             ids.extend(tok.encode(p)?);
@@ -268,6 +353,8 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
             let (got, stats) = cluster.device.generate_collect(req).await?;
             lat.push(stats.total_ms);
             bytes += stats.bytes_up;
+            proposed += stats.drafts_proposed;
+            accepted += stats.drafts_accepted;
             for (k, v) in &stats.tokens_per_exit {
                 *tiers.entry(k.clone()).or_default() += v;
             }
@@ -276,9 +363,9 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
             agree += gi.iter().zip(&wi).filter(|(x, y)| x == y).count();
             total += wi.len().max(gi.len());
             println!(
-                "  {:<34} → {:?}",
+                "  {:<34} → {}",
                 clip(shown, 34),
-                clip(&tok.decode(&gi)?, 90)
+                tagged(&tok, &got, (dev_exit, edge_exit))?
             );
         }
         let edge_bytes = cluster.edge.metrics().bytes_up.get() - edge_up0;
@@ -289,6 +376,19 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
             .collect();
         let (p50, p95) = (pct(&mut lat.clone(), 0.5), pct(&mut lat, 0.95));
         let ag = 100.0 * agree as f64 / total.max(1) as f64;
+        if proposed > 0 {
+            // Every verification answers one token of its own at the deepest exit.
+            let rounds = tiers
+                .iter()
+                .filter(|(k, _)| k.ends_with(&format!(":{last}")))
+                .map(|(_, v)| v)
+                .sum::<usize>();
+            println!(
+                "  drafts accepted {accepted}/{proposed} ({:.0}%), {:.2} per verification",
+                100.0 * accepted as f64 / proposed as f64,
+                accepted as f64 / rounds.max(1) as f64
+            );
+        }
         println!(
             "  latency p50 {p50:.1} ms p95 {p95:.1} ms | tokens by tier:exit {} | bytes device→edge {bytes}, edge→cloud {edge_bytes} | agreement with cloud-only {ag:.0}%\n",
             share.join(", ")

@@ -110,3 +110,63 @@ fn family_is_built_reopened_resumed_and_bound_to_its_base() {
     let err = fails(&["model", "inspect", out_s]);
     assert!(err.contains("is not this family's base"), "{err}");
 }
+
+/// The committed family's calibration: `model calibrate --check` decodes its cascade on
+/// held-out chat prompts (the test split) with the committed thresholds and reports the
+/// composed agreement and the layers per token; a calibration against other weights is
+/// refused.
+#[test]
+fn committed_family_calibration_checks_on_held_out_chat() {
+    if smollm2().is_none() {
+        return;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/smollm2-family");
+    let cal = dir.join("aiflow_calibration.json");
+    let (dir_s, cal_s) = (dir.to_str().unwrap(), cal.to_str().unwrap());
+    let f: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cal).unwrap()).unwrap();
+    assert_eq!(f["task"], "chat/calibrate");
+    let report = ok(&[
+        "model",
+        "calibrate",
+        dir_s,
+        "--check",
+        cal_s,
+        "--examples",
+        "3",
+        "--max-new",
+        "8",
+    ]);
+    assert!(report.contains("on task chat/test"), "{report}");
+    assert!(report.contains("layers per token"), "{report}");
+
+    // The same file next to other weights (the base's logit-lens exits) is refused.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("family.json")).unwrap()).unwrap();
+    m["base"]["path"] = serde_json::Value::String(smollm2().unwrap().to_string_lossy().into());
+    std::fs::write(tmp.path().join("family.json"), m.to_string()).unwrap();
+    let mut f2 = f.clone();
+    f2["model_fingerprint"] = serde_json::Value::String("0123456789abcdef".into());
+    std::fs::write(tmp.path().join("aiflow_calibration.json"), f2.to_string()).unwrap();
+    std::fs::copy(
+        dir.join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let err = fails(&[
+        "model",
+        "calibrate",
+        tmp.path().to_str().unwrap(),
+        "--check",
+        tmp.path().join("aiflow_calibration.json").to_str().unwrap(),
+        "--examples",
+        "1",
+        "--max-new",
+        "2",
+    ]);
+    assert!(
+        err.contains("was calibrated for model 0123456789abcdef"),
+        "{err}"
+    );
+}
