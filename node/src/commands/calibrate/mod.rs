@@ -22,13 +22,14 @@
 //! (`null`: always escalate) and the planner curve. The agent reads `measure` and
 //! `exits[].{point, threshold}`; `flow-node plan` reads the curves; `cascade` records the
 //! deciders, their thresholds and the final decode's outcome (absent with --teacher-forced).
+//!
+//! [`prompts`] decides what is decoded (the toy tasks, or chat prompts for a family over a
+//! pretrained model); [`policy`] turns a file into the request policy nodes use by default.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use flow_familial::confidence::{Confidence, Measure};
-use flow_familial::family::data::ChatEncoder;
-use flow_familial::family::prompts::{chat_prompts, Split};
 use flow_familial::family::MANIFEST_FILE;
 use flow_familial::tasks::{eval_set, Example, Task};
 use flow_familial::train::greedy_batch;
@@ -40,6 +41,13 @@ use flow_partition::{
     ConfidenceMeasure, CurvePoint, ExitRecords, Record,
 };
 use serde::{Deserialize, Serialize};
+
+mod policy;
+mod prompts;
+
+pub use policy::calibrated_policy;
+pub use prompts::{prompts_of, Prompt};
+use prompts::{validation, Validation};
 
 /// Format tag of [`CalibrationFile`].
 pub const FORMAT: &str = "aiflow-calibration/1";
@@ -337,54 +345,6 @@ fn from_partition_measure(m: ConfidenceMeasure) -> Measure {
     }
 }
 
-/// The escalation thresholds calibrated for the family in `model`
-/// (`MODEL/aiflow_calibration.json`), as a request policy takes them: what nodes and the demo
-/// use when no `--threshold` is given. `None` when the model has no calibration file; an
-/// error when the file is unreadable or was calibrated for other weights.
-pub fn calibrated_policy(
-    model: &Path,
-) -> anyhow::Result<
-    Option<(
-        Vec<flow_protocol::ExitThreshold>,
-        flow_protocol::ConfidenceMeasure,
-    )>,
-> {
-    let path = model.join(FILE_NAME);
-    if !model.is_dir() || !path.is_file() {
-        return Ok(None);
-    }
-    let f = CalibrationFile::read(&path)?;
-    let fp = fingerprint(model)?;
-    if fp != f.model_fingerprint {
-        bail!(
-            "{} was calibrated for model {}, but the weights in {} are {fp}: recalibrate with \
-             `flow-node model calibrate {} --write`, or pass --threshold",
-            path.display(),
-            f.model_fingerprint,
-            model.display(),
-            model.display()
-        );
-    }
-    let measure = match f.measure {
-        ConfidenceMeasure::MaxProb => flow_protocol::ConfidenceMeasure::MaxProb,
-        ConfidenceMeasure::Margin => flow_protocol::ConfidenceMeasure::Margin,
-        ConfidenceMeasure::NegEntropy => flow_protocol::ConfidenceMeasure::NegEntropy,
-    };
-    let thresholds = f
-        .exits
-        .iter()
-        .filter(|e| e.point != f.deepest_exit)
-        .map(|e| flow_protocol::ExitThreshold {
-            exit: e.point as u32,
-            // No threshold meets the target: this exit always escalates.
-            threshold: e
-                .threshold
-                .map_or(flow_node::planning::ALWAYS_ESCALATE, |t| t as f32),
-        })
-        .collect();
-    Ok(Some((thresholds, measure)))
-}
-
 /// Planner depth of each exit (see [`ExitEntry::depth`]), in the config's exit order.
 pub use flow_node::planning::planner_depths;
 
@@ -430,75 +390,6 @@ pub fn validation_set(task: Task, n: usize, split: u64) -> Vec<Example> {
         .into_iter()
         .flat_map(|t| eval_set(t, n, split))
         .collect()
-}
-
-/// A validation prompt: its tokens and the most tokens to decode after it.
-#[derive(Debug, Clone)]
-pub struct Prompt {
-    pub tokens: Vec<u32>,
-    pub max_new: usize,
-}
-
-impl From<&Example> for Prompt {
-    /// Room for the answer, its end-of-sequence and one token of slack.
-    fn from(e: &Example) -> Self {
-        Self {
-            tokens: e.prompt.clone(),
-            max_new: e.answer.len() + 2,
-        }
-    }
-}
-
-/// The prompts of `examples`.
-pub fn prompts_of(examples: &[Example]) -> Vec<Prompt> {
-    examples.iter().map(Prompt::from).collect()
-}
-
-/// What the records are decoded on: the built-in task's examples for the project's own
-/// families, chat prompts (rendered with the model's template) for a family over a
-/// pretrained model — `Calibrate` split to calibrate, `Test` split (unseen topics) for
-/// `--check`.
-struct Validation {
-    prompts: Vec<Prompt>,
-    /// `task` of the file: the task's name, or `chat/<split>`.
-    task: String,
-}
-
-fn validation(a: &CalibrateArgs, src: &ModelSource, held_out: bool) -> anyhow::Result<Validation> {
-    if !matches!(src, ModelSource::Family(_)) {
-        let ex = validation_set(a.task, a.examples, a.split_seed);
-        return Ok(Validation {
-            prompts: prompts_of(&ex),
-            task: a.task.name().into(),
-        });
-    }
-    let split = if held_out {
-        Split::Test
-    } else {
-        Split::Calibrate
-    };
-    let texts = chat_prompts(split, a.examples, a.split_seed);
-    if texts.len() < a.examples {
-        bail!(
-            "only {} distinct {split:?} chat prompts exist (--examples {})",
-            texts.len(),
-            a.examples
-        );
-    }
-    let enc = ChatEncoder::new(src)?;
-    let prompts = texts
-        .iter()
-        .map(|t| {
-            Ok(Prompt {
-                tokens: enc.encode(t)?,
-                max_new: a.max_new,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Validation {
-        prompts,
-        task: format!("chat/{}", if held_out { "test" } else { "calibrate" }),
-    })
 }
 
 /// The exit points, the deepest one, and an empty record list per non-deepest exit.
