@@ -49,6 +49,11 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         // The family's calibrated thresholds (MODEL/aiflow_calibration.json) by default.
         let mut policy = Policy::default();
         if let Some((thresholds, measure)) = super::calibrate::calibrated_policy(&dir)? {
+            eprintln!(
+                "escalation thresholds from {}: {}",
+                dir.join(super::calibrate::FILE_NAME).display(),
+                super::calibrate::describe(&thresholds)
+            );
             policy.thresholds = thresholds;
             policy.measure = measure;
         }

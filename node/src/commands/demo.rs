@@ -68,10 +68,7 @@ fn escalate_policy(threshold: Option<f32>, model: &std::path::Path) -> anyhow::R
             println!(
                 "escalate uses the calibrated thresholds of {}: {}",
                 model.join(super::calibrate::FILE_NAME).display(),
-                th.iter()
-                    .map(|t| format!("exit {} >= {:.3}", t.exit, t.threshold))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                super::calibrate::describe(&th)
             );
             p.thresholds = th;
             p.measure = measure;

@@ -313,11 +313,7 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         eprintln!(
             "escalation thresholds from {}: {}",
             model.join(super::calibrate::FILE_NAME).display(),
-            thresholds
-                .iter()
-                .map(|t| format!("exit {} >= {:.3}", t.exit, t.threshold))
-                .collect::<Vec<_>>()
-                .join(", ")
+            super::calibrate::describe(&thresholds)
         );
         policy.thresholds = thresholds;
         policy.measure = measure;

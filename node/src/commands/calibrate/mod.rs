@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 mod policy;
 mod prompts;
 
-pub use policy::calibrated_policy;
+pub use policy::{calibrated_policy, describe};
 pub use prompts::{prompts_of, Prompt};
 use prompts::{validation, Validation};
 

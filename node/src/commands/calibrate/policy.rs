@@ -55,3 +55,12 @@ pub fn calibrated_policy(
         .collect();
     Ok(Some((thresholds, measure)))
 }
+
+/// `exit 10 >= 0.695, exit 20 >= 0.705`: the thresholds as the commands print them.
+pub fn describe(thresholds: &[flow_protocol::ExitThreshold]) -> String {
+    thresholds
+        .iter()
+        .map(|t| format!("exit {} >= {:.3}", t.exit, t.threshold))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
