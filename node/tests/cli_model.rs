@@ -18,7 +18,8 @@ fn flow_node(args: &[&str]) -> Output {
         .expect("run flow-node")
 }
 
-fn ok(args: &[&str]) -> String {
+/// Runs, must succeed; returns the whole output.
+fn succeeds(args: &[&str]) -> Output {
     let out = flow_node(args);
     assert!(
         out.status.success(),
@@ -26,7 +27,12 @@ fn ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
+    out
+}
+
+/// Runs, must succeed; returns stdout.
+fn ok(args: &[&str]) -> String {
+    String::from_utf8(succeeds(args).stdout).expect("utf-8 stdout")
 }
 
 /// Runs, must fail; returns stderr.

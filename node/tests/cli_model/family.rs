@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use super::{fails, flow_node, ok};
+use super::{fails, ok, succeeds};
 
 fn smollm2() -> Option<PathBuf> {
     let root = flow_familial::family::default_model_cache()?;
@@ -24,14 +24,7 @@ fn smollm2() -> Option<PathBuf> {
 
 /// Runs, must succeed; returns stderr (the command's log).
 fn log(args: &[&str]) -> String {
-    let out = flow_node(args);
-    assert!(
-        out.status.success(),
-        "flow-node {args:?} failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    String::from_utf8_lossy(&succeeds(args).stderr).into_owned()
 }
 
 #[test]
