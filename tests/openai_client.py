@@ -1,15 +1,24 @@
 """The official `openai` Python client against a 3-tier aiflow cluster (device API).
 
-Usage: python3 tests/openai_client.py HOST:PORT [DEEPEST_EXIT]
-Run by .ci/run against `flow-node cluster` twice: on the toy family and on
-SmolLM2-135M-Instruct (`--model smollm2-135m-instruct`, deepest exit 29).
+Usage: [AIFLOW_API_KEY=KEY] python3 tests/openai_client.py HOST:PORT [DEEPEST_EXIT]
+Run by .ci/run against `flow-node cluster` twice: on the toy family (started with
+--api-key, so the key checks run) and on SmolLM2-135M-Instruct
+(`--model smollm2-135m-instruct`, deepest exit 29). Covers OpenAI parity: unknown
+model, n, logprobs, seed, stop strings across tokens, max_completion_tokens,
+stream_options.include_usage, refused parameters, /health, /tokenize, /detokenize,
+vLLM metrics, and bad input over raw HTTP (413, invalid UTF-8, wrong types).
 """
+import json
+import os
 import sys
+import urllib.error
+import urllib.request
 
 import openai
 
 base = sys.argv[1]
-client = openai.OpenAI(base_url=f"http://{base}/v1", api_key="unused", max_retries=0, timeout=60)
+key = os.environ.get("AIFLOW_API_KEY")
+client = openai.OpenAI(base_url=f"http://{base}/v1", api_key=key or "unused", max_retries=0, timeout=60)
 passed = failed = 0
 
 
@@ -73,14 +82,143 @@ try:
 except openai.BadRequestError as e:
     check("unknown mode is rejected", "teleport" in str(e), e)
 
-# Health and Prometheus metrics on the same server.
-import urllib.request
 
+def raw(path, body=None, headers=None, auth=True):
+    """(status, parsed JSON or text) of a raw HTTP request."""
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if key and auth:
+        h["Authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{base}{path}", data=data, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+route = {"aiflow": {"mode": "route", "exit": deepest}}
+chat_msgs = [{"role": "user", "content": "Name three colours."}]
+
+# Unknown model: 404 naming what is served.
+try:
+    client.chat.completions.create(model="gpt-4", messages=chat_msgs, max_tokens=2)
+    check("unknown model is 404", False)
+except openai.NotFoundError as e:
+    check("unknown model is 404 naming the served model", model in str(e), e)
+
+# n choices; greedy choices agree.
+r = client.chat.completions.create(model=model, messages=chat_msgs, max_tokens=6, temperature=0, n=2,
+                                   extra_body=route)
+check("n=2 gives two choices", [c.index for c in r.choices] == [0, 1], r.choices)
+check("greedy choices agree", r.choices[0].message.content == r.choices[1].message.content, r.choices)
+check("usage counts both choices", r.usage.completion_tokens == sum(
+    c.model_extra["aiflow"]["completion_tokens"] for c in r.choices), r.usage)
+
+# logprobs / top_logprobs from the tier that produced each token.
+r = client.chat.completions.create(model=model, messages=chat_msgs, max_tokens=5, temperature=0,
+                                   logprobs=True, top_logprobs=3, extra_body=route)
+lp = r.choices[0].logprobs.content
+check("one logprob entry per token", len(lp) == r.usage.completion_tokens, lp)
+check("three alternatives each", all(len(t.top_logprobs) == 3 for t in lp), lp)
+check("greedy token is the most likely alternative",
+      all(abs(t.logprob - t.top_logprobs[0].logprob) < 1e-6 and t.logprob <= 0 for t in lp), lp)
+check("token bytes match token text", all(bytes(t.bytes).decode("utf-8", "replace") == t.token for t in lp), lp)
+comp = client.completions.create(model=model, prompt="The sky is", max_tokens=4, temperature=0, logprobs=2,
+                                 extra_body=route)
+clp = comp.choices[0].logprobs
+check("completions logprobs", len(clp.tokens) == len(clp.token_logprobs) == len(clp.top_logprobs)
+      == comp.usage.completion_tokens and all(len(t) <= 2 for t in clp.top_logprobs), clp)
+echo = client.completions.create(model=model, prompt="The sky is", max_tokens=3, temperature=0, echo=True,
+                                 extra_body=route)
+check("echo returns the prompt first", echo.choices[0].text.startswith("The sky is"), echo.choices[0].text)
+
+# seed: the same seed samples the same text.
+a, b = (client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=1.0,
+                                  seed=7, extra_body=route).choices[0].text for _ in range(2))
+check("same seed, same sample", a == b, (a, b))
+
+# stop strings, matched across token boundaries and not returned.
+count_prompt = "1, 2, 3, 4," if deepest > 10 else "123+456="
+full = client.completions.create(model=model, prompt=count_prompt, max_tokens=12, temperature=0,
+                                 extra_body=route).choices[0].text
+mid = len(full) // 2
+stop = full[mid:mid + 3] if len(full) >= 2 else None
+if stop:
+    cut = client.completions.create(model=model, prompt=count_prompt, max_tokens=12, temperature=0,
+                                    stop=[stop], extra_body=route)
+    check("stop string cuts before it", cut.choices[0].text == full[:full.index(stop)]
+          and cut.choices[0].finish_reason == "stop", (full, stop, cut.choices[0].text))
+else:
+    check("greedy text long enough for the stop test", False, full)
+
+# max_completion_tokens.
+r = client.chat.completions.create(model=model, messages=chat_msgs, max_completion_tokens=3, temperature=0,
+                                   extra_body=route)
+check("max_completion_tokens bounds the answer", r.usage.completion_tokens <= 3, r.usage)
+
+# stream_options.include_usage: a final chunk with usage and no choices.
+chunks = list(client.chat.completions.create(model=model, messages=chat_msgs, max_tokens=4, temperature=0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body=route))
+check("usage chunk last, choices empty", chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1,
+      chunks[-1])
+check("other chunks carry usage null", all(c.usage is None for c in chunks[:-1]))
+
+# Parameters we do not implement are refused by name, never ignored.
+for name, kwargs in [("response_format", {"response_format": {"type": "json_object"}}),
+                     ("logit_bias", {"logit_bias": {"42": 3}}),
+                     ("frobnicate", {"extra_body": {"frobnicate": 1}})]:
+    try:
+        client.chat.completions.create(model=model, messages=chat_msgs, max_tokens=2, **kwargs)
+        check(f"{name} refused", False)
+    except openai.BadRequestError as e:
+        check(f"{name} refused with a 400 naming it", name in str(e), e)
+
+# /tokenize and /detokenize agree with the generation endpoints.
+st, tok = raw("/tokenize", {"prompt": "Hello world"})
+check("tokenize", st == 200 and tok["count"] == len(tok["tokens"]) > 0, tok)
+st, de = raw("/detokenize", {"tokens": tok["tokens"]})
+check("detokenize round-trips", st == 200 and de["prompt"].endswith("Hello world"), de)
+
+# Bad input over raw HTTP: a clear 4xx each, and the server keeps serving.
+st, body = raw("/v1/completions", b"x" * (5 << 20))
+check("oversize body is 413", st == 413 and "limit" in body["error"]["message"], (st, body))
+st, body = raw("/v1/completions", b'{"prompt": "' + bytes([0xFF]) + b'"}')
+check("invalid UTF-8 is 400", st == 400, (st, body))
+st, body = raw("/v1/completions", {"prompt": "x", "max_tokens": "many"})
+check("wrong type names the parameter", st == 400 and body["error"]["param"] == "max_tokens", body)
+st, body = raw("/v1/completions", {"prompt": "x", "max_tokens": 10 ** 9})
+check("huge max_tokens is a context error", st == 400 and "context" in body["error"]["message"], body)
+st, body = raw("/v1/completions", {"prompt": "x", "temperature": -1})
+check("negative temperature is 400", st == 400 and body["error"]["param"] == "temperature", body)
+if key:
+    st, body = raw("/v1/models", auth=False)
+    check("no API key is 401", st == 401 and body["error"]["code"] == "invalid_api_key", (st, body))
+    st, body = raw("/v1/models", headers={"Authorization": "Bearer wrong"}, auth=False)
+    check("wrong API key is 401", st == 401, (st, body))
+    st, _ = raw("/health", auth=False)
+    check("health stays open without the key", st == 200)
+check("still serving after bad input",
+      client.completions.create(model=model, prompt="ok", max_tokens=1, extra_body=route).usage.completion_tokens == 1)
+
+# Health and Prometheus metrics on the same server.
+st, health = raw("/health", auth=False)
+check("/health is 200 when ready", st == 200, (st, health))
 health = urllib.request.urlopen(f"http://{base}/healthz", timeout=10).read().decode()
 check("healthz", health.strip() == "ok", health)
 metrics = urllib.request.urlopen(f"http://{base}/metrics", timeout=10).read().decode()
 for name in ("aiflow_requests_total", "aiflow_tokens_total{", "aiflow_request_seconds_bucket",
-             "aiflow_link_bytes_up_total", "aiflow_engine_queue_depth"):
+             "aiflow_link_bytes_up_total", "aiflow_engine_queue_depth",
+             f'vllm:generation_tokens_total{{model_name="{model}"}}',
+             "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+             "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket",
+             "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+             "vllm:prompt_tokens_total", "vllm:request_success_total"):
     check(f"metrics has {name}", name in metrics)
 
 print(f"openai client: {passed} passed, {failed} failed")

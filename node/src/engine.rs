@@ -124,6 +124,8 @@ enum Job {
 pub struct EngineStats {
     pub sessions: usize,
     pub kv_bytes: usize,
+    /// The KV memory budget `kv_bytes` is held under (`EngineConfig::kv_budget_bytes`).
+    pub kv_budget_bytes: usize,
     pub batches: u64,
     pub batched_steps: u64,
     pub evictions: u64,
@@ -725,6 +727,7 @@ impl Engine {
                 s.moe = self.moe.as_ref().map(PrunedServing::stats);
                 s.sessions = self.sessions.len();
                 s.kv_bytes = self.sessions.values().map(|k| k.cache.bytes()).sum();
+                s.kv_budget_bytes = self.cfg.kv_budget_bytes;
                 let _ = tx.send(s);
             }
         }

@@ -66,7 +66,7 @@ pub use limits::Limits;
 pub use message::{
     Backfill, Cancel, Capacity, ConfidenceMeasure, Continue, Done, DoneStats, Draft, ErrorCode,
     ErrorMsg, ExitThreshold, Heartbeat, Hello, HostedLayers, InferMode, Load, Message,
-    ModelFingerprint, Policy, Probe, ProbeReply, Role, Sampling, TokenOut, Tokens, Verdict,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ModelFingerprint, Policy, Probe, ProbeReply, Role, Sampling, TokenOut, Tokens, TopLogprob,
+    Verdict, MAX_TOP_LOGPROBS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use tensor::{Encoding, WireTensor};

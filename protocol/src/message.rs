@@ -17,9 +17,12 @@ use crate::delta::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, RoundUpdate}
 use crate::tensor::WireTensor;
 
 /// Newest protocol version this build speaks (frame prefix and `Hello`).
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// 2: `TokenOut` carries the token's log-probability and the top alternatives at the exit
+/// that produced it; `Sampling` asks for them (`top_logprobs`).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Oldest protocol version this build still reads.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// A node's tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -163,7 +166,13 @@ pub struct Sampling {
     pub max_new_tokens: u32,
     /// Stop token ids.
     pub stop_tokens: Vec<u32>,
+    /// Alternatives (most likely first) to report with each token's log-probability
+    /// (OpenAI's `top_logprobs`, at most [`MAX_TOP_LOGPROBS`]); 0 reports none.
+    pub top_logprobs: u32,
 }
+
+/// Most alternatives a token may carry (OpenAI's limit for `top_logprobs`).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 impl Default for Sampling {
     fn default() -> Self {
@@ -174,6 +183,7 @@ impl Default for Sampling {
             seed: 0,
             max_new_tokens: 64,
             stop_tokens: Vec::new(),
+            top_logprobs: 0,
         }
     }
 }
@@ -382,6 +392,21 @@ pub struct TokenOut {
     pub exit: u32,
     /// Confidence measure at that exit (max-prob, margin or 1-entropy, per plan).
     pub confidence: f32,
+    /// Natural-log probability of `id` under that exit's distribution (before temperature
+    /// and nucleus truncation, as vLLM and OpenAI report it); NaN where the producing tier
+    /// did not compute it (tokens accepted from a speculative draft).
+    pub logprob: f32,
+    /// The `Sampling::top_logprobs` most likely tokens at that exit, most likely first.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// One alternative token and its log-probability.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    /// Token id.
+    pub id: u32,
+    /// Natural-log probability.
+    pub logprob: f32,
 }
 
 /// Streamed results.

@@ -112,6 +112,7 @@ fn sampling() -> impl Strategy<Value = Sampling> {
                 seed,
                 max_new_tokens,
                 stop_tokens,
+                top_logprobs: max_new_tokens % 21,
             },
         )
 }
@@ -288,6 +289,11 @@ fn message() -> impl Strategy<Value = Message> {
                         tier,
                         exit,
                         confidence,
+                        logprob: -confidence,
+                        top_logprobs: vec![flow_protocol::TopLogprob {
+                            id,
+                            logprob: -confidence,
+                        }],
                     })
                     .collect(),
                 degraded,
@@ -582,7 +588,7 @@ proptest! {
 #[test]
 fn lying_header_len_is_refused_before_allocating() {
     let mut frame = Vec::from(*b"AIFL");
-    frame.extend_from_slice(&1u16.to_le_bytes());
+    frame.extend_from_slice(&flow_protocol::PROTOCOL_VERSION.to_le_bytes());
     frame.push(3);
     frame.extend_from_slice(&u32::MAX.to_le_bytes());
     frame.extend_from_slice(&0u32.to_le_bytes());
@@ -604,7 +610,7 @@ fn lying_header_len_is_refused_before_allocating() {
 #[test]
 fn lying_payload_len_is_refused() {
     let mut frame = Vec::from(*b"AIFL");
-    frame.extend_from_slice(&1u16.to_le_bytes());
+    frame.extend_from_slice(&flow_protocol::PROTOCOL_VERSION.to_le_bytes());
     frame.push(3);
     frame.extend_from_slice(&10u32.to_le_bytes());
     frame.extend_from_slice(&(200u32 << 20).to_le_bytes());

@@ -175,6 +175,11 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             tier: Role::Cloud,
             exit: 3,
             confidence: 0.9,
+            logprob: -0.1,
+            top_logprobs: vec![flow_protocol::TopLogprob {
+                id: 42,
+                logprob: -0.1,
+            }],
         }],
         degraded: false,
     });

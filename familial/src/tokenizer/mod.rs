@@ -143,6 +143,45 @@ impl Tokenizer {
         }
     }
 
+    /// The bytes token `id` stands for (OpenAI's `bytes` of a log-probability entry):
+    /// special tokens as written, a byte-level BPE piece as its raw bytes even when they are
+    /// only part of a UTF-8 character, `<0xNN>` byte-fallback pieces as that byte. Empty for
+    /// an id outside the vocabulary.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match self {
+            Tokenizer::Bytes => match id {
+                0..=255 => vec![id as u8],
+                _ => BYTE_SPECIALS
+                    .get(id as usize - 256)
+                    .map(|s| s.as_bytes().to_vec())
+                    .unwrap_or_default(),
+            },
+            Tokenizer::Hf(t) => {
+                let Some(piece) = t.id_to_token(id) else {
+                    return Vec::new();
+                };
+                if let Ok(text) = t.decode(&[id], false) {
+                    if !text.contains(char::REPLACEMENT_CHARACTER) {
+                        return text.into_bytes();
+                    }
+                }
+                if let Some(b) = piece
+                    .strip_prefix("<0x")
+                    .and_then(|h| h.strip_suffix('>'))
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    return vec![b];
+                }
+                let table = byte_level_inverse();
+                piece
+                    .chars()
+                    .map(|c| table.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| piece.into_bytes())
+            }
+        }
+    }
+
     /// Id of a token string, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         match self {
@@ -153,6 +192,28 @@ impl Tokenizer {
                 .map(|i| 256 + i as u32),
         }
     }
+}
+
+/// GPT-2's byte-level alphabet reversed: the printable character each byte is written as
+/// in a byte-level BPE vocabulary → that byte.
+fn byte_level_inverse() -> std::collections::HashMap<char, u8> {
+    let mut printable: Vec<u32> = (u32::from(b'!')..=u32::from(b'~')).collect();
+    printable.extend(0xA1..=0xAC);
+    printable.extend(0xAE..=0xFF);
+    let mut map = std::collections::HashMap::with_capacity(256);
+    let mut next = 256u32;
+    for b in 0..=255u32 {
+        let c = if printable.contains(&b) {
+            b
+        } else {
+            next += 1;
+            next - 1
+        };
+        if let Some(c) = char::from_u32(c) {
+            map.insert(c, b as u8);
+        }
+    }
+    map
 }
 
 #[cfg(test)]
@@ -181,5 +242,29 @@ mod tests {
         assert_eq!(ids, vec![97, BYTE_EOS]);
         assert_eq!(t.token_id("<|bos|>"), Some(BYTE_BOS));
         assert_eq!(t.decode(&[104, 105, BYTE_EOS]).unwrap(), "hi");
+    }
+}
+
+#[cfg(test)]
+mod byte_level_tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_alphabet_inverts_gpt2s() {
+        let m = byte_level_inverse();
+        assert_eq!(m.len(), 256);
+        assert_eq!(m[&'Ġ'], b' ', "GPT-2 writes a space as Ġ");
+        assert_eq!(m[&'Ċ'], b'\n');
+        assert_eq!(m[&'Ā'], 0);
+        assert_eq!(m[&'!'], b'!');
+        assert_eq!(m[&'ÿ'], 0xFF);
+    }
+
+    #[test]
+    fn byte_tokenizer_bytes() {
+        let t = Tokenizer::Bytes;
+        assert_eq!(t.token_bytes(0xC3), vec![0xC3]);
+        assert_eq!(t.token_bytes(256), BYTE_SPECIALS[0].as_bytes());
+        assert!(t.token_bytes(100_000).is_empty());
     }
 }

@@ -141,6 +141,7 @@ impl Agent {
         let server = links::server(&cfg, &hello)?;
         let parents = links::connect_parents(&cfg, &hello).await?;
         let (planner, applied) = planner::start_planner(&cfg, parents.as_ref())?;
+        let metrics = Arc::new(Metrics::new(model_cfg.max_position_embeddings));
         let inner = Arc::new(Inner {
             cfg,
             model_cfg,
@@ -152,7 +153,7 @@ impl Agent {
             applied: std::sync::RwLock::new(applied),
             replans: AtomicU64::new(0),
             split_moves: AtomicU64::new(0),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             tokenizer,
             chat,
             add_bos,

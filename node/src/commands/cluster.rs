@@ -25,6 +25,8 @@ pub struct ClusterArgs {
     /// Wire encoding between tiers.
     #[arg(long, default_value = "f32")]
     pub encoding: String,
+    #[command(flatten)]
+    pub api: super::api_args::ApiArgs,
 }
 
 pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
@@ -68,7 +70,8 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
             engine: EngineConfig::default(),
         })
         .await?;
-        let (addr, _task) = flow_node::http::serve(cluster.device.clone(), a.http).await?;
+        let (addr, _task, ready) = flow_node::http::serve_loading(a.http, &a.api.options()).await?;
+        ready.set(cluster.device.clone());
         eprintln!("device API on http://{addr}/v1 (edge and cloud behind it over QUIC)");
         if let Some(f) = a.addr_file {
             std::fs::write(&f, addr.to_string())?;

@@ -2,6 +2,7 @@
 
 use clap::Subcommand;
 
+pub mod api_args;
 pub mod bench_batching;
 pub mod bench_finetune;
 pub mod bench_gguf;

@@ -59,9 +59,12 @@ pub struct NodeArgs {
     /// No client certificates; every address must be loopback. For local experiments only.
     #[arg(long)]
     pub insecure_loopback: bool,
-    /// Serve the OpenAI-compatible HTTP API here (entry nodes), e.g. 127.0.0.1:8080.
+    /// Serve the OpenAI-compatible HTTP API here (entry nodes), e.g. 127.0.0.1:8080. It
+    /// binds before the model loads and answers /health with 503 until it is ready.
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    #[command(flatten)]
+    pub api: super::api_args::ApiArgs,
     /// Threads for model compute.
     #[arg(long)]
     pub threads: Option<usize>,
@@ -485,19 +488,26 @@ fn planning_config(input: PlanInput, model: &Path) -> anyhow::Result<PlanningCon
 }
 
 pub fn run(a: NodeArgs) -> anyhow::Result<()> {
+    let api = a.api.options();
     let (cfg, http) = agent_config(a)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // The API binds first: /health answers 503 while the model loads.
+        let mut api_task = None;
+        if let Some(h) = http {
+            let (addr, task, ready) = flow_node::http::serve_loading(h, &api).await?;
+            eprintln!("HTTP API on http://{addr} (/v1/chat/completions, /metrics; /health is 503 until the model is loaded)");
+            api_task = Some((task, ready));
+        }
         let agent = Agent::start(cfg).await?;
         if let Some(addr) = agent.local_addr() {
             eprintln!("{} listening on {addr} (QUIC)", agent.config().node_id);
         }
-        if let Some(h) = http {
-            let (addr, _task) = flow_node::http::serve(agent.clone(), h).await?;
-            eprintln!("HTTP API on http://{addr} (/v1/chat/completions, /metrics)");
+        if let Some((_, ready)) = &api_task {
+            ready.set(agent.clone());
         }
         tokio::signal::ctrl_c().await?;
         eprintln!("shutting down");

@@ -169,6 +169,8 @@ impl FakeParent {
                         tier: Role::Cloud,
                         exit: 9,
                         confidence: 1.0,
+                        logprob: 0.0,
+                        top_logprobs: Vec::new(),
                     }],
                     degraded: false,
                 })

@@ -208,6 +208,8 @@ impl Session {
             tier: role,
             exit,
             confidence: 1.0,
+            logprob: f32::NAN,
+            top_logprobs: Vec::new(),
         });
         let verified = TokenOut {
             id: v.next_token,
@@ -215,6 +217,8 @@ impl Session {
             tier: v.tier,
             exit: v.exit,
             confidence: 1.0,
+            logprob: f32::NAN,
+            top_logprobs: Vec::new(),
         };
         for t in accepted
             .chain(std::iter::once(verified))

@@ -9,7 +9,7 @@ use flow_partition::{decide, DegradeDecision, DegradeReason, EscalationContext};
 use flow_protocol::{Continue, InferMode, Message, TokenOut, Tokens};
 use tokio::time::Instant;
 
-use super::wire::{rows_at, span};
+use super::wire::{logprobs, rows_at, span};
 use super::{choose, measure, to_wire, Action, Flow, Session, Uplink, Upward, Wait};
 use crate::engine::{Input, StepJob, StepOut};
 use crate::error::{NodeError, Result};
@@ -320,12 +320,16 @@ impl Session {
             .take()
             .ok_or_else(|| NodeError::Internal("no logits at an answering tier".into()))?;
         let position = step.position();
+        let id = choose(&row, &self.cfg.sampling, position);
+        let (logprob, top_logprobs) = logprobs(&row, id, self.cfg.sampling.top_logprobs);
         let token = TokenOut {
-            id: choose(&row, &self.cfg.sampling, position),
+            id,
             position: position as u32,
             tier: self.cfg.role,
             exit: self.exit_point().unwrap_or(0),
             confidence: c.max_prob,
+            logprob,
+            top_logprobs,
         };
         self.answer(token, degraded)
     }

@@ -4,7 +4,9 @@
 use candle_core::{Device, Tensor};
 use flow_familial::confidence::Measure;
 use flow_familial::sample::{Sampler, SamplingParams};
-use flow_protocol::{ConfidenceMeasure, Encoding, Message, Policy, Sampling, WireTensor};
+use flow_protocol::{
+    ConfidenceMeasure, Encoding, Message, Policy, Sampling, TopLogprob, WireTensor,
+};
 
 use crate::error::{NodeError, Result};
 
@@ -45,6 +47,35 @@ pub fn choose(row: &[f32], s: &Sampling, position: usize) -> u32 {
             .wrapping_add(position as u64),
     };
     Sampler::new(params).sample(row)
+}
+
+/// Log-probability of `id` in `row` (log-softmax of the raw logits) and the `top` most
+/// likely tokens with theirs, most likely first (ties by lower id).
+pub fn logprobs(row: &[f32], id: u32, top: u32) -> (f32, Vec<TopLogprob>) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row.iter().map(|&x| f64::from((x - max).exp())).sum();
+    let lse = max + sum.ln() as f32;
+    let lp = |i: usize| row.get(i).map_or(f32::NEG_INFINITY, |&x| x - lse);
+    let top = (top as usize).min(row.len());
+    let mut best: Vec<usize> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in row.iter().enumerate() {
+            if best.len() == top && x <= row[best[top - 1]] {
+                continue;
+            }
+            let at = best.partition_point(|&j| row[j] >= x);
+            best.insert(at, i);
+            best.truncate(top);
+        }
+    }
+    let top = best
+        .into_iter()
+        .map(|i| TopLogprob {
+            id: i as u32,
+            logprob: lp(i),
+        })
+        .collect();
+    (lp(id as usize), top)
 }
 
 /// The familial confidence measure named by a policy.
@@ -101,4 +132,25 @@ pub fn rows_at(
 /// Positions `start..start + rows` as sent on the wire.
 pub fn span(start: usize, rows: usize) -> Vec<u32> {
     (start as u32..(start + rows) as u32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_are_log_softmax_with_sorted_alternatives() {
+        let row = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let z: f32 = row.iter().map(|x| x.exp()).sum();
+        let (lp, top) = logprobs(&row, 2, 3);
+        assert!((lp - (2.0f32.exp() / z).ln()).abs() < 1e-6);
+        let ids: Vec<u32> = top.iter().map(|t| t.id).collect();
+        assert_eq!(ids, vec![1, 3, 2], "most likely first, ties by lower id");
+        assert!((top[0].logprob - (3.0f32.exp() / z).ln()).abs() < 1e-6);
+        let total: f32 = row.iter().map(|x| (x - z.ln()).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(logprobs(&row, 0, 0).1.is_empty());
+        assert_eq!(logprobs(&row, 0, 99).1.len(), row.len());
+        assert_eq!(logprobs(&row, 7, 0).0, f32::NEG_INFINITY);
+    }
 }
