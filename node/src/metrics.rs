@@ -133,6 +133,9 @@ pub struct Metrics {
     /// Escalations whose reply missed its deadline.
     pub parent_timeouts: Counter,
     pub bytes_up: Counter,
+    /// Part of `bytes_up` that re-sent earlier positions' states (owed KV after a local
+    /// answer, or a whole session moved to another parent).
+    pub backfill_bytes: Counter,
     pub sessions_served: Counter,
     pub request_latency: Histogram,
     pub ttft: Histogram,
@@ -331,6 +334,7 @@ impl Metrics {
             degraded: Counter::default(),
             parent_timeouts: Counter::default(),
             bytes_up: Counter::default(),
+            backfill_bytes: Counter::default(),
             sessions_served: Counter::default(),
             request_latency: Histogram::new(&lat),
             ttft: Histogram::new(&lat),
@@ -382,6 +386,12 @@ impl Metrics {
             "aiflow_link_bytes_up_total",
             "Tensor bytes shipped to the parent.",
             self.bytes_up.get(),
+        );
+        counter(
+            &mut o,
+            "aiflow_link_backfill_bytes_total",
+            "Tensor bytes that re-sent earlier positions' states to the parent (backfill).",
+            self.backfill_bytes.get(),
         );
         counter(
             &mut o,

@@ -151,8 +151,13 @@ impl Driver {
         };
         let bytes = message_tensor_bytes(&msg);
         self.metrics.bytes_up.add(bytes);
-        if matches!(msg, Message::Continue(_)) {
+        if let Message::Continue(c) = &msg {
             self.metrics.escalations.inc();
+            if let Some(b) = &c.backfill {
+                self.metrics
+                    .backfill_bytes
+                    .add(b.hidden.bytes().len() as u64);
+            }
         }
         let stream = self.upstream.take();
         let addr = parent.addr().to_string();
