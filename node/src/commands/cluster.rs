@@ -36,40 +36,8 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let tmp = tempfile::tempdir()?;
-        let dir = match a.model {
-            Some(d) => d,
-            None if PathBuf::from("models/small/config.json").exists() => "models/small".into(),
-            None => {
-                let d = tmp.path().join("tiny");
-                init_checkpoint(Preset::Tiny, Layout::RuyiQwen2, 1, &d)?;
-                d
-            }
-        };
-        let cfg = flow_familial::source::model_config(&dir)?;
-        let (declare_exits, exits) = tier_exits(&cfg);
-        let (device_exit, edge_exit, _) = three_tier_exits(&exits, "flow-node cluster")?;
-        // The family's calibrated thresholds (MODEL/aiflow_calibration.json) by default.
-        let mut policy = Policy::default();
-        if let Some((thresholds, measure)) = super::calibrate::calibrated_policy(&dir)? {
-            eprintln!(
-                "escalation thresholds from {}: {}",
-                dir.join(super::calibrate::FILE_NAME).display(),
-                super::calibrate::describe(&thresholds)
-            );
-            policy.thresholds = thresholds;
-            policy.measure = measure;
-        }
-        let cluster = LocalCluster::start(ClusterSpec {
-            model_dir: dir,
-            declare_exits,
-            device_exit,
-            edge_exit,
-            certs_dir: tmp.path().join("certs"),
-            policy,
-            encoding: super::node::parse_encoding(&a.encoding)?,
-            engine: EngineConfig::default(),
-        })
-        .await?;
+        let encoding = super::node::parse_encoding(&a.encoding)?;
+        let cluster = start(a.model, tmp.path(), encoding, EngineConfig::default()).await?;
         let (addr, _task, ready) = flow_node::http::serve_loading(a.http, &a.api.options()).await?;
         ready.set(cluster.device.clone());
         eprintln!("device API on http://{addr}/v1 (edge and cloud behind it over QUIC)");
@@ -82,8 +50,51 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Where a family is cut for device, edge and cloud: the shallowest exit, the middle one
-/// and the deepest. `what` names the command in the error for families with fewer than 3.
+/// Start device, edge and cloud on loopback over `model` (default models/small, else a
+/// seeded tiny family written under `tmp`), with the family's calibrated thresholds.
+pub(crate) async fn start(
+    model: Option<PathBuf>,
+    tmp: &std::path::Path,
+    encoding: flow_protocol::Encoding,
+    engine: EngineConfig,
+) -> anyhow::Result<LocalCluster> {
+    let dir = match model {
+        Some(d) => d,
+        None if PathBuf::from("models/small/config.json").exists() => "models/small".into(),
+        None => {
+            let d = tmp.join("tiny");
+            init_checkpoint(Preset::Tiny, Layout::RuyiQwen2, 1, &d)?;
+            d
+        }
+    };
+    let cfg = flow_familial::source::model_config(&dir)?;
+    let (declare_exits, exits) = tier_exits(&cfg);
+    let (device_exit, edge_exit, _) = three_tier_exits(&exits, "flow-node cluster")?;
+    // The family's calibrated thresholds (MODEL/aiflow_calibration.json) by default.
+    let mut policy = Policy::default();
+    if let Some((thresholds, measure)) = super::calibrate::calibrated_policy(&dir)? {
+        eprintln!(
+            "escalation thresholds from {}: {}",
+            dir.join(super::calibrate::FILE_NAME).display(),
+            super::calibrate::describe(&thresholds)
+        );
+        policy.thresholds = thresholds;
+        policy.measure = measure;
+    }
+    let cluster = LocalCluster::start(ClusterSpec {
+        model_dir: dir,
+        declare_exits,
+        device_exit,
+        edge_exit,
+        certs_dir: tmp.join("certs"),
+        policy,
+        encoding,
+        engine,
+    })
+    .await?;
+    Ok(cluster)
+}
+
 /// Exits for a three-tier split: the family's own when it has three or more; otherwise
 /// (a plain pretrained model such as SmolLM2 has one) exits declared at a third, two thirds
 /// and the last layer, reusing the final norm and head until trained exits exist. Returns
@@ -98,6 +109,8 @@ pub(crate) fn tier_exits(cfg: &flow_familial::ModelConfig) -> (Option<Vec<usize>
     (Some(declared.clone()), declared)
 }
 
+/// Where a family is cut for device, edge and cloud: the shallowest exit, the middle one
+/// and the deepest. `what` names the command in the error for families with fewer than 3.
 pub(crate) fn three_tier_exits(
     exits: &[usize],
     what: &str,

@@ -3,6 +3,7 @@
 use clap::Subcommand;
 
 pub mod api_args;
+pub mod bench_api;
 pub mod bench_batching;
 pub mod bench_finetune;
 pub mod bench_gguf;
@@ -58,6 +59,8 @@ pub enum ModelCmd {
 pub enum BenchCmd {
     /// Prefill/decode tokens/s per exit and peak RSS, against a plain candle-nn reference loop.
     Model(bench_model::BenchModelArgs),
+    /// HTTP API overhead: one-token requests from wrk vs an in-process Agent::generate loop; SSE streaming vs non-streamed ms/token.
+    Api(bench_api::BenchApiArgs),
     /// Wire encodings, encode/decode time, QUIC round trip and goodput vs raw quinn.
     Wire(bench_wire::BenchWireArgs),
     /// Single node vs device+edge+cloud (escalate-always, speculate) on loopback: decode tokens/s, TTFT, bytes per token per link.
@@ -90,6 +93,7 @@ pub fn run_model(cmd: ModelCmd) -> anyhow::Result<()> {
 pub fn run_bench(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Model(a) => bench_model::run(a),
+        BenchCmd::Api(a) => bench_api::run(a),
         BenchCmd::Wire(a) => bench_wire::run(a),
         BenchCmd::Split(a) => bench_split::run(a),
         BenchCmd::Moe(a) => bench_moe::run(a),
