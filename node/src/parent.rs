@@ -28,7 +28,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use flow_partition::{LinkEstimate, LinkEstimator, LinkEstimatorConfig, LinkSample};
-use flow_protocol::transport::{ConnStats, Endpoint, PeerConnection, SessionStream};
+use flow_protocol::transport::{ConnStats, Endpoint, ParentName, PeerConnection, SessionStream};
 use flow_protocol::{Encoding, Hello, Message, Probe};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -188,7 +188,8 @@ pub struct ParentLink {
     addr: std::sync::Mutex<SocketAddr>,
     /// `HOST:PORT` the parent was named by (a Service or swarm service name).
     host: std::sync::OnceLock<String>,
-    server_name: String,
+    /// The DNS name the parent's certificate must carry, if pinned (`--parent-name`).
+    name: ParentName,
     encoding: Encoding,
     conn: Mutex<Option<Arc<PeerConnection>>>,
     estimator: std::sync::Mutex<LinkEstimator>,
@@ -221,15 +222,16 @@ impl Drop for ParentLink {
 }
 
 impl ParentLink {
-    /// Connect to `addr` (certificate name `server_name`) and exchange `Hello`s.
+    /// Connect to `addr` and exchange `Hello`s. The parent's certificate must chain to the
+    /// cluster CA and carry a parent role; its name must be `name` when pinned.
     pub async fn connect(
         endpoint: Endpoint,
         addr: SocketAddr,
-        server_name: String,
+        name: ParentName,
         encoding: Encoding,
         probe: ProbeConfig,
     ) -> Result<Arc<Self>> {
-        let link = Self::lazy(endpoint, addr, server_name, encoding, probe)?;
+        let link = Self::lazy(endpoint, addr, name, encoding, probe)?;
         link.dial().await?;
         if !link.supervised.swap(true, Ordering::AcqRel) {
             tokio::spawn(supervise(Arc::downgrade(&link), probe.health));
@@ -241,7 +243,7 @@ impl ParentLink {
     pub fn lazy(
         endpoint: Endpoint,
         addr: SocketAddr,
-        server_name: String,
+        name: ParentName,
         encoding: Encoding,
         probe: ProbeConfig,
     ) -> Result<Arc<Self>> {
@@ -252,7 +254,7 @@ impl ParentLink {
             endpoint,
             addr: std::sync::Mutex::new(addr),
             host: std::sync::OnceLock::new(),
-            server_name,
+            name,
             encoding,
             conn: Mutex::new(None),
             estimator: std::sync::Mutex::new(estimator),
@@ -323,7 +325,7 @@ impl ParentLink {
 
     async fn dial(self: &Arc<Self>) -> Result<()> {
         let addr = self.resolve().await;
-        let c = match self.endpoint.connect(addr, &self.server_name).await {
+        let c = match self.endpoint.connect(addr, &self.name).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 self.reachable.store(false, Ordering::Release);

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flow_protocol::transport::{certs, Endpoint, EndpointConfig, PeerConnection, Security};
+use flow_protocol::transport::{
+    certs, quinn, Endpoint, EndpointConfig, ParentName, PeerConnection, Security,
+};
 use flow_protocol::{
     Capacity, Continue, Encoding, Error, ErrorCode, Hello, Limits, Message, ModelFingerprint, Role,
     Sampling, WireTensor, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
@@ -548,6 +550,240 @@ async fn insecure_loopback_works_and_refuses_other_addresses() {
         let mut bad = c;
         bad.bind = "0.0.0.0:0".parse().unwrap();
         assert!(matches!(Endpoint::server(bad), Err(Error::NotLoopback(_))));
+    })
+    .await
+    .expect("test timed out");
+}
+
+// Parent verification: the cluster CA and the role in the certificate; the name is an
+// optional pin.
+
+/// A parent endpoint (edge, or cloud with `role`) presenting `dir/name.pem` from CA `ca`.
+fn parent_server(pki: &Pki, ca: &str, dir: &str, name: &str, role: Role) -> EndpointConfig {
+    let mut s = EndpointConfig::new(local(), pki.mtls_in(ca, dir, name), hello(name, role, 7));
+    s.accept_roles = vec![];
+    s
+}
+
+/// Connect a device (expects an edge or cloud parent, like a real one) to `server`.
+async fn device_connects(
+    pki: &Pki,
+    server: EndpointConfig,
+    name: impl Into<ParentName>,
+) -> Result<PeerConnection, Error> {
+    let (addr, _events, _ep) = spawn_server(server).await;
+    let mut c = device_client(pki);
+    c.parent_roles = vec![Role::Edge, Role::Cloud];
+    let client = Endpoint::client(c).unwrap();
+    let r = client.connect(addr, name).await;
+    if let Err(e) = &r {
+        eprintln!("refused: {e}");
+    }
+    r
+}
+
+/// `err` says every one of `parts` (what went wrong and what to do about it).
+fn assert_says(err: &Error, parts: &[&str]) {
+    let m = err.to_string();
+    for p in parts {
+        assert!(m.contains(p), "{m:?} does not say {p:?}");
+    }
+}
+
+fn leaf(conn: &PeerConnection) -> Vec<u8> {
+    let id = conn.quic().peer_identity().expect("a peer certificate");
+    let chain = id
+        .downcast::<Vec<quinn::rustls::pki_types::CertificateDer<'static>>>()
+        .expect("an X.509 chain");
+    chain[0].as_ref().to_vec()
+}
+
+#[tokio::test]
+async fn a_parent_with_its_own_name_is_accepted_without_a_pin() {
+    timeout(T, async {
+        let pki = Pki::new();
+        certs::issue(
+            &pki.root.join("ca"),
+            "edge-2",
+            Role::Edge,
+            &pki.root.join("nodes"),
+        )
+        .unwrap();
+        let edge2 = || parent_server(&pki, "ca", "nodes", "edge-2", Role::Edge);
+        let conn = device_connects(&pki, edge2(), ParentName::Any)
+            .await
+            .unwrap();
+        assert_eq!(conn.peer_cert_role(), Some(Role::Edge));
+        assert_eq!(conn.peer_hello().node_id, "edge-2");
+        // Pinned to its own name: accepted too.
+        device_connects(&pki, edge2(), "edge-2").await.unwrap();
+        // Pinned to another name: refused, and the message says what to change.
+        let err = device_connects(&pki, edge2(), "edge-1").await.unwrap_err();
+        assert!(matches!(err, Error::Tls(_)), "{err}");
+        assert_says(
+            &err,
+            &[
+                "is for edge-2, not \"edge-1\" (--parent-name)",
+                "leave --parent-name out",
+            ],
+        );
+        // A pin that cannot be a certificate name is refused before dialling.
+        let err = device_connects(&pki, edge2(), "not a name")
+            .await
+            .unwrap_err();
+        assert_says(&err, &["not a DNS name"]);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_device_certificate_cannot_serve_as_an_edge() {
+    timeout(T, async {
+        let pki = Pki::new();
+        // dev-1's certificate, a Hello that claims edge: the certificate decides.
+        let fake = parent_server(&pki, "ca", "nodes", "dev-1", Role::Edge);
+        let err = device_connects(&pki, fake, ParentName::Any)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Role(_)), "{err}");
+        assert_says(
+            &err,
+            &[
+                "presented a device certificate (aiflow:role:device)",
+                "an edge or cloud certificate is required",
+                "`flow-node certs issue --role edge`",
+            ],
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn an_edge_cannot_present_the_cloud_role() {
+    timeout(T, async {
+        let pki = Pki::new();
+        let fake_cloud = parent_server(&pki, "ca", "nodes", "edge-1", Role::Cloud);
+        let (addr, _events, _ep) = spawn_server(fake_cloud).await;
+        // An edge expects a cloud parent.
+        let mut c = EndpointConfig::new(local(), pki.mtls("edge-1"), hello("edge-1", Role::Edge, 7));
+        c.parent_roles = vec![Role::Cloud];
+        let client = Endpoint::client(c).unwrap();
+        let err = client.connect(addr, ParentName::Any).await.unwrap_err();
+        assert!(matches!(err, Error::Role(_)), "{err}");
+        assert_says(
+            &err,
+            &[
+                &format!("parent {addr} presented an edge certificate (aiflow:role:edge)"),
+                "a cloud certificate is required; issue one with `flow-node certs issue --role cloud`",
+            ],
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_parent_certificate_from_another_ca_is_refused() {
+    timeout(T, async {
+        let pki = Pki::new();
+        certs::issue(
+            &pki.root.join("other-ca"),
+            "edge-x",
+            Role::Edge,
+            &pki.root.join("foreign"),
+        )
+        .unwrap();
+        let foreign = || parent_server(&pki, "other-ca", "foreign", "edge-x", Role::Edge);
+        for name in [ParentName::Any, "edge-x".into()] {
+            let err = device_connects(&pki, foreign(), name).await.unwrap_err();
+            assert!(matches!(err, Error::Tls(_)), "{err}");
+            assert_says(
+                &err,
+                &[
+                    "is not signed by this cluster's CA (unknown issuer)",
+                    "was it issued with another `--ca` dir?",
+                ],
+            );
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn an_expired_parent_certificate_is_refused() {
+    timeout(T, async {
+        let pki = Pki::new();
+        let day = |d: u64| std::time::UNIX_EPOCH + Duration::from_secs(d * 86_400);
+        // 2020-01-01 .. 2021-01-01
+        let validity = certs::Validity {
+            not_before: day(18_262),
+            not_after: day(18_628),
+        };
+        certs::issue_with_validity(
+            &pki.root.join("ca"),
+            "edge-old",
+            Role::Edge,
+            &pki.root.join("nodes"),
+            validity,
+        )
+        .unwrap();
+        let old = parent_server(&pki, "ca", "nodes", "edge-old", Role::Edge);
+        let err = device_connects(&pki, old, ParentName::Any)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Tls(_)), "{err}");
+        assert_says(
+            &err,
+            &[
+                "(edge-old) expired on 2021-01-01 UTC",
+                "reissue it with `flow-node certs issue`",
+            ],
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_reissued_certificate_is_used_without_a_restart() {
+    timeout(T, async {
+        let pki = Pki::new();
+        let ep = Arc::new(Endpoint::server(edge_server(&pki)).unwrap());
+        let addr = ep.local_addr().unwrap();
+        let (tx, mut client_leaves) = mpsc::channel(4);
+        let server = ep.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(conn)) = server.accept().await {
+                let _ = tx.send(leaf(&conn)).await;
+                tokio::spawn(serve(Arc::new(conn)));
+            }
+        });
+        let client = Endpoint::client(device_client(&pki)).unwrap();
+        let before = client.connect(addr, ParentName::Any).await.unwrap();
+        let client_before = client_leaves.recv().await.unwrap();
+        // `flow-node certs issue` again for both nodes, into the same directories.
+        for (name, role) in [("edge-1", Role::Edge), ("dev-1", Role::Device)] {
+            certs::issue(&pki.root.join("ca"), name, role, &pki.root.join("nodes")).unwrap();
+        }
+        let after = client.connect(addr, "edge-1").await.unwrap();
+        assert_ne!(
+            leaf(&after),
+            leaf(&before),
+            "the parent presents its new certificate"
+        );
+        assert_ne!(
+            client_leaves.recv().await.unwrap(),
+            client_before,
+            "and the child its new one"
+        );
+        // The connection made before the rotation is still up.
+        let mut s = before.open_session().await.unwrap();
+        let m = cont(1, 1, 4, Encoding::F32);
+        s.send(&m).await.unwrap();
+        assert_eq!(s.recv().await.unwrap(), Some(m));
     })
     .await
     .expect("test timed out");

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use flow_familial::ModelSource;
-use flow_protocol::transport::Security;
+use flow_protocol::transport::{ParentName, Security};
 use flow_protocol::{Encoding, Policy, Role};
 
 use super::Agent;
@@ -26,10 +26,11 @@ pub struct AgentConfig {
     pub stage: Stage,
     /// Address to accept children on (QUIC/UDP).
     pub listen: Option<SocketAddr>,
-    /// Parent address and the name in its certificate.
-    pub parent: Option<(SocketAddr, String)>,
+    /// Parent address and the DNS name its certificate must carry ([`ParentName::Any`]:
+    /// any name; the parent is verified by the cluster CA and its role).
+    pub parent: Option<(SocketAddr, ParentName)>,
     /// Further parents to fail over to, in preference order (dialled when first needed).
-    pub fallback_parents: Vec<(SocketAddr, String)>,
+    pub fallback_parents: Vec<(SocketAddr, ParentName)>,
     /// Per parent, primary first: the `HOST:PORT` it was named by, if any. A named parent
     /// is resolved again before every re-dial (it may come back at another address).
     pub parent_hosts: Vec<Option<String>>,
@@ -70,12 +71,14 @@ pub struct MoePruning {
 /// ```no_run
 /// # async fn f() -> flow_node::Result<()> {
 /// use flow_node::Agent;
+/// use flow_protocol::transport::ParentName;
 /// use flow_protocol::Role;
-/// // A device hosting the first layer and exit 1, escalating to an edge.
+/// // A device hosting the first layer and exit 1, escalating to an edge (any edge
+/// // certificate of the cluster CA; `"edge-1"` instead of `ParentName::Any` pins the name).
 /// let agent = Agent::builder("models/small")
 ///     .role(Role::Device)
 ///     .layers(0..1)
-///     .parent("10.0.0.2:7000".parse().unwrap(), "edge")
+///     .parent("10.0.0.2:7000".parse().unwrap(), ParentName::Any)
 ///     .start()
 ///     .await?;
 /// let (tokens, stats) = agent
@@ -149,9 +152,11 @@ impl AgentBuilder {
         self.cfg.declare_exits = Some(points);
         self
     }
-    /// Escalate to the parent at `addr` whose certificate is named `name`. Called again,
-    /// adds a parent to fail over to (in preference order).
-    pub fn parent(mut self, addr: SocketAddr, name: impl Into<String>) -> Self {
+    /// Escalate to the parent at `addr`. Its certificate must chain to the cluster CA and
+    /// carry a parent role; `name` pins its DNS name too (`"edge-1"`), or
+    /// [`ParentName::Any`] accepts any name. Called again, adds a parent to fail over to
+    /// (in preference order).
+    pub fn parent(mut self, addr: SocketAddr, name: impl Into<ParentName>) -> Self {
         if self.cfg.parent.is_none() {
             self.cfg.parent = Some((addr, name.into()));
         } else {
@@ -241,13 +246,13 @@ mod tests {
             .layers(0..3)
             .exit(false)
             .parent(primary, "edge")
-            .parent(fallback, "edge-2")
+            .parent(fallback, ParentName::Any)
             .threads(0)
             .config()
             .unwrap();
         assert_eq!((cfg.stage.a, cfg.stage.b, cfg.stage.exit), (0, 3, false));
-        assert_eq!(cfg.parent, Some((primary, "edge".to_string())));
-        assert_eq!(cfg.fallback_parents, vec![(fallback, "edge-2".to_string())]);
+        assert_eq!(cfg.parent, Some((primary, "edge".into())));
+        assert_eq!(cfg.fallback_parents, vec![(fallback, ParentName::Any)]);
         assert_eq!(cfg.engine.threads, 1);
         assert_eq!(cfg.model_dir, PathBuf::from("models/small"));
         assert_eq!(cfg.role, Role::Device);

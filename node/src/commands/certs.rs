@@ -9,9 +9,13 @@ use flow_protocol::Role;
 /// Create the cluster CA and issue node certificates (mutual TLS between tiers).
 ///
 /// Every node of a cluster trusts one CA. Each node gets a certificate naming it (DNS
-/// name = node name, which peers pass as the server name) and binding its role
-/// (`aiflow:role:<role>` URI SAN); peers refuse a certificate whose role they do not accept,
-/// so a device certificate cannot register as an edge.
+/// name = node name) and binding its role (`aiflow:role:<role>` URI SAN). A child accepts a
+/// parent whose certificate is signed by the CA and carries a parent role, whatever its
+/// name (`--parent-name` pins a name); peers refuse a certificate whose role they do not
+/// accept, so a device certificate cannot serve or register as an edge.
+///
+/// Rotation: issue the node's certificate again into the same directory; the running node
+/// presents the new one from its next handshake on (no restart).
 ///
 /// Example:
 ///   flow-node certs init --out pki/ca
@@ -25,13 +29,14 @@ pub enum CertsCmd {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
-    /// Issue a node certificate signed by the CA: writes OUT/NAME.pem and OUT/NAME.key.
+    /// Issue a node certificate signed by the CA: writes OUT/NAME.pem and OUT/NAME.key,
+    /// replacing earlier ones (a running node picks the new pair up at its next handshake).
     Issue {
         /// CA directory created by `certs init` (needs ca.pem and ca.key).
         #[arg(long, value_name = "DIR")]
         ca: PathBuf,
-        /// Node name: a DNS-style name such as `edge-1` (letters, digits, '-', '.').
-        /// Peers connect with this name as the TLS server name.
+        /// Node name: a DNS-style name such as `edge-1` (letters, digits, '-', '.'),
+        /// written as the certificate's DNS name (children may pin it with --parent-name).
         #[arg(long)]
         name: String,
         /// Role bound into the certificate: device, edge or cloud.
@@ -40,6 +45,10 @@ pub enum CertsCmd {
         /// Directory for NAME.pem and NAME.key (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Valid for this many days from now (default: until 2099). Reissue before it
+        /// ends; running nodes pick the new files up without a restart.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        days: Option<u64>,
     },
 }
 
@@ -58,9 +67,14 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
             name,
             role,
             out,
+            days,
         } => {
             let role: Role = role.parse()?;
-            let files = certs::issue(&ca, &name, role, &out)
+            let validity = match days {
+                Some(d) => certs::Validity::days(d)?,
+                None => certs::Validity::long(),
+            };
+            let files = certs::issue_with_validity(&ca, &name, role, &out, validity)
                 .with_context(|| format!("issuing a certificate for {name} (role {role})"))?;
             println!("{name} ({role}) certificate: {}", files.cert.display());
             println!("{name} ({role}) key:         {}", files.key.display());

@@ -7,7 +7,7 @@ use anyhow::Context;
 use flow_node::planning::PlanningConfig;
 use flow_node::{Agent, AgentConfig, EngineConfig, Stage};
 use flow_partition::PlanInput;
-use flow_protocol::transport::Security;
+use flow_protocol::transport::{certs, ParentName, Security};
 use flow_protocol::{Encoding, InferMode, Policy, Role};
 use serde::Deserialize;
 
@@ -44,9 +44,12 @@ pub struct NodeArgs {
     /// degraded).
     #[arg(long)]
     pub parent: Vec<ParentArg>,
-    /// Name in the parent's certificate, one per --parent (the last one is reused).
-    /// Default: the parent's role (edge or cloud).
-    #[arg(long)]
+    /// Pin the DNS name in a parent's certificate, one per --parent in order (`*`: any
+    /// name for that parent). Optional: by default any parent whose certificate is signed
+    /// by the cluster CA (--ca) and carries a parent role (aiflow:role:edge or cloud for a
+    /// device, cloud for an edge) is accepted, whatever its name; parents without a
+    /// --parent-name are not pinned.
+    #[arg(long, value_name = "NAME")]
     pub parent_name: Vec<String>,
     /// Cluster CA certificate (from `flow-node certs init`).
     #[arg(long)]
@@ -213,6 +216,27 @@ impl std::str::FromStr for ParentArg {
     }
 }
 
+/// `--parent-name` per parent, in order: a name pins, `*` or a missing one does not.
+fn parent_pins(names: &[String], parents: usize) -> anyhow::Result<Vec<ParentName>> {
+    // One name without a parent is tolerated (as before): nothing to pin.
+    if names.len() > parents.max(1) {
+        anyhow::bail!(
+            "{} --parent-name for {} --parent; give at most one per parent, in the same order (or none: parents are verified by the cluster CA and the role in their certificate)",
+            names.len(),
+            parents
+        );
+    }
+    (0..parents)
+        .map(|i| match names.get(i).map(String::as_str) {
+            None | Some("*") => Ok(ParentName::Any),
+            Some(n) => {
+                certs::check_node_name(n).with_context(|| format!("--parent-name {n}"))?;
+                Ok(ParentName::from(n))
+            }
+        })
+        .collect()
+}
+
 fn parse_layers(s: &str) -> anyhow::Result<(usize, usize)> {
     let (a, b) = s
         .split_once("..")
@@ -280,30 +304,12 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
     } else {
         a.parent_name
     };
-    if names.len() > parents.len().max(1) {
-        anyhow::bail!(
-            "{} parent names for {} parents; give one --parent-name per --parent",
-            names.len(),
-            parents.len()
-        );
-    }
-    let default_name = match role {
-        Role::Device => "edge",
-        _ => "cloud",
-    }
-    .to_string();
+    let pins = parent_pins(&names, parents.len())?;
     let parent_hosts = parents.iter().map(|p| p.host.clone()).collect();
-    let mut parents: Vec<(SocketAddr, String)> = parents
+    let mut parents: Vec<(SocketAddr, ParentName)> = parents
         .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let name = names
-                .get(i)
-                .or(names.last())
-                .cloned()
-                .unwrap_or_else(|| default_name.clone());
-            (p.addr, name)
-        })
+        .zip(pins)
+        .map(|(p, pin)| (p.addr, pin))
         .collect();
     let parent = (!parents.is_empty()).then(|| parents.remove(0));
     let mut policy = Policy::default();
@@ -554,6 +560,32 @@ mod tests {
         assert_eq!(named.host.as_deref(), Some("localhost:7000"));
         let e = "aiflow-edge".parse::<ParentArg>().unwrap_err();
         assert!(e.contains("HOST:PORT"), "{e}");
+    }
+
+    #[test]
+    fn parent_names_are_optional_pins() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            parent_pins(&[], 2).unwrap(),
+            vec![ParentName::Any, ParentName::Any]
+        );
+        assert_eq!(
+            parent_pins(&names(&["edge-1"]), 2).unwrap(),
+            vec!["edge-1".into(), ParentName::Any],
+            "a parent without a --parent-name is not pinned"
+        );
+        assert_eq!(
+            parent_pins(&names(&["*", "edge-2"]), 2).unwrap(),
+            vec![ParentName::Any, "edge-2".into()]
+        );
+        assert!(parent_pins(&names(&["cloud"]), 0).unwrap().is_empty());
+        let e = parent_pins(&names(&["a", "b"]), 1).unwrap_err();
+        assert!(format!("{e:#}").contains("at most one per parent"), "{e:#}");
+        let e = parent_pins(&names(&["not a name"]), 1).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("--parent-name not a name"),
+            "{e:#}"
+        );
     }
 
     /// A made-up two-tier planner input for the tiny family.

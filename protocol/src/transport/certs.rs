@@ -13,9 +13,17 @@
 //!   devices and a client of its cloud).
 //!
 //! Keys are ECDSA P-256 (rcgen's default, ring backend).
+//!
+//! Certificates are valid from 2024-01-01 to 2099-01-01 unless issued with
+//! [`issue_with_validity`] (`flow-node certs issue --days N`). Files are written under a
+//! temporary name and renamed into place, so a running node that re-reads them (see
+//! `identity`) never sees a half-written file: reissuing a node's certificate into the
+//! same directory rotates it without a restart.
 
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -46,13 +54,99 @@ fn tls(what: &str) -> impl Fn(rcgen::Error) -> Error + '_ {
     move |e| Error::Tls(format!("{what}: {e}"))
 }
 
-fn write_key(path: &Path, pem: &str) -> Result<()> {
-    fs::write(path, pem)?;
+/// Write `contents` to `path` through a temporary file in the same directory and a
+/// rename, so readers see the old file or the new one, never a part. `private` files are
+/// created with mode 0600.
+fn write_replacing(path: &Path, contents: &str, private: bool) -> Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid("path", format!("{} names no file", path.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        if private {
+            opts.mode(0o600);
+        }
     }
+    #[cfg(not(unix))]
+    let _ = private;
+    let written = opts
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(contents.as_bytes()).and_then(|()| f.sync_all()))
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    Ok(written?)
+}
+
+fn write_key(path: &Path, pem: &str) -> Result<()> {
+    write_replacing(path, pem, true)
+}
+
+/// When a node certificate is valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// First moment it is valid.
+    pub not_before: SystemTime,
+    /// Last moment it is valid.
+    pub not_after: SystemTime,
+}
+
+impl Validity {
+    /// The default of `flow-node certs issue`: 2024-01-01 to 2099-01-01.
+    pub fn long() -> Self {
+        let ymd = |y: u64| UNIX_EPOCH + Duration::from_secs(days_from_epoch(y) * 86_400);
+        Validity {
+            not_before: ymd(2024),
+            not_after: ymd(2099),
+        }
+    }
+
+    /// Valid for `days` days from now (from an hour ago, for clocks slightly behind).
+    pub fn days(days: u64) -> Result<Self> {
+        let now = SystemTime::now();
+        let not_after = Duration::from_secs(days.saturating_mul(86_400));
+        Ok(Validity {
+            not_before: now.checked_sub(Duration::from_secs(3600)).unwrap_or(now),
+            not_after: now
+                .checked_add(not_after)
+                .ok_or_else(|| Error::invalid("validity", format!("{days} days is too long")))?,
+        })
+    }
+}
+
+/// Days from 1970-01-01 to January 1st of `year` (≥ 1970).
+fn days_from_epoch(year: u64) -> u64 {
+    let leaps = |y: u64| y / 4 - y / 100 + y / 400;
+    (year - 1970) * 365 + leaps(year - 1) - leaps(1969)
+}
+
+/// Time since 1970 of `t`; refuses times before 1970 or after the year 9999 (the last
+/// X.509 GeneralizedTime can hold).
+fn since_epoch(what: &str, t: SystemTime) -> Result<Duration> {
+    let since = t
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| Error::invalid("validity", format!("{what} is before 1970")))?;
+    if since.as_secs() >= days_from_epoch(10_000) * 86_400 {
+        return Err(Error::invalid(
+            "validity",
+            format!("{what} is after the year 9999; use fewer days"),
+        ));
+    }
+    Ok(since)
+}
+
+fn set_validity(params: &mut CertificateParams, validity: Validity) -> Result<()> {
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    params.not_before = epoch + since_epoch("not_before", validity.not_before)?;
+    params.not_after = epoch + since_epoch("not_after", validity.not_after)?;
     Ok(())
 }
 
@@ -124,9 +218,28 @@ pub fn check_node_name(name: &str) -> Result<()> {
 }
 
 /// Issue a certificate for node `name` with `role`, signed by the CA in `ca_dir`; writes
-/// `NAME.pem` and `NAME.key` into `out_dir` (created if missing).
+/// `NAME.pem` and `NAME.key` into `out_dir` (created if missing), replacing earlier ones
+/// (a rotation). Valid from 2024 to 2099 ([`Validity::long`]).
 pub fn issue(ca_dir: &Path, name: &str, role: Role, out_dir: &Path) -> Result<CertFiles> {
+    issue_with_validity(ca_dir, name, role, out_dir, Validity::long())
+}
+
+/// [`issue`] with an explicit validity period (`flow-node certs issue --days`; tests issue
+/// expired certificates with it).
+pub fn issue_with_validity(
+    ca_dir: &Path,
+    name: &str,
+    role: Role,
+    out_dir: &Path,
+    validity: Validity,
+) -> Result<CertFiles> {
     check_node_name(name)?;
+    if validity.not_after <= validity.not_before {
+        return Err(Error::invalid(
+            "validity",
+            "a certificate must end after it starts",
+        ));
+    }
     let ca_pem = fs::read_to_string(ca_dir.join(CA_CERT)).map_err(|e| {
         Error::Tls(format!(
             "reading {}: {e} (run `flow-node certs init` first)",
@@ -154,8 +267,7 @@ pub fn issue(ca_dir: &Path, name: &str, role: Role, out_dir: &Path) -> Result<Ce
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    set_validity(&mut params, validity)?;
     let key = KeyPair::generate().map_err(tls("node key"))?;
     let cert = params
         .signed_by(&key, &issuer)
@@ -166,8 +278,10 @@ pub fn issue(ca_dir: &Path, name: &str, role: Role, out_dir: &Path) -> Result<Ce
         cert: out_dir.join(format!("{name}.pem")),
         key: out_dir.join(format!("{name}.key")),
     };
-    fs::write(&files.cert, cert.pem())?;
+    // Key first: a node reading between the two renames sees a pair that does not match
+    // and keeps its previous one until the certificate follows.
     write_key(&files.key, &key.serialize_pem())?;
+    write_replacing(&files.cert, &cert.pem(), false)?;
     Ok(files)
 }
 
@@ -237,5 +351,38 @@ mod tests {
         assert_eq!(role_of(&certs[0]).unwrap(), Role::Edge);
         load_key(&files.key).unwrap();
         assert!(issue(&ca, "bad name", Role::Edge, dir.path()).is_err());
+    }
+
+    #[test]
+    fn validity_is_written_as_given() {
+        assert_eq!(days_from_epoch(1970), 0);
+        assert_eq!(days_from_epoch(2024), 19_723);
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca).unwrap();
+        let start = UNIX_EPOCH + Duration::from_secs(days_from_epoch(2025) * 86_400);
+        let end = start + Duration::from_secs(86_400);
+        let v = Validity {
+            not_before: start,
+            not_after: end,
+        };
+        let files = issue_with_validity(&ca, "old", Role::Edge, dir.path(), v).unwrap();
+        let der = load_certs(&files.cert).unwrap().remove(0);
+        let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        assert_eq!(x509.validity().not_before.timestamp(), 1_735_689_600);
+        assert_eq!(
+            x509.validity().not_after.timestamp(),
+            1_735_689_600 + 86_400
+        );
+        let backwards = Validity {
+            not_before: end,
+            not_after: start,
+        };
+        assert!(issue_with_validity(&ca, "x", Role::Edge, dir.path(), backwards).is_err());
+        let far = Validity::days(u64::MAX / 86_400)
+            .and_then(|v| issue_with_validity(&ca, "x", Role::Edge, dir.path(), v));
+        assert!(far.is_err());
+        let year = Validity::days(365).unwrap();
+        issue_with_validity(&ca, "year", Role::Edge, dir.path(), year).unwrap();
     }
 }

@@ -9,10 +9,17 @@
 //!   addresses).
 //! - [`Endpoint::connect`] and [`Endpoint::accept`] return a [`PeerConnection`] after the
 //!   `Hello` exchange on the control stream (the first bidirectional stream, opened by the
-//!   client). They check the peer certificate's role ([`certs::role_of`]) against the
-//!   configured roles, that the peer's `Hello.role` is the role in its certificate, and the
-//!   protocol version and model fingerprint ([`crate::handshake::negotiate`]). A refusal is
-//!   an `Error` frame naming what did not match, then the connection closes.
+//!   client). A parent is accepted when its certificate chains to the cluster CA, is within
+//!   its validity period and carries one of `parent_roles` ([`verify`]); its DNS name is
+//!   checked only when pinned ([`ParentName::Pinned`], `--parent-name`). A child's
+//!   certificate must chain to the CA and carry one of `accept_roles`. Both sides check
+//!   that the peer's `Hello.role` is the role in its certificate ([`certs::role_of`]), and
+//!   the protocol version and model fingerprint ([`crate::handshake::negotiate`]). A
+//!   refusal is an `Error` frame naming what did not match, then the connection closes.
+//! - This node's certificate and key are re-read when their files change (time, size or
+//!   inode; checked before each handshake): `flow-node certs issue` into the same
+//!   directory rotates them without a restart. A pair that does not load keeps the previous
+//!   one in use. The CA file is read once.
 //! - [`PeerConnection::open_session`] / [`PeerConnection::accept_session`]: one
 //!   bidirectional stream per request session ([`SessionStream::send`] /
 //!   [`SessionStream::recv`]). Streams have independent flow control, so a stuck session
@@ -23,7 +30,9 @@
 //! - [`PeerConnection::stats`]: RTT, congestion window, bytes, losses ([`ConnStats`]).
 
 pub mod certs;
+mod identity;
 pub mod stats;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +48,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
+use identity::NodeIdentity;
+use verify::{Diagnosis, ParentVerifier};
+
 use crate::codec::{Codec, FrameDecoder};
 use crate::error::{Error, Result};
 use crate::handshake::negotiate;
@@ -47,6 +59,7 @@ use crate::message::{ErrorCode, Hello, Message, Role};
 /// The quinn version this transport is built on (for benchmarks comparing against raw quinn).
 pub use quinn;
 pub use stats::ConnStats;
+pub use verify::ParentName;
 
 /// ALPN protocol id.
 pub const ALPN: &[u8] = b"aiflow/1";
@@ -135,20 +148,28 @@ impl EndpointConfig {
     /// The quinn server configuration this endpoint uses (TLS + transport settings), for
     /// baselines such as raw-quinn benchmarks.
     pub fn quinn_server_config(&self) -> Result<quinn::ServerConfig> {
-        let crypto = QuicServerConfig::try_from(server_crypto(&self.security)?)
+        self.server_config(&ClientTls::new(&self.security)?, self.transport()?)
+    }
+
+    fn server_config(
+        &self,
+        tls: &ClientTls,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ServerConfig> {
+        let crypto = QuicServerConfig::try_from(server_crypto(&self.security, tls)?)
             .map_err(|e| Error::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(self.transport()?);
+        server.transport_config(transport);
         Ok(server)
     }
 
-    /// The quinn client configuration this endpoint uses.
+    /// The quinn client configuration this endpoint uses by default: the server's name is
+    /// checked (pinned) and its role is not (`Endpoint::connect` checks roles and makes the
+    /// name optional).
     pub fn quinn_client_config(&self) -> Result<quinn::ClientConfig> {
-        let crypto = QuicClientConfig::try_from(client_crypto(&self.security)?)
-            .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-        c.transport_config(self.transport()?);
-        Ok(c)
+        let tls = ClientTls::new(&self.security)?;
+        let (config, _) = tls.quinn_config(self.transport()?, &ParentCheck::default())?;
+        Ok(config)
     }
 
     fn transport(&self) -> Result<Arc<quinn::TransportConfig>> {
@@ -192,55 +213,117 @@ fn self_signed() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>
     Ok((vec![ck.cert.der().clone()], key))
 }
 
-fn server_crypto(security: &Security) -> Result<rustls::ServerConfig> {
+/// This node's TLS material, loaded once per endpoint: the CA roots (`None` in
+/// insecure-loopback mode) and the certificate and key ([`NodeIdentity`], re-read when the
+/// files change; `None` when this node presents none).
+#[derive(Debug)]
+struct ClientTls {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    roots: Option<Arc<RootCertStore>>,
+    identity: Option<Arc<NodeIdentity>>,
+}
+
+/// How one outgoing connection checks its server.
+#[derive(Debug, Default)]
+struct ParentCheck {
+    /// `None`: the name rustls is given is checked; `Some(Any)`: no name check.
+    name: Option<ParentName>,
+    /// Accepted roles (empty = any).
+    roles: Vec<Role>,
+    /// For messages.
+    addr: Option<SocketAddr>,
+}
+
+impl ClientTls {
+    fn new(security: &Security) -> Result<Self> {
+        let provider = provider();
+        let (roots, identity) = match security {
+            Security::Mtls { ca, cert, key } => (
+                Some(Arc::new(roots(ca)?)),
+                Some(Arc::new(NodeIdentity::load(cert, key, provider.clone())?)),
+            ),
+            Security::ServerAuthOnly { ca } => (Some(Arc::new(roots(ca)?)), None),
+            Security::InsecureLoopback => (None, None),
+        };
+        Ok(ClientTls {
+            provider,
+            roots,
+            identity,
+        })
+    }
+
+    /// A quinn client configuration for `check`, and where its verifier explains a refusal
+    /// (`None` in insecure-loopback mode).
+    fn quinn_config(
+        &self,
+        transport: Arc<quinn::TransportConfig>,
+        check: &ParentCheck,
+    ) -> Result<(quinn::ClientConfig, Option<Diagnosis>)> {
+        let builder = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err("TLS versions"))?;
+        let (builder, diagnosis) = match &self.roots {
+            Some(roots) => {
+                let verifier = ParentVerifier::new(
+                    roots.clone(),
+                    self.provider.clone(),
+                    !matches!(check.name, Some(ParentName::Any)),
+                    check.roles.clone(),
+                    check.addr,
+                )?;
+                let diagnosis = verifier.diagnosis();
+                let builder = builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(verifier));
+                (builder, Some(diagnosis))
+            }
+            None => (
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(
+                        self.provider.clone(),
+                    ))),
+                None,
+            ),
+        };
+        let mut cfg = match &self.identity {
+            Some(id) => builder.with_client_cert_resolver(id.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(cfg).map_err(|e| Error::Tls(e.to_string()))?;
+        let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+        c.transport_config(transport);
+        Ok((c, diagnosis))
+    }
+}
+
+fn server_crypto(security: &Security, tls: &ClientTls) -> Result<rustls::ServerConfig> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err("TLS versions"))?;
-    let mut cfg = match security {
-        Security::Mtls { ca, cert, key } => {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
-                    .build()
-                    .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
+    let mut cfg = match (security, &tls.roots, &tls.identity) {
+        (Security::Mtls { .. }, Some(roots), Some(identity)) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
             builder
                 .with_client_cert_verifier(verifier)
-                .with_single_cert(certs::load_certs(cert)?, certs::load_key(key)?)
-                .map_err(tls_err("node certificate"))?
+                .with_cert_resolver(identity.clone())
         }
-        Security::ServerAuthOnly { .. } => {
-            return Err(Error::invalid(
-                "security",
-                "ServerAuthOnly is for clients; a server needs Mtls",
-            ))
-        }
-        Security::InsecureLoopback => {
+        (Security::InsecureLoopback, _, _) => {
             let (chain, key) = self_signed()?;
             builder
                 .with_no_client_auth()
                 .with_single_cert(chain, key)
                 .map_err(tls_err("self-signed"))?
         }
-    };
-    cfg.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(cfg)
-}
-
-fn client_crypto(security: &Security) -> Result<rustls::ClientConfig> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_err("TLS versions"))?;
-    let mut cfg = match security {
-        Security::Mtls { ca, cert, key } => builder
-            .with_root_certificates(roots(ca)?)
-            .with_client_auth_cert(certs::load_certs(cert)?, certs::load_key(key)?)
-            .map_err(tls_err("node certificate"))?,
-        Security::ServerAuthOnly { ca } => builder
-            .with_root_certificates(roots(ca)?)
-            .with_no_client_auth(),
-        Security::InsecureLoopback => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider())))
-            .with_no_client_auth(),
+        _ => {
+            return Err(Error::invalid(
+                "security",
+                "ServerAuthOnly is for clients; a server needs Mtls",
+            ))
+        }
     };
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(cfg)
@@ -333,6 +416,8 @@ fn write_err(e: quinn::WriteError) -> Error {
 pub struct Endpoint {
     inner: quinn::Endpoint,
     cfg: Arc<EndpointConfig>,
+    tls: Arc<ClientTls>,
+    transport: Arc<quinn::TransportConfig>,
 }
 
 impl Endpoint {
@@ -346,22 +431,28 @@ impl Endpoint {
     /// Bind a server (that can also connect out) on `cfg.bind`.
     pub fn server(cfg: EndpointConfig) -> Result<Self> {
         Self::check_loopback(&cfg, cfg.bind)?;
-        let mut inner = quinn::Endpoint::server(cfg.quinn_server_config()?, cfg.bind)?;
-        inner.set_default_client_config(cfg.quinn_client_config()?);
+        let tls = Arc::new(ClientTls::new(&cfg.security)?);
+        let transport = cfg.transport()?;
+        let inner = quinn::Endpoint::server(cfg.server_config(&tls, transport.clone())?, cfg.bind)?;
         Ok(Endpoint {
             inner,
             cfg: Arc::new(cfg),
+            tls,
+            transport,
         })
     }
 
     /// Bind a client-only endpoint on `cfg.bind`.
     pub fn client(cfg: EndpointConfig) -> Result<Self> {
         Self::check_loopback(&cfg, cfg.bind)?;
-        let mut inner = quinn::Endpoint::client(cfg.bind)?;
-        inner.set_default_client_config(cfg.quinn_client_config()?);
+        let tls = Arc::new(ClientTls::new(&cfg.security)?);
+        let transport = cfg.transport()?;
+        let inner = quinn::Endpoint::client(cfg.bind)?;
         Ok(Endpoint {
             inner,
             cfg: Arc::new(cfg),
+            tls,
+            transport,
         })
     }
 
@@ -375,28 +466,55 @@ impl Endpoint {
         &self.cfg
     }
 
-    /// Connect to a parent at `addr` whose certificate names `server_name`, then exchange
-    /// `Hello`s. Errors say why a refusal happened (TLS, role, version, model).
-    pub async fn connect(&self, addr: SocketAddr, server_name: &str) -> Result<PeerConnection> {
+    /// Connect to a parent at `addr`, then exchange `Hello`s. Under mTLS the parent's
+    /// certificate must chain to the cluster CA, be within its validity period and carry
+    /// one of `parent_roles`; its DNS name must be `name` when pinned
+    /// ([`ParentName::Pinned`], e.g. `connect(addr, "edge-1")`) and is not checked for
+    /// [`ParentName::Any`]. Errors say why a refusal happened and what to fix (TLS, role,
+    /// version, model).
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        name: impl Into<ParentName>,
+    ) -> Result<PeerConnection> {
+        let name = name.into();
         let cfg = self.cfg.clone();
         Self::check_loopback(&cfg, addr)?;
+        // Unpinned: the address as the server name, so no SNI is sent and the verifier
+        // skips the name.
+        let server_name = match &name {
+            ParentName::Pinned(n) => {
+                ServerName::try_from(n.as_str()).map_err(|_| {
+                    Error::invalid(
+                        "parent name",
+                        format!("{n:?} is not a DNS name (it must be the name in the parent's certificate, e.g. edge-1)"),
+                    )
+                })?;
+                n.clone()
+            }
+            ParentName::Any => addr.ip().to_string(),
+        };
+        let check = ParentCheck {
+            name: Some(name),
+            roles: cfg.parent_roles.clone(),
+            addr: Some(addr),
+        };
+        let (client_config, diagnosis) = self.tls.quinn_config(self.transport.clone(), &check)?;
         let fut = async {
             let connecting = self
                 .inner
-                .connect(addr, server_name)
+                .connect_with(client_config, addr, &server_name)
                 .map_err(|e| Error::Quic(e.to_string()))?;
-            let conn = connecting.await.map_err(conn_err)?;
-            let cert_role = peer_cert_role(&conn, &cfg.security)?;
-            if let Some(role) = cert_role {
-                if !cfg.parent_roles.is_empty() && !cfg.parent_roles.contains(&role) {
-                    let msg = format!(
-                        "server {server_name} has a {role} certificate; expected one of {:?}",
-                        cfg.parent_roles
-                    );
-                    conn.close(VarInt::from_u32(CLOSE_REFUSED), msg.as_bytes());
-                    return Err(Error::Role(msg));
+            let conn = match connecting.await {
+                Ok(c) => c,
+                Err(e) => {
+                    let explained = diagnosis
+                        .as_ref()
+                        .and_then(|d| d.lock().unwrap_or_else(|p| p.into_inner()).take());
+                    return Err(explained.unwrap_or_else(|| conn_err(e)));
                 }
-            }
+            };
+            let cert_role = peer_cert_role(&conn, &cfg.security)?;
             let (send, recv) = conn.open_bi().await.map_err(conn_err)?;
             let mut control = SessionStream::new(send, recv, cfg.codec, None);
             control.send(&Message::Hello(cfg.hello.clone())).await?;
