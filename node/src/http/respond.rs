@@ -289,15 +289,27 @@ async fn stream(
         if let Some((k, v)) = extra {
             c[k] = v;
         }
-        c
+        c.to_string()
     };
-    let send = |v: Value| {
+    // The per-token chunk without log-probabilities, the hot path, written directly.
+    let js = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    let head = format!(
+        "{{\"id\":{},\"object\":\"{object}\",\"created\":{created},\"model\":{}",
+        js(&id),
+        js(&plan.model)
+    );
+    let usage_null = if plan.include_usage { ",\"usage\":null" } else { "" };
+    let field = match plan.kind {
+        Kind::Chat => "\"delta\":{\"content\":",
+        Kind::Completion => "\"text\":",
+    };
+    let close = match plan.kind {
+        Kind::Chat => "}",
+        Kind::Completion => "",
+    };
+    let send = |v: String| {
         let tx = tx.clone();
-        async move {
-            tx.send(Ok(Event::default().data(v.to_string())))
-                .await
-                .is_ok()
-        }
+        async move { tx.send(Ok(Event::default().data(v))).await.is_ok() }
     };
     // Opening chunks: the assistant role (chat) or the echoed prompt (completions).
     let mut offsets = vec![0usize; plan.choices as usize];
@@ -330,6 +342,19 @@ async fn stream(
         let c = match ev {
             Out::Token { index, text, token } => {
                 clock.token(&agent, index);
+                if plan.logprobs.is_none() {
+                    let c = format!(
+                        "{head},\"choices\":[{{\"index\":{index},{field}{}{close},\"logprobs\":null,\"finish_reason\":null}}]{usage_null},\"aiflow\":{{\"tier\":\"{}\",\"exit\":{},\"degraded\":{}}}}}",
+                        js(&text),
+                        token.tier.as_str(),
+                        token.exit,
+                        token.degraded
+                    );
+                    if !send(c).await {
+                        return;
+                    }
+                    continue;
+                }
                 let ext = json!({"tier": token.tier.as_str(), "exit": token.exit, "degraded": token.degraded});
                 let one = std::slice::from_ref(&token);
                 let choice = match plan.kind {
@@ -378,7 +403,7 @@ async fn stream(
             }
             Out::Error(e) => {
                 agent.metrics().serving.failed.inc();
-                let _ = send(e.body()).await;
+                let _ = send(e.body().to_string()).await;
                 let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
                 return;
             }
@@ -392,7 +417,7 @@ async fn stream(
         let mut u = json!({"id": id, "object": object, "created": created, "model": plan.model,
             "choices": []});
         u["usage"] = usage(plan.prompt_tokens, completion);
-        if !send(u).await {
+        if !send(u.to_string()).await {
             return;
         }
     }
