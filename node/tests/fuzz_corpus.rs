@@ -15,7 +15,12 @@ fn seeds() -> Vec<Vec<u8>> {
     let mut v: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .flatten()
-        .map(|e| (e.file_name(), std::fs::read(e.path()).expect("readable seed")))
+        .map(|e| {
+            (
+                e.file_name(),
+                std::fs::read(e.path()).expect("readable seed"),
+            )
+        })
         .collect();
     v.sort();
     v.into_iter().map(|(_, b)| b).collect()
@@ -31,10 +36,32 @@ fn openai_request_corpus() {
 }
 
 const KEYS: &[&str] = &[
-    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-    "top_k", "seed", "n", "stop", "stop_token_ids", "stream", "stream_options", "logprobs",
-    "top_logprobs", "echo", "suffix", "user", "aiflow", "response_format", "tools",
-    "tool_choice", "logit_bias", "best_of", "presence_penalty",
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "n",
+    "stop",
+    "stop_token_ids",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "suffix",
+    "user",
+    "aiflow",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "logit_bias",
+    "best_of",
+    "presence_penalty",
 ];
 
 fn value() -> impl Strategy<Value = Value> {

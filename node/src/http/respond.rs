@@ -298,7 +298,11 @@ async fn stream(
         js(&id),
         js(&plan.model)
     );
-    let usage_null = if plan.include_usage { ",\"usage\":null" } else { "" };
+    let usage_null = if plan.include_usage {
+        ",\"usage\":null"
+    } else {
+        ""
+    };
     let field = match plan.kind {
         Kind::Chat => "\"delta\":{\"content\":",
         Kind::Completion => "\"text\":",
