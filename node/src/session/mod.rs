@@ -219,6 +219,8 @@ pub struct Session {
     parent_name: String,
     /// The parent is gone for this request and none took over: answer locally.
     parent_failed: bool,
+    /// Speculation lost its verifier: every later token is the entry's own, degraded.
+    unverified: bool,
     /// End of the time budget the child gave the current step.
     budget_until: Option<Instant>,
     stats: SessionStats,
@@ -250,6 +252,7 @@ impl Session {
             up: 0,
             parent_name: String::new(),
             parent_failed: false,
+            unverified: false,
             budget_until: None,
             stats: SessionStats::default(),
             actions: VecDeque::new(),

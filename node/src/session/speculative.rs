@@ -3,6 +3,7 @@
 //! answers with a `Verdict`; every tier keeps the KV of what was accepted.
 
 use candle_core::Tensor;
+use flow_partition::DegradeReason;
 use flow_protocol::{Draft, Message, TokenOut, Verdict};
 use tokio::time::Instant;
 
@@ -243,7 +244,7 @@ impl Session {
         link: Option<&dyn Uplink>,
     ) -> Result<()> {
         if !switched {
-            return Err(err);
+            return self.round_unverified(hidden, err);
         }
         let drafts = self.spec_mut()?.round.drafts.clone();
         tracing::warn!(session = self.cfg.id, error = %err, "speculation continues on another parent; the accepted states are re-sent");
@@ -251,6 +252,60 @@ impl Session {
         rows.push(hidden.clone());
         let all = Tensor::cat(&rows, 0)?;
         self.send_round(0, all, hidden, drafts, now, link)
+    }
+
+    /// No parent can verify any more (the last one was lost, or the tiers above it are
+    /// gone): the round's drafts are answered as they are, marked degraded, and the rest of
+    /// the request is generated from this node's exit, every token degraded — the deepest
+    /// exit the entry node still reaches. Nothing already streamed changes.
+    fn round_unverified(&mut self, hidden: Tensor, err: NodeError) -> Result<()> {
+        tracing::warn!(session = self.cfg.id, error = %err, "no parent can verify; answering from this node's exit, degraded");
+        let (role, exit) = (self.cfg.role, self.cfg.stage.b as u32);
+        let spec = match &mut self.flow {
+            Flow::Entry { spec, .. } => spec
+                .take()
+                .ok_or_else(|| NodeError::Internal("no speculation in this session".into()))?,
+            Flow::Child => return Err(err),
+        };
+        let (s, r, drafts) = (spec.s, spec.pending.len(), spec.round.drafts);
+        self.parent_failed = true;
+        self.unverified = true;
+        if self.cfg.keep_history {
+            self.history.push(hidden);
+        }
+        let Some((&last, _)) = drafts.split_last() else {
+            return Err(err);
+        };
+        for (i, &d) in drafts.iter().enumerate() {
+            self.push(Action::Degrade(DegradeReason::ParentUnreachable));
+            let t = TokenOut {
+                id: d,
+                position: (s + r + i) as u32,
+                tier: role,
+                exit,
+                confidence: 1.0,
+                logprob: f32::NAN,
+                top_logprobs: Vec::new(),
+            };
+            if !self.emit(t, true) {
+                return Ok(());
+            }
+        }
+        // The last draft's row is in the KV without logits: run it again for the next token.
+        let at = s + r + drafts.len() - 1;
+        self.push(Action::Truncate(at));
+        self.kv_len = at;
+        if self.cfg.keep_history {
+            let total: usize = self.history.iter().map(|t| t.dim(0).unwrap_or(0)).sum();
+            if let Some(h) = self.history.pop() {
+                let keep = h.dim(0)? - (total - at);
+                if keep > 0 {
+                    self.history.push(h.narrow(0, 0, keep)?);
+                }
+            }
+        }
+        self.begin_step(Input::Tokens(vec![last]), at, None);
+        Ok(())
     }
 
     /// A child's `Draft`: run this stage over its rows, then verify (no parent) or relay.

@@ -171,7 +171,7 @@ impl Session {
             (None, None) => Decision::Escalate,
         };
         if decision == Decision::Answer || (self.parent_failed && step.local.is_some()) {
-            let degraded = decision == Decision::Escalate;
+            let degraded = decision == Decision::Escalate || self.unverified;
             if degraded {
                 // The parent is gone for this request: answer from the local exit.
                 self.push(Action::Degrade(DegradeReason::ParentUnreachable));

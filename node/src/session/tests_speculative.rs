@@ -82,11 +82,33 @@ fn speculation_fails_over_with_the_accepted_rows_resent() {
 }
 
 #[test]
-fn speculation_without_another_parent_fails() {
-    let engine = FakeEngine::new(script(reference), |_| true);
+fn speculation_without_another_parent_degrades_to_the_entry_exit() {
+    // The drafter is wrong at every third position, so the verified and the degraded
+    // parts are told apart by their tokens too.
+    let drafter = |p: usize| if p % 3 == 0 { wrong(p) } else { reference(p) };
+    let engine = FakeEngine::new(script(drafter), |_| true);
     let dies = dies_after(1);
     let mut p = entry(speculate(2), vec![dies], engine, 12);
-    assert!(matches!(p.run(), Outcome::Failed(NodeError::Parent { .. })));
+    assert!(matches!(p.run(), Outcome::Done("length")));
+    check_positions(&p, 12);
+    let first_degraded = p
+        .tokens
+        .iter()
+        .position(|t| t.1)
+        .expect("tokens after the loss are marked degraded");
+    assert!(first_degraded > 0, "the verified round stays undegraded");
+    assert!(
+        p.tokens[first_degraded..].iter().all(|t| t.1),
+        "every later token is degraded"
+    );
+    let got = ids(&p);
+    assert_eq!(got[..first_degraded], want(12)[..first_degraded]);
+    // From the loss on, the tokens are the entry exit's own choices at their positions.
+    for (i, &t) in got.iter().enumerate().skip(first_degraded) {
+        let pos = p.tokens[i].0.position as usize;
+        assert_eq!(t, drafter(pos), "position {pos}");
+    }
+    assert_eq!(p.session.stats().failovers, 0);
 }
 
 fn draft_msg(start: usize, r: usize, tokens: Vec<u32>) -> Draft {
