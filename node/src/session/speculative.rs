@@ -48,6 +48,19 @@ impl Spec {
     }
 }
 
+/// A drafted token of the entry node (no verified log-probability).
+fn draft_token(id: u32, position: usize, tier: flow_protocol::Role, exit: u32) -> TokenOut {
+    TokenOut {
+        id,
+        position: position as u32,
+        tier,
+        exit,
+        confidence: 1.0,
+        logprob: f32::NAN,
+        top_logprobs: Vec::new(),
+    }
+}
+
 /// A child's draft at this tier: positions `start..start + r + n`, the last `n` drafted.
 pub(super) struct ChildDraft {
     draft: Draft,
@@ -203,15 +216,10 @@ impl Session {
             self.history.push(hidden.narrow(0, 0, r + a)?);
         }
         self.push(Action::Truncate(s + r + a));
-        let accepted = drafts[..a].iter().enumerate().map(|(i, &d)| TokenOut {
-            id: d,
-            position: (s + r + i) as u32,
-            tier: role,
-            exit,
-            confidence: 1.0,
-            logprob: f32::NAN,
-            top_logprobs: Vec::new(),
-        });
+        let accepted = drafts[..a]
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| draft_token(d, s + r + i, role, exit));
         let verified = TokenOut {
             id: v.next_token,
             position: (s + r + a) as u32,
@@ -278,16 +286,7 @@ impl Session {
         };
         for (i, &d) in drafts.iter().enumerate() {
             self.push(Action::Degrade(DegradeReason::ParentUnreachable));
-            let t = TokenOut {
-                id: d,
-                position: (s + r + i) as u32,
-                tier: role,
-                exit,
-                confidence: 1.0,
-                logprob: f32::NAN,
-                top_logprobs: Vec::new(),
-            };
-            if !self.emit(t, true) {
+            if !self.emit(draft_token(d, s + r + i, role, exit), true) {
                 return Ok(());
             }
         }
