@@ -120,6 +120,15 @@ impl Labeled {
             .and_then(|m| m.get(labels).copied())
             .unwrap_or(0)
     }
+
+    /// Every label set with its value, in label order (a copy; empty if the lock is
+    /// poisoned).
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        self.0
+            .lock()
+            .map(|m| m.iter().map(|(l, v)| (l.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
 }
 
 /// Everything a node exports on `/metrics`.

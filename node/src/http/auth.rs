@@ -1,7 +1,8 @@
 //! Bearer-token authentication of the API (`--api-key` / `AIFLOW_API_KEY`), as vLLM and
-//! llama-server do it: `Authorization: Bearer <key>` on `/v1/*` and the tokenizer routes;
-//! health, metrics and the dashboard page stay open unless `--api-key-probes` protects them
-//! too. Keys are compared through their SHA-256 digests in constant time, so neither the
+//! llama-server do it: `Authorization: Bearer <key>` on `/v1/*`, the tokenizer routes and
+//! the dashboard's data (`/aiflow/*`); health and metrics stay open unless
+//! `--api-key-probes` protects them too. The dashboard page (`/` and `/dashboard/*`) is
+//! always open: a browser loads it without headers, and it asks for the key itself. Keys are compared through their SHA-256 digests in constant time, so neither the
 //! content nor the length of the configured key leaks through response timing.
 
 use axum::extract::{Request, State};
@@ -24,8 +25,12 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 /// Whether `path` needs the key.
 fn protected(path: &str, probes: bool) -> bool {
-    let api = path.starts_with("/v1/") || path == "/tokenize" || path == "/detokenize";
-    api || (probes && path != "/")
+    let api = path.starts_with("/v1/")
+        || path.starts_with("/aiflow/")
+        || path == "/tokenize"
+        || path == "/detokenize";
+    let page = path == "/" || path.starts_with("/dashboard/");
+    api || (probes && !page)
 }
 
 /// Middleware: refuse requests without the right bearer token with 401.
@@ -66,13 +71,16 @@ mod tests {
             "/v1/chat/completions",
             "/tokenize",
             "/detokenize",
+            "/aiflow/status",
         ] {
             assert!(protected(p, false), "{p}");
         }
-        for p in ["/health", "/metrics", "/"] {
+        for p in ["/health", "/metrics", "/", "/dashboard/app.js"] {
             assert!(!protected(p, false), "{p}");
         }
         assert!(protected("/metrics", true) && protected("/health", true));
-        assert!(!protected("/", true), "the page itself asks for the key");
+        for p in ["/", "/dashboard/app.js", "/dashboard/style.css"] {
+            assert!(!protected(p, true), "the page itself asks for the key: {p}");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! OpenAI-compatible HTTP API of the entry node (axum), what users of vLLM and llama-server
 //! expect: `/v1/models`, `/v1/completions`, `/v1/chat/completions` (JSON or SSE), `/tokenize`,
 //! `/detokenize`, `/health` (503 while the model loads, then 200; `/healthz` too) and
-//! `/metrics` (vLLM's `vllm:` series beside aiflow's own).
+//! `/metrics` (vLLM's `vllm:` series beside aiflow's own), and a live dashboard page at
+//! `/` fed by `/aiflow/status`.
 //!
 //! - [`serve`] / [`router`]: an API over a started [`Agent`]; [`serve_loading`] binds first
 //!   and answers 503 until [`Ready::set`] hands it the agent.
@@ -17,6 +18,7 @@
 mod admission;
 mod auth;
 mod choice;
+mod dashboard;
 pub mod error;
 mod metrics;
 pub mod params;
@@ -194,6 +196,7 @@ pub fn router_with(api: Api) -> Router {
         .route("/health", get(health))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics::metrics))
+        .merge(dashboard::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             api.clone(),
@@ -206,7 +209,7 @@ pub fn router_with(api: Api) -> Router {
 async fn not_found(uri: axum::http::Uri) -> Response {
     let mut e = ApiError::bad_request(format!(
         "no route {uri}: this server has /v1/models, /v1/completions, /v1/chat/completions, \
-         /tokenize, /detokenize, /health and /metrics"
+         /tokenize, /detokenize, /health, /metrics, the dashboard at / and /aiflow/status"
     ));
     e.status = StatusCode::NOT_FOUND;
     e.into_response()

@@ -1,0 +1,191 @@
+//! The tiers as the entry node knows them: itself (its configuration), each parent (the
+//! `Hello` it sent on connecting and the health of the link to it), and the tier beyond the
+//! parent in use, inferred from the layers of the family that no known node hosts. The
+//! entry node has no connection to that tier, so its id and health stay unknown; the page
+//! shows the tokens it answered instead. Pure: [`nodes`] takes what the handler gathered.
+
+use flow_protocol::{HostedLayers, Role};
+use serde::Serialize;
+
+/// One tier as the page draws it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Node {
+    /// Node id (`None` for an inferred tier or a parent never reached).
+    pub id: Option<String>,
+    /// `device`, `edge` or `cloud` (`None` when unknown).
+    pub role: Option<&'static str>,
+    /// How the entry node knows it: `self`, `hello` (a parent's handshake), `inferred`.
+    pub seen: &'static str,
+    /// `serving` (the entry node), `up` / `failing` / `down` / `idle` (a parent link, see
+    /// [`link_health`]), `unseen` (inferred).
+    pub health: &'static str,
+    /// Hosted layers `[start, end)`, when known.
+    pub layers: Option<[usize; 2]>,
+    /// The exit points it answers at (the family's exit at the end of its layers).
+    pub exits: Vec<usize>,
+    /// New requests go through it (the entry node itself, the parent in use and beyond).
+    pub active: bool,
+}
+
+/// What the entry node knows of one parent.
+#[derive(Debug, Clone)]
+pub struct ParentView {
+    /// The parent's id, role and hosted layers from its `Hello` (`None`: not connected).
+    pub hello: Option<(String, Role, Vec<HostedLayers>)>,
+    /// [`link_health`] of the link to it.
+    pub health: &'static str,
+    /// The parent in use.
+    pub active: bool,
+}
+
+/// The health of a parent link: `up` (connected, no failure since), `failing` (a request
+/// failed on it since it was dialled), `down` (dial or probes failed) or `idle` (a fall-back
+/// parent not dialled yet).
+pub fn link_health(reachable: bool, failed: bool, down: bool) -> &'static str {
+    match (reachable, failed, down) {
+        (_, true, _) => "failing",
+        (true, false, _) => "up",
+        (false, false, true) => "down",
+        (false, false, false) => "idle",
+    }
+}
+
+/// The tier above a node of `role` (the role whose nodes take it as a child).
+fn tier_above(role: Role) -> Option<Role> {
+    [Role::Device, Role::Edge, Role::Cloud]
+        .into_iter()
+        .find(|r| r.default_children().contains(&role))
+}
+
+/// The exit a node hosting layers up to `end` answers at: the family's exit at `end`, if
+/// there is one (a tier hosts the exit at the end of its layers, not those inside them).
+fn exit_at(exits: &[usize], end: usize) -> Vec<usize> {
+    exits.iter().copied().filter(|&e| e == end).collect()
+}
+
+/// The tiers from the entry node `me` up: its parents in preference order, then the tier
+/// beyond the parent in use when the family's deepest exit (`exits`' largest) lies past
+/// the layers that parent hosts.
+pub fn nodes(me: Node, parents: &[ParentView], exits: &[usize]) -> Vec<Node> {
+    let deepest = exits.iter().copied().max().unwrap_or(0);
+    let mut out = vec![me];
+    let mut beyond = None;
+    for p in parents {
+        let Some((id, role, hosted)) = &p.hello else {
+            out.push(Node {
+                id: None,
+                role: None,
+                seen: "hello",
+                health: p.health,
+                layers: None,
+                exits: Vec::new(),
+                active: p.active,
+            });
+            continue;
+        };
+        let start = hosted.iter().map(|h| h.start as usize).min();
+        let end = hosted.iter().map(|h| h.end as usize).max();
+        let layers = start.zip(end).map(|(s, e)| [s, e]);
+        if p.active {
+            if let (Some([_, e]), Some(above)) = (layers, tier_above(*role)) {
+                if e < deepest {
+                    beyond = Some(Node {
+                        id: None,
+                        role: Some(above.as_str()),
+                        seen: "inferred",
+                        health: "unseen",
+                        layers: Some([e, deepest]),
+                        exits: exit_at(exits, deepest),
+                        active: true,
+                    });
+                }
+            }
+        }
+        out.push(Node {
+            id: Some(id.clone()),
+            role: Some(role.as_str()),
+            seen: "hello",
+            health: p.health,
+            layers,
+            exits: layers.map_or_else(Vec::new, |[_, e]| exit_at(exits, e)),
+            active: p.active,
+        });
+    }
+    out.extend(beyond);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Node {
+        Node {
+            id: Some("device".into()),
+            role: Some("device"),
+            seen: "self",
+            health: "serving",
+            layers: Some([0, 10]),
+            exits: vec![10],
+            active: true,
+        }
+    }
+
+    /// A parent that said hello as `id` (`role`, layers `[start, end)`).
+    fn said_hello(id: &str, role: Role, start: u32, end: u32) -> ParentView {
+        let hosted = vec![HostedLayers {
+            start,
+            end,
+            digest: [0; 32],
+        }];
+        ParentView {
+            hello: Some((id.into(), role, hosted)),
+            health: "up",
+            active: true,
+        }
+    }
+
+    /// A parent never reached.
+    fn silent(health: &'static str, active: bool) -> ParentView {
+        ParentView {
+            hello: None,
+            health,
+            active,
+        }
+    }
+
+    #[test]
+    fn an_edge_parent_short_of_the_deepest_exit_implies_a_cloud_beyond() {
+        let n = nodes(
+            me(),
+            &[said_hello("edge", Role::Edge, 10, 20)],
+            &[10, 20, 30],
+        );
+        let roles: Vec<_> = n.iter().map(|n| n.role).collect();
+        assert_eq!(roles, [Some("device"), Some("edge"), Some("cloud")]);
+        assert_eq!(n[1].exits, [20]);
+        assert_eq!(
+            (n[2].seen, n[2].health, n[2].layers, n[2].exits.clone()),
+            ("inferred", "unseen", Some([20, 30]), vec![30])
+        );
+        assert_eq!(n[2].id, None);
+    }
+
+    #[test]
+    fn a_cloud_parent_or_an_unconnected_one_implies_nothing_beyond() {
+        let cloud = said_hello("cloud", Role::Cloud, 10, 30);
+        let n = nodes(me(), &[cloud, silent("idle", false)], &[10, 20, 30]);
+        assert_eq!(n.len(), 3);
+        assert_eq!(n[1].exits, [30]);
+        assert_eq!((n[2].role, n[2].health, n[2].active), (None, "idle", false));
+        assert_eq!(nodes(me(), &[silent("down", true)], &[10, 20, 30]).len(), 2);
+    }
+
+    #[test]
+    fn link_health_names_the_worst_known_state() {
+        assert_eq!(link_health(true, false, false), "up");
+        assert_eq!(link_health(true, true, false), "failing");
+        assert_eq!(link_health(false, false, true), "down");
+        assert_eq!(link_health(false, false, false), "idle");
+    }
+}
