@@ -8,8 +8,8 @@
 //!   and answers 503 until [`Ready::set`] hands it the agent.
 //! - Requests are checked by [`params`]: every parameter is implemented, accepted only at its
 //!   neutral value, or refused with a 400 naming it. Errors have OpenAI's shape ([`error`]).
-//! - [`admission`] bounds concurrent choices (429 with `Retry-After` beyond the queue);
-//!   [`auth`] checks `--api-key` bearer tokens in constant time.
+//! - `admission` bounds concurrent choices (429 with `Retry-After` beyond the queue);
+//!   `auth` checks `--api-key` bearer tokens in constant time.
 //! - Every token carries the tier and exit that produced it (`aiflow` in each chunk), and
 //!   every response an `aiflow` summary: tokens per tier and exit, bytes shipped, hops,
 //!   degraded tokens, drafts. Requests may carry an `aiflow` object choosing the inference
