@@ -59,7 +59,7 @@ pub struct Stage {
 }
 
 /// The input rows of a step.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Input {
     /// Token ids (entry stage only).
     Tokens(Vec<u32>),

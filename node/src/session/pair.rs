@@ -57,6 +57,8 @@ pub struct FakeEngine {
     pub confident: Box<dyn Fn(usize) -> bool>,
     /// Positions the session's KV holds.
     pub kv: usize,
+    /// Positions `0..exit_kv` the exit block's KV holds without a hole.
+    pub exit_kv: usize,
     pub truncations: Vec<usize>,
 }
 
@@ -66,6 +68,7 @@ impl FakeEngine {
             token,
             confident: Box::new(confident),
             kv: 0,
+            exit_kv: 0,
             truncations: Vec::new(),
         }
     }
@@ -91,6 +94,14 @@ impl FakeEngine {
         });
         self.kv = job.start + n;
         let end = job.start + n;
+        if job.exit_kv && self.exit_kv == first {
+            self.exit_kv = end;
+        }
+        assert!(
+            job.logit_rows == 0 || self.exit_kv == end,
+            "the exit answers position {end} with its KV holding only 0..{}",
+            self.exit_kv
+        );
         let logits = (job.logit_rows > 0).then(|| {
             (end - job.logit_rows..end)
                 .map(|p| logits((self.token)(p + 1), (self.confident)(p + 1)))
@@ -363,6 +374,7 @@ impl Pair {
             }
             Action::Truncate(len) => {
                 self.engine.kv = len;
+                self.engine.exit_kv = self.engine.exit_kv.min(len);
                 self.engine.truncations.push(len);
             }
             Action::Escalate { up, msg } | Action::Draft { up, msg } => {

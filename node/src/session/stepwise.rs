@@ -32,6 +32,10 @@ pub(super) struct Step {
     local: Option<(Confidence, Vec<f32>)>,
     /// The step's states after this stage, while they may still go to a parent.
     hidden: Option<Tensor>,
+    /// The step's input, kept when this tier passes the step up without its exit: if no
+    /// parent can answer, the step runs again here with the exit (its KV is complete, see
+    /// `Session::keeps_exit_kv`).
+    input: Option<Input>,
 }
 
 impl Step {
@@ -115,13 +119,14 @@ impl Session {
         // After the parent failed, this tier answers whatever it would have escalated.
         let local =
             pre != Some(Decision::Escalate) || (self.parent_failed && self.exit_point().is_some());
+        let fallback = !local && self.keeps_exit_kv();
         self.push(Action::Compute(StepJob {
             session: self.cfg.id,
             start,
-            input,
+            input: input.clone(),
             backfill,
             logit_rows: usize::from(local),
-            exit_kv: local,
+            exit_kv: local || fallback,
             stage: Some(self.cfg.stage),
         }));
         self.wait = Wait::Step(Step {
@@ -130,7 +135,16 @@ impl Session {
             pre,
             local: None,
             hidden: None,
+            input: fallback.then_some(input),
         });
+    }
+
+    /// A step this tier always passes up (`route` past its exit, escalate-always) still
+    /// keeps the exit block's KV (one block per token, no head), so that if no parent can
+    /// answer, this exit answers — the deepest one still reachable — from a complete KV,
+    /// instead of the request failing or attending over a cache with holes.
+    fn keeps_exit_kv(&self) -> bool {
+        self.cfg.has_parent && self.exit_point().is_some()
     }
 
     pub(super) fn step_output(
@@ -282,7 +296,7 @@ impl Session {
     /// The driver performed the fail-over of a step's parent.
     pub(super) fn step_after_loss(
         &mut self,
-        step: Step,
+        mut step: Step,
         switched: bool,
         err: NodeError,
         now: Instant,
@@ -302,6 +316,19 @@ impl Session {
         if step.local.is_some() {
             self.push(Action::Degrade(DegradeReason::ParentUnreachable));
             return self.answer_locally(step, true);
+        }
+        if let (false, Some(input)) = (switched, step.input.take()) {
+            // Run the step again with this tier's exit (its KV holds every earlier
+            // position): the KV goes back to where the step started.
+            tracing::warn!(session = self.cfg.id, error = %err, "no parent can answer; answering from this tier's exit, degraded");
+            self.push(Action::Truncate(step.start));
+            self.kv_len = step.start;
+            self.owed.clear();
+            if self.cfg.keep_history {
+                self.history.pop();
+            }
+            self.begin_step(input, step.start, None);
+            return Ok(());
         }
         // No local exit: the step can only be answered above; retry it on the new parent,
         // its own rows as the input, not in the backfill.

@@ -464,3 +464,36 @@ fn a_tier_without_an_exit_retries_the_step_on_the_next_parent_or_fails() {
         }
     }
 }
+
+#[test]
+fn route_past_a_lost_parent_answers_from_this_exit_with_its_kv_complete() {
+    // Route to the cloud's exit; the parent answers two steps, then falls silent. No other
+    // parent: the rest comes from the device's exit (the engine asserts its exit KV has no
+    // hole), every such token degraded.
+    let route = Policy {
+        mode: InferMode::Route,
+        answer_exit: Some(9),
+        ..Policy::default()
+    };
+    let engine = FakeEngine::new(script(wrong), |_| true);
+    let mut p = entry(route, vec![dies_after(2)], engine, 8);
+    assert!(matches!(p.run(), Outcome::Done("length")));
+    check_positions(&p, 8);
+    assert!(p.tokens[..2]
+        .iter()
+        .all(|t| !t.1 && t.0.tier == Role::Cloud));
+    for (t, degraded) in &p.tokens[2..] {
+        assert!(*degraded && t.tier == Role::Device, "{t:?}");
+        assert_eq!(
+            t.id,
+            wrong(t.position as usize),
+            "the device exit's own token"
+        );
+    }
+    assert_eq!(p.degrades.len(), 6, "{:?}", p.degrades);
+    assert_eq!(
+        p.engine.truncations.first(),
+        Some(&(PROMPT + 1)),
+        "the lost step (input: the token at PROMPT + 1) ran again from where it started"
+    );
+}
