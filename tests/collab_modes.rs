@@ -204,7 +204,7 @@ async fn escalate_matches_calm_with_exact_backfill() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_parent_fails_or_degrades_clearly_and_the_node_keeps_serving() {
+async fn a_dead_parent_degrades_clearly_and_the_node_keeps_serving() {
     let (dir, certs) = fixture();
     let c = cluster(dir.path(), certs.path()).await;
     // Warm path works.
@@ -219,14 +219,16 @@ async fn a_dead_parent_fails_or_degrades_clearly_and_the_node_keeps_serving() {
     // The cloud goes away.
     c.cloud.shutdown().await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    // Route to the cloud's exit: nobody below can answer it, so a clear error.
-    let err = c
+    // Route to the cloud's exit: the deepest exit still reachable (the edge's) answers,
+    // every token marked degraded (issue 22; before, the request failed).
+    let (toks, stats) = c
         .device
         .generate_collect(request(PROMPTS[1], p, NEW))
         .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("parent"), "{err}");
+        .unwrap();
+    assert_eq!(toks.len(), NEW);
+    assert_eq!(stats.degraded_tokens, NEW, "{stats:?}");
+    assert!(toks.iter().all(|t| t.tier == Role::Edge), "{toks:?}");
     // Escalation with a threshold no exit reaches (but below 1, so exits are computed):
     // the edge answers from its own exit, marked degraded.
     let p = Policy {
