@@ -54,7 +54,9 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 use flow_partition::{DegradePolicy, DegradeReason};
-use flow_protocol::{Backfill, Encoding, InferMode, Message, Policy, Role, Sampling, TokenOut};
+use flow_protocol::{
+    Backfill, Encoding, ErrorCode, InferMode, Message, Policy, Role, Sampling, TokenOut,
+};
 use tokio::time::Instant;
 
 use crate::engine::{Input, Stage, StepJob, StepOut};
@@ -372,7 +374,16 @@ impl Session {
             }
             (Upward::Relay(c), Message::Verdict(v)) => self.finish_child_draft(c, v),
             (what, Message::Error(e)) => {
-                let err = self.parent_error(format!("{:?}: {}", e.code, e.message));
+                // A refusal of what was sent (a layer the parent does not host, a malformed
+                // message) is a configuration error: it fails over, but never degrades.
+                let err = if e.code == ErrorCode::Malformed {
+                    NodeError::Protocol(format!(
+                        "parent {} refused: {}",
+                        self.parent_name, e.message
+                    ))
+                } else {
+                    self.parent_error(format!("{:?}: {}", e.code, e.message))
+                };
                 self.lose(what, err);
                 Ok(())
             }

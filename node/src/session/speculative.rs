@@ -252,6 +252,9 @@ impl Session {
         link: Option<&dyn Uplink>,
     ) -> Result<()> {
         if !switched {
+            if !matches!(err, NodeError::Parent { .. }) {
+                return Err(err);
+            }
             return self.round_unverified(hidden, err);
         }
         let drafts = self.spec_mut()?.round.drafts.clone();

@@ -317,7 +317,8 @@ impl Session {
             self.push(Action::Degrade(DegradeReason::ParentUnreachable));
             return self.answer_locally(step, true);
         }
-        if let (false, Some(input)) = (switched, step.input.take()) {
+        let lost = matches!(err, NodeError::Parent { .. });
+        if let (false, true, Some(input)) = (switched, lost, step.input.take()) {
             // Run the step again with this tier's exit (its KV holds every earlier
             // position): the KV goes back to where the step started.
             tracing::warn!(session = self.cfg.id, error = %err, "no parent can answer; answering from this tier's exit, degraded");
