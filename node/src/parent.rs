@@ -177,9 +177,7 @@ fn ewma(old: Option<f64>, x: f64) -> f64 {
 
 /// Payload bytes of the small (liveness and RTT) probe and of every probe's reply.
 const SMALL_PROBE: u32 = 16;
-/// Least bytes of a request's upstream message that make a goodput sample (smaller ones
-/// are mostly fixed costs).
-const TRANSFER_SAMPLE_MIN: u64 = 8192;
+
 /// Bounds of the big probe (bytes). A probe that fits in a shaper's or policer's burst
 /// allowance crosses at line rate and reads as a much faster link: with a 2 KiB floor a
 /// 1 Mbit/s link with the testbed shaper's 3000-byte bucket read 1.2 to 2.8 Mbit/s from one
@@ -461,18 +459,10 @@ impl ParentLink {
     /// estimate (the link is at least that fast); a lower one says nothing and the budgeted
     /// probe corrects an estimate that is too high. Returns whether a sample was fed.
     pub fn observe_transfer(&self, bytes: u64, elapsed: Duration) -> bool {
-        if bytes < TRANSFER_SAMPLE_MIN {
-            return false;
-        }
         let est = self.estimate();
-        let secs = elapsed.as_secs_f64() - est.rtt_ms.max(0.0) / 1e3;
-        if secs.is_nan() || secs <= 0.0 {
+        let Some(g) = budget::transfer_goodput(bytes, elapsed, est.rtt_ms, est.goodput_bps) else {
             return false;
-        }
-        let g = bytes as f64 * 8.0 / secs;
-        if !(g.is_finite() && g >= est.goodput_bps) {
-            return false;
-        }
+        };
         let sample = LinkSample {
             at_ms: self.now_ms(),
             rtt_ms: None,

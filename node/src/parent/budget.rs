@@ -87,6 +87,33 @@ pub fn exchange_cost(payload: u32, reply: u32) -> u64 {
     one_way(payload) + one_way(reply)
 }
 
+/// Least bytes of a request's upstream message that make a goodput sample (smaller ones
+/// are mostly fixed costs).
+pub const TRANSFER_SAMPLE_MIN: u64 = 8192;
+
+/// The goodput sample (bits per second) a request exchange gives: `bytes` sent, the reply
+/// `elapsed` after the send began, on a link with RTT `rtt_ms` whose goodput is estimated
+/// at `estimate_bps`. `bytes · 8 / (elapsed − RTT)` is a lower bound of the goodput (the
+/// parent's compute counts as transfer time), so it is a sample only when it is at least
+/// the estimate; `None` for small transfers, a reply faster than the RTT, or a bound below
+/// the estimate (which says nothing about it).
+pub fn transfer_goodput(
+    bytes: u64,
+    elapsed: Duration,
+    rtt_ms: f64,
+    estimate_bps: f64,
+) -> Option<f64> {
+    if bytes < TRANSFER_SAMPLE_MIN {
+        return None;
+    }
+    let secs = elapsed.as_secs_f64() - rtt_ms.max(0.0) / 1e3;
+    if secs.is_nan() || secs <= 0.0 {
+        return None;
+    }
+    let g = bytes as f64 * 8.0 / secs;
+    (g.is_finite() && g >= estimate_bps).then_some(g)
+}
+
 /// A token bucket in bytes: refilled at `rate` bytes per second up to `capacity`, on the
 /// caller's clock (a [`Duration`] since any fixed origin). Starts full.
 #[derive(Debug, Clone)]
@@ -280,6 +307,34 @@ mod tests {
         // 64 KiB up: 55 packets and 28 ACKs.
         let up = 65536 + 48 + 55 * 60 + 28 * 50;
         assert_eq!(exchange_cost(65536, 16), up + 16 + 48 + 60 + 50);
+    }
+
+    #[test]
+    fn request_transfers_give_goodput_lower_bounds_above_the_estimate() {
+        let ms = Duration::from_millis;
+        // 64 KB in 100 ms on a 20 ms RTT link: ≥ 6.4 Mbit/s; fed when above the estimate.
+        let g = transfer_goodput(64_000, ms(100), 20.0, 1e6).unwrap();
+        assert!((g - 6.4e6).abs() < 1.0, "{g}");
+        assert_eq!(
+            transfer_goodput(64_000, ms(100), 20.0, 10e6),
+            None,
+            "below the estimate"
+        );
+        assert_eq!(
+            transfer_goodput(4_000, ms(100), 20.0, 1.0),
+            None,
+            "too small"
+        );
+        assert_eq!(
+            transfer_goodput(64_000, ms(10), 20.0, 1.0),
+            None,
+            "faster than the RTT"
+        );
+        // An RTT that is not a number counts as 0: the bound is only looser.
+        assert_eq!(
+            transfer_goodput(64_000, ms(100), f64::NAN, 1.0),
+            Some(5.12e6)
+        );
     }
 
     fn view(age_s: Option<u64>, samples: u64, wanted: bool) -> GoodputView {
