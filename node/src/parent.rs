@@ -488,8 +488,9 @@ impl ParentLink {
         self.transfer_samples.load(Ordering::Acquire)
     }
 
-    /// Goodput probes sent on this link (the liveness probe goes every round; these only
-    /// when a decision needs a stale goodput estimate and the budget allows).
+    /// Goodput probes that went on this link (planned: one whose round lost its liveness
+    /// probe is counted though not sent). The liveness probe goes every round; these only
+    /// when a decision needs a stale goodput estimate and the budget allows.
     pub fn goodput_probes(&self) -> u64 {
         match self.prober.lock() {
             Ok(p) => p.big_probes(),
@@ -766,7 +767,7 @@ async fn probe_once(control: &mut SessionStream, seq: u64, bytes: u32) -> Result
 async fn probe_loop(
     link: Weak<ParentLink>,
     // Held so the connection outlives its probe loop; the samples come from the exchanges
-    // (its QUIC counters are read for the wire-byte gauge).
+    // (its QUIC counters charge the probe budget and feed the wire-byte gauge).
     conn: Arc<PeerConnection>,
     mut control: SessionStream,
     every: Duration,
