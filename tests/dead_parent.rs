@@ -246,6 +246,8 @@ async fn a_slow_link_stays_up_and_its_goodput_estimate_comes_down() {
     let mut went_down = false;
     let came_down = wait_until(BOUND, || {
         went_down |= !parent.reachable();
+        // A planner reads the estimate: the goodput probe is wanted (within the budget).
+        let _ = parent.planning_estimate();
         parent.estimate().goodput_bps < 2e6
     })
     .await;

@@ -2,16 +2,20 @@
 //! per request session, the wire encoding used on this link, and a live estimate of the
 //! link (RTT and goodput, smoothed by a [`flow_partition::LinkEstimator`]).
 //!
-//! The estimate is fed by a probe task on the connection's control stream: every
-//! `probe_interval` it sends a small [`Probe`] and then a larger one and records
-//! - the small probe's round trip as the RTT sample (the fixed cost of one small exchange;
-//!   QUIC's smoothed path RTT also averages packets queued behind transfers), and
-//! - `(big − small) bytes · 8 / (t_big − t_small)` as the goodput sample (the fixed costs —
-//!   propagation, framing, the parent's turnaround — cancel in the difference).
-//!
-//! The big probe is sized to ~25 ms of transfer at the current estimate (8 KiB to
-//! 64 KiB), so probing costs a few percent of a fast link (~6 % of a 1 Mbit/s one at one
-//! round per second).
+//! The estimate is fed by the traffic the link carries and, within a byte budget, by a
+//! probe task on the connection's control stream. Every `probe_interval` it sends a tiny
+//! [`Probe`] (16 bytes each way: liveness, and the RTT sample — the fixed cost of one small
+//! exchange; QUIC's smoothed path RTT also averages packets queued behind transfers). A
+//! larger probe follows only when the goodput estimate is stale and a decision depends on
+//! it ([`budget`]): the planner read it recently and no goodput sample — a request's
+//! transfer ([`ParentLink::observe_transfer`]) or a probe — came for a while. Its sample is
+//! `(big − small) bytes · 8 / (t_big − t_small)` (the fixed costs — propagation, framing,
+//! the parent's turnaround — cancel in the difference). It is sized to ~25 ms of transfer
+//! at the current estimate (8 KiB to 64 KiB), and goes only while a token bucket charged
+//! with everything the connection carries (QUIC's byte and datagram counters) holds its
+//! cost: the link stays within [`ProbeBudget::bytes_per_s`] (default 1000 B/s) on average.
+//! An idle link that no planner reads costs the tiny probe and QUIC keep-alives only
+//! (~0.4 KB/s on the wire instead of ~67 KB/s when every round sent a big probe).
 //!
 //! Dead parents are noticed fast ([`LinkHealth`]): parent connections use a short QUIC
 //! keep-alive and idle timeout, a probe that gets no reply within its deadline counts as
@@ -35,6 +39,10 @@ use tokio::time::Instant;
 
 use crate::error::{NodeError, Result};
 
+pub mod budget;
+pub use budget::ProbeBudget;
+use budget::{GoodputView, Prober};
+
 /// How a parent link is probed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProbeConfig {
@@ -44,6 +52,8 @@ pub struct ProbeConfig {
     pub estimator: LinkEstimatorConfig,
     /// Dead-parent detection, reply deadlines and re-dialling.
     pub health: LinkHealth,
+    /// Bytes the probes may cost and when the goodput probe goes.
+    pub budget: ProbeBudget,
 }
 
 impl Default for ProbeConfig {
@@ -52,6 +62,7 @@ impl Default for ProbeConfig {
             interval: Some(Duration::from_millis(1000)),
             estimator: LinkEstimatorConfig::default(),
             health: LinkHealth::default(),
+            budget: ProbeBudget::default(),
         }
     }
 }
@@ -164,8 +175,9 @@ fn ewma(old: Option<f64>, x: f64) -> f64 {
     }
 }
 
-/// Bytes of the small probe.
-const SMALL_PROBE: u32 = 64;
+/// Payload bytes of the small (liveness and RTT) probe and of every probe's reply.
+const SMALL_PROBE: u32 = 16;
+
 /// Bounds of the big probe (bytes). A probe that fits in a shaper's or policer's burst
 /// allowance crosses at line rate and reads as a much faster link: with a 2 KiB floor a
 /// 1 Mbit/s link with the testbed shaper's 3000-byte bucket read 1.2 to 2.8 Mbit/s from one
@@ -198,6 +210,17 @@ pub struct ParentLink {
     epoch: Instant,
     /// Probe rounds completed.
     probes: AtomicU64,
+    /// The probe budget (kept across re-dials: a flapping link does not get a fresh burst
+    /// per connection).
+    prober: std::sync::Mutex<Prober>,
+    /// When (estimator ms) a planner last read the estimate; `u64::MAX`: never.
+    wanted_at: AtomicU64,
+    /// When (estimator ms) the newest goodput sample came; `u64::MAX`: none yet.
+    goodput_at: AtomicU64,
+    /// Goodput samples from request transfers.
+    transfer_samples: AtomicU64,
+    /// Bytes on the wire (both ways) of the current connection at the last probe round.
+    wire_bytes: AtomicU64,
     /// Whether the last dial or probe round succeeded.
     reachable: AtomicBool,
     /// A request failed on this link since it was last dialled (fail-over skips it).
@@ -250,6 +273,11 @@ impl ParentLink {
         let estimator = LinkEstimator::new(probe.estimator)
             .map_err(|e| NodeError::Config(format!("link estimator: {e}")))?;
         probe.health.validate()?;
+        probe
+            .budget
+            .validate()
+            .map_err(|e| NodeError::Config(format!("probe budget {e}")))?;
+        let epoch = Instant::now();
         Ok(Arc::new(Self {
             endpoint,
             addr: std::sync::Mutex::new(addr),
@@ -259,8 +287,13 @@ impl ParentLink {
             conn: Mutex::new(None),
             estimator: std::sync::Mutex::new(estimator),
             probe,
-            epoch: Instant::now(),
+            epoch,
             probes: AtomicU64::new(0),
+            prober: std::sync::Mutex::new(Prober::new(probe.budget, Duration::ZERO)),
+            wanted_at: AtomicU64::new(u64::MAX),
+            goodput_at: AtomicU64::new(u64::MAX),
+            transfer_samples: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
             reachable: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             missed: AtomicU32::new(0),
@@ -393,8 +426,11 @@ impl ParentLink {
     }
 
     /// The estimate to plan with: smoothed values blended with the prior by confidence.
+    /// Reading it marks the goodput estimate as wanted: a stale one is refreshed by a
+    /// goodput probe within the budget.
     pub fn planning_estimate(&self) -> LinkEstimate {
         let now = self.now_ms();
+        self.wanted_at.store(now, Ordering::Release);
         match self.estimator.lock() {
             Ok(e) => e.planning_estimate(now),
             Err(p) => p.into_inner().planning_estimate(now),
@@ -409,7 +445,97 @@ impl ParentLink {
             .lock()
             .map_err(|_| NodeError::Internal("link estimator lock poisoned".into()))?;
         e.observe(sample)
-            .map_err(|e| NodeError::BadRequest(format!("link sample: {e}")))
+            .map_err(|e| NodeError::BadRequest(format!("link sample: {e}")))?;
+        if sample.goodput_bps.is_some() {
+            self.goodput_at.store(sample.at_ms, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// A request exchange on this link sent `bytes` (its tensors) and had the reply
+    /// `elapsed` after the send began. Large transfers give a goodput sample without a
+    /// probe: `bytes · 8 / (elapsed − RTT)` is a lower bound of the goodput (the parent's
+    /// compute counts as transfer time), so it is fed only when it is at least the current
+    /// estimate (the link is at least that fast); a lower one says nothing and the budgeted
+    /// probe corrects an estimate that is too high. Returns whether a sample was fed.
+    pub fn observe_transfer(&self, bytes: u64, elapsed: Duration) -> bool {
+        let est = self.estimate();
+        let Some(g) = budget::transfer_goodput(bytes, elapsed, est.rtt_ms, est.goodput_bps) else {
+            return false;
+        };
+        let sample = LinkSample {
+            at_ms: self.now_ms(),
+            rtt_ms: None,
+            goodput_bps: Some(g),
+        };
+        let fed = self.observe(sample).is_ok();
+        if fed {
+            self.transfer_samples.fetch_add(1, Ordering::AcqRel);
+        }
+        fed
+    }
+
+    /// Goodput samples so far (probes and request transfers).
+    pub fn goodput_samples(&self) -> u64 {
+        match self.estimator.lock() {
+            Ok(e) => e.sample_counts().1,
+            Err(p) => p.into_inner().sample_counts().1,
+        }
+    }
+
+    /// Goodput samples taken from request transfers ([`ParentLink::observe_transfer`]).
+    pub fn transfer_samples(&self) -> u64 {
+        self.transfer_samples.load(Ordering::Acquire)
+    }
+
+    /// Goodput probes that went on this link (planned: one whose round lost its liveness
+    /// probe is counted though not sent). The liveness probe goes every round; these only
+    /// when a decision needs a stale goodput estimate and the budget allows.
+    pub fn goodput_probes(&self) -> u64 {
+        match self.prober.lock() {
+            Ok(p) => p.big_probes(),
+            Err(p) => p.into_inner().big_probes(),
+        }
+    }
+
+    /// Bytes on the wire (IP packets both ways: probes, keep-alives, requests) of the
+    /// current connection, from QUIC's counters at the last probe round.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes.load(Ordering::Acquire)
+    }
+
+    /// What the prober sees of the goodput estimate at `now_ms`.
+    fn goodput_view(&self, now_ms: u64) -> GoodputView {
+        let at = self.goodput_at.load(Ordering::Acquire);
+        let wanted = self.wanted_at.load(Ordering::Acquire);
+        let samples = self.goodput_samples();
+        let window = self.probe.budget.demand_window.as_millis() as u64;
+        GoodputView {
+            age: (at != u64::MAX).then(|| Duration::from_millis(now_ms.saturating_sub(at))),
+            samples,
+            wanted: wanted != u64::MAX && now_ms.saturating_sub(wanted) <= window,
+        }
+    }
+
+    /// Plan this round's probes after the link carried `carried` bytes since the last one:
+    /// the liveness probe always, the goodput probe when it is due and within the budget.
+    /// Returns the big probe's size, if one goes.
+    fn plan_round(&self, carried: u64, want_big: u32) -> Option<u32> {
+        let now = self.now_ms();
+        let g = self.goodput_view(now);
+        let mut p = match self.prober.lock() {
+            Ok(p) => p,
+            Err(p) => p.into_inner(),
+        };
+        p.round(
+            Duration::from_millis(now),
+            carried,
+            want_big,
+            BIG_PROBE_MIN as u32,
+            SMALL_PROBE,
+            &g,
+        )
+        .big
     }
 
     /// Probe rounds completed on this link.
@@ -614,7 +740,7 @@ fn big_probe_bytes(goodput_bps: f64) -> u32 {
 async fn probe_once(control: &mut SessionStream, seq: u64, bytes: u32) -> Result<Duration> {
     let t0 = Instant::now();
     control
-        .send(&Message::Probe(Probe::new(seq, bytes, 16)))
+        .send(&Message::Probe(Probe::new(seq, bytes, SMALL_PROBE)))
         .await?;
     loop {
         match control.recv().await? {
@@ -640,19 +766,26 @@ async fn probe_once(control: &mut SessionStream, seq: u64, bytes: u32) -> Result
 /// round succeeds again.
 async fn probe_loop(
     link: Weak<ParentLink>,
-    // Held so the connection outlives its probe loop; the samples come from the exchanges.
-    _conn: Arc<PeerConnection>,
+    // Held so the connection outlives its probe loop; the samples come from the exchanges
+    // (its QUIC counters charge the probe budget and feed the wire-byte gauge).
+    conn: Arc<PeerConnection>,
     mut control: SessionStream,
     every: Duration,
     health: LinkHealth,
 ) {
     let mut seq = 0u64;
+    // Everything the connection carries is charged to the probe budget, from here on.
+    let mut wire = conn.stats().wire_bytes();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(l) = link.upgrade() else { return };
-        let big = big_probe_bytes(l.estimate().goodput_bps);
+        let now_wire = conn.stats().wire_bytes();
+        l.wire_bytes.store(now_wire, Ordering::Release);
+        let carried = now_wire.saturating_sub(wire);
+        wire = now_wire;
+        let big = l.plan_round(carried, big_probe_bytes(l.estimate().goodput_bps));
         // A probe is a one-row step with no compute: the RTT part of a reply deadline.
         let wait = health.reply_deadline(l.estimate().rtt_ms, Some(0.0));
         drop(l);
@@ -664,12 +797,13 @@ async fn probe_loop(
         let big_wait = wait + BIG_PROBE_ALLOWANCE;
         seq += 2;
         let small_t = tokio::time::timeout(wait, probe_once(&mut control, seq, SMALL_PROBE)).await;
-        let big_t = match &small_t {
-            Ok(Ok(_)) => {
+        let big_t = match (&small_t, big) {
+            (Ok(Ok(_)), Some(big)) => {
                 Some(tokio::time::timeout(big_wait, probe_once(&mut control, seq + 1, big)).await)
             }
             _ => None,
         };
+        let big = big.unwrap_or(SMALL_PROBE);
         let Some(l) = link.upgrade() else { return };
         let goodput = match (&small_t, &big_t) {
             (Ok(Ok(s)), Some(Ok(Ok(b)))) => {

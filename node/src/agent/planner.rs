@@ -192,7 +192,7 @@ impl Agent {
         use std::fmt::Write as _;
         let mut o = String::new();
         if let Some(ps) = &self.inner.parents {
-            let gauges: [(&str, &str); 5] = [
+            let gauges: [(&str, &str); 8] = [
                 (
                     "aiflow_link_rtt_ms",
                     "Smoothed RTT of the parent link (ms).",
@@ -213,9 +213,21 @@ impl Agent {
                     "aiflow_link_up",
                     "1 when the last dial or probe of the parent link succeeded.",
                 ),
+                (
+                    "aiflow_link_goodput_probes_total",
+                    "Goodput probes sent (only for a stale estimate a planner reads, within --probe-budget).",
+                ),
+                (
+                    "aiflow_link_transfer_samples_total",
+                    "Goodput samples taken from request transfers instead of probes.",
+                ),
+                (
+                    "aiflow_link_wire_bytes",
+                    "Bytes on the wire both ways (IP packets) of the current connection, from QUIC's counters.",
+                ),
             ];
             let active = ps.active();
-            let rows: Vec<(String, [f64; 5])> = ps
+            let rows: Vec<(String, [f64; 8])> = ps
                 .all()
                 .iter()
                 .map(|l| {
@@ -232,6 +244,9 @@ impl Agent {
                             e.confidence,
                             l.probe_rounds() as f64,
                             f64::from(u8::from(l.reachable())),
+                            l.goodput_probes() as f64,
+                            l.transfer_samples() as f64,
+                            l.wire_bytes() as f64,
                         ],
                     )
                 })

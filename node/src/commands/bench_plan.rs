@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flow_familial::tasks::Task;
-use flow_node::parent::{LinkHealth, ProbeConfig};
+use flow_node::parent::{LinkHealth, ProbeBudget, ProbeConfig};
 use flow_node::planning::{PlanningConfig, ALWAYS_ESCALATE};
 use flow_node::{Agent, AgentConfig, GenerateRequest};
 use flow_partition::planner::{BackfillMode, ModelShape, PlanMode, TierRole, TierSpec, Workload};
@@ -353,6 +353,9 @@ async fn run_async(a: BenchPlanArgs) -> anyhow::Result<()> {
                 ..LinkEstimatorConfig::default()
             },
             health: patient(),
+            // The default budget: the planner's reads make the goodput probe go while the
+            // estimate is stale, at most ~1 KB/s after the first burst.
+            budget: ProbeBudget::default(),
         };
         d.planning = Some(PlanningConfig {
             input: input.clone(),

@@ -128,6 +128,13 @@ pub struct NodeArgs {
     /// two patterns' experts).
     #[arg(long, value_name = "MIB", requires = "moe_patterns")]
     pub moe_budget_mb: Option<usize>,
+    /// Bytes per second (IP packets, both ways) a parent link may carry on average for a
+    /// goodput probe to go (default 1000). Everything on the link counts: keep-alives, the
+    /// tiny liveness probe that goes every second whatever the budget, requests. The link is
+    /// estimated from the traffic it carries; a goodput probe goes only when a planner
+    /// (--plan) reads a stale estimate and the link is under budget. 0: liveness only.
+    #[arg(long, value_name = "BYTES_PER_S")]
+    pub probe_budget: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -158,6 +165,7 @@ struct FileConfig {
     moe_patterns: Option<PathBuf>,
     moe_experts: Option<usize>,
     moe_budget_mb: Option<usize>,
+    probe_budget: Option<f64>,
 }
 
 /// A TOML value that may be one item or a list (`parent = "a"` or `parent = ["a", "b"]`).
@@ -344,6 +352,14 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
     } else {
         a.split_points
     };
+    let mut probe = flow_node::parent::ProbeConfig::default();
+    if let Some(b) = a.probe_budget.or(f.probe_budget) {
+        anyhow::ensure!(
+            b.is_finite() && b >= 0.0,
+            "--probe-budget must be a number of bytes per second ≥ 0, got {b}"
+        );
+        probe.budget.bytes_per_s = b;
+    }
     let planning = match a.plan.or(f.plan) {
         Some(p) if p.as_os_str() == "auto" => {
             anyhow::ensure!(
@@ -395,7 +411,7 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         parent,
         fallback_parents: parents,
         parent_hosts,
-        probe: flow_node::parent::ProbeConfig::default(),
+        probe,
         planning,
         split_points,
         security,

@@ -25,9 +25,24 @@ pub struct ConnStats {
     pub lost_bytes: u64,
     /// Current path MTU.
     pub mtu: u16,
+    /// UDP datagrams sent.
+    pub datagrams_sent: u64,
+    /// UDP datagrams received.
+    pub datagrams_received: u64,
 }
 
+/// IPv4 and UDP header bytes of one datagram.
+const IP_UDP_HEADERS: u64 = 28;
+
 impl ConnStats {
+    /// Bytes both ways on the wire as IP packets (UDP payloads plus IPv4 and UDP headers):
+    /// what a capture of the connection counts.
+    pub fn wire_bytes(&self) -> u64 {
+        self.bytes_sent
+            + self.bytes_received
+            + IP_UDP_HEADERS * (self.datagrams_sent + self.datagrams_received)
+    }
+
     /// Lost / sent packets (0 when nothing was sent).
     pub fn loss_rate(&self) -> f64 {
         if self.sent_packets == 0 {
@@ -51,6 +66,8 @@ impl From<&quinn::ConnectionStats> for ConnStats {
             lost_packets: s.path.lost_packets,
             lost_bytes: s.path.lost_bytes,
             mtu: s.path.current_mtu,
+            datagrams_sent: s.udp_tx.datagrams,
+            datagrams_received: s.udp_rx.datagrams,
         }
     }
 }
