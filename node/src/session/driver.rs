@@ -165,6 +165,7 @@ impl Driver {
             addr: addr.clone(),
             msg: e.to_string(),
         };
+        let started = Instant::now();
         let exchange = async {
             let mut s = match stream {
                 Some(s) => s,
@@ -185,6 +186,9 @@ impl Driver {
                 self.session.on_timeout(now);
             }
             Ok(Ok((s, Some(reply)))) => {
+                // A lower bound on goodput from the request itself (the link's budget
+                // then needs fewer probes).
+                parent.observe_transfer(bytes, now.saturating_duration_since(started));
                 self.upstream = Some(s);
                 self.session.on_reply(up, reply, now);
             }
