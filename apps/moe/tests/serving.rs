@@ -69,7 +69,11 @@ fn iteration_cost_is_measured_on_the_model_and_gives_a_budget() {
     let point = *model.config().exit_points().last().unwrap();
     let sizes = [1, 64, 256, 512];
     let contexts = [0, 256];
-    let (cost, samples) = measure_iteration_cost(&model, point, &contexts, &sizes, 3).unwrap();
+    // Timings on a tiny model are noisy on a shared 2-core machine: the fit may refuse a
+    // run whose slope comes out negative ("measure larger iterations"); measure again.
+    let (cost, samples) = (0..4)
+        .find_map(|_| measure_iteration_cost(&model, point, &contexts, &sizes, 5).ok())
+        .expect("a measurement whose cost grows with its tokens within 4 runs");
     assert_eq!(samples.len(), 8);
     assert_eq!(
         samples.iter().map(|s| s.tokens).collect::<Vec<_>>(),
