@@ -149,6 +149,36 @@ impl FleetState {
     fn id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// The connected children's session counts, for `/metrics`.
+    pub fn child_sessions(&self) -> Vec<ChildSessions> {
+        let Ok(c) = self.children.lock() else {
+            return Vec::new();
+        };
+        c.iter()
+            .filter_map(Weak::upgrade)
+            .filter(|c| c.quic().close_reason().is_none())
+            .map(|c| ChildSessions {
+                child: c.peer_hello().node_id.clone(),
+                role: c.peer_hello().role.to_string(),
+                active: c.active_sessions(),
+                refused: c.refused_sessions(),
+                limit: c.session_limit(),
+            })
+            .collect()
+    }
+}
+
+/// One child connection's sessions against the per-peer limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildSessions {
+    pub child: String,
+    pub role: String,
+    /// Sessions open now.
+    pub active: usize,
+    /// Sessions refused on this connection for going over `limit`.
+    pub refused: u64,
+    pub limit: usize,
 }
 
 /// What one distribution did, here and on each child (recursively summarised by them).

@@ -141,6 +141,8 @@ pub struct Metrics {
     pub degraded: Counter,
     /// Escalations whose reply missed its deadline.
     pub parent_timeouts: Counter,
+    /// Reply deadlines passed with the parent still heard from (the wait went on).
+    pub parent_slow_replies: Counter,
     pub bytes_up: Counter,
     /// Part of `bytes_up` that re-sent earlier positions' states (owed KV after a local
     /// answer, or a whole session moved to another parent).
@@ -342,6 +344,7 @@ impl Metrics {
             escalations: Counter::default(),
             degraded: Counter::default(),
             parent_timeouts: Counter::default(),
+            parent_slow_replies: Counter::default(),
             bytes_up: Counter::default(),
             backfill_bytes: Counter::default(),
             sessions_served: Counter::default(),
@@ -389,6 +392,12 @@ impl Metrics {
             "aiflow_parent_reply_timeouts_total",
             "Escalations whose reply missed its deadline.",
             self.parent_timeouts.get(),
+        );
+        counter(
+            &mut o,
+            "aiflow_parent_slow_replies_total",
+            "Reply deadlines passed with the parent still alive (heard from): the wait went on.",
+            self.parent_slow_replies.get(),
         );
         counter(
             &mut o,
@@ -444,9 +453,81 @@ impl Metrics {
     }
 }
 
+/// A Prometheus label value: backslash, double quote and newline escaped (node ids come
+/// from peers).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Sessions of each connected child against the per-peer limit: what an operator reads to
+/// see a child hitting `max_sessions_per_peer` (its extra sessions are refused).
+pub fn render_child_sessions(rows: &[crate::fleet::ChildSessions]) -> String {
+    let mut o = String::new();
+    if rows.is_empty() {
+        return o;
+    }
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "child=\"{}\",role=\"{}\"",
+                label_value(&r.child),
+                label_value(&r.role)
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        o,
+        "# HELP aiflow_child_sessions Sessions a connected child has open on this node.\n# TYPE aiflow_child_sessions gauge"
+    );
+    for (l, r) in labels.iter().zip(rows) {
+        let _ = writeln!(o, "aiflow_child_sessions{{{l}}} {}", r.active);
+    }
+    let _ = writeln!(
+        o,
+        "# HELP aiflow_child_sessions_refused_total Sessions refused for going over the per-peer limit (per connection).\n# TYPE aiflow_child_sessions_refused_total counter"
+    );
+    for (l, r) in labels.iter().zip(rows) {
+        let _ = writeln!(
+            o,
+            "aiflow_child_sessions_refused_total{{{l}}} {}",
+            r.refused
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP aiflow_child_sessions_limit Sessions one child may have open at once.\n# TYPE aiflow_child_sessions_limit gauge\naiflow_child_sessions_limit {}",
+        rows[0].limit
+    );
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn child_sessions_escape_peer_controlled_names() {
+        let rows = [crate::fleet::ChildSessions {
+            child: "dev\"1\n".into(),
+            role: "device".into(),
+            active: 3,
+            refused: 2,
+            limit: 64,
+        }];
+        let t = render_child_sessions(&rows);
+        assert!(
+            t.contains("aiflow_child_sessions{child=\"dev\\\"1\\n\",role=\"device\"} 3"),
+            "{t}"
+        );
+        assert!(t.contains(
+            "aiflow_child_sessions_refused_total{child=\"dev\\\"1\\n\",role=\"device\"} 2"
+        ));
+        assert!(t.contains("aiflow_child_sessions_limit 64"));
+        assert!(render_child_sessions(&[]).is_empty());
+    }
 
     #[test]
     fn renders_prometheus_text() {

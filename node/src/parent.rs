@@ -406,6 +406,21 @@ impl ParentLink {
             .map(|c| c.peer_hello().clone())
     }
 
+    /// Dead-parent detection and reply deadlines of this link.
+    pub fn health(&self) -> LinkHealth {
+        self.probe.health
+    }
+
+    /// UDP datagrams received on the current connection (0 without one): the parent is
+    /// alive while this grows (it acknowledges what we send and our keep-alives).
+    pub async fn packets_received(&self) -> u64 {
+        self.conn
+            .lock()
+            .await
+            .as_ref()
+            .map_or(0, |c| c.stats().datagrams_received)
+    }
+
     /// Live QUIC statistics (RTT, cwnd, bytes, losses) for the planner.
     pub async fn stats(&self) -> Option<ConnStats> {
         self.conn.lock().await.as_ref().map(|c| c.stats())

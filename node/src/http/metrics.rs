@@ -97,5 +97,8 @@ pub(super) async fn metrics(State(api): State<Api>) -> Response {
     }
     text.push_str(&agent.metrics().render(&rows));
     text.push_str(&agent.planning_metrics());
+    text.push_str(&crate::metrics::render_child_sessions(
+        &agent.fleet().child_sessions(),
+    ));
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }

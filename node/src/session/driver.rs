@@ -35,6 +35,16 @@ impl Uplink for ParentLink {
     fn reply_deadline(&self, rows: usize) -> Duration {
         ParentLink::reply_deadline(self, rows)
     }
+    fn patience(&self) -> Duration {
+        self.health().reply_cap
+    }
+    fn liveness_window(&self) -> Duration {
+        // A live parent acknowledges our keep-alive (sent after `keep_alive` of silence)
+        // within QUIC's ack delay (25 ms); the rest is room for a loaded machine. Kept
+        // short: a parent killed right after acknowledging a request is lost one window
+        // after the first deadline (250 ms + 600 ms on a LAN: fail-over within 1 s).
+        self.health().keep_alive + Duration::from_millis(100)
+    }
     fn predicted_reply_ms(&self, _rows: usize) -> (f64, f64) {
         // The measured round trip alone (the parent's service time stays inside the
         // link): a budget shorter than that is missed for sure. No sample yet (the prior):
@@ -166,6 +176,7 @@ impl Driver {
             msg: e.to_string(),
         };
         let started = Instant::now();
+        let mut heard = parent.packets_received().await;
         let exchange = async {
             let mut s = match stream {
                 Some(s) => s,
@@ -175,16 +186,37 @@ impl Driver {
             let reply = s.recv().await.map_err(perr)?;
             Ok::<_, NodeError>((s, reply))
         };
-        let res = match self.session.poll_timeout() {
-            Some(at) => tokio::time::timeout_at(at, exchange).await,
-            None => Ok(exchange.await),
+        // Past each deadline the parent is asked nothing: QUIC's counters say whether it
+        // was heard from since (acknowledgements, keep-alive answers). Heard: slow, wait on
+        // (within the session's patience); silent: lost.
+        let res = {
+            tokio::pin!(exchange);
+            loop {
+                let Some(at) = self.session.poll_timeout() else {
+                    break Ok((&mut exchange).await);
+                };
+                match tokio::time::timeout_at(at, &mut exchange).await {
+                    Ok(r) => break Ok(r),
+                    Err(_) => {
+                        let now = Instant::now();
+                        let count = parent.packets_received().await;
+                        if count > heard {
+                            heard = count;
+                            self.metrics.parent_slow_replies.inc();
+                            self.session.on_parent_heard(now);
+                        } else {
+                            self.session.on_timeout(now);
+                        }
+                        if self.session.poll_timeout().is_none() {
+                            break Err(());
+                        }
+                    }
+                }
+            }
         };
         let now = Instant::now();
         match res {
-            Err(_) => {
-                self.metrics.parent_timeouts.inc();
-                self.session.on_timeout(now);
-            }
+            Err(()) => self.metrics.parent_timeouts.inc(),
             Ok(Ok((s, Some(reply)))) => {
                 // A lower bound on goodput from the request itself (the link's budget
                 // then needs fewer probes).

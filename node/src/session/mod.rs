@@ -95,8 +95,15 @@ pub trait Uplink {
     fn name(&self) -> String;
     /// Known down (connection lost or probes missed): not worth trying.
     fn is_down(&self) -> bool;
-    /// How long a step of `rows` rows may wait for the reply.
+    /// How long a step of `rows` rows waits for the reply before the session asks whether
+    /// the parent is still alive ([`Session::on_timeout`] or [`Session::on_parent_heard`]).
     fn reply_deadline(&self, rows: usize) -> Duration;
+    /// The longest a reply is waited for while the parent is still heard from: a slow
+    /// parent (overloaded, or its own parent slow) is not a lost one.
+    fn patience(&self) -> Duration;
+    /// Time within which a live parent is surely heard from (keep-alives, acknowledgements):
+    /// the least time between two liveness checks.
+    fn liveness_window(&self) -> Duration;
     /// Expected time until a reply is back and its spread (ms), for [`flow_partition::decide`].
     fn predicted_reply_ms(&self, rows: usize) -> (f64, f64);
     /// The link's configured encoding of hidden states.
@@ -143,6 +150,8 @@ pub struct SessionStats {
     pub hops: u32,
     /// Parents this session moved to after losing one.
     pub failovers: u32,
+    /// Deadlines passed with the parent still heard from: the wait went on.
+    pub slow_replies: u32,
     pub drafts_proposed: usize,
     pub drafts_accepted: usize,
 }
@@ -194,11 +203,26 @@ enum Wait {
     Reply {
         what: Upward,
         sent: Instant,
+        /// When the parent's liveness is checked next.
         deadline: Instant,
+        /// When the reply is given up even if the parent is still heard from.
+        give_up: Instant,
+        /// Time between liveness checks after the first deadline.
+        recheck: Duration,
         rows: usize,
     },
     /// The driver's [`Session::on_failed_over`].
     FailOver { what: Upward, err: NodeError },
+}
+
+/// How long one exchange with the parent may take ([`Session::reply_wait`]).
+#[derive(Debug, Clone, Copy)]
+struct ReplyWait {
+    /// Until the first liveness check.
+    first: Duration,
+    /// Until the reply is given up, however alive the parent: what the parent is told
+    /// (`deadline_ms`) as its budget.
+    total: Duration,
 }
 
 /// One request at one tier (see the module docs).
@@ -407,7 +431,38 @@ impl Session {
         }
     }
 
-    /// Time passed; a reply not back by its deadline loses the parent.
+    /// The reply's deadline passed but the parent was heard from since the last check
+    /// (its connection carried packets: it is alive, only slow): wait on until the next
+    /// check, at most until the give-up time; past that it is lost as on
+    /// [`Self::on_timeout`]. Before the deadline this does nothing.
+    pub fn on_parent_heard(&mut self, now: Instant) {
+        let Wait::Reply {
+            deadline,
+            give_up,
+            recheck,
+            ..
+        } = &mut self.wait
+        else {
+            return;
+        };
+        if now < *deadline {
+            return;
+        }
+        if now < *give_up {
+            *deadline = (now + *recheck).min(*give_up);
+            self.stats.slow_replies += 1;
+            tracing::debug!(
+                session = self.cfg.id,
+                parent = %self.parent_name,
+                "the parent is slow but alive; waiting on"
+            );
+            return;
+        }
+        self.on_timeout(now);
+    }
+
+    /// Time passed; a reply not back by its deadline loses the parent (the driver found
+    /// it silent since the last check, or waited as long as the session allows).
     pub fn on_timeout(&mut self, now: Instant) {
         let due = matches!(&self.wait, Wait::Reply { deadline, .. } if now >= *deadline);
         if !due {
@@ -439,7 +494,7 @@ impl Session {
         let r = match what {
             Upward::Step(step) => self.step_after_loss(step, switched, err, now, link),
             Upward::Round { hidden } => self.round_after_loss(hidden, switched, err, now, link),
-            Upward::Relay(_) => Err(err),
+            Upward::Relay(c) => self.relay_after_loss(c, switched, err, now, link),
         };
         self.check(r);
     }
@@ -474,13 +529,13 @@ impl Session {
         }
     }
 
-    /// The parent failed `what`: reset the upstream; a relayed draft fails (the child
-    /// decides), anything else fails over.
+    /// The parent failed `what`: reset the upstream and fail over; a relayed draft with no
+    /// history to move (a single parent) fails instead (the child decides).
     fn lose(&mut self, what: Upward, err: NodeError) {
         tracing::warn!(session = self.cfg.id, error = %err, "parent lost");
         self.push(Action::ResetUpstream);
         self.up += 1;
-        if let Upward::Relay(_) = what {
+        if let (Upward::Relay(_), false) = (&what, self.cfg.keep_history) {
             self.check(Err(err));
             return;
         }
@@ -495,7 +550,7 @@ impl Session {
         what: Upward,
         msg: Message,
         rows: usize,
-        wait: Duration,
+        wait: ReplyWait,
         now: Instant,
         link: &dyn Uplink,
     ) {
@@ -511,21 +566,29 @@ impl Session {
         self.wait = Wait::Reply {
             what,
             sent: now,
-            deadline: now + wait,
+            deadline: now + wait.first,
+            give_up: now + wait.total,
+            recheck: wait.first.max(link.liveness_window()),
             rows,
         };
     }
 
-    /// How long a step of `rows` rows may wait for the parent: the link's deadline, within
-    /// the child's budget (a tenth of what is left kept for the reply's way back).
-    fn reply_wait(&self, link: &dyn Uplink, rows: usize, now: Instant) -> Duration {
-        let d = link.reply_deadline(rows);
-        match self.budget_until {
+    /// How long a step of `rows` rows may wait for the parent: the link's deadline before
+    /// the first liveness check and its patience in all, within the child's budget (a
+    /// tenth of what is left kept for the reply's way back).
+    fn reply_wait(&self, link: &dyn Uplink, rows: usize, now: Instant) -> ReplyWait {
+        let first = link.reply_deadline(rows);
+        let total = link.patience().max(first);
+        let within = |d: Duration| match self.budget_until {
             Some(until) => {
                 let left = until.saturating_duration_since(now);
                 d.min(left.saturating_sub(left / 10))
             }
             None => d,
+        };
+        ReplyWait {
+            first: within(first),
+            total: within(total),
         }
     }
 

@@ -141,6 +141,10 @@ pub struct FakeParent {
     pub down: bool,
     pub rtt_ms: f64,
     pub reply_deadline: Duration,
+    /// [`Uplink::patience`]; the default waits no longer than the first deadline.
+    pub patience: Duration,
+    /// Heard from (acknowledging, answering keep-alives) while it has not replied.
+    pub alive: bool,
 }
 
 impl FakeParent {
@@ -153,6 +157,8 @@ impl FakeParent {
             down: false,
             rtt_ms: 10.0,
             reply_deadline: Duration::from_millis(100),
+            patience: Duration::from_millis(100),
+            alive: false,
         }
     }
 
@@ -229,6 +235,12 @@ impl Uplink for Link<'_> {
     }
     fn reply_deadline(&self, _rows: usize) -> Duration {
         self.1.reply_deadline
+    }
+    fn patience(&self) -> Duration {
+        self.1.patience
+    }
+    fn liveness_window(&self) -> Duration {
+        Duration::from_millis(250)
     }
     fn predicted_reply_ms(&self, _rows: usize) -> (f64, f64) {
         (self.1.rtt_ms, 0.0)
@@ -330,8 +342,12 @@ impl Pair {
                         return Outcome::Stalled;
                     };
                     self.now = self.now.max(t);
-                    self.timeouts += 1;
-                    self.session.on_timeout(self.now);
+                    if self.parents[self.current].alive {
+                        self.session.on_parent_heard(self.now);
+                    } else {
+                        self.timeouts += 1;
+                        self.session.on_timeout(self.now);
+                    }
                 }
             }
         }

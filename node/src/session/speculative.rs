@@ -67,6 +67,9 @@ pub(super) struct ChildDraft {
     start: usize,
     n: usize,
     r: usize,
+    /// This stage's rows for the draft, once relayed (kept to move the session to
+    /// another parent).
+    out: Option<Tensor>,
 }
 
 impl Session {
@@ -350,6 +353,7 @@ impl Session {
             start,
             n,
             r: rows - n,
+            out: None,
         });
     }
 
@@ -387,8 +391,12 @@ impl Session {
         }
         let link = link.ok_or_else(|| NodeError::Internal("relay without a parent".into()))?;
         self.parent_name = link.name();
+        let mut c = c;
+        c.out = Some(out.hidden.clone());
         if link.is_down() {
-            return Err(self.parent_error("the parent link is down".into()));
+            let err = self.parent_error("the parent link is down".into());
+            self.lose(Upward::Relay(c), err);
+            return Ok(());
         }
         let enc = self.encoding(link);
         let rows = out.hidden.dim(0)?;
@@ -417,9 +425,50 @@ impl Session {
             ));
         }
         let len = c.start + c.r + v.accepted as usize;
+        if let (true, Some(out)) = (self.cfg.keep_history, &c.out) {
+            self.history
+                .push(out.narrow(0, 0, c.r + v.accepted as usize)?);
+        }
         self.kv_len = len;
         self.push(Action::Truncate(len));
         self.push(Action::Reply(Message::Verdict(v)));
+        Ok(())
+    }
+    /// A relayed draft's parent was lost: on the new parent the session starts over from
+    /// position 0, this stage's rows of every accepted position in front of the draft's
+    /// (the entry's [`Self::round_after_loss`], one tier up). No other parent: the child
+    /// gets the error and decides (it degrades to its own exit).
+    pub(super) fn relay_after_loss(
+        &mut self,
+        c: ChildDraft,
+        switched: bool,
+        err: NodeError,
+        now: Instant,
+        link: Option<&dyn Uplink>,
+    ) -> Result<()> {
+        let (true, Some(link), Some(out)) = (switched, link, c.out.clone()) else {
+            return Err(err);
+        };
+        tracing::warn!(session = self.cfg.id, error = %err, "relaying the draft to another parent; the accepted states are re-sent");
+        let mut rows = self.history.clone();
+        rows.push(out);
+        let all = Tensor::cat(&rows, 0)?;
+        let total = all.dim(0)?;
+        let enc = self.encoding(link);
+        let d = &c.draft;
+        let msg = Message::Draft(Draft {
+            request_id: d.request_id,
+            session_id: d.session_id,
+            positions: span(0, total),
+            layer: self.cfg.stage.b as u32,
+            tokens: d.tokens.clone(),
+            hidden: to_wire(&all, enc)?,
+            deadline_ms: d.deadline_ms,
+            sampling: d.sampling.clone(),
+            policy: d.policy.clone(),
+        });
+        let wait = self.reply_wait(link, total, now);
+        self.send(Upward::Relay(c), msg, total, wait, now, link);
         Ok(())
     }
 }

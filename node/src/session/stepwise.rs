@@ -264,7 +264,7 @@ impl Session {
             hidden: to_wire(&hidden, enc)?,
             backfill,
             sampling: self.cfg.sampling.clone(),
-            deadline_ms: Some(u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)),
+            deadline_ms: Some(u32::try_from(wait.total.as_millis()).unwrap_or(u32::MAX)),
             policy: self.cfg.policy.clone(),
         });
         self.send(Upward::Step(step), msg, total, wait, now, link);
@@ -303,22 +303,27 @@ impl Session {
         link: Option<&dyn Uplink>,
     ) -> Result<()> {
         if switched {
+            // Migration: the new parent gets every earlier position's states as the
+            // backfill and this step's rows as the input, and answers the step itself —
+            // the token an undisturbed run would have produced, not a degraded one.
             tracing::warn!(
                 session = self.cfg.id,
                 positions = step.position(),
+                error = %err,
                 "continuing the session on another parent; its states are re-sent as a backfill"
             );
             self.owed = self.history.clone();
             self.owed_start = 0;
-        } else {
-            self.parent_failed = true;
+            self.owed.pop();
+            return self.escalate_or_degrade(step, now, link);
         }
+        self.parent_failed = true;
         if step.local.is_some() {
             self.push(Action::Degrade(DegradeReason::ParentUnreachable));
             return self.answer_locally(step, true);
         }
         let lost = matches!(err, NodeError::Parent { .. });
-        if let (false, true, Some(input)) = (switched, lost, step.input.take()) {
+        if let (true, Some(input)) = (lost, step.input.take()) {
             // Run the step again with this tier's exit (its KV holds every earlier
             // position): the KV goes back to where the step started.
             tracing::warn!(session = self.cfg.id, error = %err, "no parent can answer; answering from this tier's exit, degraded");
@@ -331,14 +336,8 @@ impl Session {
             self.begin_step(input, step.start, None);
             return Ok(());
         }
-        // No local exit: the step can only be answered above; retry it on the new parent,
-        // its own rows as the input, not in the backfill.
-        if !switched {
-            return Err(err);
-        }
-        tracing::warn!(session = self.cfg.id, error = %err, "parent failed on a step this tier cannot answer; retrying it on the next parent");
-        self.owed.pop();
-        self.escalate_or_degrade(step, now, link)
+        // No exit here and no parent left: the step cannot be answered.
+        Err(err)
     }
 
     /// Answer the step from the local exit.

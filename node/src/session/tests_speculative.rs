@@ -166,3 +166,48 @@ fn a_relay_refuses_a_verdict_accepting_more_than_drafted() {
     assert!(matches!(p.run(), Outcome::Failed(NodeError::Protocol(_))));
     assert!(p.engine.truncations.is_empty());
 }
+
+#[test]
+fn a_relay_moves_the_session_to_the_next_parent_with_its_accepted_rows() {
+    let engine = FakeEngine::new(script(reference), |_| true);
+    let mut p = child(
+        speculate(2),
+        EDGE,
+        vec![dies_after(1), parent(fast)],
+        engine,
+    );
+    let now = p.now;
+    // Rows 0..3 pending, two right drafts: the first parent verifies them.
+    p.session
+        .on_draft(draft_msg(0, 3, vec![reference(3), reference(4)]), H, now);
+    let Outcome::Reply(Message::Verdict(v)) = p.run() else {
+        panic!()
+    };
+    assert_eq!(v.accepted, 2);
+    // The next draft's parent falls silent: the second parent gets positions 0..8 (this
+    // tier's accepted rows, then the draft's) and verifies the draft.
+    let now = p.now;
+    p.session
+        .on_draft(draft_msg(5, 1, vec![reference(6), wrong(7)]), H, now);
+    let Outcome::Reply(Message::Verdict(v)) = p.run() else {
+        panic!()
+    };
+    assert_eq!((v.accepted, v.next_token), (1, reference(7)));
+    let Message::Draft(d) = &p.parents[1].received[0] else {
+        panic!("not a Draft")
+    };
+    assert_eq!(d.positions, span(0, 8));
+    assert_eq!(p.parents[1].kv, 7);
+    assert_eq!(p.engine.truncations.last(), Some(&7));
+    assert_eq!(p.session.stats().failovers, 1);
+}
+
+#[test]
+fn a_relay_with_no_other_parent_fails_the_childs_draft() {
+    let engine = FakeEngine::new(script(reference), |_| true);
+    let mut p = child(speculate(2), EDGE, vec![dies_after(0)], engine);
+    let now = p.now;
+    p.session
+        .on_draft(draft_msg(0, 3, vec![reference(3), reference(4)]), H, now);
+    assert!(matches!(p.run(), Outcome::Failed(NodeError::Parent { .. })));
+}

@@ -36,7 +36,7 @@ pub mod verify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -738,6 +738,8 @@ pub struct PeerConnection {
     codec: Codec,
     control: Mutex<Option<SessionStream>>,
     sessions: Arc<AtomicUsize>,
+    /// Sessions refused for going over `Limits::max_sessions_per_peer`.
+    refused: AtomicU64,
 }
 
 impl PeerConnection {
@@ -757,6 +759,7 @@ impl PeerConnection {
             codec,
             control: Mutex::new(Some(control)),
             sessions: Arc::new(AtomicUsize::new(0)),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -804,6 +807,7 @@ impl PeerConnection {
             if let Some(permit) = try_permit(&self.sessions, max) {
                 return Ok(SessionStream::new(send, recv, self.codec, Some(permit)));
             }
+            self.refused.fetch_add(1, Ordering::Relaxed);
             let mut extra = SessionStream::new(send, recv, self.codec, None);
             let err = Error::LimitExceeded {
                 field: "sessions",
@@ -819,6 +823,16 @@ impl PeerConnection {
     /// Sessions currently accepted and not yet dropped.
     pub fn active_sessions(&self) -> usize {
         self.sessions.load(Ordering::Acquire)
+    }
+
+    /// Sessions refused so far on this connection for going over the per-peer limit.
+    pub fn refused_sessions(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The per-peer session limit ([`Limits::max_sessions_per_peer`]).
+    pub fn session_limit(&self) -> usize {
+        self.codec.limits.max_sessions_per_peer
     }
 
     /// RTT, congestion window, bytes and losses of this connection.
