@@ -202,6 +202,26 @@ impl ModelSource {
     }
 }
 
+/// A source is its tensors (so a trainer can hold a base as `Arc<dyn TensorSource>` and
+/// read it in place: quantized GGUF matrices stay quantized).
+impl TensorSource for ModelSource {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<candle_core::Tensor> {
+        self.tensors().get(name, shape)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors().contains(name)
+    }
+
+    fn row_slice(&self, name: &str) -> Option<crate::layers::RowSlice> {
+        self.tensors().row_slice(name)
+    }
+
+    fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<crate::quant::QMatrix>> {
+        self.tensors().quantized(name, shape)
+    }
+}
+
 /// The configuration of the model at `path` (an HF directory's `config.json`, or a GGUF
 /// file's metadata) without mapping its weights.
 pub fn model_config(path: &Path) -> Result<ModelConfig> {

@@ -18,6 +18,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+use crate::words::{Split, WordTask};
+
+/// Name of the [`FtData::Words`] task.
+pub const WORD_TASK: &str = "word-category";
 
 /// Where fine-tuning batches come from.
 #[derive(Debug, Clone)]
@@ -30,6 +34,9 @@ pub enum FtData {
     Add5,
     /// Next-byte language modelling on a text file.
     Text(TextCorpus),
+    /// Word categories in a fixed answer format, for a pretrained chat model
+    /// ([`crate::words`]; built with its tokenizer, so not by [`FtData::task`]).
+    Words(std::sync::Arc<WordTask>),
 }
 
 impl FtData {
@@ -40,6 +47,14 @@ impl FtData {
         }
         if name == "add-5" {
             return Ok(FtData::Add5);
+        }
+        if name == WORD_TASK {
+            return Err(Error::invalid(
+                "task",
+                format!(
+                    "`{name}` needs a pretrained model's tokenizer (e.g. smollm2-135m-instruct)"
+                ),
+            ));
         }
         name.parse::<Task>().map(FtData::Task).map_err(|_| {
             Error::invalid(
@@ -56,6 +71,7 @@ impl FtData {
             FtData::AddLong => "add-long".into(),
             FtData::Add5 => "add-5".into(),
             FtData::Text(_) => "text".into(),
+            FtData::Words(_) => WORD_TASK.into(),
         }
     }
 
@@ -75,6 +91,7 @@ impl FtData {
                 .map(Sequence::from)
                 .collect(),
             FtData::Text(c) => c.train_batch(n, seed, step),
+            FtData::Words(w) => w.train_batch(n, seed, step),
         }
     }
 
@@ -92,7 +109,7 @@ impl FtData {
             FtData::Task(t) => flow_familial::tasks::eval_set(*t, n, split),
             FtData::AddLong => add_long(n, eval_seed(Task::Add, 1000 + split)),
             FtData::Add5 => add_5(n, eval_seed(Task::Add, 5000 + split)),
-            FtData::Text(_) => Vec::new(),
+            FtData::Text(_) | FtData::Words(_) => Vec::new(),
         }
     }
 
@@ -100,6 +117,9 @@ impl FtData {
     pub fn eval_sequences(&self, n: usize, split: u64) -> Vec<Sequence> {
         match self {
             FtData::Text(c) => c.eval_windows(n),
+            // split 0 is the test words, any other split the validation words
+            FtData::Words(w) if split == 0 => w.sequences(Split::Test, n),
+            FtData::Words(w) => w.sequences(Split::Validation, n),
             other => other
                 .eval_examples(n, split)
                 .iter()

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use flow_familial::weights::Checkpoint;
+use flow_familial::weights::{Checkpoint, MemorySource, TensorSource};
 
 use crate::error::{Error, Result};
 
@@ -31,6 +31,16 @@ pub struct Delta {
     pub scheme: String,
     /// The new values of the changed tensors.
     pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// The fingerprint of a pretrained base file (GGUF): its SHA-256, the digest family
+/// overlays name their base by ([`flow_familial::family::base_digest`]).
+pub fn file_fingerprint(path: &Path) -> Result<[u8; 32]> {
+    let (hex_sha, _) = flow_familial::family::base_digest(path)?;
+    hex::decode(&hex_sha)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        .ok_or_else(|| Error::file(path, "its SHA-256 is not 32 bytes"))
 }
 
 /// The fingerprint deltas name: SHA-256 over every tensor of the checkpoint in `ck`.
@@ -191,6 +201,44 @@ impl Delta {
             }
         }
         Ok(())
+    }
+
+    /// [`Delta::diff`] against a base read in place: each updated tensor is compared with
+    /// `base`'s (dequantized) value of the shape in `shapes`.
+    pub fn diff_source(
+        base: &dyn TensorSource,
+        shapes: &HashMap<String, Vec<usize>>,
+        updated: &HashMap<String, Tensor>,
+        dtype: DType,
+        base_fingerprint: [u8; 32],
+        version: u64,
+        scheme: &str,
+    ) -> Result<Self> {
+        let mut old = HashMap::new();
+        for n in updated.keys() {
+            let shape = shapes
+                .get(n)
+                .ok_or_else(|| Error::invalid("delta", format!("`{n}` is not in the base")))?;
+            old.insert(n.clone(), base.get(n, shape)?);
+        }
+        Self::diff(&old, updated, dtype, base_fingerprint, version, scheme)
+    }
+
+    /// This delta's tensors as a source to stack over its base (`Stacked { top, base }`),
+    /// after [`Delta::check`] against the base's fingerprint `fp` and `shapes`: a delta for
+    /// another base, or naming a tensor the base lacks or shapes differently, is refused.
+    pub fn over(
+        &self,
+        fp: &[u8; 32],
+        shapes: &HashMap<String, Vec<usize>>,
+    ) -> Result<MemorySource> {
+        self.check(fp, &|n| shapes.get(n).cloned())?;
+        Ok(MemorySource::new(
+            self.tensors
+                .iter()
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect(),
+        ))
     }
 
     /// `base` with this delta's tensors replaced, after [`Delta::check`] against `fp`.

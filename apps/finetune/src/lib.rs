@@ -16,6 +16,12 @@
 //!   ([`aggregate::run_round`], [`aggregate::federate`]).
 //! - [`data`] — fine-tuning data, including the benchmark's shifted `add-long` domain.
 //! - [`mem`] — an opt-in counting allocator for measuring peak training memory.
+//! - [`words`] — `word-category`, the task for a pretrained chat model (SmolLM2): held-out
+//!   words, a fixed answer format, exact-match accuracy ([`words::accuracy`]).
+//!
+//! On a pretrained GGUF base, [`SparseTrainer::over_source`] reads the frozen weights in
+//! place (quantized kernels, no copies) and holds f32 master copies of the trained slices
+//! only.
 //!
 //! The CLI is `flow-node finetune`; the benchmark `flow-node bench finetune`.
 
@@ -27,6 +33,7 @@ pub mod mem;
 pub mod scheme;
 pub mod select;
 pub mod sparse;
+pub mod words;
 
 pub use delta::Delta;
 pub use error::{Error, Result};

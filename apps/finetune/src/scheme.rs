@@ -4,7 +4,9 @@
 //! [`Scheme::plan`] turns it into [`ParamSpec`]s over the tensor names of the member(s) being
 //! fine-tuned. Every sparse scheme trains the exit heads (norm + LM head of every target
 //! exit), as tiny-training always updates the classifier; the rest of the plan is what
-//! distinguishes the schemes. "Blocks" are the decoder blocks on a member's path, shallowest
+//! distinguishes the schemes. A head tied to the token embedding (llama/SmolLM2:
+//! `tie_word_embeddings`) is the whole vocabulary matrix, trained only by `full`: a sparse
+//! scheme trains the exit's norm there, not a fifth of the model. "Blocks" are the decoder blocks on a member's path, shallowest
 //! first: trunk layers `[0, e)` then the exit's own block; "the last `n` blocks" counts back
 //! from the exit block.
 
@@ -23,8 +25,11 @@ use crate::error::{Error, Result};
 pub enum Scheme {
     /// Norm and LM head of every target exit.
     ExitHeads,
-    /// Exit heads + biases and norm weights of the last `last` blocks.
+    /// Exit heads + biases and norm weights of the last `last` blocks (norms only on
+    /// architectures without biases, llama).
     BiasNorm { last: usize },
+    /// Exit heads + every tensor of the last `last` blocks (classic last-k fine-tuning).
+    Blocks { last: usize },
     /// Exit heads + biases/norms of the last `last` blocks + a `ratio` of the output
     /// channels (rows) of every weight matrix there, the rows of largest L2 norm.
     Channels { last: usize, ratio: f64 },
@@ -57,9 +62,31 @@ impl Scheme {
         v
     }
 
+    /// The schemes `--scheme auto` considers for a deep pretrained member of `blocks`
+    /// blocks (SmolLM2: 30), cheapest first: norms of every block, the last blocks whole,
+    /// LoRA and channel slices of the last blocks, full.
+    pub fn candidates_pretrained(blocks: usize) -> Vec<Scheme> {
+        let k = |n: usize| n.min(blocks).max(1);
+        vec![
+            Scheme::BiasNorm { last: blocks },
+            Scheme::Channels {
+                last: k(2),
+                ratio: 0.25,
+            },
+            Scheme::Lora {
+                last: k(4),
+                rank: 8,
+            },
+            Scheme::Blocks { last: k(1) },
+            Scheme::Blocks { last: k(2) },
+            Scheme::Full,
+        ]
+    }
+
     fn check(&self) -> Result<()> {
         match *self {
             Scheme::BiasNorm { last }
+            | Scheme::Blocks { last }
             | Scheme::Lora { last, .. }
             | Scheme::Channels { last, .. }
             | Scheme::FfnOut { last, .. }
@@ -105,10 +132,13 @@ impl Scheme {
         for &p in points {
             let spec = cfg.exits[cfg.exit_index(p)?];
             add(norm_name(spec.norm), SliceKind::Full);
-            add(head_name(spec.head), SliceKind::Full);
+            if spec.head != HeadRef::TiedEmbedding {
+                add(head_name(spec.head), SliceKind::Full);
+            }
         }
         let last = match *self {
             Scheme::BiasNorm { last }
+            | Scheme::Blocks { last }
             | Scheme::Channels { last, .. }
             | Scheme::Lora { last, .. }
             | Scheme::FfnOut { last, .. } => last,
@@ -120,6 +150,7 @@ impl Scheme {
                 for n in block_tensor_names(prefix, cfg, ffn) {
                     let small = n.ends_with(".bias") || n.contains("norm");
                     match (self, small) {
+                        (Scheme::Blocks { .. }, _) => add(n, SliceKind::Full),
                         (Scheme::BiasNorm { .. } | Scheme::Channels { .. }, true) => {
                             add(n, SliceKind::Full)
                         }
@@ -148,6 +179,7 @@ impl fmt::Display for Scheme {
         match self {
             Scheme::ExitHeads => f.write_str("exit-heads"),
             Scheme::BiasNorm { last } => write!(f, "bias-norm:{last}"),
+            Scheme::Blocks { last } => write!(f, "blocks:{last}"),
             Scheme::Channels { last, ratio } => write!(f, "channels:{last}:{ratio}"),
             Scheme::Lora { last, rank } => write!(f, "lora:{last}:{rank}"),
             Scheme::FfnOut { last, ratio } => write!(f, "ffn-out:{last}:{ratio}"),
@@ -170,7 +202,7 @@ impl FromStr for Scheme {
             Error::invalid(
                 "scheme",
                 format!(
-                    "`{s}` (use exit-heads, bias-norm:N, channels:N:RATIO, ffn-out:N:RATIO, lora:N:RANK or full)"
+                    "`{s}` (use exit-heads, bias-norm:N, blocks:N, channels:N:RATIO, ffn-out:N:RATIO, lora:N:RANK or full)"
                 ),
             )
         };
@@ -178,6 +210,7 @@ impl FromStr for Scheme {
             ("exit-heads", 1) => Scheme::ExitHeads,
             ("full", 1) => Scheme::Full,
             ("bias-norm", 2) => Scheme::BiasNorm { last: num(1)? },
+            ("blocks", 2) => Scheme::Blocks { last: num(1)? },
             ("lora", 3) => Scheme::Lora {
                 last: num(1)?,
                 rank: num(2)?,
@@ -277,6 +310,7 @@ mod tests {
         for s in [
             "exit-heads",
             "bias-norm:2",
+            "blocks:3",
             "channels:1:0.25",
             "ffn-out:1:0.5",
             "ffn-out:1:1",
@@ -296,6 +330,29 @@ mod tests {
         ] {
             assert!(s.parse::<Scheme>().is_err(), "{s}");
         }
+    }
+
+    /// On a tied llama (SmolLM2's shape) sparse schemes leave the tied embedding alone,
+    /// `blocks:N` takes every tensor of the last N blocks, `bias-norm` only norms.
+    #[test]
+    fn tied_llama_plans_leave_the_embedding_to_full() {
+        let mut cfg = preset_config(Preset::Tiny, Layout::Llama).unwrap();
+        cfg.tie_word_embeddings = true;
+        let last = cfg.num_layers - 1;
+        cfg.declare_exits(&[last]).unwrap();
+        for s in Scheme::candidates_pretrained(cfg.num_layers) {
+            let plan = s.plan(&cfg, &[last]).unwrap();
+            let embed = plan.iter().any(|p| p.name == "model.embed_tokens.weight");
+            assert_eq!(embed, s == Scheme::Full, "{s}");
+        }
+        let b = Scheme::Blocks { last: 2 }.plan(&cfg, &[last]).unwrap();
+        assert!(b.iter().all(|p| p.kind == SliceKind::Full));
+        let l = |i| format!("model.layers.{i}.");
+        assert!(b.iter().any(|p| p.name.starts_with(&l(last - 1))));
+        assert!(!b.iter().any(|p| p.name.starts_with(&l(last - 2))));
+        let bn = Scheme::BiasNorm { last: 3 }.plan(&cfg, &[last]).unwrap();
+        assert!(bn.iter().all(|p| p.name.contains("norm")), "{bn:?}");
+        assert_eq!(bn.len(), 1 + 2 * 3);
     }
 
     #[test]

@@ -10,9 +10,6 @@
 //! keeps the one that lowers the validation loss most. `flow-node bench finetune` prints
 //! the estimate next to the measured peak.
 
-use std::collections::HashMap;
-
-use candle_core::Tensor;
 use flow_familial::init::tensor_shapes;
 use flow_familial::tasks::Sequence;
 use flow_familial::ModelConfig;
@@ -41,14 +38,36 @@ impl MemoryEstimate {
     }
 }
 
+/// Where the frozen weights live while training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frozen {
+    /// f32 copies held by the trainer ([`SparseTrainer::new`]).
+    Copied,
+    /// Read in place from a mapped base ([`SparseTrainer::over_source`]): not heap, not
+    /// counted; only the f32 master copies of the trained tensors are.
+    Mapped,
+}
+
 /// Estimate the training memory of `scheme` with batches of `batch` sequences of about
-/// `seq_len` tokens, `loss_rows` of them with a loss.
+/// `seq_len` tokens, `loss_rows` of them with a loss; frozen weights copied in f32.
 pub fn estimate(
     cfg: &ModelConfig,
     scheme: &Scheme,
     opts: &FtOptions,
     seq_len: usize,
     loss_rows: usize,
+) -> Result<MemoryEstimate> {
+    estimate_with(cfg, scheme, opts, seq_len, loss_rows, Frozen::Copied)
+}
+
+/// [`estimate`] with the frozen weights where `frozen` says.
+pub fn estimate_with(
+    cfg: &ModelConfig,
+    scheme: &Scheme,
+    opts: &FtOptions,
+    seq_len: usize,
+    loss_rows: usize,
+    frozen: Frozen,
 ) -> Result<MemoryEstimate> {
     let points = opts.points(cfg)?;
     let shapes = tensor_shapes(cfg)?;
@@ -60,8 +79,11 @@ pub fn estimate(
             .map(|s| s.iter().product::<usize>())
             .unwrap_or(0)
     };
-    let weights = 4 * names.iter().map(|n| numel(n)).sum::<usize>();
     let plan = scheme.plan(cfg, &points)?;
+    let weights = 4 * match frozen {
+        Frozen::Copied => names.iter().map(|n| numel(n)).sum::<usize>(),
+        Frozen::Mapped => plan.iter().map(|s| numel(&s.name)).sum::<usize>(),
+    };
     let mut optimizer = 0usize;
     for s in &plan {
         let shape = shapes.get(&s.name).cloned().unwrap_or_default();
@@ -140,24 +162,32 @@ pub struct Probe {
     pub val_after: f64,
 }
 
-/// Pick the scheme among `candidates` that fits `budget_bytes` and lowers the validation
-/// loss on `val` most after `probe_steps` steps. Returns it and every probe.
-#[allow(clippy::too_many_arguments)] // one call site per tool; a struct would only rename them
+/// How [`choose`] builds and sizes candidates.
+pub struct Candidates<'a> {
+    /// The schemes, cheapest first.
+    pub schemes: &'a [Scheme],
+    /// A fresh trainer of a scheme.
+    pub make: &'a dyn Fn(&Scheme) -> Result<SparseTrainer>,
+    /// Its memory estimate.
+    pub estimate: &'a dyn Fn(&Scheme) -> Result<MemoryEstimate>,
+}
+
+/// Pick the scheme among `c.schemes` that fits `budget_bytes` and lowers the validation
+/// loss on `val` most after `probe_steps` steps (each probe reports as it ends through
+/// `on_probe`). Returns it and every probe.
 pub fn choose(
-    cfg: &ModelConfig,
-    base: &HashMap<String, Tensor>,
-    candidates: &[Scheme],
+    c: &Candidates<'_>,
     budget_bytes: usize,
     data: &FtData,
     opts: &FtOptions,
     probe_steps: u64,
     val: &[Sequence],
+    on_probe: &mut dyn FnMut(&Probe),
 ) -> Result<(Scheme, Vec<Probe>)> {
-    let (len, rows) = batch_shape(data, opts.seed);
     let mut probes = Vec::new();
     let mut best: Option<(f64, Scheme)> = None;
-    for s in candidates {
-        let est = estimate(cfg, s, opts, len, rows)?;
+    for s in c.schemes {
+        let est = (c.estimate)(s)?;
         let fits = est.total() <= budget_bytes;
         let mut p = Probe {
             scheme: s.to_string(),
@@ -168,7 +198,7 @@ pub fn choose(
             val_after: f64::NAN,
         };
         if fits {
-            let mut tr = SparseTrainer::new(cfg.clone(), base, s.clone(), opts.clone())?;
+            let mut tr = (c.make)(s)?;
             p.trainable = tr.num_trainable();
             p.val_before = tr.eval_loss(val)?;
             for step in 0..probe_steps {
@@ -181,6 +211,7 @@ pub fn choose(
                 best = Some((gain, s.clone()));
             }
         }
+        on_probe(&p);
         probes.push(p);
     }
     match best {
@@ -242,10 +273,17 @@ mod tests {
         let val = data.eval_sequences(8, 1);
         let cands = [Scheme::ExitHeads, Scheme::Full];
         let budget = (heads.total() + full.total()) / 2;
-        let (s, probes) = choose(&cfg, &base, &cands, budget, &data, &opts, 2, &val).unwrap();
+        let make = |s: &Scheme| SparseTrainer::new(cfg.clone(), &base, s.clone(), opts.clone());
+        let est = |s: &Scheme| estimate(&cfg, s, &opts, 12, 3);
+        let c = Candidates {
+            schemes: &cands,
+            make: &make,
+            estimate: &est,
+        };
+        let (s, probes) = choose(&c, budget, &data, &opts, 2, &val, &mut |_| {}).unwrap();
         assert_eq!(s, Scheme::ExitHeads);
         assert!(probes[0].fits && !probes[1].fits && probes[1].val_after.is_nan());
-        let e = choose(&cfg, &base, &cands, 10, &data, &opts, 2, &val).unwrap_err();
+        let e = choose(&c, 10, &data, &opts, 2, &val, &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("--budget-mb"), "{e}");
     }
 }

@@ -24,12 +24,14 @@
 //! therefore max(forward+backward, weights + state + remaining gradients), never their sum.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
+use flow_familial::init::tensor_shapes;
 use flow_familial::layers::{replace_rows, RowSlice};
 use flow_familial::tasks::Sequence;
 use flow_familial::train::{exit_nll_sums_at, greedy_batch};
-use flow_familial::weights::MemorySource;
+use flow_familial::weights::{MemorySource, Stacked, TensorSource};
 use flow_familial::{FamilialModel, Mode, ModelConfig, Part};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -211,13 +213,27 @@ pub struct SparseTrainer {
     part: Part,
     points: Vec<usize>,
     scheme: Scheme,
+    /// Frozen tensors copied into the trainer (empty over a [`BaseSource`]).
     frozen: HashMap<String, Tensor>,
+    /// The base read in place ([`SparseTrainer::over_source`]).
+    under: Option<BaseSource>,
     params: Vec<Trainable>,
     /// AdamW moments per variable, in `params` × `vars()` order.
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     step: u64,
     opts: FtOptions,
+    member_params: usize,
+}
+
+/// A base the trainer reads in place (frozen tensors are never copied).
+#[derive(Clone)]
+struct BaseSource(Arc<dyn TensorSource + Send + Sync>);
+
+impl std::fmt::Debug for BaseSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BaseSource")
+    }
 }
 
 /// Indices of the `k` rows of `w` with the largest L2 norm, ascending.
@@ -236,9 +252,49 @@ pub fn top_rows(w: &Tensor, k: usize) -> Result<Vec<u32>> {
 
 impl SparseTrainer {
     /// Plan `scheme` over `base` (every tensor of the family of `cfg`, any float dtype).
+    /// The frozen tensors are f32 copies held by the trainer.
     pub fn new(
         cfg: ModelConfig,
         base: &HashMap<String, Tensor>,
+        scheme: Scheme,
+        opts: FtOptions,
+    ) -> Result<Self> {
+        let get = |n: &str| -> Result<Tensor> {
+            let t = base.get(n).ok_or_else(|| {
+                Error::invalid("base weights", format!("tensor `{n}` is missing"))
+            })?;
+            Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.detach())
+        };
+        Self::build(cfg, &get, None, scheme, opts)
+    }
+
+    /// Plan `scheme` over a base read in place from `base` (a GGUF file: quantized
+    /// matrices stay quantized and mapped). Only the trainable slices are copied, as f32
+    /// master copies; every frozen tensor is read from `base` when the model is built, so
+    /// frozen projections run the quantized kernels (and, inside the backward graph, only
+    /// compute their input's gradient). This is the PockEngine setting on a pretrained
+    /// model: memory grows with what is trained, not with the model.
+    pub fn over_source(
+        cfg: ModelConfig,
+        base: Arc<dyn TensorSource + Send + Sync>,
+        scheme: Scheme,
+        opts: FtOptions,
+    ) -> Result<Self> {
+        let shapes = tensor_shapes(&cfg)?;
+        let src = base.clone();
+        let get = move |n: &str| -> Result<Tensor> {
+            let shape = shapes.get(n).ok_or_else(|| {
+                Error::invalid("base weights", format!("no shape for tensor `{n}`"))
+            })?;
+            Ok(src.get(n, shape)?.detach())
+        };
+        Self::build(cfg, &get, Some(BaseSource(base)), scheme, opts)
+    }
+
+    fn build(
+        cfg: ModelConfig,
+        get: &dyn Fn(&str) -> Result<Tensor>,
+        under: Option<BaseSource>,
         scheme: Scheme,
         opts: FtOptions,
     ) -> Result<Self> {
@@ -249,16 +305,12 @@ impl SparseTrainer {
         let part = member_part(&cfg, &points)?;
         let names = FamilialModel::tensor_names(&cfg, &part)?;
         let specs = scheme.plan(&cfg, &points)?;
-        let get = |n: &str| -> Result<Tensor> {
-            let t = base.get(n).ok_or_else(|| {
-                Error::invalid("base weights", format!("tensor `{n}` is missing"))
-            })?;
-            Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.detach())
-        };
         let mut frozen = HashMap::new();
-        for n in &names {
-            if !specs.iter().any(|s| &s.name == n) {
-                frozen.insert(n.clone(), get(n)?);
+        if under.is_none() {
+            for n in &names {
+                if !specs.iter().any(|s| &s.name == n) {
+                    frozen.insert(n.clone(), get(n)?);
+                }
             }
         }
         let mut rng = StdRng::seed_from_u64(opts.seed ^ 0x1075);
@@ -303,17 +355,26 @@ impl SparseTrainer {
             .map(|v| v.as_tensor().zeros_like())
             .collect::<candle_core::Result<_>>()?;
         let v = m.clone();
+        let member_params = {
+            let shapes = tensor_shapes(&cfg)?;
+            names
+                .iter()
+                .map(|n| shapes.get(n).map_or(0, |s| s.iter().product::<usize>()))
+                .sum()
+        };
         Ok(Self {
             cfg,
             part,
             points,
             scheme,
             frozen,
+            under,
             params,
             m,
             v,
             step: 0,
             opts,
+            member_params,
         })
     }
 
@@ -342,7 +403,8 @@ impl SparseTrainer {
         &self.params
     }
 
-    /// The frozen tensors of the member (plain tensors, never updated).
+    /// The frozen tensors copied into the trainer (plain tensors, never updated; empty for
+    /// a trainer [`SparseTrainer::over_source`], whose frozen tensors stay in the base).
     pub fn frozen(&self) -> &HashMap<String, Tensor> {
         &self.frozen
     }
@@ -354,13 +416,7 @@ impl SparseTrainer {
 
     /// Parameter count of the member.
     pub fn num_member(&self) -> usize {
-        let frozen: usize = self.frozen.values().map(|t| t.elem_count()).sum();
-        let trained: usize = self
-            .params
-            .iter()
-            .map(|p| p.value().map(|t| t.elem_count()).unwrap_or(0))
-            .sum();
-        frozen + trained
+        self.member_params
     }
 
     fn model(&self, mode: Mode) -> Result<FamilialModel> {
@@ -381,12 +437,17 @@ impl SparseTrainer {
         for (n, rs) in slices {
             src = src.with_row_slice(n, rs);
         }
-        Ok(FamilialModel::from_source(
-            self.cfg.clone(),
-            self.part.clone(),
-            &src,
-            mode,
-        )?)
+        let model = match &self.under {
+            None => FamilialModel::from_source(self.cfg.clone(), self.part.clone(), &src, mode)?,
+            Some(BaseSource(base)) => {
+                let stacked = Stacked {
+                    top: &src,
+                    base: base.as_ref(),
+                };
+                FamilialModel::from_source(self.cfg.clone(), self.part.clone(), &stacked, mode)?
+            }
+        };
+        Ok(model)
     }
 
     /// An inference model of the member(s) with the current weights.
@@ -431,12 +492,22 @@ impl SparseTrainer {
         Ok(nll / count.max(1) as f64)
     }
 
-    /// Gradients of every variable (in [`Trainable::vars`] order) on `batch`, and the loss.
-    pub fn gradients(&self, batch: &[Sequence]) -> Result<(Vec<Option<Tensor>>, f64)> {
+    /// The whole gradient store of one backward pass on `batch` (every tracked tensor of
+    /// the graph, interior nodes included), and the loss: tests look up frozen tensors in
+    /// it to show that no gradient reaches them.
+    pub fn backward_store(
+        &self,
+        batch: &[Sequence],
+    ) -> Result<(candle_core::backprop::GradStore, f64)> {
         let loss = self.loss(batch)?;
         let value = f64::from(loss.to_scalar::<f32>()?);
-        let mut store = loss.backward()?;
-        drop(loss);
+        let store = loss.backward()?;
+        Ok((store, value))
+    }
+
+    /// Gradients of every variable (in [`Trainable::vars`] order) on `batch`, and the loss.
+    pub fn gradients(&self, batch: &[Sequence]) -> Result<(Vec<Option<Tensor>>, f64)> {
+        let (mut store, value) = self.backward_store(batch)?;
         let grads = self
             .params
             .iter()

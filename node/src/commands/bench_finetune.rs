@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use flow_finetune::data::FtData;
@@ -13,8 +12,8 @@ use flow_finetune::{FtOptions, Scheme, SparseTrainer};
 use serde::Serialize;
 
 use super::bench_model::{loadavg, median};
+use super::finetune::run_steps;
 use super::finetune::{family_with, load_base};
-use super::train::step_progress;
 
 const LONG_ABOUT: &str = "\
 Sparse fine-tuning schemes against full fine-tuning of the device member, on a domain shift.
@@ -35,39 +34,57 @@ and at the sparse rate it forgets faster than it learns). Per scheme it reports:
 The target: the best sparse scheme within 1 point of full fine-tuning's accuracy with
 >= 3x less peak memory and >= 2x faster steps (best = the most accurate of those meeting
 both ratios, else the most accurate overall). `flow-node finetune --help` says what
-candle does not permit of PockEngine's per-parameter update reordering.";
+candle does not permit of PockEngine's per-parameter update reordering.
+
+PRETRAINED MODELS
+  --model smollm2-135m-instruct (a pulled name or a GGUF file) runs the same comparison
+  on the whole pretrained model (its last layer is the exit) and the `word-category` task
+  (see `flow-node finetune --help`): default schemes bias-norm:30 (every norm), lora:4:8,
+  blocks:1, blocks:2, then full; defaults --steps 60 --batch 8 --lr 1e-3 --full-lr 1e-4.
+  Frozen weights stay quantized and mapped (not heap), so peak heap is what training
+  adds; VmHWM (the process's peak RSS so far, mapped file pages included) is printed too
+  and only grows from row to row. Accuracy is exact match on 72 held-out words (and a
+  lenient score: the answer names the right category only). Per scheme also the f16
+  delta's size (vs the GGUF file) and the time to apply it: parse, check the base's
+  SHA-256 and shapes, build the model.";
 
 /// Arguments of `flow-node bench finetune`.
 #[derive(clap::Args, Debug)]
 #[command(before_long_help = LONG_ABOUT)]
 pub struct BenchFinetuneArgs {
-    /// Base family.
-    #[arg(long, default_value = "models/small")]
+    /// Base family, or a pretrained model (pulled name or GGUF file).
+    #[arg(long, default_value = "models/small", value_parser = super::model_arg)]
     pub model: PathBuf,
     /// Shifted task to fine-tune on.
     #[arg(long, default_value = "add-long")]
     pub task: String,
-    /// Schemes to compare (full fine-tuning is always added).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "exit-heads,ffn-out:1:1,ffn-out:1:0.5,channels:1:0.5,lora:1:8"
-    )]
+    /// Schemes to compare (full fine-tuning is always added unless --no-full); default
+    /// exit-heads,ffn-out:1:1,ffn-out:1:0.5,channels:1:0.5,lora:1:8 (families) or
+    /// bias-norm:30,lora:4:8,blocks:1,blocks:2 (pretrained).
+    #[arg(long, value_delimiter = ',')]
     pub schemes: Vec<String>,
-    /// Steps per scheme.
-    #[arg(long, default_value_t = 300)]
-    pub steps: u64,
-    /// Sequences per step.
-    #[arg(long, default_value_t = 16)]
-    pub batch: usize,
-    /// Peak learning rate of the sparse schemes (few parameters, which tolerate and need a
-    /// larger step than the whole member).
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// Peak learning rate of full fine-tuning (the whole member moves; above ~3e-4 it
-    /// forgets what the base knew faster than it learns the shift).
-    #[arg(long, default_value_t = 3e-4)]
-    pub full_lr: f64,
+    /// Leave full fine-tuning out (pretrained models only: to measure schemes in
+    /// separate processes).
+    #[arg(long)]
+    pub no_full: bool,
+    /// Steps per scheme (default 300; 60 on a pretrained model).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Sequences per step (default 16; 8 on a pretrained model).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Peak learning rate of the sparse schemes (default 1e-3; few parameters, which
+    /// tolerate and need a larger step than the whole member).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Peak learning rate of full fine-tuning (default 3e-4; 1e-4 on a pretrained model:
+    /// the whole member moves, and too large a step forgets what the base knew faster than
+    /// it learns the shift).
+    #[arg(long)]
+    pub full_lr: Option<f64>,
+    /// Compute threads on a pretrained model (quantized kernels).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
     /// Warm-up steps (linear), then a cosine decay to --min-lr-ratio x the peak.
     #[arg(long, default_value_t = 20)]
     pub warmup: u64,
@@ -106,23 +123,35 @@ struct Row {
 }
 
 pub fn run(a: BenchFinetuneArgs) -> anyhow::Result<()> {
+    if super::finetune_real::is_pretrained(&a.model) {
+        return super::bench_finetune_real::run(a);
+    }
     super::train::tune_malloc();
+    let (steps, batch) = (a.steps.unwrap_or(300), a.batch.unwrap_or(16));
+    let (lr, full_lr) = (a.lr.unwrap_or(1e-3), a.full_lr.unwrap_or(3e-4));
+    let names: Vec<String> = if a.schemes.is_empty() {
+        "exit-heads,ffn-out:1:1,ffn-out:1:0.5,channels:1:0.5,lora:1:8"
+            .split(',')
+            .map(str::to_string)
+            .collect()
+    } else {
+        a.schemes.clone()
+    };
     if !counting() {
         bail!("the counting allocator is not installed; peak memory cannot be measured");
     }
     let base = load_base(&a.model)?;
     let data = FtData::task(&a.task)?;
-    let mut schemes: Vec<Scheme> = a
-        .schemes
+    let mut schemes: Vec<Scheme> = names
         .iter()
         .map(|s| s.parse::<Scheme>())
         .collect::<Result<_, _>>()?;
     schemes.retain(|s| *s != Scheme::Full);
     schemes.push(Scheme::Full);
     let opts = FtOptions {
-        steps: a.steps,
-        batch: a.batch,
-        lr: a.lr,
+        steps,
+        batch,
+        lr,
         warmup: a.warmup,
         min_lr_ratio: a.min_lr_ratio,
         seed: a.seed,
@@ -137,25 +166,14 @@ pub fn run(a: BenchFinetuneArgs) -> anyhow::Result<()> {
     let mut out = Vec::new();
     for s in &schemes {
         let opts = FtOptions {
-            lr: if *s == Scheme::Full { a.full_lr } else { a.lr },
+            lr: if *s == Scheme::Full { full_lr } else { lr },
             ..opts.clone()
         };
         let est = estimate(&base.cfg, s, &opts, len, rows)?;
         let scope = PeakScope::start();
         let mut tr = SparseTrainer::new(base.cfg.clone(), &base.tensors, s.clone(), opts.clone())
             .with_context(|| format!("scheme {s}"))?;
-        let pb = step_progress(a.steps)?;
-        pb.set_message(s.to_string());
-        let mut times = Vec::with_capacity(a.steps as usize);
-        let mut last = f64::NAN;
-        for step in 0..a.steps {
-            let batch = data.train_batch(a.batch, a.seed, step);
-            let t0 = Instant::now();
-            last = tr.train_step(&batch)?.loss;
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-            pb.inc(1);
-        }
-        pb.finish_and_clear();
+        let (times, last) = run_steps(&mut tr, &data, steps, batch, a.seed, &s.to_string())?;
         let peak = scope.peak_bytes();
         let acc = exact_match(&tr.infer_model()?, &eval, point)?;
         let row = Row {
@@ -184,8 +202,8 @@ pub fn run(a: BenchFinetuneArgs) -> anyhow::Result<()> {
         "bench finetune: {} -> {} (member of exit {point}), {} steps x {} seqs, warm-up {} + cosine to {}x, {} held-out; load {} -> {}",
         a.model.display(),
         data.name(),
-        a.steps,
-        a.batch,
+        steps,
+        batch,
         a.warmup,
         a.min_lr_ratio,
         a.eval_examples,
@@ -229,7 +247,7 @@ pub fn run(a: BenchFinetuneArgs) -> anyhow::Result<()> {
              domain shift this member can learn in {} steps, and matching full FT here means nothing",
             full.acc_before * 100.0,
             full.acc_after * 100.0,
-            a.steps
+            steps
         );
     }
     if let Some(b) = best {
