@@ -290,23 +290,28 @@ fn draw_cdf<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotData) -> 
     draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
-fn draw_events<DB: DrawingBackend>(
-    chart: &mut ChartContext<
-        '_,
-        DB,
-        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
-    >,
+/// Most fault events that get a text label; with more (a soak's repeated cycles) only the
+/// lines are drawn, fainter, so the data stays readable.
+const MAX_EVENT_LABELS: usize = 12;
+
+/// The scenario's events as vertical lines (labelled when there are few).
+pub(crate) fn draw_events<DB: DrawingBackend>(
+    chart: &mut Chart<'_, DB>,
     events: &[(f64, String)],
     ymax: f64,
 ) -> DrawResult {
+    let labelled = events.len() <= MAX_EVENT_LABELS;
     for (i, (at, label)) in events.iter().enumerate() {
-        let color = RED.mix(0.7);
+        let color = RED.mix(if labelled { 0.7 } else { 0.25 });
         chart
             .draw_series(std::iter::once(PathElement::new(
                 vec![(*at, 0.0), (*at, ymax)],
                 color.stroke_width(1),
             )))
             .map_err(e2s)?;
+        if !labelled {
+            continue;
+        }
         // stagger labels so events close in time stay readable
         let y = ymax * (0.97 - 0.06 * (i % 4) as f64);
         chart

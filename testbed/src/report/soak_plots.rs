@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use super::plots::{
-    draw_legend, e2s, ensure_font, linear_chart, nice_max, write_png, write_svg, Axes, DrawResult,
-    FONT,
+    draw_events, draw_legend, e2s, ensure_font, linear_chart, nice_max, write_png, write_svg, Axes,
+    DrawResult,
 };
 use crate::error::{Error, Result};
 
@@ -58,25 +58,7 @@ fn draw<DB: DrawingBackend>(
             y_label_area: 80,
         },
     )?;
-    // faults: thin lines; labels only when few enough to read
-    for (i, (at, label)) in events.iter().enumerate() {
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![(*at, 0.0), (*at, ymax)],
-                RED.mix(0.25).stroke_width(1),
-            )))
-            .map_err(e2s)?;
-        if events.len() <= 12 {
-            let y = ymax * (0.97 - 0.06 * (i % 4) as f64);
-            chart
-                .draw_series(std::iter::once(Text::new(
-                    format!(" {label}"),
-                    (*at, y),
-                    (FONT, 14).into_font().color(&RED),
-                )))
-                .map_err(e2s)?;
-        }
-    }
+    draw_events(&mut chart, events, ymax)?;
     for (i, (node, runs)) in p.series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         for (k, run) in runs.iter().enumerate() {
