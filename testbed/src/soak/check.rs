@@ -114,7 +114,7 @@ impl Default for Bounds {
     fn default() -> Self {
         Self {
             max_rss_growth: 0.10,
-            min_measured_share: 0.5,
+            min_measured_share: 0.8,
             windows: GrowthWindows::default(),
         }
     }
