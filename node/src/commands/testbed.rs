@@ -55,8 +55,11 @@ pub enum TestbedCmd {
     /// broken bound named) unless every request was answered or refused explicitly, RSS
     /// grew at most --max-rss-growth after warm-up and sessions and KV are back to zero.
     ///
-    ///   flow-node testbed soak testbed/scenarios/soak_cycle.toml --duration 30m
-    ///   open target/testbed/soak-soak_cycle/soak.md
+    /// The scenario file is one fault cycle (its duration_s is the cycle length). Unlike
+    /// `run`: --speed defaults to 2 (the trace loops, it is not fitted into the run), --out
+    /// to target/testbed/soak-<scenario stem>, and the checks always apply. Example:
+    /// `flow-node testbed soak testbed/scenarios/soak_cycle.toml --duration 30m`, then
+    /// read target/testbed/soak-soak_cycle/soak.md.
     Soak(SoakArgs),
     /// (in the `certs` container) Create the cluster CA and node certificates unless they
     /// exist.

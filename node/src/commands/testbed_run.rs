@@ -388,31 +388,44 @@ struct Faults<'a> {
     compose: &'a Compose,
     /// (container, network) → its address before a partition, for the reconnect.
     addresses: BTreeMap<(String, String), String>,
+    /// service → container id. Faults talk to docker directly with these: a compose v1
+    /// call costs seconds on a loaded machine, and a soak's faults must keep their times.
+    ids: BTreeMap<String, String>,
 }
 
 impl Faults<'_> {
+    fn id(&mut self, service: &str) -> anyhow::Result<String> {
+        if let Some(id) = self.ids.get(service) {
+            return Ok(id.clone());
+        }
+        let id = self.compose.container(service)?;
+        self.ids.insert(service.to_string(), id.clone());
+        Ok(id)
+    }
+
     fn apply(&mut self, ev: &ScenarioEvent) -> anyhow::Result<String> {
         let c = self.compose;
         match &ev.action {
             Action::Kill => {
-                c.run(&["kill", "-s", "SIGKILL", &ev.target], "compose kill")?;
+                let id = self.id(&ev.target)?;
+                docker(&["kill", "-s", "SIGKILL", &id], "docker kill")?;
                 Ok("SIGKILL".into())
             }
             Action::Restart => {
-                let id = c.container(&ev.target)?;
+                let id = self.id(&ev.target)?;
                 if health_of(&id).starts_with("running") {
-                    c.run(&["restart", "-t", "2", &ev.target], "compose restart")?;
+                    docker(&["restart", "-t", "2", &id], "docker restart")?;
                     Ok("restarted".into())
                 } else {
-                    c.run(&["start", &ev.target], "compose start")?;
+                    docker(&["start", &id], "docker start")?;
                     Ok("started".into())
                 }
             }
             Action::Partition => {
                 let (node, net) = partition_side(&ev.target)?;
-                let id = c.container(node)?;
+                let id = self.id(node)?;
                 let network = c.network(net);
-                let ip = address_on(c, node, net)?;
+                let ip = address_of(&id, &network)?;
                 docker(
                     &["network", "disconnect", "-f", &network, &id],
                     "docker network disconnect",
@@ -423,7 +436,7 @@ impl Faults<'_> {
             }
             Action::Heal => {
                 let (node, net) = partition_side(&ev.target)?;
-                let id = c.container(node)?;
+                let id = self.id(node)?;
                 let network = c.network(net);
                 let ip = self
                     .addresses
@@ -436,7 +449,7 @@ impl Faults<'_> {
                 Ok(format!("{node} reconnected to {network} at {ip}"))
             }
             Action::DegradeLink(change) => {
-                let id = c.container("links")?;
+                let id = self.id("links")?;
                 let mut args: Vec<String> = [
                     "exec",
                     &id,
@@ -688,10 +701,11 @@ pub(super) fn replay(
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting the load generator")?;
-    {
-        let mut stdin = child.stdin.take().context("loadgen stdin")?;
-        stdin.write_all(serde_json::to_string(schedule)?.as_bytes())?;
-    } // closing stdin ends the schedule
+    // written from a thread: a long schedule fills the pipe until the container reads it,
+    // and the fault loop below must not wait for that; dropping stdin ends the schedule
+    let mut stdin = child.stdin.take().context("loadgen stdin")?;
+    let json = serde_json::to_string(schedule)?;
+    let writer = std::thread::spawn(move || stdin.write_all(json.as_bytes()));
     let mut stdout = child.stdout.take().context("loadgen stdout")?;
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -709,6 +723,7 @@ pub(super) fn replay(
     let mut faults = Faults {
         compose,
         addresses: BTreeMap::new(),
+        ids: BTreeMap::new(),
     };
     let mut applied = Vec::new();
     let mut pending = scenario.events.iter().peekable();
@@ -750,6 +765,10 @@ pub(super) fn replay(
         std::thread::sleep(Duration::from_millis(50));
     };
     pb.finish_and_clear();
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("loadgen writer thread panicked"))?
+        .context("writing the schedule to the load generator")?;
     let stdout = reader
         .join()
         .map_err(|_| anyhow::anyhow!("loadgen reader thread panicked"))??;
@@ -864,14 +883,17 @@ pub(super) fn write_run_report(
 
 /// The address of a service's container on one of the project's networks.
 fn address_on(compose: &Compose, service: &str, net: &str) -> anyhow::Result<String> {
-    let id = compose.container(service)?;
-    let network = compose.network(net);
+    address_of(&compose.container(service)?, &compose.network(net))
+}
+
+/// The address of a container on a network.
+fn address_of(id: &str, network: &str) -> anyhow::Result<String> {
     docker(
         &[
             "inspect",
             "-f",
             &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
-            &id,
+            id,
         ],
         "docker inspect (address)",
     )

@@ -283,33 +283,32 @@ fn soak_inner(
     let nodes = scenario.topology.nodes.clone();
     let stop = AtomicBool::new(false);
     let samples = Mutex::new(Vec::new());
-    let mut started: Option<(Instant, Vec<(String, String)>)> = None;
-    let replayed = std::thread::scope(|sc| {
+    let mut started: Option<Instant> = None;
+    let (replayed, ids) = std::thread::scope(|sc| {
         let mut handle = None;
-        let r = replay(
-            &a.run,
-            compose,
-            scenario,
-            schedule,
-            &cfg.load,
-            &mut |t0| match container_ids(compose, &nodes) {
-                Ok(ids) => {
-                    let (ids2, stop, samples) = (ids.clone(), &stop, &samples);
-                    let every = a.sample_every;
-                    handle = Some(sc.spawn(move || sampler(&ids2, t0, every, stop, samples)));
-                    started = Some((t0, ids));
-                }
-                Err(e) => eprintln!("warning: no sampler, container ids not found: {e:#}"),
-            },
-        );
+        let r = replay(&a.run, compose, scenario, schedule, &cfg.load, &mut |t0| {
+            // ids are looked up in the thread: compose v1 takes seconds per call on a
+            // loaded machine, and this callback holds up the fault timeline
+            let (nodes, stop, samples, every) = (&nodes, &stop, &samples, a.sample_every);
+            handle = Some(sc.spawn(move || {
+                let ids = container_ids(compose, nodes)?;
+                sampler(&ids, t0, every, stop, samples);
+                anyhow::Ok(ids)
+            }));
+            started = Some(t0);
+        });
         stop.store(true, Ordering::Relaxed);
-        if let Some(h) = handle {
-            h.join().ok();
-        }
-        r
+        let ids = handle.map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("the sampler thread panicked"))?
+        });
+        (r, ids)
     });
     let replay = replayed?;
-    let (t0, ids) = started.context("the sampler never started")?;
+    let t0 = started.context("the sampler never started")?;
+    let ids = ids
+        .context("the sampler never started")?
+        .context("finding the nodes' containers for the sampler")?;
     let (end, drain_took) = drain(&ids, t0, a.drain_timeout);
     write_run_report(scenario, &replay, out)?;
     let samples = samples.into_inner().unwrap_or_default();
