@@ -256,6 +256,41 @@ impl Scenario {
         let text = std::fs::read_to_string(path).map_err(|e| Error::file("reading", path, e))?;
         Self::parse(&text)
     }
+
+    /// The scenario as one fault cycle repeated for `total`: the events of every whole
+    /// cycle that fits (cycle `i` shifted by `i × duration`), with `total` as the duration.
+    /// Returns the scenario and the number of cycles. A soak runs this.
+    pub fn repeated(&self, total: Duration) -> Result<(Self, u32)> {
+        let cycle = self.duration.as_secs_f64();
+        let cycles = (total.as_secs_f64() / cycle + 1e-9).floor();
+        if cycles < 1.0 || cycles > f64::from(u32::MAX) {
+            return Err(Error::config(
+                "soak duration",
+                format!(
+                    "{:.0} s must hold at least one fault cycle of {cycle:.0} s",
+                    total.as_secs_f64()
+                ),
+            ));
+        }
+        let cycles = cycles as u32;
+        let mut events = Vec::with_capacity(self.events.len() * cycles as usize);
+        for i in 0..cycles {
+            let shift = self.duration * i;
+            events.extend(self.events.iter().map(|e| ScenarioEvent {
+                at: e.at + shift,
+                ..e.clone()
+            }));
+        }
+        Ok((
+            Self {
+                name: self.name.clone(),
+                duration: total,
+                topology: self.topology.clone(),
+                events,
+            },
+            cycles,
+        ))
+    }
 }
 
 /// Sans-IO cursor over a scenario's events.
@@ -414,6 +449,19 @@ target = "device1:edge1"
             ),
             &["takes no params"],
         );
+    }
+
+    #[test]
+    fn a_cycle_repeats_whole_cycles_only() {
+        let s = Scenario::parse(GOOD).unwrap();
+        let (r, cycles) = s.repeated(Duration::from_secs(150)).unwrap();
+        assert_eq!((cycles, r.duration), (2, Duration::from_secs(150)));
+        assert_eq!(r.events.len(), 10);
+        let at: Vec<u64> = r.events.iter().map(|e| e.at.as_secs()).collect();
+        assert_eq!(at, [20, 25, 30, 40, 45, 80, 85, 90, 100, 105]);
+        assert_eq!(r.events[5].action, Action::Kill);
+        let e = s.repeated(Duration::from_secs(59)).unwrap_err().to_string();
+        assert!(e.contains("at least one fault cycle of 60 s"), "{e}");
     }
 
     #[test]

@@ -253,6 +253,43 @@ impl Trace {
         self
     }
 
+    /// The trace played again and again from time 0 until `until_s`: copy `k` starts
+    /// `k × (span + mean gap)` after the first, so the request rate stays that of the
+    /// trace. Session ids of copy `k > 0` get a `#k` suffix (a new conversation).
+    pub fn looped(self, until_s: f64) -> Self {
+        let n = self.records.len();
+        let first = self
+            .records
+            .iter()
+            .map(|r| r.timestamp)
+            .fold(f64::INFINITY, f64::min);
+        let span = self.span();
+        let period = if n > 1 && span > 0.0 {
+            span + span / (n - 1) as f64
+        } else {
+            1.0
+        };
+        let mut out = Vec::new();
+        let mut k = 0u64;
+        while n > 0 && (k as f64) * period < until_s {
+            for r in &self.records {
+                let t = r.timestamp - first + k as f64 * period;
+                if t >= until_s {
+                    continue;
+                }
+                let mut r = r.clone();
+                r.timestamp = t;
+                if k > 0 {
+                    r.session_id = r.session_id.map(|s| format!("{s}#{k}"));
+                }
+                out.push(r);
+            }
+            k += 1;
+        }
+        out.sort_by(|a, b| a.timestamp.total_cmp(&b.timestamp));
+        Self { records: out }
+    }
+
     /// Keep the records of one model (case-insensitive).
     pub fn filter_model(mut self, model: &str) -> Self {
         self.records.retain(|r| r.model.eq_ignore_ascii_case(model));
@@ -524,6 +561,27 @@ Conversation log,,,5,0,5,ChatGPT,4,y
         );
         assert_eq!(t.clone().filter_model("gpt-4").len(), 1);
         assert!(t.speed_up(0.0).is_err());
+    }
+
+    #[test]
+    fn a_looped_trace_keeps_its_rate_and_renames_sessions() {
+        let t = Trace::parse_str(
+            "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type,Session ID,Elapsed time\n\
+             10,ChatGPT,5,1,6,Conversation log,s1,0.1\n\
+             12,ChatGPT,5,1,6,API log,,0.1\n\
+             14,ChatGPT,5,1,6,Conversation log,s1,0.1\n",
+        )
+        .unwrap();
+        // span 4 s, mean gap 2 s: a copy every 6 s
+        let l = t.clone().looped(15.0);
+        let times: Vec<f64> = l.records.iter().map(|r| r.timestamp).collect();
+        assert_eq!(times, [0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0]);
+        let sessions: Vec<Option<&str>> =
+            l.records.iter().map(|r| r.session_id.as_deref()).collect();
+        assert_eq!(sessions[..4], [Some("s1"), None, Some("s1"), Some("s1#1")]);
+        assert_eq!(sessions[6], Some("s1#2"));
+        assert!(Trace::default().looped(10.0).is_empty());
+        assert_eq!(t.looped(0.0).len(), 0);
     }
 
     #[test]

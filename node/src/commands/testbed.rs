@@ -2,10 +2,11 @@
 //! inside its containers.
 //!
 //! Host side: `image` (a node image without any registry), `up`, `down`, `run SCENARIO`
-//! (see `testbed_run.rs`). Container side: `certs` (one-shot, idempotent PKI), `shape`
-//! (the link shapers with a control port) and `link-ctl` (`testbed_link.rs`), `load` (the
-//! open-loop load generator) and `health` (HTTP probe for health checks; the image has no
-//! curl) (`testbed_load.rs`).
+//! (see `testbed_run.rs`), `soak SCENARIO` (`testbed_soak.rs`). Container side: `certs`
+//! (one-shot, idempotent PKI), `shape` (the link shapers with a control port) and
+//! `link-ctl` (`testbed_link.rs`), `load` (the open-loop load generator) and `health` (HTTP
+//! probe for health checks; the image has no curl) (`testbed_load.rs`), `probe` (a node's
+//! RSS and session/KV gauges, `testbed_probe.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,7 +17,9 @@ use flow_protocol::Role;
 
 use super::testbed_link::{LinkCtlArgs, ShapeArgs};
 use super::testbed_load::{HealthArgs, LoadArgs};
+use super::testbed_probe::ProbeArgs;
 use super::testbed_run::{DownArgs, RunArgs, UpArgs};
+use super::testbed_soak::SoakArgs;
 
 /// Image tag the compose file uses by default (`AIFLOW_IMAGE` overrides it there).
 pub const DEFAULT_IMAGE: &str = "aiflow-node:dev";
@@ -47,6 +50,17 @@ pub enum TestbedCmd {
     /// Bring the testbed up, replay load open-loop, inject the scenario's faults at their
     /// times, collect every request's outcome, write the report, bring it down.
     Run(RunArgs),
+    /// A long run: the scenario's fault cycle repeated for --duration under looped trace
+    /// load, every node's RSS and session/KV gauges sampled; fails (non-zero exit, the
+    /// broken bound named) unless every request was answered or refused explicitly, RSS
+    /// grew at most --max-rss-growth after warm-up and sessions and KV are back to zero.
+    ///
+    /// The scenario file is one fault cycle (its duration_s is the cycle length). Unlike
+    /// `run`: --speed defaults to 2 (the trace loops, it is not fitted into the run), --out
+    /// to target/testbed/soak-<scenario stem>, and the checks always apply. Example:
+    /// `flow-node testbed soak testbed/scenarios/soak_cycle.toml --duration 30m`, then
+    /// read target/testbed/soak-soak_cycle/soak.md.
+    Soak(SoakArgs),
     /// (in the `certs` container) Create the cluster CA and node certificates unless they
     /// exist.
     Certs(CertsArgs),
@@ -60,6 +74,9 @@ pub enum TestbedCmd {
     Load(LoadArgs),
     /// Exit 0 if an HTTP URL answers 200 (health checks; the image has no curl).
     Health(HealthArgs),
+    /// (in a node container) Print one JSON reading of the node: RSS and start time from
+    /// /proc, session and KV gauges from its /metrics. `testbed soak` runs it.
+    Probe(ProbeArgs),
 }
 
 pub fn run(cmd: TestbedCmd) -> anyhow::Result<()> {
@@ -68,11 +85,13 @@ pub fn run(cmd: TestbedCmd) -> anyhow::Result<()> {
         TestbedCmd::Up(a) => super::testbed_run::up(a),
         TestbedCmd::Down(a) => super::testbed_run::down(a),
         TestbedCmd::Run(a) => super::testbed_run::run(a),
+        TestbedCmd::Soak(a) => super::testbed_soak::soak(a),
         TestbedCmd::Certs(a) => issue_certs(a),
         TestbedCmd::Shape(a) => super::testbed_link::shape(a),
         TestbedCmd::LinkCtl(a) => super::testbed_link::link_ctl(a),
         TestbedCmd::Load(a) => super::testbed_load::load(a),
         TestbedCmd::Health(a) => super::testbed_load::health(a),
+        TestbedCmd::Probe(a) => super::testbed_probe::probe(a),
     }
 }
 

@@ -25,7 +25,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::testbed::{image, ImageArgs, DEFAULT_IMAGE};
 
 /// Services the compose file defines that a scenario may name.
-const NODES: [&str; 7] = [
+pub(super) const NODES: [&str; 7] = [
     "cloud", "edge1", "edge2", "device1", "device2", "device3", "device4",
 ];
 
@@ -64,7 +64,7 @@ fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn docker(args: &[&str], what: &str) -> anyhow::Result<String> {
+pub(super) fn docker(args: &[&str], what: &str) -> anyhow::Result<String> {
     run_ok(Command::new("docker").args(args), what)
 }
 
@@ -123,7 +123,7 @@ impl Compose {
     }
 
     /// The container id of a service.
-    fn container(&self, service: &str) -> anyhow::Result<String> {
+    pub(super) fn container(&self, service: &str) -> anyhow::Result<String> {
         // -a: compose v2 lists only running containers otherwise (a killed edge must be found)
         let id = self.run(&["ps", "-a", "-q", service], "compose ps")?;
         let id = id.lines().next().unwrap_or("").trim().to_string();
@@ -184,7 +184,7 @@ pub fn down(a: DownArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ensure_image(c: &ComposeArgs, build: bool) -> anyhow::Result<()> {
+pub(super) fn ensure_image(c: &ComposeArgs, build: bool) -> anyhow::Result<()> {
     if docker(
         &["image", "inspect", "-f", "{{.Id}}", &c.image],
         "docker image inspect",
@@ -337,9 +337,9 @@ pub struct RunArgs {
 }
 
 /// Brings the testbed down when dropped (unless kept).
-struct DownGuard<'a> {
-    compose: &'a Compose,
-    keep: bool,
+pub(super) struct DownGuard<'a> {
+    pub compose: &'a Compose,
+    pub keep: bool,
 }
 
 impl Drop for DownGuard<'_> {
@@ -357,12 +357,12 @@ impl Drop for DownGuard<'_> {
 
 /// A fault as it was applied.
 #[derive(Debug, serde::Serialize)]
-struct AppliedEvent {
+pub(super) struct AppliedEvent {
     at_s: f64,
-    applied_at_s: f64,
-    action: String,
-    target: String,
-    ok: bool,
+    pub applied_at_s: f64,
+    pub action: String,
+    pub target: String,
+    pub ok: bool,
     detail: String,
 }
 
@@ -388,31 +388,44 @@ struct Faults<'a> {
     compose: &'a Compose,
     /// (container, network) → its address before a partition, for the reconnect.
     addresses: BTreeMap<(String, String), String>,
+    /// service → container id. Faults talk to docker directly with these: a compose v1
+    /// call costs seconds on a loaded machine, and a soak's faults must keep their times.
+    ids: BTreeMap<String, String>,
 }
 
 impl Faults<'_> {
+    fn id(&mut self, service: &str) -> anyhow::Result<String> {
+        if let Some(id) = self.ids.get(service) {
+            return Ok(id.clone());
+        }
+        let id = self.compose.container(service)?;
+        self.ids.insert(service.to_string(), id.clone());
+        Ok(id)
+    }
+
     fn apply(&mut self, ev: &ScenarioEvent) -> anyhow::Result<String> {
         let c = self.compose;
         match &ev.action {
             Action::Kill => {
-                c.run(&["kill", "-s", "SIGKILL", &ev.target], "compose kill")?;
+                let id = self.id(&ev.target)?;
+                docker(&["kill", "-s", "SIGKILL", &id], "docker kill")?;
                 Ok("SIGKILL".into())
             }
             Action::Restart => {
-                let id = c.container(&ev.target)?;
+                let id = self.id(&ev.target)?;
                 if health_of(&id).starts_with("running") {
-                    c.run(&["restart", "-t", "2", &ev.target], "compose restart")?;
+                    docker(&["restart", "-t", "2", &id], "docker restart")?;
                     Ok("restarted".into())
                 } else {
-                    c.run(&["start", &ev.target], "compose start")?;
+                    docker(&["start", &id], "docker start")?;
                     Ok("started".into())
                 }
             }
             Action::Partition => {
                 let (node, net) = partition_side(&ev.target)?;
-                let id = c.container(node)?;
+                let id = self.id(node)?;
                 let network = c.network(net);
-                let ip = address_on(c, node, net)?;
+                let ip = address_of(&id, &network)?;
                 docker(
                     &["network", "disconnect", "-f", &network, &id],
                     "docker network disconnect",
@@ -423,7 +436,7 @@ impl Faults<'_> {
             }
             Action::Heal => {
                 let (node, net) = partition_side(&ev.target)?;
-                let id = c.container(node)?;
+                let id = self.id(node)?;
                 let network = c.network(net);
                 let ip = self
                     .addresses
@@ -436,7 +449,7 @@ impl Faults<'_> {
                 Ok(format!("{node} reconnected to {network} at {ip}"))
             }
             Action::DegradeLink(change) => {
-                let id = c.container("links")?;
+                let id = self.id("links")?;
                 let mut args: Vec<String> = [
                     "exec",
                     &id,
@@ -466,12 +479,14 @@ impl Faults<'_> {
     }
 }
 
-fn unix_ms() -> anyhow::Result<u64> {
+pub(super) fn unix_ms() -> anyhow::Result<u64> {
     Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64)
 }
 
-fn build_schedule(a: &RunArgs, scenario: &Scenario) -> anyhow::Result<(Schedule, String)> {
-    let (trace, source) = match (&a.trace, a.synthetic) {
+/// The trace the flags name (`--trace`, `--synthetic`, else the shipped sample) and a
+/// description of it.
+pub(super) fn load_trace(a: &RunArgs) -> anyhow::Result<(Trace, String)> {
+    Ok(match (&a.trace, a.synthetic) {
         (Some(p), _) => (Trace::load(p)?, p.display().to_string()),
         (None, Some(n)) => {
             let cfg = SyntheticConfig {
@@ -492,16 +507,13 @@ fn build_schedule(a: &RunArgs, scenario: &Scenario) -> anyhow::Result<(Schedule,
                 p.display().to_string(),
             )
         }
-    };
-    let run_s = scenario.duration.as_secs_f64();
-    let speed = match a.speed {
-        Some(s) => s,
-        None if trace.span() > 0.0 => (trace.span() / (0.8 * run_s)).max(1e-3),
-        None => 1.0,
-    };
-    let trace = trace.speed_up(speed)?.window(0.0, 0.85 * run_s);
+    })
+}
+
+/// The open-loop schedule of a (scaled) trace, with the flags' caps.
+pub(super) fn schedule_of(a: &RunArgs, trace: &Trace) -> anyhow::Result<Schedule> {
     let schedule = Schedule::from_trace(
-        &trace,
+        trace,
         &ScheduleOptions {
             max_tokens_cap: a.max_tokens_cap,
             prompt_tokens_cap: a.prompt_tokens_cap,
@@ -512,7 +524,19 @@ fn build_schedule(a: &RunArgs, scenario: &Scenario) -> anyhow::Result<(Schedule,
         !schedule.is_empty(),
         "the trace has no requests in the run window"
     );
-    Ok((schedule, format!("{source} ×{speed:.2}")))
+    Ok(schedule)
+}
+
+fn build_schedule(a: &RunArgs, scenario: &Scenario) -> anyhow::Result<(Schedule, String)> {
+    let (trace, source) = load_trace(a)?;
+    let run_s = scenario.duration.as_secs_f64();
+    let speed = match a.speed {
+        Some(s) => s,
+        None if trace.span() > 0.0 => (trace.span() / (0.8 * run_s)).max(1e-3),
+        None => 1.0,
+    };
+    let trace = trace.speed_up(speed)?.window(0.0, 0.85 * run_s);
+    Ok((schedule_of(a, &trace)?, format!("{source} ×{speed:.2}")))
 }
 
 /// Every scheduled request has exactly one record, answered or with an explicit error.
@@ -580,6 +604,18 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     result
 }
 
+/// What one replay produced, collected before the testbed goes down.
+pub(super) struct Replay {
+    /// One record per request the load generator handled.
+    pub records: Vec<RequestRecord>,
+    /// The faults as they were applied.
+    pub applied: Vec<AppliedEvent>,
+    /// The used links' byte counters.
+    pub links: Vec<LinkBytes>,
+    /// Versions of the pieces, for the report.
+    pub versions: BTreeMap<String, String>,
+}
+
 fn run_inner(
     a: &RunArgs,
     compose: &Compose,
@@ -588,6 +624,41 @@ fn run_inner(
     load_source: &str,
     out: &Path,
 ) -> anyhow::Result<()> {
+    let replay = replay(a, compose, scenario, schedule, load_source, &mut |_| {})?;
+    let summary = write_run_report(scenario, &replay, out)?;
+    if a.check {
+        let (records, applied) = (&replay.records, &replay.applied);
+        check_records(schedule, records)?;
+        let failed: Vec<_> = applied.iter().filter(|e| !e.ok).collect();
+        anyhow::ensure!(failed.is_empty(), "faults not applied: {failed:?}");
+        anyhow::ensure!(
+            applied.len() == scenario.events.len(),
+            "{} of {} faults applied",
+            applied.len(),
+            scenario.events.len()
+        );
+        anyhow::ensure!(summary.answered > 0, "no request was answered");
+        println!(
+            "check passed: all {} requests answered or failed explicitly, {} faults applied",
+            records.len(),
+            applied.len()
+        );
+    }
+    Ok(())
+}
+
+/// Bring the scenario's nodes up, replay `schedule` open-loop from a shared start with the
+/// faults at their times, and collect the records, the links' counters and the versions.
+/// `on_start` gets the instant the load starts at, once it is fixed (the soak's sampler
+/// keeps time from it).
+pub(super) fn replay(
+    a: &RunArgs,
+    compose: &Compose,
+    scenario: &Scenario,
+    schedule: &Schedule,
+    load_source: &str,
+    on_start: &mut dyn FnMut(Instant),
+) -> anyhow::Result<Replay> {
     up_services(
         compose,
         &scenario.topology.nodes,
@@ -630,10 +701,11 @@ fn run_inner(
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting the load generator")?;
-    {
-        let mut stdin = child.stdin.take().context("loadgen stdin")?;
-        stdin.write_all(serde_json::to_string(schedule)?.as_bytes())?;
-    } // closing stdin ends the schedule
+    // written from a thread: a long schedule fills the pipe until the container reads it,
+    // and the fault loop below must not wait for that; dropping stdin ends the schedule
+    let mut stdin = child.stdin.take().context("loadgen stdin")?;
+    let json = serde_json::to_string(schedule)?;
+    let writer = std::thread::spawn(move || stdin.write_all(json.as_bytes()));
     let mut stdout = child.stdout.take().context("loadgen stdout")?;
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -641,6 +713,7 @@ fn run_inner(
     });
 
     let t0 = Instant::now() + lead;
+    on_start(t0);
     let total = scenario.duration + Duration::from_secs_f64(a.timeout_s + 5.0);
     let pb = ProgressBar::new(scenario.duration.as_secs())
         .with_style(ProgressStyle::with_template(
@@ -650,6 +723,7 @@ fn run_inner(
     let mut faults = Faults {
         compose,
         addresses: BTreeMap::new(),
+        ids: BTreeMap::new(),
     };
     let mut applied = Vec::new();
     let mut pending = scenario.events.iter().peekable();
@@ -691,6 +765,10 @@ fn run_inner(
         std::thread::sleep(Duration::from_millis(50));
     };
     pb.finish_and_clear();
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("loadgen writer thread panicked"))?
+        .context("writing the schedule to the load generator")?;
     let stdout = reader
         .join()
         .map_err(|_| anyhow::anyhow!("loadgen reader thread panicked"))??;
@@ -755,17 +833,31 @@ fn run_inner(
     }
     versions.insert("load".into(), load_source.to_string());
     versions.insert("mode".into(), a.mode.clone());
+    Ok(Replay {
+        records,
+        applied,
+        links,
+        versions,
+    })
+}
 
+/// Write `events.json` and the request report (JSON, Markdown, plots) of a replay into
+/// `out`, print its summary, return it.
+pub(super) fn write_run_report(
+    scenario: &Scenario,
+    replay: &Replay,
+    out: &Path,
+) -> anyhow::Result<flow_testbed::report::Summary> {
     std::fs::write(
         out.join("events.json"),
-        serde_json::to_vec_pretty(&applied)?,
+        serde_json::to_vec_pretty(&replay.applied)?,
     )?;
     let input = ReportInput {
         title: format!("testbed: {}", scenario.name),
-        records: records.clone(),
-        links,
+        records: replay.records.clone(),
+        links: replay.links.clone(),
         scenario: Some(scenario.clone()),
-        versions,
+        versions: replay.versions.clone(),
     };
     let (summary, files) = write_report(out, &input)?;
     println!(
@@ -786,36 +878,22 @@ fn run_inner(
         println!("  error x{n}: {e}");
     }
     println!("report: {}", files.markdown.display());
-    if a.check {
-        check_records(schedule, &records)?;
-        let failed: Vec<_> = applied.iter().filter(|e| !e.ok).collect();
-        anyhow::ensure!(failed.is_empty(), "faults not applied: {failed:?}");
-        anyhow::ensure!(
-            applied.len() == scenario.events.len(),
-            "{} of {} faults applied",
-            applied.len(),
-            scenario.events.len()
-        );
-        anyhow::ensure!(summary.answered > 0, "no request was answered");
-        println!(
-            "check passed: all {} requests answered or failed explicitly, {} faults applied",
-            records.len(),
-            applied.len()
-        );
-    }
-    Ok(())
+    Ok(summary)
 }
 
 /// The address of a service's container on one of the project's networks.
 fn address_on(compose: &Compose, service: &str, net: &str) -> anyhow::Result<String> {
-    let id = compose.container(service)?;
-    let network = compose.network(net);
+    address_of(&compose.container(service)?, &compose.network(net))
+}
+
+/// The address of a container on a network.
+fn address_of(id: &str, network: &str) -> anyhow::Result<String> {
     docker(
         &[
             "inspect",
             "-f",
             &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
-            &id,
+            id,
         ],
         "docker inspect (address)",
     )

@@ -10,6 +10,7 @@
 //! (`latency_cdf`, `latency_timeseries`, `throughput`, each as PNG and SVG) into a directory.
 
 mod plots;
+pub(crate) mod soak_plots;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

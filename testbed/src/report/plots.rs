@@ -21,12 +21,12 @@ pub(crate) const STEMS: [&str; 5] = [
 ];
 
 const SIZE: (u32, u32) = (1024, 640);
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 /// DejaVu Sans Mono (Bitstream Vera license, see `assets/`), embedded so PNG text renders
 /// on hosts and images without system fonts.
 static FONT_BYTES: &[u8] = include_bytes!("../../assets/DejaVuSansMono.ttf");
 
-fn ensure_font() -> std::result::Result<(), String> {
+pub(crate) fn ensure_font() -> std::result::Result<(), String> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| {
         plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok()
@@ -35,22 +35,22 @@ fn ensure_font() -> std::result::Result<(), String> {
         .ok_or_else(|| "the embedded font could not be loaded".to_string())
 }
 
-type DrawResult = std::result::Result<(), String>;
+pub(crate) type DrawResult = std::result::Result<(), String>;
 
 /// A chart's axes: title, axis descriptions, ranges and the width of the y labels.
-struct Axes<'t> {
-    caption: &'t str,
-    x_desc: &'t str,
-    y_desc: &'t str,
-    x: std::ops::Range<f64>,
-    y: std::ops::Range<f64>,
-    y_label_area: u32,
+pub(crate) struct Axes<'t> {
+    pub(crate) caption: &'t str,
+    pub(crate) x_desc: &'t str,
+    pub(crate) y_desc: &'t str,
+    pub(crate) x: std::ops::Range<f64>,
+    pub(crate) y: std::ops::Range<f64>,
+    pub(crate) y_label_area: u32,
 }
 
-type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+pub(crate) type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 /// The chart's legend box, in the report's style.
-fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,
     position: SeriesLabelPosition,
 ) -> DrawResult {
@@ -65,7 +65,7 @@ fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
 }
 
 /// A linear chart with the report's fonts, margins and tick labels, its mesh drawn.
-fn linear_chart<'a, DB: DrawingBackend>(
+pub(crate) fn linear_chart<'a, DB: DrawingBackend>(
     root: &'a DrawingArea<DB, Shift>,
     axes: Axes<'_>,
 ) -> std::result::Result<Chart<'a, DB>, String> {
@@ -89,7 +89,7 @@ fn linear_chart<'a, DB: DrawingBackend>(
     Ok(chart)
 }
 
-fn e2s<E: std::fmt::Debug>(e: E) -> String {
+pub(crate) fn e2s<E: std::fmt::Debug>(e: E) -> String {
     format!("{e:?}")
 }
 
@@ -245,7 +245,7 @@ fn cdf_points(sorted: &[f64]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-fn nice_max(v: f64) -> f64 {
+pub(crate) fn nice_max(v: f64) -> f64 {
     if v <= 0.0 || !v.is_finite() {
         1.0
     } else {
@@ -290,23 +290,28 @@ fn draw_cdf<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotData) -> 
     draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
-fn draw_events<DB: DrawingBackend>(
-    chart: &mut ChartContext<
-        '_,
-        DB,
-        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
-    >,
+/// Most fault events that get a text label; with more (a soak's repeated cycles) only the
+/// lines are drawn, fainter, so the data stays readable.
+const MAX_EVENT_LABELS: usize = 12;
+
+/// The scenario's events as vertical lines (labelled when there are few).
+pub(crate) fn draw_events<DB: DrawingBackend>(
+    chart: &mut Chart<'_, DB>,
     events: &[(f64, String)],
     ymax: f64,
 ) -> DrawResult {
+    let labelled = events.len() <= MAX_EVENT_LABELS;
     for (i, (at, label)) in events.iter().enumerate() {
-        let color = RED.mix(0.7);
+        let color = RED.mix(if labelled { 0.7 } else { 0.25 });
         chart
             .draw_series(std::iter::once(PathElement::new(
                 vec![(*at, 0.0), (*at, ymax)],
                 color.stroke_width(1),
             )))
             .map_err(e2s)?;
+        if !labelled {
+            continue;
+        }
         // stagger labels so events close in time stay readable
         let y = ymax * (0.97 - 0.06 * (i % 4) as f64);
         chart
@@ -529,7 +534,7 @@ fn draw_link_bytes<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, d: &PlotDa
     draw_legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
-fn write_png(
+pub(crate) fn write_png(
     path: &Path,
     draw: impl FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> DrawResult,
 ) -> Result<()> {
@@ -556,7 +561,7 @@ fn write_png(
     writer.finish().map_err(|e| plot_err(e.to_string()))
 }
 
-fn write_svg(
+pub(crate) fn write_svg(
     path: &Path,
     draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> DrawResult,
 ) -> Result<()> {
