@@ -89,6 +89,36 @@ fn safetensors_header_corpus() {
     });
 }
 
+#[test]
+fn hf_tokenizer_corpus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fuzz_harness::tokenizer_dir(tmp.path());
+    replay(&[corpus("hf_tokenizer")], 8, |_, data| {
+        fuzz_harness::hf_tokenizer(&dir, data)
+    });
+}
+
+/// The hand-written tokenizer seeds that are meant to load do, with every model type the
+/// `tokenizers` crate reads, so the fuzzer starts from inputs past the parser.
+#[test]
+fn valid_tokenizer_seeds_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = fuzz_harness::tokenizer_dir(tmp.path());
+    for (name, data) in files(&corpus("hf_tokenizer")) {
+        if !name.starts_with("valid-") {
+            continue;
+        }
+        let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+        std::fs::write(dir.join("tokenizer.json"), &data[..end]).unwrap();
+        let t = flow_familial::tokenizer::Tokenizer::from_dir(&dir)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let ids = t
+            .encode("hello, world")
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!ids.is_empty(), "{name}");
+    }
+}
+
 /// The valid seeds load: the fixed config and the generated checkpoints fit together, and
 /// the GGUF seeds carry what they are meant to exercise; bad alignments are named.
 #[test]

@@ -14,7 +14,12 @@ fuzz_target!(|data: &[u8]| {
         Some((s, rest)) => (usize::from(*s).max(1), rest),
         None => return,
     };
-    let limits = Limits { max_frame_bytes: 1 << 20, max_header_bytes: 1 << 14, max_elements: 1 << 16, ..Limits::default() };
+    let limits = Limits {
+        max_frame_bytes: 1 << 20,
+        max_header_bytes: 1 << 14,
+        max_elements: 1 << 16,
+        ..Limits::default()
+    };
     let mut dec = FrameDecoder::new(limits);
     for chunk in data.chunks(split) {
         dec.push(chunk);

@@ -22,6 +22,7 @@
 //!   [`model_store::resolve_model`] for `--model` arguments.
 
 pub mod agent;
+pub mod calibration;
 pub mod cluster;
 pub mod delta;
 pub mod engine;

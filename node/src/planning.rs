@@ -76,6 +76,28 @@ impl PlanningConfig {
     }
 }
 
+/// The planner input of a `--plan FILE`: a `PlanInput`, or the report of
+/// `flow-node plan --json` (an object with `input` and `adaptive`), whose `input` is used.
+/// The input is checked as the planner checks it ([`PlanInput::validate`]), so a bad file
+/// is refused when the node starts, naming the field.
+pub fn plan_input_from_json(text: &str) -> Result<PlanInput> {
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| NodeError::Config(format!("plan file: not JSON: {e}")))?;
+    let v = match v.get("input") {
+        Some(inner) if v.get("adaptive").is_some() => inner.clone(),
+        _ => v,
+    };
+    let input: PlanInput = serde_json::from_value(v).map_err(|e| {
+        NodeError::Config(format!(
+            "plan file: not a planner input (a PlanInput or `flow-node plan --json` output): {e}"
+        ))
+    })?;
+    input
+        .validate()
+        .map_err(|e| NodeError::Config(format!("plan file: {e}")))?;
+    Ok(input)
+}
+
 /// Planner depth of each exit of `cfg`, in its exit order: an exit with its own block at
 /// point E has depth E; an exit that reads the trunk after layer `l` has depth `l + 1`.
 pub fn planner_depths(cfg: &ModelConfig) -> Vec<usize> {

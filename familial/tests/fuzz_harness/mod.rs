@@ -1,5 +1,5 @@
 //! What the cargo-fuzz targets (`fuzz/fuzz_targets/{gguf_file,model_config,
-//! safetensors_header}.rs`) do with one input, shared with `tests/fuzz_corpus.rs`, which
+//! safetensors_header,hf_tokenizer}.rs`) do with one input, shared with `tests/fuzz_corpus.rs`, which
 //! replays every committed input through the same code on stable. Errors are expected; a
 //! panic (including a failed assertion below) is a bug.
 
@@ -47,20 +47,7 @@ pub fn gguf_file(data: &[u8]) {
     }
     let _ = f.fingerprint(names.iter().map(String::as_str));
     let src = ModelSource::Gguf(Arc::new(f));
-    if let Ok(t) = src.tokenizer() {
-        if let Ok(ids) = t.encode("Hello, world! 123 <|im_start|> héllo\n") {
-            let _ = t.decode(&ids);
-        }
-        let _ = t.decode(&[0, 1, 2, 3, 1000, u32::MAX]);
-    }
-    if let Ok(Some(chat)) = src.chat() {
-        let msgs = [
-            ChatMessage::new("system", "Be brief."),
-            ChatMessage::new("user", "Hi"),
-        ];
-        let _ = chat.render(&msgs, true);
-    }
-    let _ = src.add_bos_token();
+    use_tokenizer(&src);
     if let Ok(cfg) = src.config() {
         run_model(&src, cfg);
     }
@@ -94,6 +81,18 @@ pub fn model_config(data: &[u8]) {
     }
 }
 
+/// `NAME-PID` on tmpfs when there is one (else the temporary directory): where a fuzz target
+/// process writes the files it opens.
+pub fn process_dir(name: &str) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("{name}-{}", std::process::id()))
+}
+
 /// A checkpoint directory under `base` holding [`SAFETENSORS_CONFIG`] as `config.json`.
 pub fn checkpoint_dir(base: &Path) -> PathBuf {
     let d = base.join("checkpoint");
@@ -124,6 +123,60 @@ pub fn safetensors_header(dir: &Path, data: &[u8]) {
     let _ = src.fingerprint(infos.keys().map(String::as_str));
     let cfg = src.config().expect("the fixed config.json is valid");
     run_model(&src, cfg);
+}
+
+/// The fixed weights beside the fuzzed tokenizer files (the `safetensors_header` seed that
+/// fits [`SAFETENSORS_CONFIG`]).
+pub const TOKENIZER_WEIGHTS: &[u8] =
+    include_bytes!("../fuzz_corpus/safetensors_header/valid-tiny-f32.safetensors");
+
+/// A checkpoint directory under `base` with the fixed `config.json` and
+/// `model.safetensors`, for [`hf_tokenizer`].
+pub fn tokenizer_dir(base: &Path) -> PathBuf {
+    let d = checkpoint_dir(base);
+    std::fs::write(d.join("model.safetensors"), TOKENIZER_WEIGHTS).expect("write the weights");
+    d
+}
+
+/// `data` as an HF checkpoint's tokenizer files in `dir` (from [`tokenizer_dir`]):
+/// `tokenizer.json`, then, after the first NUL byte when there is one,
+/// `tokenizer_config.json`. The directory is opened as `--model DIR` is; then the tokenizer
+/// (encode, decode), the chat template (compile, render) and the BOS rule, as the API uses
+/// them.
+pub fn hf_tokenizer(dir: &Path, data: &[u8]) {
+    let (tokenizer, config) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], Some(&data[i + 1..])),
+        None => (data, None),
+    };
+    std::fs::write(dir.join("tokenizer.json"), tokenizer).expect("write tokenizer.json");
+    let config_path = dir.join("tokenizer_config.json");
+    match config {
+        Some(c) => std::fs::write(&config_path, c).expect("write tokenizer_config.json"),
+        None => {
+            let _ = std::fs::remove_file(&config_path);
+        }
+    }
+    let src = ModelSource::open(dir).expect("the fixed checkpoint opens");
+    use_tokenizer(&src);
+}
+
+/// What the API does with a model's tokenizer and chat template: encode and decode (ids
+/// past the vocabulary included), compile and render the template, the BOS rule.
+fn use_tokenizer(src: &ModelSource) {
+    if let Ok(t) = src.tokenizer() {
+        if let Ok(ids) = t.encode("Hello, world! 123 <|im_start|> héllo\n") {
+            let _ = t.decode(&ids);
+        }
+        let _ = t.decode(&[0, 1, 2, 3, 1000, u32::MAX]);
+    }
+    if let Ok(Some(chat)) = src.chat() {
+        let msgs = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Hi"),
+        ];
+        let _ = chat.render(&msgs, true);
+    }
+    let _ = src.add_bos_token();
 }
 
 /// Load the whole model of `src` and run its last exit on three tokens, unless its RoPE

@@ -467,18 +467,8 @@ fn moe_pruning(
 /// depths and the default hysteresis, checked every second.
 fn planning_from_file(p: &Path, model: &Path) -> anyhow::Result<PlanningConfig> {
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
-    let v = match v.get("input") {
-        Some(inner) if v.get("adaptive").is_some() => inner.clone(),
-        _ => v,
-    };
-    let input: PlanInput = serde_json::from_value(v).with_context(|| {
-        format!(
-            "{}: not a planner input (a PlanInput or `flow-node plan --json` output)",
-            p.display()
-        )
-    })?;
+    let input = flow_node::planning::plan_input_from_json(&text)
+        .with_context(|| format!("reading {}", p.display()))?;
     planning_config(input, model)
 }
 

@@ -501,23 +501,9 @@ pub(crate) fn exit_specs(
         );
         (f, src)
     };
-    let depths = calibrate::planner_depths(cfg);
-    let mut specs = Vec::new();
-    for (point, depth) in cfg.exit_points().into_iter().zip(depths) {
-        let entry = file
-            .exits
-            .iter()
-            .find(|e| e.point == point)
-            .with_context(|| format!("{} has no entry for exit {point}", path.display()))?;
-        specs.push(ExitSpec {
-            depth,
-            curve: if depth == cfg.num_layers {
-                Vec::new()
-            } else {
-                entry.curve.clone()
-            },
-        });
-    }
+    let specs = file
+        .exit_specs(cfg)
+        .with_context(|| format!("{}: planner exits", path.display()))?;
     Ok((specs, source))
 }
 

@@ -244,6 +244,29 @@ pub struct PlanInput {
     pub config: PlannerConfig,
 }
 
+/// Most splits of the layers over the tiers the planner enumerates (non-decreasing cut
+/// vectors: `C(num_layers + tiers - 1, tiers - 1)`): 128 layers over 4 tiers are 366,145.
+pub const MAX_SPLITS: u64 = 1 << 20;
+
+/// Most candidates (split × thresholds × encodings) one search evaluates; a larger input is
+/// refused, not searched for minutes. Calibrated families of up to 64 layers on three
+/// tiers with 24 curve points and every encoding stay well below.
+pub const MAX_CANDIDATES: u64 = 1 << 22;
+
+/// Splits of `l` layers over `n` tiers (`C(l + n - 1, n - 1)`), saturating.
+pub(crate) fn split_count(l: usize, n: usize) -> u64 {
+    let k = n.saturating_sub(1) as u128;
+    let mut c: u128 = 1;
+    for i in 1..=k {
+        // c = C(l + i, i), exact at every step.
+        c = c.saturating_mul(l as u128 + i) / i;
+        if c > u128::from(u64::MAX) {
+            return u64::MAX;
+        }
+    }
+    c as u64
+}
+
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
     Error::InvalidInput {
         field: field.into(),
@@ -319,6 +342,17 @@ impl PlanInput {
         }
         for (j, link) in self.links.iter().enumerate() {
             link.validate(&format!("links[{j}]"))?;
+        }
+        let splits = split_count(l, self.tiers.len());
+        if splits > MAX_SPLITS {
+            return Err(invalid(
+                "tiers",
+                format!(
+                    "{} tiers over {l} layers make {splits} splits to search, over the \
+                     planner's limit of {MAX_SPLITS}: plan with fewer tiers",
+                    self.tiers.len()
+                ),
+            ));
         }
         let c = &self.config;
         check_unit("config.accuracy_target", c.accuracy_target)?;

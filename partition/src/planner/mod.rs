@@ -12,7 +12,7 @@ mod search;
 
 pub use input::{
     BackfillMode, EncodingChoice, ExitSpec, ModelShape, Objective, PlanInput, PlannerConfig,
-    TierRole, TierSpec, Workload,
+    TierRole, TierSpec, Workload, MAX_CANDIDATES, MAX_SPLITS,
 };
 pub use plan::{Alternative, ExitDecision, LinkPlan, Payload, Plan, PlanMode, TierPlan, Verdict};
 

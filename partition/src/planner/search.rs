@@ -1,7 +1,7 @@
 //! Exhaustive search over candidates, selection and error reporting.
 
 use super::cost::{Cand, Eval, Prepared};
-use super::input::PlanInput;
+use super::input::{PlanInput, MAX_CANDIDATES};
 use super::plan::{Alternative, Plan, PlanMode, Verdict};
 use crate::error::{Error, Result};
 
@@ -97,6 +97,36 @@ fn device_only_key(e: &Eval, target: f64) -> (u8, f64, f64) {
     }
 }
 
+/// The choices of one split, per position of a candidate: the decision of each tier
+/// (0 = none, k + 1 = curve point k), then the encoding of each link.
+fn options_of(p: &Prepared<'_>, mode: PlanMode, bounds: &[usize]) -> Vec<Vec<usize>> {
+    let (n, input) = (p.n, p.input);
+    let answer = bounds[n];
+    let top = (0..n)
+        .rev()
+        .find(|&i| bounds[i] < bounds[i + 1])
+        .unwrap_or(0);
+    let mut options: Vec<Vec<usize>> = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        let mut o = vec![0usize];
+        let active = bounds[i] < bounds[i + 1];
+        if mode == PlanMode::Adaptive && active && i < top && bounds[i + 1] < answer {
+            if let Some(e) = p.exit_at[bounds[i + 1]] {
+                o.extend(1..=input.model.exits[e].curve.len());
+            }
+        }
+        options.push(o);
+    }
+    for j in 0..n.saturating_sub(1) {
+        if j < top && bounds[j + 1] > 0 {
+            options.push((0..p.encs.len()).collect());
+        } else {
+            options.push(vec![0]);
+        }
+    }
+    options
+}
+
 struct SplitBest {
     cand: Cand,
     eval: Eval,
@@ -120,31 +150,30 @@ pub(crate) fn search(input: &PlanInput, mode: PlanMode) -> Result<Plan> {
     let mut any_unsaturated = false;
     let mut saturated_example: Option<Cand> = None;
 
-    for bounds in splits(&p, mode) {
-        let answer = bounds[n];
-        let top = (0..n)
-            .rev()
-            .find(|&i| bounds[i] < bounds[i + 1])
-            .unwrap_or(0);
-        let mut options: Vec<Vec<usize>> = Vec::with_capacity(2 * n);
-        // Decision options per tier: 0 = none, k + 1 = curve point k.
-        for i in 0..n {
-            let mut o = vec![0usize];
-            let active = bounds[i] < bounds[i + 1];
-            if mode == PlanMode::Adaptive && active && i < top && bounds[i + 1] < answer {
-                if let Some(e) = p.exit_at[bounds[i + 1]] {
-                    o.extend(1..=input.model.exits[e].curve.len());
-                }
-            }
-            options.push(o);
-        }
-        for j in 0..n.saturating_sub(1) {
-            if j < top && bounds[j + 1] > 0 {
-                options.push((0..p.encs.len()).collect());
-            } else {
-                options.push(vec![0]);
-            }
-        }
+    let all = splits(&p, mode);
+    let candidates = all
+        .iter()
+        .map(|b| {
+            options_of(&p, mode, b)
+                .iter()
+                .fold(1u64, |c, o| c.saturating_mul(o.len() as u64))
+        })
+        .fold(0u64, u64::saturating_add);
+    if candidates > MAX_CANDIDATES {
+        return Err(Error::InvalidInput {
+            field: "model.exits".into(),
+            reason: format!(
+                "{} splits with the exits' curve points and {} encodings make {candidates} \
+                 candidates to search, over the planner's limit of {MAX_CANDIDATES}: store \
+                 fewer curve points (`flow-node model calibrate --curve-points`), plan with \
+                 fewer tiers or encodings",
+                all.len(),
+                p.encs.len()
+            ),
+        });
+    }
+    for bounds in all {
+        let options = options_of(&p, mode, &bounds);
         let mut split_best: Option<SplitBest> = None;
         for_each_product(&options, |choice| {
             let decisions = (0..n)

@@ -615,3 +615,80 @@ fn prefill_is_charged_to_the_requests_that_reach_the_tier() {
 fn inp_row_bytes(inp: &PlanInput) -> f64 {
     crate::profile::activation_bytes(inp.model.hidden_size, WireEncoding::F32, 1, None)
 }
+
+/// A family of `l` layers with an exit every 4 layers, each with a curve of `points`
+/// points, on the three reference tiers with every encoding allowed.
+fn big_input(l: usize, points: usize) -> PlanInput {
+    let depths: Vec<usize> = (1..=l / 4).map(|k| 4 * k).collect();
+    let curve: Vec<CurvePoint> = (0..points)
+        .map(|k| {
+            let t = 1.0 - k as f64 / points as f64;
+            pt(t, 0.9 + 0.1 * t, t)
+        })
+        .collect();
+    let mut inp = input(10e6, 4.0);
+    inp.model.num_layers = l;
+    inp.model.exits = depths
+        .iter()
+        .map(|&depth| ExitSpec {
+            depth,
+            curve: if depth == l { vec![] } else { curve.clone() },
+        })
+        .collect();
+    for t in &mut inp.tiers {
+        let p = &t.profile;
+        t.profile = NodeProfile::uniform(
+            p.key.clone(),
+            l,
+            p.layers[0],
+            &depths,
+            p.exits[0].cost,
+            p.overhead,
+        );
+    }
+    inp.config.allow_lossy = true;
+    inp.config.encodings = WireEncoding::ALL
+        .iter()
+        .map(|&encoding| EncodingChoice {
+            encoding,
+            ..EncodingChoice::F32
+        })
+        .collect();
+    inp
+}
+
+#[test]
+fn a_large_family_plans_within_the_search_limit() {
+    // 64 layers, 16 exits with 24-point curves (calibrate's default), three tiers and
+    // every encoding: searched, not refused.
+    let inp = big_input(64, 24);
+    let t = std::time::Instant::now();
+    let p = plan(&inp).unwrap();
+    eprintln!("64 layers, 24 points: planned in {:?}", t.elapsed());
+    assert!(p.predicted_latency_ms > 0.0);
+}
+
+#[test]
+fn an_input_past_the_search_limits_is_refused_naming_why() {
+    // Curves of 4096 points: too many candidates (the node would search for minutes).
+    let e = plan(&big_input(16, 4096)).unwrap_err();
+    match &e {
+        Error::InvalidInput { field, reason } => {
+            assert_eq!(field, "model.exits");
+            assert!(reason.contains("curve points"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Many tiers over many layers: too many splits.
+    let mut inp = big_input(64, 2);
+    for _ in 0..6 {
+        inp.tiers.push(inp.tiers[2].clone());
+        inp.links.push(inp.links[1]);
+    }
+    let e = inp.validate().unwrap_err().to_string();
+    assert!(e.contains("splits") && e.contains("`tiers`"), "{e}");
+    assert_eq!(super::input::split_count(64, 9), 11_969_016_345);
+    assert_eq!(super::input::split_count(128, 4), 366_145);
+    assert_eq!(super::input::split_count(7, 1), 1);
+    assert_eq!(super::input::split_count(usize::MAX, 64), u64::MAX);
+}

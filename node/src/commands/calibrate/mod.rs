@@ -40,7 +40,9 @@ use flow_partition::{
     composed_agreement, Bound, BoundKind, CalibrationConfig, CascadeConfig, CascadeToken,
     ConfidenceMeasure, CurvePoint, ExitRecords, Record,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+
+pub use flow_node::calibration::{CalibrationFile, CascadeEntry, ExitEntry, FILE_NAME, FORMAT};
 
 mod policy;
 mod prompts;
@@ -49,10 +51,6 @@ pub use policy::{calibrated_policy, describe};
 pub use prompts::{prompts_of, Prompt};
 use prompts::{validation, Validation};
 
-/// Format tag of [`CalibrationFile`].
-pub const FORMAT: &str = "aiflow-calibration/1";
-/// File name under the checkpoint directory.
-pub const FILE_NAME: &str = "aiflow_calibration.json";
 /// How the reference tokens are produced (recorded in the file), `--teacher-forced`.
 pub const REFERENCE: &str =
     "deepest exit's greedy continuation (KV-cached decoding); every exit teacher-forced on it";
@@ -208,105 +206,6 @@ pub struct CalibrateArgs {
     /// Decode-and-choose rounds (each decodes the validation set with the last choice).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
-}
-
-/// The composed policy in the calibration file (`--deciders`), checked on its own decode.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CascadeEntry {
-    /// Deciding exit points, shallowest first.
-    pub deciders: Vec<usize>,
-    /// Their thresholds (`null`: always escalate).
-    pub thresholds: Vec<Option<f64>>,
-    /// Escalation cost per deciding exit the choice minimised.
-    pub escalation_cost: Vec<f64>,
-    /// Threshold combinations searched (Bonferroni factor of the choice).
-    pub candidates: usize,
-    /// Rounds run, and whether the last choice equalled the thresholds it decoded with.
-    pub rounds: usize,
-    pub converged: bool,
-    /// On the final decode with these thresholds: tokens, agreeing tokens, composed
-    /// agreement, its lower bound at the file's delta, tokens answered per decider then
-    /// the deepest exit, mean escalation cost.
-    pub tokens: usize,
-    pub agreeing: usize,
-    pub agreement: f64,
-    pub bounded_agreement: f64,
-    pub answered: Vec<usize>,
-    pub cost: f64,
-}
-
-/// One exit in the calibration file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ExitEntry {
-    /// Exit point as in `early_exit_points` (reads the state after trunk layers `[0, point)`).
-    pub point: usize,
-    /// Depth in the planner's terms: trunk layers a tier must host before this exit decides
-    /// (`point` for an exit with its own block; `l + 1` for an exit whose block is trunk
-    /// layer `l`, e.g. the deepest Ruyi exit, whose depth is `num_layers`).
-    pub depth: usize,
-    /// Answer when confidence >= threshold; `None`: always escalate (or the deepest exit).
-    pub threshold: Option<f64>,
-    /// Validation tokens (records) of this exit.
-    pub tokens: usize,
-    /// Tokens accepted at the threshold.
-    pub accepted: usize,
-    /// Agreement with the deepest exit among accepted tokens (empirical).
-    pub empirical_agreement: f64,
-    /// Its lower confidence bound (= empirical without a bound).
-    pub bounded_agreement: f64,
-    /// Fraction of tokens escalated at the threshold.
-    pub escalation: f64,
-    /// Agreement (lower bound when a bound is set) versus threshold, thresholds decreasing,
-    /// the calibrated threshold included: what the planner searches over.
-    pub curve: Vec<CurvePoint>,
-}
-
-/// `DIR/aiflow_calibration.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CalibrationFile {
-    /// Always [`FORMAT`].
-    pub format: String,
-    /// Confidence measure the thresholds apply to.
-    pub measure: ConfidenceMeasure,
-    /// Target agreement with the deepest exit.
-    pub target_agreement: f64,
-    /// Bound used (`None`: empirical).
-    pub bound: Option<Bound>,
-    /// First 16 hex digits of the checkpoint fingerprint (as `model inspect`).
-    pub model_fingerprint: String,
-    /// Validation task.
-    pub task: String,
-    /// Examples per concrete task.
-    pub examples_per_task: usize,
-    /// Evaluation split.
-    pub split: u64,
-    /// How reference tokens were produced.
-    pub reference: String,
-    /// Exit point of the deepest exit.
-    pub deepest_exit: usize,
-    /// Every exit, shallowest first (the deepest last, threshold `None`).
-    pub exits: Vec<ExitEntry>,
-    /// The cascade the deciders' thresholds were chosen for (absent: `--teacher-forced`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cascade: Option<CascadeEntry>,
-}
-
-impl CalibrationFile {
-    /// Reads and checks a calibration file.
-    pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let f: Self = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a calibration file", path.display()))?;
-        if f.format != FORMAT {
-            bail!(
-                "{}: format `{}`, expected `{FORMAT}`",
-                path.display(),
-                f.format
-            );
-        }
-        Ok(f)
-    }
 }
 
 /// Records of one exit.

@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use anyhow::bail;
-use flow_partition::ConfidenceMeasure;
 
 use super::{fingerprint, CalibrationFile, FILE_NAME};
 
@@ -36,24 +35,7 @@ pub fn calibrated_policy(
             model.display()
         );
     }
-    let measure = match f.measure {
-        ConfidenceMeasure::MaxProb => flow_protocol::ConfidenceMeasure::MaxProb,
-        ConfidenceMeasure::Margin => flow_protocol::ConfidenceMeasure::Margin,
-        ConfidenceMeasure::NegEntropy => flow_protocol::ConfidenceMeasure::NegEntropy,
-    };
-    let thresholds = f
-        .exits
-        .iter()
-        .filter(|e| e.point != f.deepest_exit)
-        .map(|e| flow_protocol::ExitThreshold {
-            exit: e.point as u32,
-            // No threshold meets the target: this exit always escalates.
-            threshold: e
-                .threshold
-                .map_or(flow_node::planning::ALWAYS_ESCALATE, |t| t as f32),
-        })
-        .collect();
-    Ok(Some((thresholds, measure)))
+    Ok(Some(f.policy()))
 }
 
 /// `exit 10 >= 0.695, exit 20 >= 0.705`: the thresholds as the commands print them.
