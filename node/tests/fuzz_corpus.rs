@@ -11,6 +11,9 @@ mod fuzz_harness;
 
 use std::path::Path;
 
+/// A named way to break a valid seed.
+type Breaker = (&'static str, fn(&mut Value));
+
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -202,7 +205,7 @@ fn write_seeds() {
     }
     never["measure"] = json!("margin");
     write("calibration_file", "valid-always-escalate.json", &never);
-    let broken: [(&str, fn(&mut Value)); 7] = [
+    let broken: [Breaker; 7] = [
         ("bad-format.json", |v| {
             v["format"] = json!("aiflow-calibration/0")
         }),
@@ -318,7 +321,7 @@ fn write_seeds() {
     lossy["config"]["backfill"] = json!("critical_path");
     lossy["config"]["host_fallback_exits"] = json!(true);
     write("plan_file", "valid-lossy-pinned-cuts.json", &lossy);
-    let broken: [(&str, fn(&mut Value)); 6] = [
+    let broken: [Breaker; 6] = [
         ("bad-no-layers.json", |v| {
             v["model"]["num_layers"] = json!(0)
         }),
