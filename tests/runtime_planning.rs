@@ -243,14 +243,9 @@ async fn edge_killed_mid_generation_fails_over_losslessly() {
     assert_eq!(device.parents().unwrap().failovers(), 1);
 
     // Exactness: the whole output is the undisturbed single-node greedy one.
-    let single = common::single_reference(dir.path()).await;
-    let ids = |v: &[(flow_protocol::TokenOut, bool)]| v.iter().map(|t| t.0.id).collect::<Vec<_>>();
-    let (want, _) = single
-        .generate_collect(request(PROMPT, NEW, None))
-        .await
-        .unwrap();
-    let want: Vec<u32> = want.iter().map(|t| t.id).collect();
-    assert_eq!(ids(&got), want, "the session continued on edge B exactly");
+    let want = greedy_reference(dir.path(), NEW).await;
+    let ids: Vec<u32> = got.iter().map(|t| t.0.id).collect();
+    assert_eq!(ids, want, "the session continued on edge B exactly");
 
     // The next request starts on edge B and is not degraded.
     let (again, s2) = device
@@ -295,15 +290,21 @@ async fn speculate_session_fails_over_to_a_second_edge_exactly() {
     assert_eq!(device.parents().unwrap().failovers(), 1);
     // Verified speculation is exact: the whole output is the single node's greedy one,
     // before and after the fail-over (edge B rebuilt the session from the re-sent rows).
-    let single = common::single_reference(dir.path()).await;
-    let (want, _) = single
-        .generate_collect(request(PROMPT, NEW, None))
-        .await
-        .unwrap();
-    assert_eq!(got, want.iter().map(|t| t.id).collect::<Vec<_>>());
+    let want = greedy_reference(dir.path(), NEW).await;
+    assert_eq!(got, want);
     device.shutdown().await;
     edge_b.shutdown().await;
     cloud.shutdown().await;
+}
+
+/// The single-node greedy answer to `PROMPT` (`n` tokens): what an undisturbed run gives.
+async fn greedy_reference(dir: &Path, n: usize) -> Vec<u32> {
+    let (want, _) = common::single_reference(dir)
+        .await
+        .generate_collect(request(PROMPT, n, None))
+        .await
+        .unwrap();
+    want.iter().map(|t| t.id).collect()
 }
 
 /// Clouds A and B, an edge whose parent is A (through a shaper, 10 ms each way) with B to
@@ -344,14 +345,10 @@ async fn cloud_killed_mid_generation_migrates_to_a_second_cloud_losslessly() {
     // notice beyond the latency.
     assert_eq!(stats.failovers, 0);
     assert_eq!(edge.parents().unwrap().failovers(), 1);
-    let single = common::single_reference(dir.path()).await;
-    let (want, _) = single
-        .generate_collect(request(PROMPT, NEW, None))
-        .await
-        .unwrap();
+    let want = greedy_reference(dir.path(), NEW).await;
     assert_eq!(
         got.iter().map(|t| t.0.id).collect::<Vec<_>>(),
-        want.iter().map(|t| t.id).collect::<Vec<_>>(),
+        want,
         "equal to an undisturbed run"
     );
     // New requests go to cloud B from the start.
@@ -385,14 +382,10 @@ async fn speculation_relayed_by_the_edge_migrates_to_a_second_cloud_exactly() {
     assert_eq!(stats.degraded_tokens, 0);
     // The edge re-sent its accepted rows and the draft's to cloud B, which verified it.
     assert_eq!(edge.parents().unwrap().failovers(), 1);
-    let single = common::single_reference(dir.path()).await;
-    let (want, _) = single
-        .generate_collect(request(PROMPT, NEW, None))
-        .await
-        .unwrap();
+    let want = greedy_reference(dir.path(), NEW).await;
     assert_eq!(
         got.iter().map(|t| t.0.id).collect::<Vec<_>>(),
-        want.iter().map(|t| t.id).collect::<Vec<_>>(),
+        want,
         "verified speculation stays exact across the migration"
     );
     device.shutdown().await;
