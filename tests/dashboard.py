@@ -5,7 +5,8 @@
     python3 tests/dashboard.py HOST:PORT OUTDIR
 
 against `flow-node cluster` (device -> edge -> cloud). Checks that the page loads without
-console errors, that the topology shows the three tiers, that a chat answer streams in with
+console errors, that the topology shows the three tiers (the cloud and the edge -> cloud
+link as the edge reports them) and both links, that a chat answer streams in with
 every token coloured by a tier and exit, and that the live numbers move (the tokens counter
 grows after the answer). Writes OUTDIR/dashboard.png. With AIFLOW_API_KEY set, the server is
 expected to require it: the page must ask for the key before it shows any data.
@@ -86,13 +87,19 @@ def main() -> None:
             form.submit()
         wait(d, "the first status", lambda: d.find_element(By.TAG_NAME, "body")
              .get_attribute("data-ready") == "1")
-        roles = [e.get_attribute("data-role")
+        # the edge reports its cloud link (protocol 3) within a few probe rounds
+        wait(d, "the cloud as the edge reports it",
+             lambda: d.find_elements(By.CSS_SELECTOR, '#topology .node[data-seen="reported"]'))
+        nodes = [(e.get_attribute("data-role"), e.get_attribute("data-seen"))
                  for e in d.find_elements(By.CSS_SELECTOR, "#topology .node")]
-        check(roles == ["device", "edge", "cloud"], f"the topology shows three tiers: {roles}")
+        check(nodes == [("device", "self"), ("edge", "hello"), ("cloud", "reported")],
+              f"the topology shows three tiers, the cloud as the edge sees it: {nodes}")
         check(d.find_element(By.ID, "conn").get_attribute("data-state") == "live",
               "the status is live")
-        check(len(d.find_elements(By.CSS_SELECTOR, "#links tr[data-addr]")) == 1,
-              "the device's link to the edge is listed")
+        links = [e.text for e in d.find_elements(By.CSS_SELECTOR, "#links tr[data-addr]")]
+        check(len(links) == 2 and links[0].startswith("device → edge")
+              and links[1].startswith("edge → cloud"),
+              f"both links are listed, device → edge and edge → cloud: {links}")
         legend = text(d, "legend")
         check(all(t in legend for t in TIERS), f"the legend names every tier: {legend!r}")
 

@@ -40,8 +40,10 @@ use tokio::time::Instant;
 use crate::error::{NodeError, Result};
 
 pub mod budget;
+pub mod upstream;
 pub use budget::ProbeBudget;
 use budget::{GoodputView, Prober};
+pub use upstream::answer_probes;
 
 /// How a parent link is probed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -233,6 +235,8 @@ pub struct ParentLink {
     supervised: AtomicBool,
     /// [`ParentLink::close`] was called: no more re-dials.
     closing: AtomicBool,
+    /// The parent's latest report of the tiers beyond it (protocol 3; cleared on dial).
+    upstream: std::sync::Mutex<Option<flow_protocol::Upstream>>,
 }
 
 impl Drop for ParentLink {
@@ -298,6 +302,7 @@ impl ParentLink {
             failed: AtomicBool::new(false),
             missed: AtomicU32::new(0),
             service: std::sync::Mutex::new(ServiceTimes::default()),
+            upstream: std::sync::Mutex::new(None),
             supervised: AtomicBool::new(false),
             closing: AtomicBool::new(false),
         }))
@@ -372,6 +377,7 @@ impl ParentLink {
         self.reachable.store(true, Ordering::Release);
         self.failed.store(false, Ordering::Release);
         self.missed.store(0, Ordering::Release);
+        self.set_upstream(None);
         if let (Some(every), Some(control)) = (self.probe.interval, c.take_control()) {
             let me = Arc::downgrade(self);
             let conn = c.clone();
@@ -551,6 +557,24 @@ impl ParentLink {
             &g,
         )
         .big
+    }
+
+    /// What the parent last reported of the tiers beyond it ([`flow_protocol::Upstream`]);
+    /// `None` before its first report on this connection, or from a protocol-2 parent.
+    pub fn upstream(&self) -> Option<flow_protocol::Upstream> {
+        self.upstream
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_upstream(&self, u: Option<flow_protocol::Upstream>) {
+        *self.upstream.lock().unwrap_or_else(|e| e.into_inner()) = u;
+    }
+
+    /// The link's health: [`upstream::link_state`] of what the probes and requests saw.
+    pub fn state(&self) -> flow_protocol::LinkState {
+        upstream::link_state(self.reachable(), self.failed(), self.is_down())
     }
 
     /// Probe rounds completed on this link.
@@ -751,8 +775,14 @@ fn big_probe_bytes(goodput_bps: f64) -> u32 {
     (goodput_bps * BIG_PROBE_SECS / 8.0).clamp(BIG_PROBE_MIN, BIG_PROBE_MAX) as u32
 }
 
-/// One probe exchange; returns the elapsed time.
-async fn probe_once(control: &mut SessionStream, seq: u64, bytes: u32) -> Result<Duration> {
+/// One probe exchange; returns the elapsed time. A parent's [`flow_protocol::Upstream`]
+/// report read on the way goes to `upstream` (the newest wins).
+async fn probe_once(
+    control: &mut SessionStream,
+    seq: u64,
+    bytes: u32,
+    upstream: &mut Option<flow_protocol::Upstream>,
+) -> Result<Duration> {
     let t0 = Instant::now();
     control
         .send(&Message::Probe(Probe::new(seq, bytes, SMALL_PROBE)))
@@ -761,6 +791,7 @@ async fn probe_once(control: &mut SessionStream, seq: u64, bytes: u32) -> Result
         match control.recv().await? {
             Some(Message::ProbeReply(r)) if r.seq == seq => return Ok(t0.elapsed()),
             Some(Message::ProbeReply(_)) | Some(Message::Heartbeat(_)) => continue,
+            Some(Message::Upstream(u)) => *upstream = Some(u),
             Some(other) => {
                 return Err(NodeError::Protocol(format!(
                     "unexpected {} on the control stream",
@@ -811,15 +842,27 @@ async fn probe_loop(
         // link down for good: the estimate never shrank, so the next big probe missed too.)
         let big_wait = wait + BIG_PROBE_ALLOWANCE;
         seq += 2;
-        let small_t = tokio::time::timeout(wait, probe_once(&mut control, seq, SMALL_PROBE)).await;
+        let mut report = None;
+        let small_t = tokio::time::timeout(
+            wait,
+            probe_once(&mut control, seq, SMALL_PROBE, &mut report),
+        )
+        .await;
         let big_t = match (&small_t, big) {
-            (Ok(Ok(_)), Some(big)) => {
-                Some(tokio::time::timeout(big_wait, probe_once(&mut control, seq + 1, big)).await)
-            }
+            (Ok(Ok(_)), Some(big)) => Some(
+                tokio::time::timeout(
+                    big_wait,
+                    probe_once(&mut control, seq + 1, big, &mut report),
+                )
+                .await,
+            ),
             _ => None,
         };
         let big = big.unwrap_or(SMALL_PROBE);
         let Some(l) = link.upgrade() else { return };
+        if report.is_some() {
+            l.set_upstream(report);
+        }
         let goodput = match (&small_t, &big_t) {
             (Ok(Ok(s)), Some(Ok(Ok(b)))) => {
                 let extra = b.saturating_sub(*s).as_secs_f64();
@@ -921,31 +964,6 @@ async fn supervise(link: Weak<ParentLink>, health: LinkHealth) {
                     backoff = (backoff * 2).min(health.redial_max);
                 }
             }
-        }
-    }
-}
-
-/// Answers probes on a child's control stream until it closes.
-pub async fn answer_probes(mut control: SessionStream, limits: flow_protocol::Limits) {
-    loop {
-        match control.recv().await {
-            Ok(Some(Message::Probe(p))) => {
-                if control
-                    .send(&Message::ProbeReply(p.reply(&limits)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            Ok(Some(Message::Heartbeat(_))) => {}
-            Ok(Some(other)) => {
-                tracing::debug!(
-                    kind = other.name(),
-                    "ignoring a frame on the control stream"
-                );
-            }
-            Ok(None) | Err(_) => return,
         }
     }
 }

@@ -142,7 +142,7 @@ impl Codec {
 
         let mut head = Vec::with_capacity(PREFIX_LEN + header.len() + SECTION_PREFIX_LEN);
         head.extend_from_slice(&MAGIC);
-        head.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        head.extend_from_slice(&msg.min_version().to_le_bytes());
         head.push(msg.kind());
         head.extend_from_slice(&(header.len() as u32).to_le_bytes());
         head.extend_from_slice(&payload_len.to_le_bytes());
@@ -251,6 +251,7 @@ fn encode_header(msg: &Message) -> Result<Vec<u8>> {
         Message::DeltaRollback(m) => ser(m),
         Message::RoundUpdate(m) => ser(m),
         Message::Classification(m) => ser(m),
+        Message::Upstream(m) => ser(m),
     }
 }
 
@@ -284,16 +285,18 @@ fn decode_header(kind: u8, header: &[u8]) -> Result<Message> {
         kind::DELTA_ROLLBACK => Message::DeltaRollback(de(header)?),
         kind::ROUND_UPDATE => Message::RoundUpdate(de(header)?),
         kind::CLASSIFICATION => Message::Classification(de(header)?),
+        kind::UPSTREAM => Message::Upstream(de(header)?),
         other => return Err(Error::UnknownKind(other)),
     })
 }
 
 fn known_kind(k: u8) -> bool {
-    (kind::HELLO..=kind::ROUND_UPDATE).contains(&k)
+    (kind::HELLO..=kind::UPSTREAM).contains(&k)
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Prefix {
+    version: u16,
     kind: u8,
     header_len: usize,
     payload_len: usize,
@@ -392,7 +395,7 @@ impl FrameDecoder {
         let mut frame = self.buf.split_to(total).freeze();
         frame.advance(PREFIX_LEN);
         let header = frame.split_to(prefix.header_len);
-        decode_frame(prefix.kind, &header, frame, &self.limits).map(Some)
+        decode_frame(prefix, &header, frame, &self.limits).map(Some)
     }
 }
 
@@ -431,14 +434,31 @@ fn parse_prefix(p: &[u8], limits: &Limits) -> Result<Prefix> {
         });
     }
     Ok(Prefix {
+        version,
         kind,
         header_len: header_len as usize,
         payload_len: payload_len as usize,
     })
 }
 
-fn decode_frame(kind: u8, header: &[u8], mut payload: Bytes, limits: &Limits) -> Result<Message> {
-    let mut msg = decode_header(kind, header)?;
+fn decode_frame(
+    prefix: Prefix,
+    header: &[u8],
+    mut payload: Bytes,
+    limits: &Limits,
+) -> Result<Message> {
+    let mut msg = decode_header(prefix.kind, header)?;
+    if msg.min_version() > prefix.version {
+        return Err(Error::malformed(
+            "version",
+            format!(
+                "{} frames need protocol {}, the frame says {}",
+                msg.name(),
+                msg.min_version(),
+                prefix.version
+            ),
+        ));
+    }
     msg.check_consistency()?;
     let mut decompressed: u64 = 0;
     let tensors = msg.tensors_mut();

@@ -10,7 +10,9 @@
 //!   [`DeltaChunk`], [`DeltaAck`], [`DeltaRollback`]) and federated rounds
 //!   ([`RoundUpdate`]); [`classify`]: a vision exit's
 //!   answer about a camera frame ([`Classification`], the traffic app's reply to
-//!   `Continue`).
+//!   `Continue`); [`upstream`]: a parent's report of the tiers beyond it ([`Upstream`],
+//!   protocol 3; frames keep the oldest version that reads them, so protocol-2 peers
+//!   interoperate).
 //! - **Framing** ([`codec`]): magic, version, kind, header length, payload length, a
 //!   postcard header, then raw little-endian tensor bytes. [`Codec`] encodes;
 //!   [`FrameDecoder`] decodes incrementally (push bytes, pull messages) and checks every
@@ -55,6 +57,7 @@ pub mod message;
 pub mod tensor;
 #[cfg(feature = "transport")]
 pub mod transport;
+pub mod upstream;
 
 /// Re-exported: [`WireTensor::bytes`] hands out `bytes::Bytes`.
 pub use bytes;
@@ -70,3 +73,6 @@ pub use message::{
     Verdict, MAX_TOP_LOGPROBS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 pub use tensor::{Encoding, WireTensor};
+pub use upstream::{
+    LinkState, Upstream, UpstreamLink, UpstreamPeer, UpstreamQuic, UPSTREAM_SINCE_VERSION,
+};

@@ -20,7 +20,11 @@ use crate::tensor::WireTensor;
 ///
 /// 2: `TokenOut` carries the token's log-probability and the top alternatives at the exit
 /// that produced it; `Sampling` asks for them (`top_logprobs`).
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// 3: [`Message::Upstream`], a parent's report of the tiers beyond it. Every other frame is
+/// unchanged and still goes out marked 2 ([`Message::min_version`]), so protocol-2 nodes
+/// keep working beside protocol-3 ones; they are never sent an `Upstream`.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Oldest protocol version this build still reads.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
@@ -608,6 +612,8 @@ pub enum Message {
     RoundUpdate(RoundUpdate),
     /// A vision exit's answer about one camera frame (traffic app).
     Classification(crate::classify::Classification),
+    /// A parent's links to its own parents and theirs (protocol 3, control stream).
+    Upstream(crate::upstream::Upstream),
 }
 
 /// Frame kind bytes. Stable: new kinds get new numbers.
@@ -630,6 +636,7 @@ pub mod kind {
     pub const DELTA_ROLLBACK: u8 = 15;
     pub const CLASSIFICATION: u8 = 16;
     pub const ROUND_UPDATE: u8 = 17;
+    pub const UPSTREAM: u8 = 18;
 }
 
 impl Message {
@@ -653,6 +660,16 @@ impl Message {
             Message::DeltaRollback(_) => kind::DELTA_ROLLBACK,
             Message::RoundUpdate(_) => kind::ROUND_UPDATE,
             Message::Classification(_) => kind::CLASSIFICATION,
+            Message::Upstream(_) => kind::UPSTREAM,
+        }
+    }
+
+    /// The oldest protocol version that can read this message: what its frame prefix says,
+    /// so a peer on an older version reads every frame it can.
+    pub fn min_version(&self) -> u16 {
+        match self {
+            Message::Upstream(_) => crate::upstream::UPSTREAM_SINCE_VERSION,
+            _ => MIN_PROTOCOL_VERSION,
         }
     }
 
@@ -676,6 +693,7 @@ impl Message {
             Message::DeltaRollback(_) => "DeltaRollback",
             Message::RoundUpdate(_) => "RoundUpdate",
             Message::Classification(_) => "Classification",
+            Message::Upstream(_) => "Upstream",
         }
     }
 
@@ -742,6 +760,7 @@ impl Message {
             Message::DeltaAck(a) => crate::delta::check_text("delta_ack.message", &a.message)?,
             Message::RoundUpdate(r) => r.check()?,
             Message::Classification(c) => c.check()?,
+            Message::Upstream(u) => u.check()?,
             _ => {}
         }
         Ok(())

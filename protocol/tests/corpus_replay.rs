@@ -12,6 +12,7 @@ use flow_protocol::{
     WireTensor,
 };
 use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus, RoundUpdate};
+use flow_protocol::{HostedLayers, LinkState, Upstream, UpstreamLink, UpstreamPeer, UpstreamQuic};
 
 fn corpus_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -232,6 +233,52 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                     exit: 4,
                     p_emergency: 0.875,
                     congestion: 0.25,
+                }))
+                .unwrap(),
+        ),
+        (
+            "valid-upstream",
+            codec
+                .encode(&Message::Upstream(Upstream {
+                    links: vec![
+                        UpstreamLink {
+                            from: "edge-1".into(),
+                            to: Some(UpstreamPeer {
+                                node_id: "cloud-a".into(),
+                                role: Role::Cloud,
+                                hosted: vec![HostedLayers {
+                                    start: 20,
+                                    end: 30,
+                                    digest: [9; 32],
+                                }],
+                            }),
+                            addr: "10.0.0.3:7000".into(),
+                            active: true,
+                            state: LinkState::Up,
+                            rtt_ms: 20.5,
+                            goodput_bps: 9.8e6,
+                            confidence: 0.75,
+                            probes: 12,
+                            quic: Some(UpstreamQuic {
+                                rtt_ms: 21.0,
+                                bytes_sent: 40_960,
+                                bytes_received: 81_920,
+                                lost_packets: 2,
+                            }),
+                        },
+                        UpstreamLink {
+                            from: "edge-1".into(),
+                            to: None,
+                            addr: "cloud-b.example:7000".into(),
+                            active: false,
+                            state: LinkState::Idle,
+                            rtt_ms: 50.0,
+                            goodput_bps: 1e7,
+                            confidence: 0.0,
+                            probes: 0,
+                            quic: None,
+                        },
+                    ],
                 }))
                 .unwrap(),
         ),

@@ -116,7 +116,7 @@ function tierTokens(s, tier) {
 }
 
 const HEALTH = { serving: "ok", up: "ok", failing: "warn", down: "bad", idle: "idle", unseen: "idle" };
-const SEEN = { self: "this node", hello: "from its Hello", inferred: "inferred from layers" };
+const SEEN = { self: "this node", hello: "from its Hello", reported: "reported by its child", inferred: "inferred from layers" };
 
 function nodeCard(n, s) {
   const layers = n.layers ? `[${n.layers[0]}, ${n.layers[1]})` : "unknown";
@@ -138,9 +138,9 @@ function linkBox(link, s, now) {
     return el("li", { class: "link unseen", "aria-label": "link not visible from the entry node" },
       el("span", {}, "via its parent"), el("div", { class: "arrow" }), el("span", {}, "not visible here"));
   }
-  const sent = rate((x) => linkOf(x, link.addr)?.quic?.bytes_sent ?? NaN, s, now);
+  const sent = rate((x) => linkOf(x, link.addr, link.from)?.quic?.bytes_sent ?? NaN, s, now);
   const rtt = link.quic ? link.quic.rtt_ms : link.rtt_ms;
-  return el("li", { class: "link", data: { addr: link.addr } },
+  return el("li", { class: "link" + (link.reported ? " reported" : ""), data: { addr: link.addr, from: link.from } },
     el("span", {}, "RTT ", el("strong", {}, fmtMs(rtt)), " · ", el("strong", {}, fmtBits(link.goodput_bps))),
     el("div", { class: "arrow" }),
     el("span", {}, "↑ ", el("strong", {}, fmtBytes(link.quic?.bytes_sent)),
@@ -148,20 +148,30 @@ function linkBox(link, s, now) {
     el("span", {}, Number.isFinite(sent) ? fmtBytes(sent) + "/s up" : "\u00a0"));
 }
 
-function linkOf(s, addr) { return s.links.find((l) => l.addr === addr); }
+function linkOf(s, addr, from) { return s.links.find((l) => l.addr === addr && l.from === from); }
 
 function renderTopology(s, now) {
-  // Columns: the entry node, its parents (the one in use first), the inferred tier beyond.
+  // Columns: the entry node, its parents (the one in use first), then the tiers beyond as
+  // the parent in use reported them (one column per reporting node), else the one inferred.
+  const byActive = (a, b) => b.active - a.active;
   const self = s.nodes.filter((n) => n.seen === "self");
-  const parents = s.nodes.filter((n) => n.seen === "hello").sort((a, b) => b.active - a.active);
+  const parents = s.nodes.filter((n) => n.seen === "hello").sort(byActive);
+  const own = s.links.filter((l) => !l.reported);
+  const cols = [[self, null], [parents, own.find((l) => l.active)]];
+  // reported links grouped by the node at their lower end, in the order reported
+  const froms = [...new Set(s.links.filter((l) => l.reported).map((l) => l.from))];
+  froms.forEach((from) => {
+    const links = s.links.filter((l) => l.reported && l.from === from);
+    const ids = new Set(links.map((l) => l.to));
+    const col = s.nodes.filter((n) => n.seen === "reported" && ids.has(n.id)).sort(byActive);
+    cols.push([col, links.find((l) => l.active)]);
+  });
   const beyond = s.nodes.filter((n) => n.seen === "inferred");
-  const active = s.links.find((l) => l.active);
-  const cols = [self, parents, beyond].filter((c) => c.length);
+  if (beyond.length) cols.push([beyond, undefined]);
   const list = $("topology");
   list.replaceChildren();
-  cols.forEach((col, i) => {
-    if (i === 1) list.append(linkBox(active, s, now));
-    if (i === 2) list.append(linkBox(null));
+  cols.filter(([col]) => col.length).forEach(([col, link], i) => {
+    if (i > 0) list.append(linkBox(link === undefined ? null : link, s, now));
     list.append(el("li", { class: "tier-col" }, ...col.map((n) => nodeCard(n, s))));
   });
 }
@@ -201,11 +211,11 @@ function renderTokens(s) {
 function renderLinks(s, now) {
   const body = $("links");
   body.replaceChildren(...s.links.map((l) => {
-    const up = rate((x) => linkOf(x, l.addr)?.quic?.bytes_sent ?? NaN, s, now);
-    const down = rate((x) => linkOf(x, l.addr)?.quic?.bytes_received ?? NaN, s, now);
+    const up = rate((x) => linkOf(x, l.addr, l.from)?.quic?.bytes_sent ?? NaN, s, now);
+    const down = rate((x) => linkOf(x, l.addr, l.from)?.quic?.bytes_received ?? NaN, s, now);
     const r = (v) => el("span", { class: "sub" }, Number.isFinite(v) ? `${fmtBytes(v)}/s` : "\u00a0");
     const est = l.confidence > 0 ? `probe ${fmtMs(l.rtt_ms)}` : "prior";
-    return el("tr", { data: { addr: l.addr } },
+    return el("tr", { data: { addr: l.addr, from: l.from }, title: l.reported ? `reported by ${l.from}` : "" },
       el("td", {}, `${l.from} → ${l.to || l.addr}`),
       el("td", { class: "health " + (HEALTH[l.health] || "idle") }, l.health + (l.active ? "" : " · standby")),
       el("td", { class: "num", title: `estimate: ${est}, ${l.probes} probe rounds` }, fmtMs(l.quic ? l.quic.rtt_ms : l.rtt_ms)),

@@ -23,7 +23,12 @@ impl Agent {
                 Ok(c) => {
                     tracing::info!(child = %c.peer_hello().node_id, role = %c.peer_hello().role, addr = %c.remote_address(), "child connected");
                     if let Some(control) = c.take_control() {
-                        tokio::spawn(answer_probes(control, server.config().codec.limits));
+                        tokio::spawn(answer_probes(
+                            control,
+                            server.config().codec.limits,
+                            c.peer_hello().protocol_version,
+                            self.inner.upstream.clone(),
+                        ));
                     }
                     let me = self.clone();
                     let c = Arc::new(c);

@@ -47,6 +47,9 @@ struct Inner {
     fleet: crate::fleet::FleetState,
     parents: Option<Arc<Parents>>,
     server: Option<Endpoint>,
+    /// This node's report of the tiers beyond it, for children on protocol 3 (a node with
+    /// both parents and children; see [`crate::parent::upstream`]).
+    upstream: Option<tokio::sync::watch::Receiver<flow_protocol::Upstream>>,
     /// Run-time planning state (when configured and there is a parent).
     planner: Option<std::sync::Mutex<planner::PlannerState>>,
     /// What the plan in force applies to new requests.
@@ -142,6 +145,18 @@ impl Agent {
         let parents = links::connect_parents(&cfg, &hello).await?;
         let (planner, applied) = planner::start_planner(&cfg, parents.as_ref())?;
         let metrics = Arc::new(Metrics::new(model_cfg.max_position_embeddings));
+        let upstream = match (&server, &parents) {
+            (Some(_), Some(ps)) => {
+                let (tx, rx) = tokio::sync::watch::channel(flow_protocol::Upstream::default());
+                tokio::spawn(crate::parent::upstream::publish(
+                    cfg.node_id.clone(),
+                    Arc::downgrade(ps),
+                    tx,
+                ));
+                Some(rx)
+            }
+            _ => None,
+        };
         let inner = Arc::new(Inner {
             cfg,
             model_cfg,
@@ -149,6 +164,7 @@ impl Agent {
             fleet,
             parents,
             server,
+            upstream,
             planner,
             applied: std::sync::RwLock::new(applied),
             replans: AtomicU64::new(0),
@@ -198,13 +214,15 @@ impl Agent {
     }
 
     /// `text` as prompt token ids under the model's one BOS rule (`add_bos_token`).
+    /// A text that already starts with BOS (a chat template writing `{{ bos_token }}`) gets
+    /// no second one.
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        if let (true, Some(b)) = (self.inner.add_bos, self.inner.model_cfg.bos_token_id) {
-            ids.push(b);
-        }
-        ids.extend(self.inner.tokenizer.encode(text)?);
-        Ok(ids)
+        let bos = self
+            .inner
+            .model_cfg
+            .bos_token_id
+            .filter(|_| self.inner.add_bos);
+        Ok(self.inner.tokenizer.encode_prompt(text, bos)?)
     }
 
     /// Metrics of this node.

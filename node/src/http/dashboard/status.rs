@@ -17,7 +17,8 @@ pub struct Status {
     pub model: Model,
     /// The tiers from the entry node up (see [`topology`]).
     pub nodes: Vec<Node>,
-    /// The entry node's links to its parents.
+    /// The entry node's links to its parents, then the links beyond as the parent in use
+    /// reported them (`reported`).
     pub links: Vec<Link>,
     /// Generated tokens by the tier and exit that produced them.
     pub tokens: Vec<TierTokens>,
@@ -36,15 +37,18 @@ pub struct Model {
     pub exits: Vec<usize>,
 }
 
-/// A link from the entry node to one parent.
+/// A link from a node to one of its parents: the entry node's own, or one the parent in
+/// use reported (protocol 3).
 #[derive(Debug, Serialize)]
 pub struct Link {
     pub from: String,
+    /// Reported by the parent in use rather than seen by the entry node itself.
+    pub reported: bool,
     /// The parent's id (`None` until it is reached).
     pub to: Option<String>,
     pub addr: String,
     pub active: bool,
-    /// [`topology::link_health`].
+    /// `up`, `failing`, `down` or `idle` ([`crate::parent::ParentLink::state`]).
     pub health: &'static str,
     /// Smoothed RTT from the probes (ms); the prior until a probe completes.
     pub rtt_ms: f64,
@@ -64,6 +68,30 @@ pub struct Quic {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub lost_packets: u64,
+}
+
+impl Link {
+    /// A link the parent in use reported.
+    fn reported(l: &flow_protocol::UpstreamLink) -> Self {
+        Link {
+            from: l.from.clone(),
+            reported: true,
+            to: l.to.as_ref().map(|p| p.node_id.clone()),
+            addr: l.addr.clone(),
+            active: l.active,
+            health: l.state.as_str(),
+            rtt_ms: f64::from(l.rtt_ms),
+            goodput_bps: f64::from(l.goodput_bps),
+            confidence: f64::from(l.confidence),
+            probes: l.probes,
+            quic: l.quic.map(|q| Quic {
+                rtt_ms: f64::from(q.rtt_ms),
+                bytes_sent: q.bytes_sent,
+                bytes_received: q.bytes_received,
+                lost_packets: q.lost_packets,
+            }),
+        }
+    }
 }
 
 /// Tokens one exit of one tier produced.
@@ -147,7 +175,13 @@ pub async fn snapshot(api: &Api) -> ApiResult<Status> {
         },
         active: true,
     };
-    let (views, links) = parent_links(&agent).await;
+    let (views, mut links) = parent_links(&agent).await;
+    let reported = agent
+        .parents()
+        .and_then(|ps| ps.active().upstream())
+        .map(|u| u.links)
+        .unwrap_or_default();
+    links.extend(reported.iter().map(Link::reported));
     let m = agent.metrics();
     let tokens: Vec<TierTokens> = m
         .tokens
@@ -166,7 +200,7 @@ pub async fn snapshot(api: &Api) -> ApiResult<Status> {
             layers: agent.model_config().num_layers,
             exits: exits.clone(),
         },
-        nodes: topology::nodes(me, &views, &exits),
+        nodes: topology::nodes(me, &views, &reported, &exits),
         links,
         counters: Counters {
             requests: m.requests.get(),
@@ -205,7 +239,7 @@ async fn parent_links(agent: &Agent) -> (Vec<ParentView>, Vec<Link>) {
     for l in ps.all() {
         let hello = l.hello().await;
         let is_active = Arc::ptr_eq(l, &active);
-        let health = topology::link_health(l.reachable(), l.failed(), l.is_down());
+        let health = l.state().as_str();
         let est = l.estimate();
         let quic = l.stats().await.map(|s| Quic {
             rtt_ms: s.rtt.as_secs_f64() * 1e3,
@@ -215,6 +249,7 @@ async fn parent_links(agent: &Agent) -> (Vec<ParentView>, Vec<Link>) {
         });
         links.push(Link {
             from: agent.config().node_id.clone(),
+            reported: false,
             to: hello.as_ref().map(|h| h.node_id.clone()),
             addr: l.addr().to_string(),
             active: is_active,

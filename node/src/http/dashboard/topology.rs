@@ -1,10 +1,12 @@
 //! The tiers as the entry node knows them: itself (its configuration), each parent (the
-//! `Hello` it sent on connecting and the health of the link to it), and the tier beyond the
-//! parent in use, inferred from the layers of the family that no known node hosts. The
-//! entry node has no connection to that tier, so its id and health stay unknown; the page
-//! shows the tokens it answered instead. Pure: [`nodes`] takes what the handler gathered.
+//! `Hello` it sent on connecting and the health of the link to it), the tiers beyond as the
+//! parent in use reported them (protocol 3: [`flow_protocol::Upstream`], each peer's
+//! `Hello` and link health as its child sees them), and — from a protocol-2 parent, which
+//! reports nothing — the tier beyond it inferred from the layers of the family that no
+//! known node hosts (id and health unknown). Pure: [`nodes`] takes what the handler
+//! gathered.
 
-use flow_protocol::{HostedLayers, Role};
+use flow_protocol::{HostedLayers, Role, UpstreamLink};
 use serde::Serialize;
 
 /// One tier as the page draws it.
@@ -14,10 +16,11 @@ pub struct Node {
     pub id: Option<String>,
     /// `device`, `edge` or `cloud` (`None` when unknown).
     pub role: Option<&'static str>,
-    /// How the entry node knows it: `self`, `hello` (a parent's handshake), `inferred`.
+    /// How the entry node knows it: `self`, `hello` (a parent's handshake), `reported` (by
+    /// the parent in use, protocol 3), `inferred`.
     pub seen: &'static str,
     /// `serving` (the entry node), `up` / `failing` / `down` / `idle` (a parent link, see
-    /// [`link_health`]), `unseen` (inferred).
+    /// [`crate::parent::upstream::link_state`]), `unseen` (inferred).
     pub health: &'static str,
     /// Hosted layers `[start, end)`, when known.
     pub layers: Option<[usize; 2]>,
@@ -32,22 +35,10 @@ pub struct Node {
 pub struct ParentView {
     /// The parent's id, role and hosted layers from its `Hello` (`None`: not connected).
     pub hello: Option<(String, Role, Vec<HostedLayers>)>,
-    /// [`link_health`] of the link to it.
+    /// [`crate::parent::ParentLink::state`] of the link to it.
     pub health: &'static str,
     /// The parent in use.
     pub active: bool,
-}
-
-/// The health of a parent link: `up` (connected, no failure since), `failing` (a request
-/// failed on it since it was dialled), `down` (dial or probes failed) or `idle` (a fall-back
-/// parent not dialled yet).
-pub fn link_health(reachable: bool, failed: bool, down: bool) -> &'static str {
-    match (reachable, failed, down) {
-        (_, true, _) => "failing",
-        (true, false, _) => "up",
-        (false, false, true) => "down",
-        (false, false, false) => "idle",
-    }
 }
 
 /// The tier above a node of `role` (the role whose nodes take it as a child).
@@ -63,10 +54,21 @@ fn exit_at(exits: &[usize], end: usize) -> Vec<usize> {
     exits.iter().copied().filter(|&e| e == end).collect()
 }
 
-/// The tiers from the entry node `me` up: its parents in preference order, then the tier
-/// beyond the parent in use when the family's deepest exit (`exits`' largest) lies past
-/// the layers that parent hosts.
-pub fn nodes(me: Node, parents: &[ParentView], exits: &[usize]) -> Vec<Node> {
+fn layers_of(hosted: &[HostedLayers]) -> Option<[usize; 2]> {
+    let start = hosted.iter().map(|h| h.start as usize).min();
+    let end = hosted.iter().map(|h| h.end as usize).max();
+    start.zip(end).map(|(s, e)| [s, e])
+}
+
+/// The tiers from the entry node `me` up: its parents in preference order, then what the
+/// parent in use reported of the tiers beyond it (`reported`), else the tier beyond that
+/// parent when the family's deepest exit (`exits`' largest) lies past the layers it hosts.
+pub fn nodes(
+    me: Node,
+    parents: &[ParentView],
+    reported: &[UpstreamLink],
+    exits: &[usize],
+) -> Vec<Node> {
     let deepest = exits.iter().copied().max().unwrap_or(0);
     let mut out = vec![me];
     let mut beyond = None;
@@ -83,10 +85,8 @@ pub fn nodes(me: Node, parents: &[ParentView], exits: &[usize]) -> Vec<Node> {
             });
             continue;
         };
-        let start = hosted.iter().map(|h| h.start as usize).min();
-        let end = hosted.iter().map(|h| h.end as usize).max();
-        let layers = start.zip(end).map(|(s, e)| [s, e]);
-        if p.active {
+        let layers = layers_of(hosted);
+        if p.active && reported.is_empty() {
             if let (Some([_, e]), Some(above)) = (layers, tier_above(*role)) {
                 if e < deepest {
                     beyond = Some(Node {
@@ -109,6 +109,18 @@ pub fn nodes(me: Node, parents: &[ParentView], exits: &[usize]) -> Vec<Node> {
             layers,
             exits: layers.map_or_else(Vec::new, |[_, e]| exit_at(exits, e)),
             active: p.active,
+        });
+    }
+    for l in reported {
+        let layers = l.to.as_ref().and_then(|p| layers_of(&p.hosted));
+        out.push(Node {
+            id: l.to.as_ref().map(|p| p.node_id.clone()),
+            role: l.to.as_ref().map(|p| p.role.as_str()),
+            seen: "reported",
+            health: l.state.as_str(),
+            layers,
+            exits: layers.map_or_else(Vec::new, |[_, e]| exit_at(exits, e)),
+            active: l.active,
         });
     }
     out.extend(beyond);
@@ -159,6 +171,7 @@ mod tests {
         let n = nodes(
             me(),
             &[said_hello("edge", Role::Edge, 10, 20)],
+            &[],
             &[10, 20, 30],
         );
         let roles: Vec<_> = n.iter().map(|n| n.role).collect();
@@ -174,18 +187,91 @@ mod tests {
     #[test]
     fn a_cloud_parent_or_an_unconnected_one_implies_nothing_beyond() {
         let cloud = said_hello("cloud", Role::Cloud, 10, 30);
-        let n = nodes(me(), &[cloud, silent("idle", false)], &[10, 20, 30]);
+        let n = nodes(me(), &[cloud, silent("idle", false)], &[], &[10, 20, 30]);
         assert_eq!(n.len(), 3);
         assert_eq!(n[1].exits, [30]);
         assert_eq!((n[2].role, n[2].health, n[2].active), (None, "idle", false));
-        assert_eq!(nodes(me(), &[silent("down", true)], &[10, 20, 30]).len(), 2);
+        assert_eq!(
+            nodes(me(), &[silent("down", true)], &[], &[10, 20, 30]).len(),
+            2
+        );
     }
 
     #[test]
-    fn link_health_names_the_worst_known_state() {
-        assert_eq!(link_health(true, false, false), "up");
-        assert_eq!(link_health(true, true, false), "failing");
-        assert_eq!(link_health(false, false, true), "down");
-        assert_eq!(link_health(false, false, false), "idle");
+    fn the_tiers_the_parent_reports_replace_the_inferred_one() {
+        use flow_protocol::{LinkState, UpstreamPeer};
+        let to_cloud = |id: &str, active: bool, state: LinkState| UpstreamLink {
+            from: "edge".into(),
+            to: Some(UpstreamPeer {
+                node_id: id.into(),
+                role: Role::Cloud,
+                hosted: vec![HostedLayers {
+                    start: 20,
+                    end: 30,
+                    digest: [0; 32],
+                }],
+            }),
+            addr: "10.0.0.9:7000".into(),
+            active,
+            state,
+            rtt_ms: 20.0,
+            goodput_bps: 1e7,
+            confidence: 1.0,
+            probes: 5,
+            quic: None,
+        };
+        let reported = [
+            to_cloud("cloud-a", true, LinkState::Up),
+            to_cloud("cloud-b", false, LinkState::Idle),
+        ];
+        let n = nodes(
+            me(),
+            &[said_hello("edge", Role::Edge, 10, 20)],
+            &reported,
+            &[10, 20, 30],
+        );
+        let got: Vec<_> = n
+            .iter()
+            .map(|n| {
+                (
+                    n.id.as_deref(),
+                    n.seen,
+                    n.health,
+                    n.layers,
+                    n.exits.clone(),
+                    n.active,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    Some("device"),
+                    "self",
+                    "serving",
+                    Some([0, 10]),
+                    vec![10],
+                    true
+                ),
+                (Some("edge"), "hello", "up", Some([10, 20]), vec![20], true),
+                (
+                    Some("cloud-a"),
+                    "reported",
+                    "up",
+                    Some([20, 30]),
+                    vec![30],
+                    true
+                ),
+                (
+                    Some("cloud-b"),
+                    "reported",
+                    "idle",
+                    Some([20, 30]),
+                    vec![30],
+                    false
+                ),
+            ]
+        );
     }
 }
