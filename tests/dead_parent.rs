@@ -17,6 +17,7 @@ use flow_protocol::{Role, Sampling};
 use flow_testbed::shaper::{Direction, LinkChange, LinkParams, ShaperConfig, ShaperHandle};
 
 mod common;
+use common::set_loss;
 
 const PROMPT: &[u32] = &[256, 49, 50, 43, 51, 52, 61];
 /// Generous bound on every wait here (a hung request would sit at a QUIC idle timeout of
@@ -76,18 +77,6 @@ async fn setup(health: LinkHealth) -> Setup {
         device,
         link,
     }
-}
-
-async fn set_loss(link: &ShaperHandle, loss: f64) {
-    link.apply(
-        Direction::Both,
-        LinkChange {
-            loss: Some(loss),
-            ..LinkChange::default()
-        },
-    )
-    .await
-    .expect("shaper applies the change");
 }
 
 /// Generate `n` tokens; cut the link after `cut_after` tokens. Returns (token, degraded)
@@ -182,6 +171,45 @@ async fn a_silent_parent_degrades_in_flight_and_new_requests_until_it_answers_ag
         "a down link is not tried"
     );
 
+    // What an API client sees: every streamed token of the answer marked degraded, the
+    // final stats counting them, and Prometheus' counter covering every degraded token.
+    let (api, _server, ready) = flow_node::http::serve_loading(
+        "127.0.0.1:0".parse().unwrap(),
+        &flow_node::http::ApiOptions::default(),
+    )
+    .await
+    .expect("the API binds");
+    ready.set(s.device.clone());
+    let ask = r#"{"prompt":"12+34=","max_tokens":5,"temperature":0,"stream":true,
+        "aiflow":{"mode":"escalate","threshold":2.0}}"#;
+    let (status, sse) = common::http(api, "POST", "/v1/completions", ask).await;
+    assert_eq!(status, 200, "{sse}");
+    let tokens: Vec<serde_json::Value> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter(|c| c["choices"][0]["finish_reason"].is_null() && c["aiflow"]["tier"].is_string())
+        .collect();
+    assert_eq!(tokens.len(), 5, "{sse}");
+    for c in &tokens {
+        assert_eq!(c["aiflow"]["degraded"], true, "{c}");
+        assert_eq!(
+            (c["aiflow"]["tier"].as_str(), c["aiflow"]["exit"].as_u64()),
+            (Some("device"), Some(1)),
+            "{c}"
+        );
+    }
+    let (status, metrics) = common::http(api, "GET", "/metrics", "").await;
+    assert_eq!(status, 200);
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("aiflow_degraded_tokens_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("aiflow_degraded_tokens_total on /metrics");
+    // after the cut: the rest of the 12, the 6 of the request above, these 5
+    let degraded_so_far = ((12 - first) + got.len() + 5) as u64;
+    assert_eq!(counted, degraded_so_far, "{metrics}");
+
     // The link heals: probes bring it back up and escalation resumes.
     set_loss(&s.link, 0.0).await;
     assert!(
@@ -264,5 +292,54 @@ async fn a_slow_link_stays_up_and_its_goodput_estimate_comes_down() {
         parent.probe_rounds() > before,
         "probe rounds completed on the slow link"
     );
+    shutdown(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_shows_each_childs_sessions_on_its_metrics() {
+    let s = setup(LinkHealth::default()).await;
+    let (api, _server, ready) = flow_node::http::serve_loading(
+        "127.0.0.1:0".parse().unwrap(),
+        &flow_node::http::ApiOptions::default(),
+    )
+    .await
+    .expect("the edge's API binds");
+    ready.set(s.edge.clone());
+    let scrape = || async { common::http(api, "GET", "/metrics", "").await.1 };
+    let open = r#"aiflow_child_sessions{child="device",role="device"}"#;
+    // A long request in flight: its session shows on the edge, under the device's name.
+    let device = s.device.clone();
+    let long = tokio::spawn(async move { device.generate_collect(request(400)).await });
+    let mut seen = false;
+    for _ in 0..200 {
+        if scrape().await.contains(&format!("{open} 1")) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        seen,
+        "the device's open session on the edge's /metrics: {}",
+        scrape().await
+    );
+    let (tokens, _) = long.await.expect("joins").expect("the request completes");
+    assert_eq!(tokens.len(), 400);
+    // Finished: back to zero once the edge has closed the session (a moment after the
+    // last token), nothing refused, the limit shown beside it.
+    let mut m = scrape().await;
+    for _ in 0..100 {
+        if m.contains(&format!("{open} 0")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = scrape().await;
+    }
+    assert!(m.contains(&format!("{open} 0")), "{m}");
+    assert!(
+        m.contains(r#"aiflow_child_sessions_refused_total{child="device",role="device"} 0"#),
+        "{m}"
+    );
+    assert!(m.contains("aiflow_child_sessions_limit 64"), "{m}");
     shutdown(s).await;
 }

@@ -1,12 +1,16 @@
 """The official `openai` Python client against a 3-tier aiflow cluster (device API).
 
-Usage: [AIFLOW_API_KEY=KEY] python3 tests/openai_client.py HOST:PORT [DEEPEST_EXIT]
+Usage: [AIFLOW_API_KEY=KEY [AIFLOW_API_KEY_PROBES=1]] [AIFLOW_CLI=flow-node AIFLOW_CLI_MODEL=MODEL]
+       python3 tests/openai_client.py HOST:PORT [DEEPEST_EXIT]
 Run by .ci/run against `flow-node cluster` twice: on the toy family (started with
 --api-key, so the key checks run) and on SmolLM2-135M-Instruct
 (`--model smollm2-135m-instruct`, deepest exit 29). Covers OpenAI parity: unknown
 model, n, logprobs, seed, stop strings across tokens, max_completion_tokens,
 stream_options.include_usage, refused parameters, /health, /tokenize, /detokenize,
-vLLM metrics, and bad input over raw HTTP (413, invalid UTF-8, wrong types).
+vLLM metrics, and bad input over raw HTTP (413, invalid UTF-8, wrong types); over raw SSE:
+streamed completions with n=2, stop strings and usage, streamed chat logprobs; logprobs
+from the exit that produced the token; /v1/models fields; with AIFLOW_CLI, the CLI and
+the API tokenize and continue a prompt alike (one BOS rule).
 """
 import json
 import os
@@ -201,17 +205,132 @@ if key:
     check("no API key is 401", st == 401 and body["error"]["code"] == "invalid_api_key", (st, body))
     st, body = raw("/v1/models", headers={"Authorization": "Bearer wrong"}, auth=False)
     check("wrong API key is 401", st == 401, (st, body))
-    st, _ = raw("/health", auth=False)
-    check("health stays open without the key", st == 200)
+    if os.environ.get("AIFLOW_API_KEY_PROBES") != "1":
+        st, _ = raw("/health", auth=False)
+        check("health stays open without the key", st == 200)
 check("still serving after bad input",
       client.completions.create(model=model, prompt="ok", max_tokens=1, extra_body=route).usage.completion_tokens == 1)
 
-# Health and Prometheus metrics on the same server.
+
+def sse(path, body):
+    """The `data:` payloads of a raw SSE response, parsed (the final `[DONE]` kept as is)."""
+    h = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if key:
+        h["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(f"http://{base}{path}", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers=h)
+    with urllib.request.urlopen(req, timeout=120) as r:
+        ctype = r.headers.get("Content-Type", "")
+        events = [line[len("data:"):].strip() for line in r.read().decode().splitlines()
+                  if line.startswith("data:")]
+    check(f"{path} streams text/event-stream", ctype.startswith("text/event-stream"), ctype)
+    check(f"{path} stream ends with [DONE]", events and events[-1] == "[DONE]", events[-2:])
+    return [json.loads(e) for e in events[:-1]]
+
+
+def streamed_text(chunks, index=0, chat=False):
+    out = ""
+    for c in chunks:
+        for ch in c["choices"]:
+            if ch["index"] == index:
+                out += (ch["delta"].get("content") or "") if chat else (ch.get("text") or "")
+    return out
+
+
+def finishes(chunks):
+    return {ch["index"]: ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]}
+
+
+# Streaming over raw SSE: completions, n > 1, stop strings, logprobs and usage while streaming.
+greedy_r = client.completions.create(model=model, prompt=count_prompt, max_tokens=8, temperature=0,
+                                     extra_body=route)
+greedy = greedy_r.choices[0]
+chunks = sse("/v1/completions", {"model": model, "prompt": count_prompt, "max_tokens": 8, "temperature": 0,
+                                 "n": 2, "stream_options": {"include_usage": True}, **route})
+check("streamed completions, n=2: each choice equals the non-streamed text",
+      [streamed_text(chunks, i) for i in (0, 1)] == [greedy.text] * 2, (greedy.text, chunks[:4]))
+check("streamed completions, n=2: both choices finish", set(finishes(chunks)) == {0, 1}, finishes(chunks))
+check("streamed completions: usage chunk last with choices empty, both choices counted",
+      chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"]
+      == 2 * greedy_r.usage.completion_tokens, chunks[-1])
+check("streamed completions: token chunks name their tier and exit",
+      all(c["aiflow"]["tier"] == "cloud" and c["aiflow"]["exit"] == deepest for c in chunks
+          if c["choices"] and c["choices"][0].get("text") and c["choices"][0]["finish_reason"] is None), chunks[:3])
+if stop:
+    chunks = sse("/v1/completions", {"model": model, "prompt": count_prompt, "max_tokens": 12, "temperature": 0,
+                                     "stop": [stop], **route})
+    check("streamed stop string: the same cut as without streaming",
+          streamed_text(chunks) == full[:full.index(stop)] and finishes(chunks) == {0: "stop"},
+          (full, stop, streamed_text(chunks)))
+chunks = sse("/v1/chat/completions", {"model": model, "messages": chat_msgs, "max_tokens": 4, "temperature": 0,
+                                      "logprobs": True, "top_logprobs": 2,
+                                      "stream_options": {"include_usage": True}, **route})
+lp = [t for c in chunks for ch in c["choices"] if ch.get("logprobs") for t in ch["logprobs"]["content"]]
+text = streamed_text(chunks, chat=True)
+# one entry per generated token, the end-of-turn token included (it has no text)
+check("streamed chat logprobs: one entry per token, two alternatives each, tokens spell the text",
+      len(lp) == chunks[-1]["usage"]["completion_tokens"] and all(len(t["top_logprobs"]) == 2 for t in lp)
+      and "".join(t["token"] for t in lp).startswith(text), (text, lp))
+
+# Each token's logprob comes from the exit that produced it: with threshold 0 every token is
+# answered at the first exit that sees it; its first token's logprob equals that exit's own.
+esc = list(client.chat.completions.create(model=model, messages=chat_msgs, max_tokens=3, temperature=0,
+                                          stream=True, logprobs=True,
+                                          extra_body={"aiflow": {"mode": "escalate", "threshold": 0.0}}))
+first = next(c for c in esc if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content)
+exit_, tier = first.aiflow["exit"], first.aiflow["tier"]
+check("escalate at threshold 0 answers below the deepest exit", exit_ < deepest and tier != "cloud", first.aiflow)
+one = client.chat.completions.create(model=model, messages=chat_msgs, max_tokens=1, temperature=0, logprobs=True,
+                                     extra_body={"aiflow": {"mode": "route", "exit": exit_}})
+a, b = first.choices[0].logprobs.content[0], one.choices[0].logprobs.content[0]
+check("an early token's logprob is its own exit's", a.token == b.token and abs(a.logprob - b.logprob) < 1e-4,
+      (exit_, a, b))
+
+# /v1/models: context length and the family's exits.
+st, ms = raw("/v1/models")
+m0 = ms["data"][0] if st == 200 else {}
+check("/v1/models gives the context length and the exits",
+      m0.get("context_length", 0) > 0 and m0.get("max_model_len") == m0.get("context_length")
+      and m0.get("aiflow", {}).get("exits", [])[-1:] == [deepest], m0)
+
+# One BOS rule everywhere: `flow-node model run` and the API read the same prompt tokens and
+# continue it the same way (set AIFLOW_CLI to the binary and AIFLOW_CLI_MODEL to the model).
+cli, cli_model = os.environ.get("AIFLOW_CLI"), os.environ.get("AIFLOW_CLI_MODEL")
+if cli and cli_model:
+    import subprocess
+    for chat in (False, True):
+        prompt = "Name three colours." if chat else count_prompt
+        out = subprocess.run([cli, "model", "run", cli_model, "--prompt", prompt, "--max-tokens", "6", "--json"]
+                             + (["--chat"] if chat else []), capture_output=True, text=True, timeout=600)
+        rep = json.loads(out.stdout) if out.returncode == 0 else {}
+        body = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+        st, tok = raw("/tokenize", body)
+        if chat:
+            api = client.chat.completions.create(model=model, messages=body["messages"], max_tokens=6,
+                                                 temperature=0, extra_body=route).choices[0].message.content
+        else:
+            api = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
+                                             extra_body=route).choices[0].text
+        what = "chat" if chat else "completion"
+        check(f"CLI and /tokenize count the same prompt tokens ({what})",
+              rep.get("prompt_tokens") == tok.get("count"), (out.stderr[-500:], rep, tok))
+        check(f"CLI and API continue the prompt the same way ({what})", rep.get("text") == api, (rep, api))
+
+# Health and Prometheus metrics on the same server (behind the key with --api-key-probes).
+probes_locked = os.environ.get("AIFLOW_API_KEY_PROBES") == "1"
 st, health = raw("/health", auth=False)
+if probes_locked:
+    check("/health without the key is 401 under --api-key-probes", st == 401, (st, health))
+    st, mt = raw("/metrics", auth=False)
+    check("/metrics without the key is 401 under --api-key-probes", st == 401, (st, mt))
+    st, health = raw("/health")
 check("/health is 200 when ready", st == 200, (st, health))
-health = urllib.request.urlopen(f"http://{base}/healthz", timeout=10).read().decode()
+probe_h = {"Authorization": f"Bearer {key}"} if probes_locked else {}
+health = urllib.request.urlopen(urllib.request.Request(f"http://{base}/healthz", headers=probe_h),
+                                timeout=10).read().decode()
 check("healthz", health.strip() == "ok", health)
-metrics = urllib.request.urlopen(f"http://{base}/metrics", timeout=10).read().decode()
+metrics = urllib.request.urlopen(urllib.request.Request(f"http://{base}/metrics", headers=probe_h),
+                                 timeout=10).read().decode()
 for name in ("aiflow_requests_total", "aiflow_tokens_total{", "aiflow_request_seconds_bucket",
              "aiflow_link_bytes_up_total", "aiflow_engine_queue_depth",
              f'vllm:generation_tokens_total{{model_name="{model}"}}',

@@ -2,9 +2,11 @@
 //! testbed's user-space link shaper between device and edge:
 //! - a link that slows down (shaper schedule) is seen by the device's live link estimate
 //!   (probes + QUIC stats) and the device re-plans: new requests answer more at the device;
-//! - an edge killed mid-generation: the device answers the step from its own exit
-//!   (`degraded`), fails over to a second edge and continues the session there; the
-//!   hidden states it re-sends make the continuation exactly what a single node gives;
+//! - an edge killed mid-generation: the device fails over to a second edge, which answers
+//!   the step in flight too (every earlier state re-sent as the backfill): no token lost
+//!   or degraded, the output exactly what a single node gives;
+//! - a cloud killed mid-generation, with the edge holding a second cloud: the edge
+//!   migrates its sessions the same way (escalate, and speculation relayed by the edge);
 //! - the same kill during speculative decoding: the session continues on the second edge
 //!   (accepted rows re-sent) and the output stays exactly the single node's.
 
@@ -194,6 +196,16 @@ async fn two_edges(dir: &Path) -> (Agent, Agent, Agent, ShaperHandle, Agent) {
     (cloud, edge_a, edge_b, link, device)
 }
 
+/// How edge A goes away.
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    /// The agent aborts: its connections close (the device hears it).
+    Kill,
+    /// The device↔edge A link drops everything both ways: no close, no reset — what a
+    /// SIGKILLed host or a partition looks like from the device.
+    Silence,
+}
+
 /// Every token (with its `degraded` flag) and the stats of a generation; `victim` is
 /// aborted once `kill_after` tokens have arrived. Panics if the request fails.
 async fn collect_killing_after(
@@ -201,35 +213,89 @@ async fn collect_killing_after(
     kill_after: usize,
     victim: &Agent,
 ) -> (Vec<(flow_protocol::TokenOut, bool)>, flow_node::GenStats) {
+    collect_cutting_after(rx, kill_after, victim, None).await.0
+}
+
+/// As [`collect_killing_after`], silencing `link` instead when given; also returns the
+/// longest wait for a token after the cut.
+async fn collect_cutting_after(
+    rx: &mut tokio::sync::mpsc::Receiver<GenEvent>,
+    cut_after: usize,
+    victim: &Agent,
+    link: Option<&ShaperHandle>,
+) -> (
+    (Vec<(flow_protocol::TokenOut, bool)>, flow_node::GenStats),
+    Duration,
+) {
     let mut got = Vec::new();
     let mut stats = None;
+    let (mut last, mut longest) = (tokio::time::Instant::now(), Duration::ZERO);
     while let Some(ev) = rx.recv().await {
         match ev {
             GenEvent::Token { token, degraded } => {
                 got.push((token, degraded));
-                if got.len() == kill_after {
-                    victim.abort().await;
+                if got.len() > cut_after {
+                    longest = longest.max(last.elapsed());
                 }
+                if got.len() == cut_after {
+                    match link {
+                        Some(l) => common::set_loss(l, 1.0).await,
+                        None => victim.abort().await,
+                    }
+                }
+                last = tokio::time::Instant::now();
             }
             GenEvent::Done(s) => stats = Some(s),
             GenEvent::Error(e) => panic!("the request failed: {e}"),
         }
     }
-    (got, stats.expect("the request finished"))
+    ((got, stats.expect("the request finished")), longest)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_killed_mid_generation_fails_over_losslessly() {
+    // Every token is answered by the cloud's deepest exit, unless a tier fails.
+    fails_over_losslessly(common::escalate_to_the_cloud(), Cut::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_gone_silent_mid_generation_is_left_for_the_second_losslessly() {
+    // No close, no reset: the device finds out from its reply deadline and the silence
+    // after it (no datagram heard), then migrates as after a kill.
+    fails_over_losslessly(common::escalate_to_the_cloud(), Cut::Silence).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_to_the_cloud_fails_over_losslessly_when_its_edge_is_killed() {
+    // `route`: every token is the cloud exit's by request; the migration is escalate's.
+    fails_over_losslessly(
+        Policy {
+            mode: InferMode::Route,
+            answer_exit: Some(5),
+            ..Policy::default()
+        },
+        Cut::Kill,
+    )
+    .await;
+}
+
+/// Edge A cut off after 4 tokens of a request `policy` answers at the cloud: the session
+/// moves to edge B with no token lost or degraded, and the output equals an undisturbed
+/// single-node run's.
+async fn fails_over_losslessly(policy: Policy, cut: Cut) {
     const NEW: usize = 24;
     let dir = fixture();
-    let (cloud, edge_a, edge_b, _link, device) = two_edges(dir.path()).await;
-    // Every token is answered by the cloud's deepest exit, unless a tier fails.
-    let policy = common::escalate_to_the_cloud();
+    let (cloud, edge_a, edge_b, link, device) = two_edges(dir.path()).await;
     let mut rx = device
         .generate(request(PROMPT, NEW, Some(policy.clone())))
         .await
         .unwrap();
-    let (got, stats) = collect_killing_after(&mut rx, 4, &edge_a).await;
+    let silence = (cut == Cut::Silence).then_some(&link);
+    let ((got, stats), longest) = collect_cutting_after(&mut rx, 4, &edge_a, silence).await;
+    // Liveness, loosely (a loaded CI machine): the issue asks for about a second; a QUIC
+    // idle timeout or a hung client would be tens of seconds.
+    eprintln!("longest wait for a token after the cut: {longest:?}");
+    assert!(longest < Duration::from_secs(5), "{longest:?}");
     assert_eq!(got.len(), NEW, "no token lost");
     assert_eq!(stats.completion_tokens, NEW);
     // Migration: the step in flight is retried on edge B with every earlier state as the
@@ -261,6 +327,10 @@ async fn edge_killed_mid_generation_fails_over_losslessly() {
     assert!(m.contains("aiflow_parent_failovers_total 1"), "{m}");
     device.shutdown().await;
     edge_b.shutdown().await;
+    if cut == Cut::Silence {
+        // it still holds the device's session; no drain
+        edge_a.abort().await;
+    }
     cloud.shutdown().await;
 }
 

@@ -13,7 +13,8 @@ faults are applied at their times (seconds after the load starts):
   60  rolling update of the cloud to another image tag (start-first), requests in flight
 
 Every scheduled request must end answered (possibly degraded) or with an explicit error:
-`--check` fails on a lost or shed request. Writes summary.json and report.md to --out with
+`--check` fails on a lost, shed or hung request and on one failed by the server (5xx or
+no HTTP answer); a 4xx refusal (429) counts as answered. Writes summary.json and report.md to --out with
 p50/p99 latency in the steady state (before the first fault) and in each fault's window.
 Needs docker and the node image (`flow-node testbed image`); no registry.
 
@@ -138,7 +139,7 @@ def main():
     p.add_argument("--prompt-tokens-cap", type=int, default=192)
     p.add_argument("--max-tokens-cap", type=int, default=24)
     p.add_argument("--out", default=os.path.join(REPO, "target/swarm"))
-    p.add_argument("--check", action="store_true", help="fail on a lost or shed request")
+    p.add_argument("--check", action="store_true", help="fail on a lost, shed, hung or server-failed request")
     p.add_argument("--keep", action="store_true", help="leave the stack running")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -274,6 +275,13 @@ def report(a, r):
     if a.check:
         if lost or shed:
             print(f"check FAILED: {len(lost)} lost, {len(shed)} shed", file=sys.stderr)
+            return 1
+        # refused on purpose (4xx, e.g. 429 + Retry-After) is an answer; hung past the client
+        # deadline, cut off, or failed by the server after admission (5xx) is not
+        unanswered = [x for x in errors if not x["outcome"].get("detail", "").startswith("HTTP 4")]
+        if unanswered:
+            print(f"check FAILED: {len(unanswered)} requests hung, broken or failed by the server: "
+                  + "; ".join(sorted({x['outcome'].get('detail', '')[:80] for x in unanswered})), file=sys.stderr)
             return 1
         if not answered:
             print("check FAILED: nothing answered", file=sys.stderr)

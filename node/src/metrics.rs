@@ -260,6 +260,13 @@ impl Serving {
             "KV-cache usage. 1 means 100 percent usage.",
             kv_usage,
         );
+        // the name vLLM used before v0.10 (V0 engine), which older Grafana boards still read
+        gauge(
+            &mut o,
+            "vllm:gpu_cache_usage_perc",
+            "KV-cache usage (vLLM V0 name, same value as vllm:kv_cache_usage_perc).",
+            kv_usage,
+        );
         counter(
             &mut o,
             "vllm:prompt_tokens_total",
@@ -553,6 +560,7 @@ mod tests {
         assert!(t.contains("vllm:num_requests_running{model_name=\"smol\"} 2"));
         assert!(t.contains("vllm:num_requests_waiting{model_name=\"smol\"} 1"));
         assert!(t.contains("vllm:kv_cache_usage_perc{model_name=\"smol\"} 0.25"));
+        assert!(t.contains("vllm:gpu_cache_usage_perc{model_name=\"smol\"} 0.25"));
         assert!(t.contains("vllm:generation_tokens_total{model_name=\"smol\"} 7"));
         assert!(t.contains(
             "vllm:request_success_total{model_name=\"smol\",finished_reason=\"stop\"} 1"

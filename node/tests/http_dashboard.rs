@@ -135,7 +135,12 @@ async fn the_page_its_status_and_every_endpoint_it_names() {
     let loading = request(&addr, "GET", "/aiflow/status", true, "").await;
     assert_eq!(loading.status, 503, "{}", loading.body);
     assert_eq!(loading.json()["error"]["type"], "service_unavailable");
+    // what load balancers and Kubernetes probe: 503 until the model is loaded, then 200
+    let health = request(&addr, "GET", "/health", false, "").await;
+    assert_eq!(health.status, 503, "{}", health.body);
     ready.set(cluster.device.clone());
+    let health = request(&addr, "GET", "/health", false, "").await;
+    assert_eq!(health.status, 200, "{}", health.body);
 
     // The page and its assets are open; the page names its script and style.
     let page = request(&addr, "GET", "/", false, "").await;
@@ -160,7 +165,15 @@ async fn the_page_its_status_and_every_endpoint_it_names() {
     assert_eq!(refused.status, 401);
     assert_eq!(refused.json()["error"]["code"], "invalid_api_key");
 
-    let s = request(&addr, "GET", "/aiflow/status", true, "").await;
+    // The edge reports its link to the cloud (protocol 3) within a probe round or two.
+    let mut s = request(&addr, "GET", "/aiflow/status", true, "").await;
+    for _ in 0..100 {
+        if s.status == 200 && s.json()["nodes"][2]["seen"] == "reported" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        s = request(&addr, "GET", "/aiflow/status", true, "").await;
+    }
     assert_eq!(s.status, 200, "{}", s.body);
     assert!(s.header("content-type").unwrap_or("").contains("json"));
     let v = s.json();
@@ -216,11 +229,31 @@ async fn the_page_its_status_and_every_endpoint_it_names() {
         [
             ("device", "self", vec![1]),
             ("edge", "hello", vec![3]),
-            ("cloud", "inferred", vec![5])
+            ("cloud", "reported", vec![5])
         ]
     );
+    assert_eq!(v["nodes"][2]["health"], "up", "{v}");
+    assert_eq!(v["nodes"][2]["layers"], serde_json::json!([3, 5]), "{v}");
     assert_eq!(v["links"][0]["to"], "edge");
     assert_eq!(v["links"][0]["health"], "up");
+    assert_eq!(v["links"][0]["reported"], false);
+    // the edge's own link, as the edge sees it: its peer, health, estimates, QUIC counters
+    let beyond = &v["links"][1];
+    assert_eq!(
+        (
+            &beyond["from"],
+            &beyond["to"],
+            &beyond["reported"],
+            &beyond["health"]
+        ),
+        (&"edge".into(), &"cloud".into(), &true.into(), &"up".into()),
+        "{v}"
+    );
+    assert!(beyond["rtt_ms"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    assert!(
+        beyond["quic"]["bytes_sent"].as_u64().is_some_and(|b| b > 0),
+        "{v}"
+    );
 
     // A request moves the counters the page shows.
     let chat = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#;
@@ -264,6 +297,24 @@ async fn the_page_its_status_and_every_endpoint_it_names() {
             "the page names {p}, which the server does not serve"
         );
     }
+    // Every series the node exports is in the metrics list users read (docs/api.md).
+    let metrics = request(&addr, "GET", "/metrics", false, "").await;
+    assert_eq!(metrics.status, 200);
+    let documented = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api.md"),
+    )
+    .expect("docs/api.md");
+    let undocumented: Vec<&str> = metrics
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| !documented.contains(&format!("`{name}")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "series missing from docs/api.md's metrics list: {undocumented:?}"
+    );
     // Nothing from elsewhere: the page works without internet.
     for (name, text) in [
         ("index.html", INDEX_HTML),

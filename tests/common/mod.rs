@@ -202,3 +202,48 @@ pub fn request(prompt: &[u32], p: flow_protocol::Policy, new: usize) -> flow_nod
 pub fn ids(t: &[flow_protocol::TokenOut]) -> Vec<u32> {
     t.iter().map(|t| t.id).collect()
 }
+
+/// One HTTP/1.1 request on a fresh connection, read to its end: (status, body as sent,
+/// chunked framing included for a stream).
+#[allow(dead_code)]
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read");
+    let raw = String::from_utf8(raw).expect("utf-8 reply");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a header block");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    (status, body.to_string())
+}
+
+/// Drop this share of the packets both ways on `link` (1.0: silence, as a SIGKILLed host or
+/// a partition looks from the other end; 0.0: healed).
+#[allow(dead_code)]
+pub async fn set_loss(link: &flow_testbed::shaper::ShaperHandle, loss: f64) {
+    use flow_testbed::shaper::{Direction, LinkChange};
+    link.apply(
+        Direction::Both,
+        LinkChange {
+            loss: Some(loss),
+            ..LinkChange::default()
+        },
+    )
+    .await
+    .expect("shaper applies the change");
+}

@@ -130,6 +130,18 @@ impl Tokenizer {
         }
     }
 
+    /// A prompt's token ids under the model's BOS rule: `bos` (the model's BOS id when it
+    /// asks for one, `add_bos_token`) goes first unless the text already starts with it — a
+    /// chat template that writes `{{ bos_token }}` itself, or a user who typed it — so a
+    /// prompt never begins with two (llama.cpp and HF's `apply_chat_template` behave alike).
+    pub fn encode_prompt(&self, text: &str, bos: Option<u32>) -> Result<Vec<u32>> {
+        let ids = self.encode(text)?;
+        Ok(match bos {
+            Some(b) if ids.first() != Some(&b) => std::iter::once(b).chain(ids).collect(),
+            _ => ids,
+        })
+    }
+
     /// Token ids → text (special tokens skipped; invalid UTF-8 replaced).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
@@ -223,15 +235,20 @@ mod gguf_tests;
 mod tests {
     use super::*;
 
-    #[test]
-    fn byte_level_json_round_trips_any_text() {
+    /// `byte_level_tokenizer_json()` loaded through the `tokenizers` crate.
+    fn byte_level_hf() -> Tokenizer {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("tokenizer.json"),
             byte_level_tokenizer_json(),
         )
         .unwrap();
-        let t = Tokenizer::from_dir(dir.path()).unwrap();
+        Tokenizer::from_dir(dir.path()).unwrap()
+    }
+
+    #[test]
+    fn byte_level_json_round_trips_any_text() {
+        let t = byte_level_hf();
         assert!(matches!(t, Tokenizer::Hf(_)));
         for s in ["12+34=46", "héllo, wörld ✓ \n\t", ""] {
             let ids = t.encode(s).unwrap();
@@ -242,6 +259,28 @@ mod tests {
         assert_eq!(ids, vec![97, BYTE_EOS]);
         assert_eq!(t.token_id("<|bos|>"), Some(BYTE_BOS));
         assert_eq!(t.decode(&[104, 105, BYTE_EOS]).unwrap(), "hi");
+    }
+
+    #[test]
+    fn a_prompt_gets_one_bos_whether_or_not_its_text_writes_it() {
+        let t = byte_level_hf();
+        let bos = Some(BYTE_BOS);
+        assert_eq!(
+            t.encode_prompt("hi", bos).unwrap(),
+            vec![BYTE_BOS, 104, 105]
+        );
+        // a chat template that renders `{{ bos_token }}` first: no second BOS
+        assert_eq!(
+            t.encode_prompt("<|bos|>hi", bos).unwrap(),
+            vec![BYTE_BOS, 104, 105]
+        );
+        // BOS later in the text is the text's; the rule only looks at the start
+        assert_eq!(
+            t.encode_prompt("h<|bos|>", bos).unwrap(),
+            vec![BYTE_BOS, 104, BYTE_BOS]
+        );
+        assert_eq!(t.encode_prompt("hi", None).unwrap(), vec![104, 105]);
+        assert_eq!(t.encode_prompt("", bos).unwrap(), vec![BYTE_BOS]);
     }
 }
 

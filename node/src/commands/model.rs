@@ -137,7 +137,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub prompt: String,
     /// Treat --prompt as a user message and render it with the model's chat template
-    /// (what instruction-tuned models such as SmolLM2-Instruct expect).
+    /// (what instruction-tuned models such as SmolLM2-Instruct expect; the built-in
+    /// families' `<|q|>…<|a|>` when the model has none, as the HTTP API does).
     #[arg(long)]
     pub chat: bool,
     /// Stop after this many new tokens (or earlier at an end-of-sequence token).
@@ -579,27 +580,25 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
     let load_s = t_load.elapsed().as_secs_f64();
 
     let text = if a.chat {
-        let template = source.chat()?.with_context(|| {
-            format!(
-                "{} has no chat template; drop --chat to continue raw text",
-                a.dir.display()
-            )
-        })?;
-        template.render(
-            &[flow_familial::chat::ChatMessage {
-                role: "user".into(),
-                content: a.prompt.clone(),
-            }],
-            true,
-        )?
+        // the model's own template, else the built-in families' one: what the HTTP API uses
+        match source.chat()? {
+            Some(template) => template.render(
+                &[flow_familial::chat::ChatMessage {
+                    role: "user".into(),
+                    content: a.prompt.clone(),
+                }],
+                true,
+            )?,
+            None => flow_node::http::chat_prompt(&[("user".into(), a.prompt.clone())]),
+        }
     } else {
         a.prompt.clone()
     };
-    let mut prompt: Vec<u32> = Vec::new();
-    if let (Some(b), true, false) = (cfg.bos_token_id, source.add_bos_token(), a.no_bos) {
-        prompt.push(b);
-    }
-    prompt.extend(tok.encode(&text)?);
+    // the one BOS rule the HTTP API uses too (`Agent::encode_prompt`)
+    let bos = cfg
+        .bos_token_id
+        .filter(|_| source.add_bos_token() && !a.no_bos);
+    let prompt = tok.encode_prompt(&text, bos)?;
     if prompt.is_empty() {
         bail!("the prompt is empty (and --no-bos was given); pass some --prompt text");
     }

@@ -19,6 +19,7 @@ use flow_testbed::loadgen::{Outcome, RequestRecord, Schedule, ScheduleOptions};
 use flow_testbed::report::{write_report, LinkBytes, ReportInput};
 use flow_testbed::scenario::{Action, Scenario, ScenarioEvent};
 use flow_testbed::shaper::ShaperStats;
+use flow_testbed::soak::check::{fate, Fate};
 use flow_testbed::trace::{SyntheticConfig, Trace};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -131,6 +132,30 @@ impl Compose {
         Ok(id)
     }
 
+    /// The container ids of every service of the project, in one `docker ps` call (a compose
+    /// v1 `ps` per service costs seconds on a loaded machine). Newest container first, so a
+    /// service whose container was recreated maps to the current one; stopped containers are
+    /// included (a killed edge must be found).
+    pub(super) fn containers(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let filter = format!(
+            "label=com.docker.compose.project={}",
+            compose_project_name(&self.args.project)
+        );
+        let out = docker(
+            &[
+                "ps",
+                "-a",
+                "--no-trunc",
+                "--filter",
+                &filter,
+                "--format",
+                "{{.Label \"com.docker.compose.service\"}}\t{{.ID}}",
+            ],
+            "docker ps",
+        )?;
+        Ok(parse_service_ids(&out))
+    }
+
     fn network(&self, net: &str) -> String {
         format!("{}_{net}", self.args.project)
     }
@@ -151,6 +176,30 @@ impl Compose {
         )?;
         Ok(())
     }
+}
+
+/// The project name as compose stores it in its labels: lower case, only `[a-z0-9_-]`
+/// (compose v1's and v2's normalisation).
+fn compose_project_name(project: &str) -> String {
+    project
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .collect()
+}
+
+/// `service<TAB>id` lines, newest first → service → id (the first line of a service wins).
+fn parse_service_ids(out: &str) -> BTreeMap<String, String> {
+    let mut ids = BTreeMap::new();
+    for line in out.lines() {
+        if let Some((service, id)) = line.trim().split_once('\t') {
+            if !service.is_empty() && !id.is_empty() {
+                ids.entry(service.to_string())
+                    .or_insert_with(|| id.to_string());
+            }
+        }
+    }
+    ids
 }
 
 /// Flags of `testbed up`.
@@ -244,8 +293,12 @@ fn up_services(compose: &Compose, services: &[String], timeout: Duration) -> any
     loop {
         let mut healthy = 0;
         let mut waiting = Vec::new();
+        let ids = compose.containers()?;
         for s in &all {
-            let id = compose.container(s)?;
+            let id = match ids.get(*s) {
+                Some(id) => id.clone(),
+                None => compose.container(s)?,
+            };
             let h = health_of(&id);
             if h == "running/healthy" {
                 healthy += 1;
@@ -327,8 +380,9 @@ pub struct RunArgs {
     /// Leave the testbed running afterwards (default: down -v, also on failure).
     #[arg(long)]
     pub keep_up: bool,
-    /// Fail unless every scheduled request got an answer or an explicit error (none lost,
-    /// none shed) and every fault was applied. CI runs with this.
+    /// Fail unless every scheduled request was answered or refused on purpose (a 4xx such
+    /// as 429) — none lost, shed, hung past the client deadline, cut off or failed by the
+    /// server (5xx) — and every fault was applied. CI runs with this.
     #[arg(long)]
     pub check: bool,
     /// Give up waiting for health checks after this many seconds.
@@ -555,6 +609,31 @@ fn check_records(schedule: &Schedule, records: &[RequestRecord]) -> anyhow::Resu
         .filter(|r| r.outcome == Outcome::Shed)
         .count();
     anyhow::ensure!(shed == 0, "{shed} requests were shed (never sent)");
+    // Every request answered or refused on purpose (a 4xx such as 429 with Retry-After):
+    // none past its deadline, none cut off, none failed by the server after admitting it.
+    let mut bad: BTreeMap<String, usize> = BTreeMap::new();
+    for r in records {
+        let what = match (fate(&r.outcome), &r.outcome) {
+            (Fate::Hung, _) => "hung past the client deadline".to_string(),
+            (Fate::Broken, Outcome::Error(e)) => format!("broken ({e})"),
+            (Fate::Refused, Outcome::Error(e)) if e.starts_with("HTTP 5") => {
+                format!(
+                    "failed by the server ({})",
+                    e.chars().take(8).collect::<String>()
+                )
+            }
+            _ => continue,
+        };
+        *bad.entry(what).or_default() += 1;
+    }
+    anyhow::ensure!(
+        bad.is_empty(),
+        "requests not answered: {}",
+        bad.iter()
+            .map(|(what, n)| format!("{n} {what}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     Ok(())
 }
 
@@ -723,7 +802,8 @@ pub(super) fn replay(
     let mut faults = Faults {
         compose,
         addresses: BTreeMap::new(),
-        ids: BTreeMap::new(),
+        // looked up before the first fault is due (a miss falls back to `compose ps`)
+        ids: compose.containers().unwrap_or_default(),
     };
     let mut applied = Vec::new();
     let mut pending = scenario.events.iter().peekable();
@@ -960,6 +1040,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn container_lookup_reads_compose_labels() {
+        assert_eq!(compose_project_name("AIFlow.Soak_30-m"), "aiflowsoak_30-m");
+        // newest first: a recreated edge1 maps to its current container
+        let ids = parse_service_ids("edge1\tnew1\ncloud\tc0\nedge1\told1\n\tnoservice\nbroken\n");
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids["edge1"], "new1");
+        assert_eq!(ids["cloud"], "c0");
+    }
+
+    #[test]
     fn partitions_cut_the_lower_node_towards_its_parent() {
         assert_eq!(
             partition_side("device2:edge1").unwrap(),
@@ -981,7 +1071,7 @@ mod tests {
     }
 
     #[test]
-    fn lost_or_shed_requests_fail_the_check() {
+    fn lost_shed_hung_or_failed_requests_fail_the_check() {
         let sched = Schedule {
             requests: (0..3)
                 .map(|i| flow_testbed::loadgen::ScheduledRequest {
@@ -1010,7 +1100,10 @@ mod tests {
         };
         let ok = vec![
             rec(0, Outcome::Answered),
-            rec(1, Outcome::Error("timeout".into())),
+            rec(
+                1,
+                Outcome::Error("HTTP 429 Too Many Requests: retry".into()),
+            ),
             rec(2, Outcome::Answered),
         ];
         check_records(&sched, &ok).unwrap();
@@ -1022,5 +1115,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("shed"));
+        // hung, cut off, or failed by the server after admission: each named and counted
+        for (outcome, says) in [
+            ("timeout", "1 hung"),
+            ("connection reset by peer", "1 broken (connection reset"),
+            (
+                "HTTP 502 Bad Gateway: parent link is down",
+                "1 failed by the server (HTTP 502)",
+            ),
+        ] {
+            let mut bad = ok.clone();
+            bad[1].outcome = Outcome::Error(outcome.into());
+            let e = check_records(&sched, &bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{outcome}: {e}");
+        }
     }
 }

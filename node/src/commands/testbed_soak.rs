@@ -147,9 +147,14 @@ fn sample_round(ids: &[(String, String)], t0: Instant) -> Vec<NodeSample> {
 }
 
 fn container_ids(compose: &Compose, nodes: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    // one `docker ps` for all; a per-service `compose ps` only for one it did not list
+    let found = compose.containers()?;
     nodes
         .iter()
-        .map(|n| Ok((n.clone(), compose.container(n)?)))
+        .map(|n| match found.get(n) {
+            Some(id) => Ok((n.clone(), id.clone())),
+            None => Ok((n.clone(), compose.container(n)?)),
+        })
         .collect()
 }
 

@@ -2,6 +2,7 @@
 //! generation endpoints use (the model's own BOS rule; chat messages through the model's
 //! chat template), so a client can count tokens before it sends a request.
 
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -51,8 +52,12 @@ fn typed<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
     })
 }
 
-pub(super) async fn tokenize(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+pub(super) async fn tokenize(
+    State(api): State<Api>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Response {
     let run = || -> ApiResult<Response> {
+        let body = super::body_of(&api, body)?;
         let agent = api.agent()?;
         let b: TokenizeBody = typed(&body)?;
         api.check_model(&agent, b.model.as_deref())?;
@@ -101,8 +106,12 @@ pub(super) async fn tokenize(State(api): State<Api>, body: axum::body::Bytes) ->
     run().unwrap_or_else(IntoResponse::into_response)
 }
 
-pub(super) async fn detokenize(State(api): State<Api>, body: axum::body::Bytes) -> Response {
+pub(super) async fn detokenize(
+    State(api): State<Api>,
+    body: Result<axum::body::Bytes, BytesRejection>,
+) -> Response {
     let run = || -> ApiResult<Response> {
+        let body = super::body_of(&api, body)?;
         let agent = api.agent()?;
         let b: DetokenizeBody = typed(&body)?;
         api.check_model(&agent, b.model.as_deref())?;
