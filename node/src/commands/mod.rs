@@ -27,6 +27,7 @@ pub mod moe;
 pub mod node;
 pub mod plan;
 pub mod testbed;
+pub mod testbed_compose;
 pub mod testbed_link;
 pub mod testbed_load;
 pub mod testbed_probe;
