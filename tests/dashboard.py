@@ -26,7 +26,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-QUESTION = "What is the capital of France? Answer in one sentence."
+QUESTION = "Name three primary colours and say one thing about each."
 MAX_TOKENS = "40"
 TIERS = {"device", "edge", "cloud"}
 

@@ -298,6 +298,8 @@ function summary(stats, reason) {
 
 async function chat(text) {
   const max = Math.max(1, Math.min(4096, parseInt($("max-tokens").value, 10) || 96));
+  // greedy by default: a small model sampled at the API's default of 1.0 rambles
+  const temperature = Math.max(0, Math.min(2, parseFloat($("temperature").value) || 0));
   conversation.push({ role: "user", content: text });
   addMessage("you").textContent = text;
   const out = addMessage("assistant");
@@ -309,7 +311,7 @@ async function chat(text) {
     res = await fetch(API.chat, {
       method: "POST",
       headers: { ...authHeaders(), "Content-Type": "application/json" },
-      body: JSON.stringify({ messages: conversation, stream: true, max_tokens: max }),
+      body: JSON.stringify({ messages: conversation, stream: true, max_tokens: max, temperature }),
     });
   } catch (e) {
     return failChat(out, "request failed: " + e.message);

@@ -80,6 +80,17 @@ pub(crate) async fn start(
         );
         policy.thresholds = thresholds;
         policy.measure = measure;
+    } else if declare_exits.is_some() {
+        eprintln!(
+            "note: {} has no trained exits; exits {:?} reuse the final norm and head on the \
+             untrained trunk (logit lens) and no calibration sets their thresholds, so early \
+             tokens are guesses (default threshold {}). Train and calibrate a family \
+             (`flow-node model family`, `model calibrate`) or route to the last exit \
+             (`\"aiflow\": {{\"mode\": \"route\"}}`); models/smollm2-family is one for SmolLM2.",
+            dir.display(),
+            exits,
+            policy.default_threshold
+        );
     }
     let cluster = LocalCluster::start(ClusterSpec {
         model_dir: dir,
