@@ -4,18 +4,19 @@
 //!
 //! The estimate is fed by the traffic the link carries and, within a byte budget, by a
 //! probe task on the connection's control stream. Every `probe_interval` it sends a tiny
-//! [`Probe`] (16 bytes each way: liveness, and the RTT sample — the fixed cost of one small
-//! exchange; QUIC's smoothed path RTT also averages packets queued behind transfers). A
-//! larger probe follows only when the goodput estimate is stale and a decision depends on
-//! it ([`budget`]): the planner read it recently and no goodput sample — a request's
-//! transfer ([`ParentLink::observe_transfer`]) or a probe — came for a while. Its sample is
-//! `(big − small) bytes · 8 / (t_big − t_small)` (the fixed costs — propagation, framing,
-//! the parent's turnaround — cancel in the difference). It is sized to ~25 ms of transfer
-//! at the current estimate (8 KiB to 64 KiB), and goes only while a token bucket charged
-//! with everything the connection carries (QUIC's byte and datagram counters) holds its
-//! cost: the link stays within [`ProbeBudget::bytes_per_s`] (default 1000 B/s) on average.
-//! An idle link that no planner reads costs the tiny probe and QUIC keep-alives only
-//! (~0.4 KB/s on the wire instead of ~67 KB/s when every round sent a big probe).
+//! [`Probe`](flow_protocol::Probe) (16 bytes each way: liveness, and the RTT sample — the
+//! fixed cost of one small exchange; QUIC's smoothed path RTT also averages packets queued
+//! behind transfers). A larger probe follows only when the goodput estimate is stale and a
+//! decision depends on it ([`budget`]): the planner read it recently and no goodput sample
+//! — a request's transfer ([`ParentLink::observe_transfer`]) or a probe — came for a while.
+//! Its sample is `(big − small) bytes · 8 / (t_big − t_small)` (the fixed costs —
+//! propagation, framing, the parent's turnaround — cancel in the difference). It is sized
+//! to ~25 ms of transfer at the current estimate (8 KiB to 64 KiB), and goes only while a
+//! token bucket charged with everything the connection carries (QUIC's byte and datagram
+//! counters) holds its cost: the link stays within [`ProbeBudget::bytes_per_s`] (default
+//! 1000 B/s) on average. An idle link that no planner reads costs the tiny probe and QUIC
+//! keep-alives only (~0.4 KB/s on the wire instead of ~67 KB/s when every round sent a big
+//! probe).
 //!
 //! Dead parents are noticed fast ([`LinkHealth`]): parent connections use a short QUIC
 //! keep-alive and idle timeout, a probe that gets no reply within its deadline counts as
