@@ -112,8 +112,17 @@ impl Tokenizer {
     }
 
     /// Load an HF `tokenizer.json`.
+    ///
+    /// The text is parsed as JSON first and the `tokenizers` crate reads the parsed value:
+    /// given the text, its decoder deserializer (0.23) *panics* on a syntax error inside
+    /// the `decoder` object (`expect("Helper")`, found by the `hf_tokenizer` fuzz target);
+    /// given a value there is no syntax left to fail on.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let t = tokenizers::Tokenizer::from_file(path)
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Tokenizer(format!("{}: not valid JSON: {e}", path.display())))?;
+        let t: tokenizers::Tokenizer = serde_json::from_value(value)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Tokenizer::Hf(Box::new(t)))
     }
@@ -259,6 +268,20 @@ mod tests {
         assert_eq!(ids, vec![97, BYTE_EOS]);
         assert_eq!(t.token_id("<|bos|>"), Some(BYTE_BOS));
         assert_eq!(t.decode(&[104, 105, BYTE_EOS]).unwrap(), "hi");
+    }
+
+    #[test]
+    fn a_syntax_error_inside_the_decoder_is_an_error_not_a_panic() {
+        // the `tokenizers` crate panics on this when it parses the text itself
+        let mut json = byte_level_tokenizer_json();
+        let decoder = json.find("\"decoder\"").expect("a decoder section");
+        let open = decoder + json[decoder..].find('{').expect("its object");
+        json.insert(open + 1, '\u{1a}');
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), json).unwrap();
+        let e = Tokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json: not valid JSON"), "{e}");
+        assert!(e.contains("line 1"), "names where: {e}");
     }
 
     #[test]
