@@ -173,13 +173,7 @@ async fn a_silent_parent_degrades_in_flight_and_new_requests_until_it_answers_ag
 
     // What an API client sees: every streamed token of the answer marked degraded, the
     // final stats counting them, and Prometheus' counter covering every degraded token.
-    let (api, _server, ready) = flow_node::http::serve_loading(
-        "127.0.0.1:0".parse().unwrap(),
-        &flow_node::http::ApiOptions::default(),
-    )
-    .await
-    .expect("the API binds");
-    ready.set(s.device.clone());
+    let api = common::serve_api(&s.device).await;
     let ask = r#"{"prompt":"12+34=","max_tokens":5,"temperature":0,"stream":true,
         "aiflow":{"mode":"escalate","threshold":2.0}}"#;
     let (status, sse) = common::http(api, "POST", "/v1/completions", ask).await;
@@ -298,13 +292,7 @@ async fn a_slow_link_stays_up_and_its_goodput_estimate_comes_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_shows_each_childs_sessions_on_its_metrics() {
     let s = setup(LinkHealth::default()).await;
-    let (api, _server, ready) = flow_node::http::serve_loading(
-        "127.0.0.1:0".parse().unwrap(),
-        &flow_node::http::ApiOptions::default(),
-    )
-    .await
-    .expect("the edge's API binds");
-    ready.set(s.edge.clone());
+    let api = common::serve_api(&s.edge).await;
     let scrape = || async { common::http(api, "GET", "/metrics", "").await.1 };
     let open = r#"aiflow_child_sessions{child="device",role="device"}"#;
     // A long request in flight: its session shows on the edge, under the device's name.

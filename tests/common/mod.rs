@@ -247,3 +247,17 @@ pub async fn set_loss(link: &flow_testbed::shaper::ShaperHandle, loss: f64) {
     .await
     .expect("shaper applies the change");
 }
+
+/// The OpenAI-style API of `agent` on a loopback port (default options), served until the
+/// test's runtime ends; its address.
+#[allow(dead_code)]
+pub async fn serve_api(agent: &flow_node::Agent) -> std::net::SocketAddr {
+    let (addr, _server, ready) = flow_node::http::serve_loading(
+        "127.0.0.1:0".parse().unwrap(),
+        &flow_node::http::ApiOptions::default(),
+    )
+    .await
+    .expect("the API binds");
+    ready.set(agent.clone());
+    addr
+}
