@@ -1,7 +1,8 @@
 //! Parents verified by the cluster CA and the role in their certificate, on real agents over
 //! loopback QUIC with mutual TLS: a device fails over between two edges whose certificates
 //! carry their own names without being told any name (`--parent-name` is an optional pin),
-//! and a wrong pin is refused with a message that says what to change.
+//! a wrong pin is refused with a message that says what to change, and a node whose preferred
+//! parent is down at start starts on the next one.
 
 use std::path::Path;
 use std::time::Duration;
@@ -119,4 +120,46 @@ async fn a_wrong_parent_name_pin_is_refused_with_the_fix() {
         "{msg}"
     );
     edge.shutdown().await;
+}
+
+/// A node restarted while its preferred parent is down still starts, on the next parent
+/// that answers (the preferred one keeps being re-dialled); with no parent answering the
+/// start fails with the first parent's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_preferred_parent_is_down_at_start_uses_the_next() {
+    let (model, pki) = fixture();
+    let (m, p) = (model.path(), pki.path());
+    let cloud = start(node(m, p, Role::Cloud, "cloud-1", 3, 5)).await;
+    let mut e = node(m, p, Role::Edge, "edge-b", 1, 3);
+    e.parent = Some((cloud.local_addr().unwrap(), ParentName::Any));
+    let edge = start(e).await;
+    // a UDP port nobody answers on: a parent that is down (its host up, its process not)
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut d = node(m, p, Role::Device, "device-1", 0, 1);
+    d.parent = Some((silent.local_addr().unwrap(), ParentName::Any));
+    d.fallback_parents = vec![(edge.local_addr().unwrap(), ParentName::Any)];
+    let device = start(d.clone()).await;
+    let parents = device.parents().expect("the device has parents");
+    assert_eq!(parents.active().addr(), edge.local_addr().unwrap());
+    let got = generate(&device).await;
+    assert_eq!(
+        got,
+        vec![(Role::Cloud, false); NEW],
+        "through the second edge"
+    );
+    device.shutdown().await;
+
+    // no parent answers: the start fails, naming the preferred parent
+    let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    d.fallback_parents = vec![(other.local_addr().unwrap(), ParentName::Any)];
+    let msg = match Agent::start(d).await {
+        Ok(_) => panic!("a node with no reachable parent must not start"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        msg.contains(&silent.local_addr().unwrap().to_string()),
+        "{msg}"
+    );
+    edge.shutdown().await;
+    cloud.shutdown().await;
 }

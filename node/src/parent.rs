@@ -294,8 +294,8 @@ impl ParentLink {
     }
 
     /// Dial once, bounded by the dial timeout, and make sure the supervisor re-dials the
-    /// link whenever its connection is lost.
-    async fn dial_bounded(self: &Arc<Self>) -> Result<()> {
+    /// link whenever its connection is lost (also when this dial failed).
+    pub(crate) async fn dial_bounded(self: &Arc<Self>) -> Result<()> {
         let r = match tokio::time::timeout(self.probe.health.dial_timeout, self.dial()).await {
             Ok(r) => r,
             Err(_) => {
@@ -727,6 +727,14 @@ impl Parents {
                 self.links[i].clone()
             }
             None => cur,
+        }
+    }
+
+    /// Use parent `i` (in preference order) for new requests: at start, when the parents
+    /// before it did not answer. Out of range → ignored.
+    pub(crate) fn set_active(&self, i: usize) {
+        if i < self.links.len() {
+            self.active.store(i, Ordering::Release);
         }
     }
 

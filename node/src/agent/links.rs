@@ -1,10 +1,11 @@
 //! The node's endpoints: the server its children connect to, and one client endpoint per
-//! parent (the primary dialled at start, fallbacks dialled when first needed).
+//! parent (the primary dialled at start — or, when it does not answer, the first fall-back
+//! that does — the others dialled when first needed).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use flow_protocol::transport::{Endpoint, EndpointConfig};
+use flow_protocol::transport::{Endpoint, EndpointConfig, ParentName};
 use flow_protocol::{Hello, Role};
 
 use super::AgentConfig;
@@ -53,7 +54,11 @@ fn client(cfg: &AgentConfig, hello: &Hello, parent: &SocketAddr) -> Result<Endpo
     Ok(Endpoint::client(ecfg)?)
 }
 
-/// Dial the primary parent and prepare the fallbacks (dialled when first needed).
+/// Dial the primary parent and prepare the fallbacks (dialled when first needed). With
+/// fallbacks, a primary that does not answer at start is not fatal: the first parent that
+/// answers is used, the ones before it keep re-dialling in the background (a node restarted
+/// while its preferred parent is down still starts). Only when no parent answers does the
+/// start fail, with the first parent's error.
 pub(super) async fn connect_parents(
     cfg: &AgentConfig,
     hello: &Hello,
@@ -66,30 +71,56 @@ pub(super) async fn connect_parents(
         }
         return Ok(None);
     };
-    let primary = ParentLink::connect(
-        client(cfg, hello, addr)?,
-        *addr,
-        name.clone(),
-        cfg.parent_encoding,
-        cfg.probe,
-    )
-    .await?;
-    let mut links = vec![primary];
-    for (addr, name) in &cfg.fallback_parents {
-        links.push(ParentLink::lazy(
+    let link = |addr: &SocketAddr, name: &ParentName| {
+        ParentLink::lazy(
             client(cfg, hello, addr)?,
             *addr,
             name.clone(),
             cfg.parent_encoding,
             cfg.probe,
-        )?);
+        )
+    };
+    if cfg.fallback_parents.is_empty() {
+        let primary = ParentLink::connect(
+            client(cfg, hello, addr)?,
+            *addr,
+            name.clone(),
+            cfg.parent_encoding,
+            cfg.probe,
+        )
+        .await?;
+        if let Some(Some(host)) = cfg.parent_hosts.first() {
+            primary.redial_by_name(host.clone());
+        }
+        return Ok(Some(Parents::new(vec![primary])?));
+    }
+    let mut links = vec![link(addr, name)?];
+    for (addr, name) in &cfg.fallback_parents {
+        links.push(link(addr, name)?);
     }
     for (link, host) in links.iter().zip(&cfg.parent_hosts) {
         if let Some(host) = host {
             link.redial_by_name(host.clone());
         }
     }
-    Ok(Some(Parents::new(links)?))
+    let mut first_err = None;
+    for (i, l) in links.iter().enumerate() {
+        match l.dial_bounded().await {
+            Ok(()) => {
+                let parents = Parents::new(links.clone())?;
+                parents.set_active(i);
+                if i > 0 {
+                    tracing::warn!(parent = %l.addr(), skipped = i, "the preferred parent did not answer at start; using a fall-back (the preferred one keeps being re-dialled)");
+                }
+                return Ok(Some(parents));
+            }
+            Err(e) => {
+                tracing::warn!(parent = %l.addr(), error = %e, "parent did not answer at start; trying the next");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err.unwrap_or_else(|| NodeError::Config("no parent configured".into())))
 }
 
 #[cfg(test)]
