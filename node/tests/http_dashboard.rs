@@ -11,6 +11,7 @@ use flow_node::http::ApiOptions;
 use flow_node::EngineConfig;
 use flow_protocol::{Encoding, Policy};
 use serde_json::Value;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const KEY: &str = "dash-secret";
@@ -326,5 +327,11 @@ async fn the_page_its_status_and_every_endpoint_it_names() {
             "{name} loads something from elsewhere"
         );
     }
+    // A node shutting down (SIGTERM) says so on /health, so probes move traffic away.
+    assert!(!cluster.device.is_draining());
+    cluster.device.drain(Duration::from_millis(1)).await;
+    let health = request(&addr, "GET", "/health", false, "").await;
+    assert_eq!(health.status, 503, "{}", health.body);
+    assert!(health.body.contains("draining"), "{}", health.body);
     cluster.shutdown().await;
 }

@@ -252,6 +252,12 @@ impl Agent {
         self.inner.engine.get().stats().await
     }
 
+    /// Shutting down: new requests and child sessions are refused (`/health` says 503, so
+    /// load balancers and health checks move traffic elsewhere).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
     /// Stop accepting children and close the parent link.
     pub async fn shutdown(&self) {
         self.drain(Duration::from_secs(30)).await;

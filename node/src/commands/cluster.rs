@@ -44,7 +44,7 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         if let Some(f) = a.addr_file {
             std::fs::write(&f, addr.to_string())?;
         }
-        tokio::signal::ctrl_c().await?;
+        super::shutdown_signal().await?;
         cluster.shutdown().await;
         Ok(())
     })

@@ -28,6 +28,7 @@ pub mod node;
 pub mod plan;
 pub mod testbed;
 pub mod testbed_compose;
+pub mod testbed_greedy;
 pub mod testbed_link;
 pub mod testbed_load;
 pub mod testbed_probe;
@@ -123,4 +124,21 @@ pub fn model_arg(s: &str) -> Result<std::path::PathBuf, String> {
     flow_node::model_store::resolve::resolve_model(s)
         .map(|loc| loc.path().to_path_buf())
         .map_err(|e| e.to_string())
+}
+
+/// SIGTERM (docker stop, a Kubernetes pod's termination, systemd stop) or Ctrl-C.
+pub async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(tokio::signal::ctrl_c().await?)
+    }
 }

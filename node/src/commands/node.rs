@@ -40,8 +40,8 @@ pub struct NodeArgs {
     /// Parent address (device → edge, edge → cloud): `IP:PORT` or `HOST:PORT` (a DNS name
     /// such as a Kubernetes Service or a swarm service, resolved once at start). Repeat to
     /// add parents to fail over to, in preference order: a session that loses its parent
-    /// continues on the next one (the tokens in between are answered locally and marked
-    /// degraded).
+    /// continues on the next one, its hidden states re-sent (no token lost or changed);
+    /// only with no parent reachable are tokens answered locally, marked degraded.
     #[arg(long)]
     pub parent: Vec<ParentArg>,
     /// Pin the DNS name in a parent's certificate, one per --parent in order (`*`: any
@@ -521,8 +521,10 @@ pub fn run(a: NodeArgs) -> anyhow::Result<()> {
         if let Some((_, ready)) = &api_task {
             ready.set(agent.clone());
         }
-        tokio::signal::ctrl_c().await?;
-        eprintln!("shutting down");
+        // SIGTERM too: in a container flow-node is PID 1, which the kernel never kills with
+        // a signal it does not handle, so `docker stop` would wait out its grace period
+        super::shutdown_signal().await?;
+        eprintln!("shutting down: refusing new requests and child sessions (children move to their next parent), finishing in-flight ones (at most 30 s)");
         agent.shutdown().await;
         Ok(())
     })

@@ -230,30 +230,13 @@ pub fn shape(a: ShapeArgs) -> anyhow::Result<()> {
         };
         tokio::select! {
             _ = accept => {}
-            r = shutdown_signal() => r?,
+            r = super::shutdown_signal() => r?,
         }
         for (n, h) in links.iter() {
             eprintln!("link {n}: {:?}", h.stats());
         }
         Ok(())
     })
-}
-
-/// SIGTERM (docker stop) or Ctrl-C.
-pub async fn shutdown_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
-        }
-        Ok(())
-    }
-    #[cfg(not(unix))]
-    {
-        Ok(tokio::signal::ctrl_c().await?)
-    }
 }
 
 /// Flags of `testbed link-ctl`.

@@ -217,6 +217,11 @@ async fn not_found(uri: axum::http::Uri) -> Response {
 
 async fn health(State(api): State<Api>) -> Response {
     match api.agent() {
+        Ok(a) if a.is_draining() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining: this node is shutting down\n",
+        )
+            .into_response(),
         Ok(_) => "ok\n".into_response(),
         Err(e) => e.into_response(),
     }
