@@ -65,6 +65,7 @@ async fn main() -> flow_testbed::Result<()> {
             tier: Some(tier.to_string()),
             escalated: tier != "device",
             degraded: false,
+            text: None,
         })
     })
     .await;

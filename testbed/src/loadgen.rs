@@ -125,6 +125,8 @@ pub struct Reply {
     pub escalated: bool,
     /// Answered in a degraded mode (e.g. a shallow exit because the parent was unreachable).
     pub degraded: bool,
+    /// The generated text, kept to compare greedy outputs with a reference run.
+    pub text: Option<String>,
 }
 
 /// The fate of one request.
@@ -164,6 +166,9 @@ pub struct RequestRecord {
     pub escalated: bool,
     /// Degraded answer.
     pub degraded: bool,
+    /// The generated text (absent from records written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -184,6 +189,7 @@ impl RequestRecord {
             tier: None,
             escalated: false,
             degraded: false,
+            text: None,
         }
     }
 }
@@ -243,7 +249,7 @@ where
                 done.push(rec);
             }
         }
-        let mut rec = RequestRecord::base(req);
+        let rec = RequestRecord::base(req);
         if in_flight.len() >= cap {
             tracing::debug!(
                 id = req.id,
@@ -253,38 +259,74 @@ where
             continue;
         }
         let fut = send(req.clone());
-        let timeout = config.request_timeout;
-        in_flight.spawn(async move {
-            let sent = Instant::now();
-            rec.sent_ms = Some(ms(sent.duration_since(start)));
-            // the inner task turns a panic of `send` into an error record
-            let task = tokio::spawn(fut);
-            let abort = task.abort_handle();
-            let result = tokio::time::timeout(timeout, task).await;
-            if result.is_err() {
-                abort.abort(); // a timed-out request must not keep running
-            }
-            rec.latency_ms = Some(ms(sent.elapsed()));
-            rec.outcome = match result {
-                Err(_) => Outcome::Error("timeout".to_string()),
-                Ok(Err(join)) => Outcome::Error(format!("request task failed: {join}")),
-                Ok(Ok(Err(e))) => Outcome::Error(e.to_string()),
-                Ok(Ok(Ok(reply))) => {
-                    rec.ttft_ms = reply.ttft.map(ms);
-                    rec.tokens_out = reply.tokens_out;
-                    rec.tier = reply.tier;
-                    rec.escalated = reply.escalated;
-                    rec.degraded = reply.degraded;
-                    Outcome::Answered
-                }
-            };
-            rec
-        });
+        in_flight.spawn(attempt(rec, start, config.request_timeout, fut));
     }
     while let Some(res) = in_flight.join_next().await {
         if let Ok(rec) = res {
             done.push(rec);
         }
+    }
+    done.sort_by_key(|r| r.id);
+    done
+}
+
+/// Run one request's future under `timeout` and fill its record (a panicking future is an
+/// error record; a timed-out one is aborted).
+async fn attempt<Fut, E>(
+    mut rec: RequestRecord,
+    start: Instant,
+    timeout: Duration,
+    fut: Fut,
+) -> RequestRecord
+where
+    Fut: Future<Output = std::result::Result<Reply, E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let sent = Instant::now();
+    rec.sent_ms = Some(ms(sent.duration_since(start)));
+    // the inner task turns a panic of `send` into an error record
+    let task = tokio::spawn(fut);
+    let abort = task.abort_handle();
+    let result = tokio::time::timeout(timeout, task).await;
+    if result.is_err() {
+        abort.abort(); // a timed-out request must not keep running
+    }
+    rec.latency_ms = Some(ms(sent.elapsed()));
+    rec.outcome = match result {
+        Err(_) => Outcome::Error("timeout".to_string()),
+        Ok(Err(join)) => Outcome::Error(format!("request task failed: {join}")),
+        Ok(Ok(Err(e))) => Outcome::Error(e.to_string()),
+        Ok(Ok(Ok(reply))) => {
+            rec.ttft_ms = reply.ttft.map(ms);
+            rec.tokens_out = reply.tokens_out;
+            rec.tier = reply.tier;
+            rec.escalated = reply.escalated;
+            rec.degraded = reply.degraded;
+            rec.text = reply.text;
+            Outcome::Answered
+        }
+    };
+    rec
+}
+
+/// Send every request of `schedule` one after another, each once the previous one finished,
+/// ignoring `send_at`: the reference run that concurrent, faulted runs are compared with
+/// (nothing is shed; `max_in_flight` is not used). One record per request, sorted by id.
+pub async fn run_sequential<F, Fut, E>(
+    schedule: &Schedule,
+    config: &OpenLoopConfig,
+    send: F,
+) -> Vec<RequestRecord>
+where
+    F: Fn(ScheduledRequest) -> Fut,
+    Fut: Future<Output = std::result::Result<Reply, E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let start = Instant::now();
+    let mut done = Vec::with_capacity(schedule.len());
+    for req in &schedule.requests {
+        let fut = send(req.clone());
+        done.push(attempt(RequestRecord::base(req), start, config.request_timeout, fut).await);
     }
     done.sort_by_key(|r| r.id);
     done
@@ -398,6 +440,38 @@ mod tests {
         );
         assert!((recs[1].latency_ms.unwrap() - 5000.0).abs() < 2.0);
         assert_eq!(recs[2].sent_ms, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sequential_waits_for_each_reply_and_keeps_the_text() {
+        // scheduled all at once with a cap of 1: open loop would shed; sequential sends
+        // each after the previous reply and sheds nothing
+        let s = schedule(&[0, 0, 0]);
+        let cfg = OpenLoopConfig {
+            max_in_flight: 1,
+            request_timeout: Duration::from_secs(5),
+        };
+        let recs = run_sequential(&s, &cfg, |req| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if req.id == 1 {
+                return Err("refused".to_string());
+            }
+            Ok(Reply {
+                text: Some(format!("answer {}", req.id)),
+                ..Reply::default()
+            })
+        })
+        .await;
+        let sent: Vec<f64> = recs.iter().map(|r| r.sent_ms.unwrap()).collect();
+        for (got, want) in sent.iter().zip([0.0, 1000.0, 2000.0]) {
+            assert!((got - want).abs() < 2.0, "sent at {sent:?}");
+        }
+        assert_eq!(recs[0].text.as_deref(), Some("answer 0"));
+        assert_eq!(recs[1].outcome, Outcome::Error("refused".into()));
+        assert_eq!(
+            (recs[1].text.as_ref(), recs[2].outcome.clone()),
+            (None, Outcome::Answered)
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,6 +7,8 @@
 //! [topology]
 //! nodes = ["cloud", "edge1", "device1", "device2"]
 //! links = ["device1:edge1", "device2:edge1", "edge1:cloud"]
+//! # optional: compose files merged over the base one (relative to its folder)
+//! # compose_overrides = ["docker-compose.failover.yml"]
 //!
 //! [[event]]
 //! at_s = 20
@@ -77,6 +79,11 @@ pub struct Topology {
     /// Links as `a:b` between two nodes.
     #[serde(default)]
     pub links: Vec<String>,
+    /// Compose files merged over the base one (`docker compose -f base -f override`),
+    /// relative to the base file's folder: where the nodes and links the scenario names are
+    /// defined, e.g. `docker-compose.failover.yml` (fall-back edges and a second cloud).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compose_overrides: Vec<String>,
 }
 
 /// A validated scenario.

@@ -1,19 +1,23 @@
 //! The compose testbed's plumbing: which `compose` implementation is here (v2 plugin or v1),
 //! a project bound to its file and image, container ids by compose labels (one `docker ps`
-//! for every service), container health and addresses. Used by `testbed up|down|run|soak`.
+//! for every service), container health and addresses, the load generator container. Used by
+//! `testbed up|down|run|soak`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 
+use flow_testbed::loadgen::{RequestRecord, Schedule};
+use flow_testbed::scenario::{Action, Scenario};
+
 use super::testbed::DEFAULT_IMAGE;
 
-/// Services the compose file defines that a scenario may name.
-pub(super) const NODES: [&str; 7] = [
-    "cloud", "edge1", "edge2", "device1", "device2", "device3", "device4",
-];
+/// Services of the compose files that are not nodes (`certs` runs once, `links` is the
+/// shaper, `loadgen` the load generator).
+const NOT_NODES: [&str; 3] = ["certs", "links", "loadgen"];
 
 /// Where to find the testbed (shared by up, down and run).
 #[derive(clap::Args, Debug, Clone)]
@@ -21,6 +25,11 @@ pub struct ComposeArgs {
     /// The compose file.
     #[arg(long, default_value = "testbed/docker-compose.yml")]
     pub compose_file: PathBuf,
+    /// A compose file merged over it (`-f base -f override`), e.g.
+    /// testbed/docker-compose.failover.yml (fall-back edges, a second cloud); repeatable.
+    /// A scenario's `topology.compose_overrides` are added to these.
+    #[arg(long = "compose-override", value_name = "FILE")]
+    pub overrides: Vec<PathBuf>,
     /// Compose project name (prefixes containers, networks and volumes).
     #[arg(long, default_value = "aiflowtb")]
     pub project: String,
@@ -62,6 +71,14 @@ impl Compose {
             "{}: compose file not found (run from the repository root or pass --compose-file)",
             args.compose_file.display()
         );
+        for o in &args.overrides {
+            anyhow::ensure!(
+                o.is_file(),
+                "{}: compose override not found (scenario overrides are relative to the folder of {})",
+                o.display(),
+                args.compose_file.display()
+            );
+        }
         let works = |p: &[&str]| {
             Command::new(p[0])
                 .args(&p[1..])
@@ -91,9 +108,11 @@ impl Compose {
             .arg("-p")
             .arg(&self.args.project)
             .arg("-f")
-            .arg(&self.args.compose_file)
-            .args(args)
-            .env("AIFLOW_IMAGE", &self.args.image);
+            .arg(&self.args.compose_file);
+        for o in &self.args.overrides {
+            c.arg("-f").arg(o);
+        }
+        c.args(args).env("AIFLOW_IMAGE", &self.args.image);
         c
     }
 
@@ -106,6 +125,42 @@ impl Compose {
         c.args(&self.program[1..]).args(["version", "--short"]);
         let v = run_ok(&mut c, "compose version").unwrap_or_else(|_| "?".into());
         format!("{} {v}", self.program.join(" "))
+    }
+
+    /// The node services the merged compose files define, sorted.
+    pub(super) fn node_services(&self) -> anyhow::Result<Vec<String>> {
+        let out = self.run(&["config", "--services"], "compose config --services")?;
+        let mut nodes: Vec<String> = out
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|s| !s.is_empty() && !NOT_NODES.contains(&s.as_str()))
+            .collect();
+        nodes.sort();
+        Ok(nodes)
+    }
+
+    /// Fail unless every node of `nodes` is a service of the merged compose files.
+    pub(super) fn check_nodes(&self, nodes: &[String], scenario: &Path) -> anyhow::Result<()> {
+        let services = self.node_services()?;
+        for n in nodes {
+            anyhow::ensure!(
+                services.contains(n),
+                "{}: node `{n}` is not a node service of {} (defined: {}); a node from an \
+                 override needs it in `topology.compose_overrides`",
+                scenario.display(),
+                self.files(),
+                services.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    fn files(&self) -> String {
+        std::iter::once(&self.args.compose_file)
+            .chain(&self.args.overrides)
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + ")
     }
 
     /// The container id of a service.
@@ -218,6 +273,107 @@ pub(super) fn address_of(id: &str, network: &str) -> anyhow::Result<String> {
     )
 }
 
+impl ComposeArgs {
+    /// These arguments with a scenario's `topology.compose_overrides` added (resolved
+    /// against the base compose file's folder).
+    pub(super) fn with_scenario(&self, overrides: &[String]) -> Self {
+        let dir = self.compose_file.parent().unwrap_or(Path::new("."));
+        let mut a = self.clone();
+        for o in overrides {
+            let p = dir.join(o);
+            if !a.overrides.contains(&p) {
+                a.overrides.push(p);
+            }
+        }
+        a
+    }
+}
+
+/// The load generator container (`compose run loadgen`), its schedule on stdin (written
+/// from a thread: a long schedule fills the pipe until the container reads it, and the
+/// caller's fault loop must not wait for that) and its records read from stdout.
+pub(super) struct Loadgen {
+    pub child: std::process::Child,
+    writer: std::thread::JoinHandle<std::io::Result<()>>,
+    reader: std::thread::JoinHandle<std::io::Result<String>>,
+}
+
+impl Loadgen {
+    /// `testbed load --target T… ARGS…` with `schedule`.
+    pub(super) fn start(
+        compose: &Compose,
+        targets: &[String],
+        args: &[String],
+        schedule: &Schedule,
+    ) -> anyhow::Result<Self> {
+        let mut argv: Vec<&str> = vec!["run", "--rm", "-T", "loadgen"];
+        for t in targets {
+            argv.extend(["--target", t]);
+        }
+        argv.extend(args.iter().map(String::as_str));
+        let mut child = compose
+            .cmd(&argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the load generator")?;
+        // dropping stdin after the write ends the schedule
+        let mut stdin = child.stdin.take().context("loadgen stdin")?;
+        let json = serde_json::to_string(schedule)?;
+        let writer = std::thread::spawn(move || stdin.write_all(json.as_bytes()));
+        let mut stdout = child.stdout.take().context("loadgen stdout")?;
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            stdout.read_to_string(&mut s).map(|_| s)
+        });
+        Ok(Self {
+            child,
+            writer,
+            reader,
+        })
+    }
+
+    /// The records, once the container exited with `status`.
+    pub(super) fn records(
+        self,
+        status: std::process::ExitStatus,
+    ) -> anyhow::Result<Vec<RequestRecord>> {
+        self.writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("loadgen writer thread panicked"))?
+            .context("writing the schedule to the load generator")?;
+        let stdout = self
+            .reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("loadgen reader thread panicked"))??;
+        anyhow::ensure!(status.success(), "the load generator failed ({status})");
+        serde_json::from_str(stdout.trim()).context("parsing the load generator's records")
+    }
+}
+
+/// Nodes that are not running although the scenario's last event for them is not a kill.
+pub(super) fn exited_nodes(compose: &Compose, scenario: &Scenario) -> anyhow::Result<Vec<String>> {
+    let ids = compose.containers()?;
+    let mut exited = Vec::new();
+    for n in &scenario.topology.nodes {
+        let killed_last = scenario
+            .events
+            .iter()
+            .rev()
+            .find(|e| &e.target == n)
+            .is_some_and(|e| e.action == Action::Kill);
+        let state = match ids.get(n) {
+            Some(id) => health_of(id),
+            None => "no container".to_string(),
+        };
+        if !killed_last && !state.starts_with("running") {
+            exited.push(format!("{n} ({state})"));
+        }
+    }
+    Ok(exited)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +386,24 @@ mod tests {
         assert_eq!(ids.len(), 2);
         assert_eq!(ids["edge1"], "new1");
         assert_eq!(ids["cloud"], "c0");
+    }
+
+    #[test]
+    fn scenario_overrides_resolve_beside_the_base_file() {
+        let base = ComposeArgs {
+            compose_file: "testbed/docker-compose.yml".into(),
+            overrides: vec!["extra.yml".into()],
+            project: "p".into(),
+            image: "i".into(),
+        };
+        let a = base.with_scenario(&["docker-compose.failover.yml".into(), "extra.yml".into()]);
+        assert_eq!(
+            a.overrides,
+            [
+                PathBuf::from("extra.yml"),
+                PathBuf::from("testbed/docker-compose.failover.yml"),
+                PathBuf::from("testbed/extra.yml"),
+            ]
+        );
     }
 }

@@ -9,7 +9,9 @@ use std::io::Read;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use flow_testbed::loadgen::{run_open_loop, OpenLoopConfig, Reply, Schedule, ScheduledRequest};
+use flow_testbed::loadgen::{
+    run_open_loop, run_sequential, OpenLoopConfig, Reply, Schedule, ScheduledRequest,
+};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -156,6 +158,11 @@ pub struct LoadArgs {
     /// Most requests in flight; one more is recorded as shed.
     #[arg(long, default_value_t = 128)]
     pub max_in_flight: usize,
+    /// Send one request at a time, each after the previous reply, ignoring the schedule's
+    /// times: the undisturbed reference that `testbed run --check-greedy` compares a
+    /// faulted run's answers with.
+    #[arg(long)]
+    pub sequential: bool,
     /// Start at this wall-clock time (ms since the Unix epoch) so the host's fault timeline
     /// and the load share one clock. Default: now.
     #[arg(long)]
@@ -206,6 +213,7 @@ pub fn reply_of(v: &Value) -> Reply {
         escalated: per_tier.iter().any(|(t, n)| t != "device" && *n > 0),
         degraded: a["degraded_tokens"].as_u64().unwrap_or(0) > 0,
         tier,
+        text: v["choices"][0]["text"].as_str().map(str::to_string),
     }
 }
 
@@ -293,11 +301,15 @@ pub fn load(a: LoadArgs) -> anyhow::Result<()> {
             targets.len()
         );
         let n = targets.len();
-        let recs = run_open_loop(&schedule, &cfg, |req| {
+        let send = |req: ScheduledRequest| {
             let url = targets[target_of(&req, n)].clone();
             send_one(url, a.mode.clone(), req, timeout)
-        })
-        .await;
+        };
+        let recs = if a.sequential {
+            run_sequential(&schedule, &cfg, send).await
+        } else {
+            run_open_loop(&schedule, &cfg, send).await
+        };
         anyhow::Ok(recs)
     })?;
     println!("{}", serde_json::to_string(&records)?);
@@ -328,8 +340,11 @@ mod tests {
         let r = reply_of(&v);
         assert_eq!(r.tier.as_deref(), Some("edge"));
         assert!(r.escalated && !r.degraded);
+        assert_eq!(r.text, None);
         assert_eq!(r.tokens_out, 5);
         assert_eq!(r.ttft, Some(Duration::from_micros(12_500)));
+        let t = reply_of(&json!({"choices": [{"text": "=42", "index": 0}]}));
+        assert_eq!(t.text.as_deref(), Some("=42"));
         let v = json!({"usage": {"completion_tokens": 2}, "aiflow": {"tokens_per_exit":
             {"device:1": 2}, "hops": 0, "degraded_tokens": 2}});
         let r = reply_of(&v);

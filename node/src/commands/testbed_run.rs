@@ -9,7 +9,6 @@
 //! collected → report (JSON, Markdown, PNG/SVG) → down -v (also on failure).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -25,7 +24,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::testbed::{image, ImageArgs};
 pub(super) use super::testbed_compose::{
-    address_of, address_on, docker, health_of, run_ok, Compose, ComposeArgs, NODES,
+    address_of, address_on, docker, exited_nodes, health_of, run_ok, Compose, ComposeArgs, Loadgen,
 };
 
 /// Flags of `testbed up`.
@@ -33,7 +32,9 @@ pub(super) use super::testbed_compose::{
 pub struct UpArgs {
     #[command(flatten)]
     pub compose: ComposeArgs,
-    /// Services to start (default: the full testbed). Certs and links always start.
+    /// Services to start (default: every node of the compose files: the full testbed, and
+    /// cloud2 with --compose-override testbed/docker-compose.failover.yml). Certs and links
+    /// always start.
     pub services: Vec<String>,
     /// Build the image from this binary first if it does not exist.
     #[arg(long)]
@@ -83,13 +84,12 @@ pub(super) fn ensure_image(c: &ComposeArgs, build: bool) -> anyhow::Result<()> {
     })
 }
 
-fn up_services(compose: &Compose, services: &[String], timeout: Duration) -> anyhow::Result<()> {
-    for s in services {
-        anyhow::ensure!(
-            NODES.contains(&s.as_str()),
-            "unknown service `{s}` (known: {NODES:?})"
-        );
-    }
+pub(super) fn up_services(
+    compose: &Compose,
+    services: &[String],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    compose.check_nodes(services, Path::new("the services to start"))?;
     let mut all: Vec<&str> = vec!["links"];
     all.extend(services.iter().map(String::as_str));
     let pb = ProgressBar::new_spinner().with_message(format!("starting {}", all.join(", ")));
@@ -143,7 +143,7 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
     let compose = Compose::detect(&a.compose)?;
     ensure_image(&a.compose, a.build_image)?;
     let services = if a.services.is_empty() {
-        NODES.iter().map(|s| s.to_string()).collect()
+        compose.node_services()?
     } else {
         a.services
     };
@@ -198,6 +198,12 @@ pub struct RunArgs {
     /// server (5xx) — and every fault was applied. CI runs with this.
     #[arg(long)]
     pub check: bool,
+    /// Then replay every answered request one at a time on the healed testbed (killed
+    /// nodes started again) and fail if a request answered without degradation got a
+    /// different text: faults survived losslessly change no greedy answer. Writes
+    /// greedy.json and reference.json beside the report.
+    #[arg(long)]
+    pub check_greedy: bool,
     /// Give up waiting for health checks after this many seconds.
     #[arg(long, default_value_t = 180)]
     pub health_timeout_s: u64,
@@ -238,11 +244,14 @@ fn partition_side(link: &str) -> anyhow::Result<(&str, &'static str)> {
     let (a, b) = link
         .split_once(':')
         .with_context(|| format!("link `{link}` is not a:b"))?;
-    let lower = if a.starts_with("device") || b == "cloud" {
-        a
-    } else {
-        b
+    // device < edge < cloud (cloud2 is a cloud): the lower node is cut from the network
+    // towards its parent
+    let tier = |n: &str| {
+        ["device", "edge", "cloud"]
+            .iter()
+            .position(|t| n.starts_with(t))
     };
+    let lower = if tier(a) <= tier(b) { a } else { b };
     let net = if lower.starts_with("device") {
         "dev_edge"
     } else {
@@ -452,13 +461,11 @@ fn check_records(schedule: &Schedule, records: &[RequestRecord]) -> anyhow::Resu
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let scenario = Scenario::load(&a.scenario)?;
-    for n in &scenario.topology.nodes {
-        anyhow::ensure!(
-            NODES.contains(&n.as_str()),
-            "{}: node `{n}` is not a service of the compose file ({NODES:?})",
-            a.scenario.display()
-        );
-    }
+    let compose_args = a
+        .compose
+        .with_scenario(&scenario.topology.compose_overrides);
+    let compose = Compose::detect(&compose_args)?;
+    compose.check_nodes(&scenario.topology.nodes, &a.scenario)?;
     let devices: Vec<&String> = scenario
         .topology
         .nodes
@@ -479,7 +486,6 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     });
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
-    let compose = Compose::detect(&a.compose)?;
     ensure_image(&a.compose, a.build_image)?;
     // a previous run that was killed may have left the project behind
     compose.down().ok();
@@ -504,6 +510,11 @@ pub(super) struct Replay {
     pub applied: Vec<AppliedEvent>,
     /// The used links' byte counters.
     pub links: Vec<LinkBytes>,
+    /// The load generator's targets (the devices' APIs), in the order it was given them.
+    pub targets: Vec<String>,
+    /// Nodes not running when the load ended although no fault left them down (a node
+    /// that exited on its own), with their container state.
+    pub exited: Vec<String>,
     /// Versions of the pieces, for the report.
     pub versions: BTreeMap<String, String>,
 }
@@ -530,11 +541,21 @@ fn run_inner(
             scenario.events.len()
         );
         anyhow::ensure!(summary.answered > 0, "no request was answered");
+        anyhow::ensure!(
+            replay.exited.is_empty(),
+            "nodes stopped on their own during the run: {} (their logs are in {})",
+            replay.exited.join(", "),
+            out.join("compose.log").display()
+        );
         println!(
             "check passed: all {} requests answered or failed explicitly, {} faults applied",
             records.len(),
             applied.len()
         );
+    }
+    if a.check_greedy {
+        let greedy = super::testbed_greedy::check(a, compose, scenario, schedule, &replay, out)?;
+        anyhow::ensure!(greedy.passed(), "{}", greedy.describe());
     }
     Ok(())
 }
@@ -572,37 +593,19 @@ pub(super) fn replay(
     // the load and the faults share a wall-clock start a few seconds ahead (container start)
     let lead = Duration::from_secs(4);
     let t0_ms = unix_ms()? + lead.as_millis() as u64;
-    let mut args: Vec<String> = vec!["run".into(), "--rm".into(), "-T".into(), "loadgen".into()];
-    for t in &targets {
-        args.push("--target".into());
-        args.push(t.clone());
-    }
-    args.extend([
-        "--mode".into(),
-        a.mode.clone(),
-        "--timeout-s".into(),
-        a.timeout_s.to_string(),
-        "--start-at-unix-ms".into(),
-        t0_ms.to_string(),
-    ]);
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut child = compose
-        .cmd(&argv)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting the load generator")?;
-    // written from a thread: a long schedule fills the pipe until the container reads it,
-    // and the fault loop below must not wait for that; dropping stdin ends the schedule
-    let mut stdin = child.stdin.take().context("loadgen stdin")?;
-    let json = serde_json::to_string(schedule)?;
-    let writer = std::thread::spawn(move || stdin.write_all(json.as_bytes()));
-    let mut stdout = child.stdout.take().context("loadgen stdout")?;
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        stdout.read_to_string(&mut s).map(|_| s)
-    });
+    let mut load = Loadgen::start(
+        compose,
+        &targets,
+        &[
+            "--mode".into(),
+            a.mode.clone(),
+            "--timeout-s".into(),
+            a.timeout_s.to_string(),
+            "--start-at-unix-ms".into(),
+            t0_ms.to_string(),
+        ],
+        schedule,
+    )?;
 
     let t0 = Instant::now() + lead;
     on_start(t0);
@@ -646,28 +649,19 @@ pub(super) fn replay(
                 detail,
             });
         }
-        if let Some(st) = child.try_wait()? {
+        if let Some(st) = load.child.try_wait()? {
             if pending.peek().is_none() {
                 break st;
             }
         }
         if Instant::now() > t0 + total {
-            child.kill().ok();
+            load.child.kill().ok();
             bail!("the load generator did not finish within {total:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     pb.finish_and_clear();
-    writer
-        .join()
-        .map_err(|_| anyhow::anyhow!("loadgen writer thread panicked"))?
-        .context("writing the schedule to the load generator")?;
-    let stdout = reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("loadgen reader thread panicked"))??;
-    anyhow::ensure!(status.success(), "the load generator failed ({status})");
-    let records: Vec<RequestRecord> =
-        serde_json::from_str(stdout.trim()).context("parsing the load generator's records")?;
+    let records = load.records(status)?;
 
     let links_id = compose.container("links")?;
     let stats_json = docker(
@@ -726,10 +720,13 @@ pub(super) fn replay(
     }
     versions.insert("load".into(), load_source.to_string());
     versions.insert("mode".into(), a.mode.clone());
+    let exited = exited_nodes(compose, scenario)?;
     Ok(Replay {
         records,
         applied,
         links,
+        targets,
+        exited,
         versions,
     })
 }
@@ -849,6 +846,14 @@ mod tests {
             ("edge1", "edge_cloud")
         );
         assert_eq!(
+            partition_side("cloud2:edge1").unwrap(),
+            ("edge1", "edge_cloud")
+        );
+        assert_eq!(
+            partition_side("edge1:cloud2").unwrap(),
+            ("edge1", "edge_cloud")
+        );
+        assert_eq!(
             partition_side("cloud:edge2").unwrap(),
             ("edge2", "edge_cloud")
         );
@@ -882,6 +887,7 @@ mod tests {
             tier: None,
             escalated: false,
             degraded: false,
+            text: None,
         };
         let ok = vec![
             rec(0, Outcome::Answered),

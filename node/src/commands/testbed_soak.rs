@@ -22,7 +22,6 @@ use indicatif::ProgressBar;
 
 use super::testbed_run::{
     ensure_image, load_trace, replay, schedule_of, write_run_report, Compose, DownGuard, RunArgs,
-    NODES,
 };
 
 /// Trace speed-up of a soak when `--speed` is not given: the shipped sample at ×2 is about
@@ -201,13 +200,17 @@ fn drain(ids: &[(String, String)], t0: Instant, timeout: Duration) -> (Vec<NodeS
 
 pub fn soak(a: SoakArgs) -> anyhow::Result<()> {
     let cycle = Scenario::load(&a.run.scenario)?;
-    for n in &cycle.topology.nodes {
-        anyhow::ensure!(
-            NODES.contains(&n.as_str()),
-            "{}: node `{n}` is not a service of the compose file ({NODES:?})",
-            a.run.scenario.display()
-        );
-    }
+    anyhow::ensure!(
+        !a.run.check_greedy,
+        "--check-greedy is for `testbed run` (its reference replays every request one at a \
+         time); a soak checks fates, memory and state instead"
+    );
+    let compose_args = a
+        .run
+        .compose
+        .with_scenario(&cycle.topology.compose_overrides);
+    let compose = Compose::detect(&compose_args)?;
+    compose.check_nodes(&cycle.topology.nodes, &a.run.scenario)?;
     anyhow::ensure!(
         cycle.topology.nodes.iter().any(|n| n.starts_with("device")),
         "the topology has no device to send load to"
@@ -245,7 +248,6 @@ pub fn soak(a: SoakArgs) -> anyhow::Result<()> {
         a.sample_every.as_secs_f64(),
         out.display()
     );
-    let compose = Compose::detect(&a.run.compose)?;
     ensure_image(&a.run.compose, a.run.build_image)?;
     compose.down().ok();
     let guard = DownGuard {
@@ -333,6 +335,12 @@ fn soak_inner(
             "faults: {} of {} applied, {failed} failed (see events.json)",
             replay.applied.len(),
             scenario.events.len()
+        ));
+    }
+    if !replay.exited.is_empty() {
+        verdict.violations.push(format!(
+            "nodes stopped on their own: {} (see compose.log)",
+            replay.exited.join(", ")
         ));
     }
     let report = SoakReport {

@@ -16,6 +16,7 @@ fn rec(id: u64, outcome: Outcome, latency: Option<f64>, tier: Option<&str>) -> R
         tier: tier.map(str::to_string),
         escalated: tier == Some("cloud"),
         degraded: false,
+        text: None,
     }
 }
 

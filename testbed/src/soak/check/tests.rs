@@ -14,6 +14,7 @@ fn rec(id: u64, outcome: Outcome) -> RequestRecord {
         tier: None,
         escalated: false,
         degraded: false,
+        text: None,
     }
 }
 
