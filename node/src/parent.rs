@@ -29,10 +29,10 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
-use flow_partition::{LinkEstimate, LinkEstimator, LinkEstimatorConfig, LinkSample};
+use flow_partition::{LinkEstimate, LinkEstimator, LinkSample};
 use flow_protocol::transport::{ConnStats, Endpoint, ParentName, PeerConnection, SessionStream};
 use flow_protocol::{Encoding, Hello};
 use tokio::sync::Mutex;
@@ -41,125 +41,17 @@ use tokio::time::Instant;
 use crate::error::{NodeError, Result};
 
 pub mod budget;
+mod health;
+mod parents;
 mod probe;
+mod supervise;
 pub mod upstream;
 pub use budget::ProbeBudget;
 use budget::{GoodputView, Prober};
+pub use health::{LinkHealth, ProbeConfig};
+pub use parents::Parents;
+use supervise::supervise;
 pub use upstream::answer_probes;
-
-/// How a parent link is probed.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ProbeConfig {
-    /// Time between probe rounds; `None` disables probing (the estimate stays the prior).
-    pub interval: Option<Duration>,
-    /// Smoothing and prior of the estimator.
-    pub estimator: LinkEstimatorConfig,
-    /// Dead-parent detection, reply deadlines and re-dialling.
-    pub health: LinkHealth,
-    /// Bytes the probes may cost and when the goodput probe goes.
-    pub budget: ProbeBudget,
-}
-
-impl Default for ProbeConfig {
-    fn default() -> Self {
-        Self {
-            interval: Some(Duration::from_millis(1000)),
-            estimator: LinkEstimatorConfig::default(),
-            health: LinkHealth::default(),
-            budget: ProbeBudget::default(),
-        }
-    }
-}
-
-/// How a parent link notices that the parent is gone and how it comes back.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LinkHealth {
-    /// QUIC keep-alive on parent connections.
-    pub keep_alive: Duration,
-    /// A parent connection closes after this long without a packet from the parent.
-    pub idle_timeout: Duration,
-    /// Least time an escalation (or a probe) waits for the parent's reply.
-    pub reply_floor: Duration,
-    /// The reply deadline allows this many link RTTs ...
-    pub rtt_factor: f64,
-    /// ... plus this many times the parent's smoothed service time for such a step.
-    pub service_factor: f64,
-    /// Service time assumed before any reply has been observed.
-    pub service_prior: Duration,
-    /// Reply deadlines never exceed this.
-    pub reply_cap: Duration,
-    /// Probe rounds missed in a row before the link is marked down.
-    pub missed_probes: u32,
-    /// Time one re-dial may take (TLS + `Hello`) before it counts as failed.
-    pub dial_timeout: Duration,
-    /// First re-dial backoff; doubles after each failed dial up to `redial_max`.
-    pub redial_min: Duration,
-    pub redial_max: Duration,
-}
-
-impl Default for LinkHealth {
-    fn default() -> Self {
-        Self {
-            keep_alive: Duration::from_millis(500),
-            idle_timeout: Duration::from_secs(3),
-            reply_floor: Duration::from_millis(250),
-            rtt_factor: 8.0,
-            service_factor: 4.0,
-            service_prior: Duration::from_millis(1500),
-            reply_cap: Duration::from_secs(5),
-            missed_probes: 2,
-            dial_timeout: Duration::from_secs(2),
-            redial_min: Duration::from_millis(200),
-            redial_max: Duration::from_secs(2),
-        }
-    }
-}
-
-impl LinkHealth {
-    /// Check the values; the error names the field.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |f: &str, why: &str| Err(NodeError::Config(format!("link health {f}: {why}")));
-        if self.keep_alive.is_zero() || self.keep_alive >= self.idle_timeout {
-            return bad(
-                "keep_alive",
-                "must be positive and shorter than idle_timeout",
-            );
-        }
-        if !(self.rtt_factor.is_finite() && self.rtt_factor >= 0.0) {
-            return bad("rtt_factor", "must be a finite number ≥ 0");
-        }
-        if !(self.service_factor.is_finite() && self.service_factor >= 0.0) {
-            return bad("service_factor", "must be a finite number ≥ 0");
-        }
-        if self.reply_floor.is_zero() || self.reply_cap < self.reply_floor {
-            return bad("reply_floor", "must be positive and at most reply_cap");
-        }
-        if self.missed_probes == 0 {
-            return bad("missed_probes", "must be at least 1");
-        }
-        if self.redial_min.is_zero() || self.redial_max < self.redial_min {
-            return bad("redial_min", "must be positive and at most redial_max");
-        }
-        if self.dial_timeout.is_zero() {
-            return bad("dial_timeout", "must be positive");
-        }
-        Ok(())
-    }
-
-    /// Reply deadline for a step of `rows` rows: `max(floor, rtt_factor · rtt +
-    /// service_factor · service)`, capped; `service` is the parent's smoothed service time
-    /// for such a step (`None` = not observed yet: the prior).
-    pub fn reply_deadline(&self, rtt_ms: f64, service_ms: Option<f64>) -> Duration {
-        let service = service_ms.unwrap_or(self.service_prior.as_secs_f64() * 1e3);
-        let ms = self.rtt_factor * rtt_ms.max(0.0) + self.service_factor * service.max(0.0);
-        let d = if ms.is_finite() {
-            Duration::from_secs_f64(ms / 1e3)
-        } else {
-            self.reply_cap
-        };
-        d.clamp(self.reply_floor, self.reply_cap)
-    }
-}
 
 /// Smoothed service time of the parent (reply time minus RTT): per decode step (one row)
 /// and per row of a multi-row step (prefill, backfill).
@@ -669,156 +561,6 @@ impl ParentLink {
         self.closing.store(true, Ordering::Release);
         if let Some(c) = self.conn.lock().await.take() {
             c.close("shutdown");
-        }
-    }
-}
-
-/// The parents of a node in preference order (`--parent A --parent B`) and the one in
-/// use. A request that loses its parent fails over with [`Parents::fail_over`]; later
-/// requests start on the parent in use.
-#[derive(Debug)]
-pub struct Parents {
-    links: Vec<Arc<ParentLink>>,
-    active: std::sync::atomic::AtomicUsize,
-    failovers: AtomicU64,
-}
-
-impl Parents {
-    /// A set of at least one parent; the first is in use.
-    pub fn new(links: Vec<Arc<ParentLink>>) -> Result<Arc<Self>> {
-        if links.is_empty() {
-            return Err(NodeError::Config(
-                "a parent set needs at least one parent".into(),
-            ));
-        }
-        Ok(Arc::new(Self {
-            links,
-            active: std::sync::atomic::AtomicUsize::new(0),
-            failovers: AtomicU64::new(0),
-        }))
-    }
-
-    /// Every configured parent, in preference order.
-    pub fn all(&self) -> &[Arc<ParentLink>] {
-        &self.links
-    }
-
-    /// The parent in use.
-    pub fn active(&self) -> Arc<ParentLink> {
-        let i = self
-            .active
-            .load(Ordering::Acquire)
-            .min(self.links.len() - 1);
-        self.links[i].clone()
-    }
-
-    /// The parent a new request should use: the one in use unless it is down, then the
-    /// first other parent that is not down (it becomes the one in use); the one in use
-    /// when all are down (its escalations then fail at once and answer degraded).
-    pub fn pick(&self) -> Arc<ParentLink> {
-        let cur = self.active();
-        if !cur.is_down() {
-            return cur;
-        }
-        match self.links.iter().position(|l| !l.is_down() && !l.failed()) {
-            Some(i) => {
-                self.active.store(i, Ordering::Release);
-                tracing::info!(from = %cur.addr(), to = %self.links[i].addr(), "parent in use is down; new requests use another");
-                self.links[i].clone()
-            }
-            None => cur,
-        }
-    }
-
-    /// Use parent `i` (in preference order) for new requests: at start, when the parents
-    /// before it did not answer. Out of range → ignored.
-    pub(crate) fn set_active(&self, i: usize) {
-        if i < self.links.len() {
-            self.active.store(i, Ordering::Release);
-        }
-    }
-
-    /// Fail-overs so far.
-    pub fn failovers(&self) -> u64 {
-        self.failovers.load(Ordering::Acquire)
-    }
-
-    /// `failed` just lost a request: mark it and switch to the best other parent that has
-    /// not failed ([`flow_partition::choose_parent`]: the lowest predicted RTT, ties to
-    /// the earlier one). `None` when there is none (one parent, or all failed).
-    pub fn fail_over(&self, failed: &Arc<ParentLink>) -> Option<Arc<ParentLink>> {
-        failed.mark_failed();
-        let options: Vec<flow_partition::ParentOption> = self
-            .links
-            .iter()
-            .enumerate()
-            .map(|(i, l)| flow_partition::ParentOption {
-                id: i.to_string(),
-                reachable: !Arc::ptr_eq(l, failed) && !l.failed() && !l.is_down(),
-                predicted_ms: l.planning_estimate().rtt_ms.max(0.0),
-            })
-            .collect();
-        let pick = flow_partition::choose_parent(&options)
-            .ok()
-            .flatten()
-            .and_then(|o| o.id.parse::<usize>().ok())?;
-        self.active.store(pick, Ordering::Release);
-        self.failovers.fetch_add(1, Ordering::AcqRel);
-        tracing::warn!(from = %failed.addr(), to = %self.links[pick].addr(), "failing over to another parent");
-        Some(self.links[pick].clone())
-    }
-}
-
-/// Keeps a parent link connected: waits for its connection to close, then re-dials with a
-/// bounded backoff (`redial_min` doubling to `redial_max`) until a dial succeeds. Ends when
-/// the link is dropped or closed.
-async fn supervise(link: Weak<ParentLink>, health: LinkHealth) {
-    let mut backoff = health.redial_min;
-    loop {
-        let Some(l) = link.upgrade() else { return };
-        let conn = l.conn.lock().await.clone();
-        match conn {
-            Some(c) => {
-                drop(l);
-                let why = c.closed().await;
-                let Some(l) = link.upgrade() else { return };
-                let mut slot = l.conn.lock().await;
-                if slot.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, &c)) {
-                    *slot = None;
-                    drop(slot);
-                    if l.closing.load(Ordering::Acquire) {
-                        return;
-                    }
-                    l.reachable.store(false, Ordering::Release);
-                    tracing::warn!(parent = %l.addr(), reason = %why, "parent connection lost; re-dialling");
-                }
-                backoff = health.redial_min;
-            }
-            None => {
-                if l.closing.load(Ordering::Acquire) {
-                    return;
-                }
-                let r = tokio::time::timeout(health.dial_timeout, l.dial()).await;
-                match r {
-                    Ok(Ok(())) => {
-                        tracing::info!(parent = %l.addr(), "parent re-dialled");
-                        backoff = health.redial_min;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(parent = %l.addr(), error = %e, backoff_ms = backoff.as_millis() as u64, "re-dial failed");
-                    }
-                    Err(_) => {
-                        l.reachable.store(false, Ordering::Release);
-                        tracing::debug!(parent = %l.addr(), backoff_ms = backoff.as_millis() as u64, "re-dial timed out");
-                    }
-                }
-                let connected = l.conn.lock().await.is_some();
-                drop(l);
-                if !connected {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(health.redial_max);
-                }
-            }
         }
     }
 }
