@@ -2,14 +2,13 @@
 //! exactly, on three real agents (device drafts from its exit, the cloud verifies) over
 //! loopback QUIC with mutual TLS.
 //!
-//! How: drafter and verifier draw from one shared, seeded uniform per position
-//! (`session::wire::choose`: the request's seed mixed with the position). The verifier
-//! emits its *own* sample at the first position where the draft differs, so every emitted
-//! token is the target model's sample — the same token a single node with the same seed
-//! would pick — and drafts are accepted when the two samples coincide (coupled by the shared
-//! uniform: likely when the exit's and the model's distributions are close). No draft
-//! probabilities travel; the price against the accept/reject rule (accept with probability
-//! min(1, p/q)) is a lower acceptance when the distributions differ, measured below.
+//! How: tokens are sampled by the Gumbel-max trick with noise keyed by (seed, position,
+//! token id) (`session::wire::choose`, `flow_familial::sample`), so drafter and verifier
+//! share every token's noise. The verifier emits its *own* sample at the first position
+//! where the draft differs, so every emitted token is the target model's sample — the same
+//! token a single node with the same seed would pick — and drafts are accepted when the two
+//! samples coincide (likely when the exit's and the model's distributions are close). No
+//! draft probabilities travel.
 //!
 //! Checked: (1) over many seeds the first generated token's frequencies match the cloud's
 //! distribution p (softmax of the full model's logits at the temperature, computed here

@@ -71,7 +71,9 @@ impl Sampler {
             .enumerate()
             .map(|(i, &x)| (i as u32, ((x - max) / t).exp()))
             .collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.params.top_k > 0 || self.params.top_p < 1.0 {
+            cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        }
         if self.params.top_k > 0 {
             cand.truncate(self.params.top_k);
         }
@@ -88,16 +90,34 @@ impl Sampler {
             }
             cand.truncate(keep.max(1));
         }
-        let total: f32 = cand.iter().map(|c| c.1).sum();
-        let mut r = self.rng.gen::<f32>() * total;
-        for c in &cand {
-            r -= c.1;
-            if r <= 0.0 {
-                return c.0;
+        // Gumbel-max: the candidate maximising ln w + G is an exact sample of w / Σw. The
+        // noise G is keyed by (one draw of this sampler, token id), not by rank: two samplers
+        // seeded alike (a drafting exit and the verifier at one position) share every token's
+        // noise, so they pick the same token whenever their distributions are close — the
+        // coupling that lets speculative decoding accept sampled drafts while each side
+        // still samples its own distribution exactly.
+        let key = self.rng.gen::<u64>();
+        let mut best = (f32::NEG_INFINITY, cand.first().map_or(0, |c| c.0));
+        for &(id, w) in &cand {
+            let score = w.ln() + gumbel(key, id);
+            if score > best.0 {
+                best = (score, id);
             }
         }
-        cand.last().map(|c| c.0).unwrap_or(0)
+        best.1
     }
+}
+
+/// Standard Gumbel noise for token `id` under `key`: `-ln(-ln u)`, `u` uniform in (0, 1)
+/// from a SplitMix64 hash of (key, id).
+fn gumbel(key: u64, id: u32) -> f32 {
+    let mut z = key ^ u64::from(id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let u = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    (-(-u.ln()).ln()) as f32
 }
 
 #[cfg(test)]
@@ -130,5 +150,63 @@ mod tests {
             .collect();
         assert_eq!(a, b);
         assert!(a.iter().all(|&t| t == 1 || t == 2));
+    }
+
+    fn softmax(row: &[f32], t: f32) -> Vec<f64> {
+        let w: Vec<f64> = row.iter().map(|&x| f64::from(x / t).exp()).collect();
+        let total: f64 = w.iter().sum();
+        w.iter().map(|x| x / total).collect()
+    }
+
+    fn params(seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: 0.8,
+            seed,
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let row = [1.0, 0.2, -0.5, 2.0, 0.0, -2.0];
+        let p = softmax(&row, 0.8);
+        let n = 60_000;
+        let mut counts = [0usize; 6];
+        for seed in 0..n {
+            counts[Sampler::new(params(seed)).sample(&row) as usize] += 1;
+        }
+        // chi-square, 5 degrees of freedom: 20.5 is the upper 0.001 point
+        let chi2: f64 = p
+            .iter()
+            .zip(counts)
+            .map(|(&pi, o)| (o as f64 - pi * n as f64).powi(2) / (pi * n as f64))
+            .sum();
+        assert!(chi2 < 20.5, "chi2 {chi2}: {counts:?} vs {p:?}");
+    }
+
+    #[test]
+    fn samplers_seeded_alike_agree_when_their_distributions_are_close() {
+        // a drafter's logits: the verifier's, perturbed
+        let p_row = [1.0, 0.2, -0.5, 2.0, 0.0, -2.0];
+        let q_row = [1.2, 0.1, -0.4, 1.7, 0.1, -1.8];
+        let (p, q) = (softmax(&p_row, 0.8), softmax(&q_row, 0.8));
+        let overlap: f64 = p.iter().zip(&q).map(|(a, b)| a.min(*b)).sum();
+        let tv = 1.0 - overlap;
+        let n = 20_000;
+        let same = (0..n)
+            .filter(|&seed| {
+                Sampler::new(params(seed)).sample(&p_row)
+                    == Sampler::new(params(seed)).sample(&q_row)
+            })
+            .count() as f64
+            / n as f64;
+        // Gumbel coupling: P(same) >= (1 - TV) / (1 + TV); at most the overlap (the best
+        // any coupling, and the accept/reject rule, can do)
+        let floor = (1.0 - tv) / (1.0 + tv);
+        eprintln!("agreement {same:.3}, floor {floor:.3}, overlap {overlap:.3}");
+        assert!(
+            same >= floor - 0.01 && same <= overlap + 0.01,
+            "agreement {same:.3}, floor {floor:.3}, overlap {overlap:.3}"
+        );
     }
 }
