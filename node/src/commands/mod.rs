@@ -28,6 +28,7 @@ pub mod node;
 pub mod plan;
 pub mod testbed;
 pub mod testbed_compose;
+pub mod testbed_faults;
 pub mod testbed_greedy;
 pub mod testbed_link;
 pub mod testbed_load;

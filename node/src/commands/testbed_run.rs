@@ -2,11 +2,10 @@
 //!
 //! `run` = up (certs, links, the scenario's nodes; waits for health checks) → the load
 //! generator container replays the schedule open-loop from a shared wall-clock start →
-//! the scenario's faults are injected at their times (kill/restart: `compose kill/start`;
-//! partition/heal: `docker network disconnect/connect` of the lower node from the network
-//! towards its parent, same fixed address on reconnect; degrade_link: the shaper's control
-//! port via `docker exec`) → every request's record and the shapers' byte counters are
-//! collected → report (JSON, Markdown, PNG/SVG) → down -v (also on failure).
+//! the scenario's faults are injected at their times (`testbed_faults`) → every request's
+//! record and the shapers' byte counters are collected → report (JSON, Markdown, PNG/SVG)
+//! → with `--check-greedy`, every answered request replayed alone (`testbed_greedy`) →
+//! down -v (also on failure).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use flow_testbed::loadgen::{Outcome, RequestRecord, Schedule, ScheduleOptions};
 use flow_testbed::report::{write_report, LinkBytes, ReportInput};
-use flow_testbed::scenario::{Action, Scenario, ScenarioEvent};
+use flow_testbed::scenario::Scenario;
 use flow_testbed::shaper::ShaperStats;
 use flow_testbed::soak::check::{fate, Fate};
 use flow_testbed::trace::{SyntheticConfig, Trace};
@@ -24,8 +23,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::testbed::{image, ImageArgs};
 pub(super) use super::testbed_compose::{
-    address_of, address_on, docker, exited_nodes, health_of, run_ok, Compose, ComposeArgs, Loadgen,
+    address_on, docker, exited_nodes, health_of, run_ok, Compose, ComposeArgs, Loadgen,
 };
+use super::testbed_faults::{action_label, AppliedEvent, Faults};
 
 /// Flags of `testbed up`.
 #[derive(clap::Args, Debug)]
@@ -224,133 +224,6 @@ impl Drop for DownGuard<'_> {
         match self.compose.down() {
             Ok(()) => eprintln!("testbed down (containers, networks, volumes removed)"),
             Err(e) => eprintln!("warning: compose down failed: {e:#}"),
-        }
-    }
-}
-
-/// A fault as it was applied.
-#[derive(Debug, serde::Serialize)]
-pub(super) struct AppliedEvent {
-    at_s: f64,
-    pub applied_at_s: f64,
-    pub action: String,
-    pub target: String,
-    pub ok: bool,
-    detail: String,
-}
-
-/// The lower node of a link and the network towards its parent.
-fn partition_side(link: &str) -> anyhow::Result<(&str, &'static str)> {
-    let (a, b) = link
-        .split_once(':')
-        .with_context(|| format!("link `{link}` is not a:b"))?;
-    // device < edge < cloud (cloud2 is a cloud): the lower node is cut from the network
-    // towards its parent
-    let tier = |n: &str| {
-        ["device", "edge", "cloud"]
-            .iter()
-            .position(|t| n.starts_with(t))
-    };
-    let lower = if tier(a) <= tier(b) { a } else { b };
-    let net = if lower.starts_with("device") {
-        "dev_edge"
-    } else {
-        "edge_cloud"
-    };
-    Ok((lower, net))
-}
-
-struct Faults<'a> {
-    compose: &'a Compose,
-    /// (container, network) → its address before a partition, for the reconnect.
-    addresses: BTreeMap<(String, String), String>,
-    /// service → container id. Faults talk to docker directly with these: a compose v1
-    /// call costs seconds on a loaded machine, and a soak's faults must keep their times.
-    ids: BTreeMap<String, String>,
-}
-
-impl Faults<'_> {
-    fn id(&mut self, service: &str) -> anyhow::Result<String> {
-        if let Some(id) = self.ids.get(service) {
-            return Ok(id.clone());
-        }
-        let id = self.compose.container(service)?;
-        self.ids.insert(service.to_string(), id.clone());
-        Ok(id)
-    }
-
-    fn apply(&mut self, ev: &ScenarioEvent) -> anyhow::Result<String> {
-        let c = self.compose;
-        match &ev.action {
-            Action::Kill => {
-                let id = self.id(&ev.target)?;
-                docker(&["kill", "-s", "SIGKILL", &id], "docker kill")?;
-                Ok("SIGKILL".into())
-            }
-            Action::Restart => {
-                let id = self.id(&ev.target)?;
-                if health_of(&id).starts_with("running") {
-                    docker(&["restart", "-t", "2", &id], "docker restart")?;
-                    Ok("restarted".into())
-                } else {
-                    docker(&["start", &id], "docker start")?;
-                    Ok("started".into())
-                }
-            }
-            Action::Partition => {
-                let (node, net) = partition_side(&ev.target)?;
-                let id = self.id(node)?;
-                let network = c.network(net);
-                let ip = address_of(&id, &network)?;
-                docker(
-                    &["network", "disconnect", "-f", &network, &id],
-                    "docker network disconnect",
-                )?;
-                let detail = format!("{node} disconnected from {network} (was {ip})");
-                self.addresses.insert((id, network), ip);
-                Ok(detail)
-            }
-            Action::Heal => {
-                let (node, net) = partition_side(&ev.target)?;
-                let id = self.id(node)?;
-                let network = c.network(net);
-                let ip = self
-                    .addresses
-                    .remove(&(id.clone(), network.clone()))
-                    .with_context(|| format!("heal {}: it was not partitioned", ev.target))?;
-                docker(
-                    &["network", "connect", "--ip", &ip, &network, &id],
-                    "docker network connect",
-                )?;
-                Ok(format!("{node} reconnected to {network} at {ip}"))
-            }
-            Action::DegradeLink(change) => {
-                let id = self.id("links")?;
-                let mut args: Vec<String> = [
-                    "exec",
-                    &id,
-                    "/flow-node",
-                    "testbed",
-                    "link-ctl",
-                    "apply",
-                    &ev.target,
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-                for (flag, v) in [
-                    ("--delay-ms", change.delay_ms),
-                    ("--jitter-ms", change.jitter_ms),
-                    ("--rate-mbit", change.rate_mbit),
-                    ("--loss", change.loss),
-                ] {
-                    if let Some(v) = v {
-                        args.push(flag.into());
-                        args.push(v.to_string());
-                    }
-                }
-                run_ok(Command::new("docker").args(&args), "link-ctl apply")
-            }
         }
     }
 }
@@ -817,48 +690,9 @@ fn check_isolation(compose: &Compose, scenario: &Scenario) -> anyhow::Result<()>
     Ok(())
 }
 
-fn action_label(a: &Action) -> &'static str {
-    match a {
-        Action::Kill => "kill",
-        Action::Restart => "restart",
-        Action::Partition => "partition",
-        Action::Heal => "heal",
-        Action::DegradeLink(_) => "degrade_link",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn partitions_cut_the_lower_node_towards_its_parent() {
-        assert_eq!(
-            partition_side("device2:edge1").unwrap(),
-            ("device2", "dev_edge")
-        );
-        assert_eq!(
-            partition_side("edge1:device2").unwrap(),
-            ("device2", "dev_edge")
-        );
-        assert_eq!(
-            partition_side("edge1:cloud").unwrap(),
-            ("edge1", "edge_cloud")
-        );
-        assert_eq!(
-            partition_side("cloud2:edge1").unwrap(),
-            ("edge1", "edge_cloud")
-        );
-        assert_eq!(
-            partition_side("edge1:cloud2").unwrap(),
-            ("edge1", "edge_cloud")
-        );
-        assert_eq!(
-            partition_side("cloud:edge2").unwrap(),
-            ("edge2", "edge_cloud")
-        );
-        assert!(partition_side("edge1").is_err());
-    }
 
     #[test]
     fn lost_shed_hung_or_failed_requests_fail_the_check() {
