@@ -10,9 +10,9 @@ use common::{ids, policy, request};
 use flow_familial::confidence::Confidence;
 use flow_familial::init::{init_checkpoint, Preset};
 use flow_familial::{FamilialModel, Layout};
-use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
+use flow_node::cluster::{single_node, LocalCluster};
 use flow_node::EngineConfig;
-use flow_protocol::{Encoding, InferMode, Policy, Role};
+use flow_protocol::{InferMode, Policy, Role};
 
 const PROMPTS: [&[u32]; 3] = [
     &[256, 49, 50, 43, 51, 52, 61],
@@ -22,18 +22,7 @@ const PROMPTS: [&[u32]; 3] = [
 const NEW: usize = 12;
 
 async fn cluster(dir: &Path, certs: &Path) -> LocalCluster {
-    LocalCluster::start(ClusterSpec {
-        model_dir: dir.to_path_buf(),
-        declare_exits: None,
-        device_exit: 1,
-        edge_exit: 3,
-        certs_dir: certs.to_path_buf(),
-        policy: Policy::default(),
-        encoding: Encoding::F32,
-        engine: EngineConfig::default(),
-    })
-    .await
-    .expect("cluster starts")
+    common::tiny_cluster(dir, certs).await
 }
 
 /// The tiny model emits eos sometimes; the family has no eos stop here because stop tokens

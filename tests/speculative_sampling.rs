@@ -19,9 +19,8 @@ mod common;
 
 use common::{ids, policy};
 use flow_familial::FamilialModel;
-use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
-use flow_node::{EngineConfig, GenerateRequest};
-use flow_protocol::{Encoding, InferMode, Policy, Sampling};
+use flow_node::GenerateRequest;
+use flow_protocol::{InferMode, Policy, Sampling};
 
 const PROMPT: &[u32] = &[256, 49, 50, 43, 51, 52, 61];
 const SEEDS: u64 = 400;
@@ -75,27 +74,8 @@ async fn speculative_sampling_keeps_the_target_distribution() {
     let model = FamilialModel::load(dir.path()).unwrap();
     let p = distribution(&model, 5);
     let q = distribution(&model, 1);
-    let c = LocalCluster::start(ClusterSpec {
-        model_dir: dir.path().to_path_buf(),
-        declare_exits: None,
-        device_exit: 1,
-        edge_exit: 3,
-        certs_dir: certs.path().to_path_buf(),
-        policy: Policy::default(),
-        encoding: Encoding::F32,
-        engine: EngineConfig::default(),
-    })
-    .await
-    .expect("cluster starts");
-    let single = single_node(
-        dir.path(),
-        None,
-        Some(5),
-        policy(InferMode::Local),
-        EngineConfig::default(),
-    )
-    .await
-    .unwrap();
+    let c = common::tiny_cluster(dir.path(), certs.path()).await;
+    let single = common::single_reference(dir.path()).await;
     let spec = Policy {
         draft_len: 2,
         ..policy(InferMode::Speculate)

@@ -85,6 +85,27 @@ pub async fn single_reference(dir: &std::path::Path) -> flow_node::Agent {
     .unwrap()
 }
 
+/// Device, edge and cloud on loopback with mTLS over the tiny family in `dir` (exits 1, 3
+/// and the deepest), default policy, f32 on the wire.
+#[allow(dead_code)]
+pub async fn tiny_cluster(
+    dir: &std::path::Path,
+    certs: &std::path::Path,
+) -> flow_node::cluster::LocalCluster {
+    flow_node::cluster::LocalCluster::start(flow_node::cluster::ClusterSpec {
+        model_dir: dir.to_path_buf(),
+        declare_exits: None,
+        device_exit: 1,
+        edge_exit: 3,
+        certs_dir: certs.to_path_buf(),
+        policy: flow_protocol::Policy::default(),
+        encoding: flow_protocol::Encoding::F32,
+        engine: flow_node::EngineConfig::default(),
+    })
+    .await
+    .expect("cluster starts")
+}
+
 /// Run-time planning for the tiny family (exit depths 1, 3, 6; exit points 1, 3, 5) with
 /// made-up accuracy `curves` for exits 1 and 3, checked every 50 ms with `hold_ms` of
 /// hysteresis hold.
