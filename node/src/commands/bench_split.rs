@@ -68,7 +68,7 @@ pub struct BenchSplitArgs {
     pub inline_max_rows: usize,
     /// Wire encoding of hidden states between tiers: f32, f16, bf16 or int8.
     #[arg(long, default_value = "f32")]
-    pub encoding: String,
+    pub encoding: flow_protocol::Encoding,
     /// Also write the full results (every request) as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -282,7 +282,7 @@ async fn bench(a: BenchSplitArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {} (train it or pass --model)", dir.display()))?;
     let exits = cfg.exit_points();
     let (dev_exit, edge_exit, last) = super::cluster::three_tier_exits(&exits, "bench split")?;
-    let encoding = super::node::parse_encoding(&a.encoding)?;
+    let encoding = a.encoding;
     // Held-out prompts: add, lookup, reverse in turn.
     let per_task = a.requests.div_ceil(3);
     let sets: Vec<_> = Task::CONCRETE

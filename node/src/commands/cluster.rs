@@ -24,7 +24,7 @@ pub struct ClusterArgs {
     pub addr_file: Option<PathBuf>,
     /// Wire encoding between tiers.
     #[arg(long, default_value = "f32")]
-    pub encoding: String,
+    pub encoding: flow_protocol::Encoding,
     #[command(flatten)]
     pub api: super::api_args::ApiArgs,
 }
@@ -36,7 +36,7 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let tmp = tempfile::tempdir()?;
-        let encoding = super::node::parse_encoding(&a.encoding)?;
+        let encoding = a.encoding;
         let cluster = start(a.model, tmp.path(), encoding, EngineConfig::default()).await?;
         let (addr, _task, ready) = flow_node::http::serve_loading(a.http, &a.api.options()).await?;
         ready.set(cluster.device.clone());

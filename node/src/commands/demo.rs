@@ -34,7 +34,7 @@ pub struct DemoArgs {
     pub threshold: Option<f32>,
     /// Wire encoding of hidden states between tiers: f32, f16, bf16 or int8.
     #[arg(long, default_value = "f32")]
-    pub encoding: String,
+    pub encoding: flow_protocol::Encoding,
 }
 
 /// Chat prompts for instruction-tuned models (rendered with the model's own template).
@@ -221,7 +221,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let (declare_exits, exits) = super::cluster::tier_exits(&cfg);
     let chat = source.chat()?;
     let (dev_exit, edge_exit, last) = super::cluster::three_tier_exits(&exits, "the demo")?;
-    let encoding = super::node::parse_encoding(&a.encoding)?;
+    let encoding = a.encoding;
     println!(
         "aiflow demo — family {} ({}), exits {exits:?}",
         dir.display(),

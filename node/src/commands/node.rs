@@ -17,7 +17,7 @@ use serde::Deserialize;
 pub struct NodeArgs {
     /// This node's tier: device, edge or cloud.
     #[arg(long)]
-    pub role: Option<String>,
+    pub role: Option<Role>,
     /// TOML file with any of these settings.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -73,13 +73,13 @@ pub struct NodeArgs {
     pub threads: Option<usize>,
     /// Default inference mode: route, escalate, speculate or local.
     #[arg(long)]
-    pub mode: Option<String>,
+    pub mode: Option<InferMode>,
     /// Default confidence threshold (max softmax probability) for escalate.
     #[arg(long)]
     pub threshold: Option<f32>,
     /// Wire encoding of hidden states to the parent: f32, f16, bf16 or int8.
     #[arg(long)]
-    pub encoding: Option<String>,
+    pub encoding: Option<Encoding>,
     /// KV cache budget in MiB.
     #[arg(long)]
     pub kv_budget_mb: Option<usize>,
@@ -185,14 +185,16 @@ impl<T> OneOrMany<T> {
     }
 }
 
-pub fn parse_encoding(s: &str) -> anyhow::Result<Encoding> {
-    Ok(match s {
-        "f32" => Encoding::F32,
-        "f16" => Encoding::F16,
-        "bf16" => Encoding::Bf16,
-        "int8" => Encoding::Int8,
-        o => anyhow::bail!("unknown encoding {o:?} (f32, f16, bf16 or int8)"),
+/// A setting from the `--config` file, parsed as its flag would be.
+fn from_file<T: std::str::FromStr<Err = flow_protocol::Error>>(
+    key: &str,
+    v: Option<String>,
+) -> anyhow::Result<Option<T>> {
+    v.map(|v| {
+        v.parse()
+            .map_err(|e| anyhow::anyhow!("--config {key}: {e}"))
     })
+    .transpose()
 }
 
 /// A `--parent`: `IP:PORT`, or `HOST:PORT` resolved now (the first address the resolver
@@ -272,12 +274,11 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         Some(p) => load_file(p)?,
         None => FileConfig::default(),
     };
-    let role: Role = a
-        .role
-        .or(f.role)
-        .context("--role is required (device, edge or cloud); see flow-node --help")?
-        .parse()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let role: Role = match a.role {
+        Some(r) => r,
+        None => from_file("role", f.role)?
+            .context("--role is required (device, edge or cloud); see flow-node --help")?,
+    };
     let model = a
         .model
         .or(f
@@ -321,8 +322,11 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         .collect();
     let parent = (!parents.is_empty()).then(|| parents.remove(0));
     let mut policy = Policy::default();
-    if let Some(m) = a.mode.or(f.mode) {
-        policy.mode = m.parse::<InferMode>().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(m) = a
+        .mode
+        .map_or_else(|| from_file("mode", f.mode), |m| Ok(Some(m)))?
+    {
+        policy.mode = m;
     }
     if let Some(t) = a.threshold.or(f.threshold) {
         policy.default_threshold = t;
@@ -335,7 +339,10 @@ pub fn agent_config(a: NodeArgs) -> anyhow::Result<(AgentConfig, Option<SocketAd
         policy.thresholds = thresholds;
         policy.measure = measure;
     }
-    let encoding = parse_encoding(&a.encoding.or(f.encoding).unwrap_or_else(|| "f32".into()))?;
+    let encoding = match a.encoding {
+        Some(e) => e,
+        None => from_file("encoding", f.encoding)?.unwrap_or(Encoding::F32),
+    };
     let mut engine = EngineConfig::default();
     if let Some(t) = a.threads.or(f.threads) {
         engine.threads = t.max(1);
@@ -642,7 +649,7 @@ mod tests {
         let model = dir.path().join("m");
         init_checkpoint(Preset::Tiny, flow_familial::Layout::RuyiQwen2, 1, &model).unwrap();
         let args = |role: &str, layers: &str, parent: bool| NodeArgs {
-            role: Some(role.into()),
+            role: Some(role.parse().unwrap()),
             model: Some(model.clone()),
             layers: Some(layers.into()),
             parent: if parent {
@@ -678,7 +685,7 @@ mod tests {
         let v = serde_json::json!({ "input": input(), "adaptive": {} });
         std::fs::write(&report, v.to_string()).unwrap();
         let args = NodeArgs {
-            role: Some("device".into()),
+            role: Some(Role::Device),
             model: Some(model.clone()),
             layers: Some("0..3".into()),
             parent: vec!["127.0.0.1:9".parse().unwrap()],
@@ -718,7 +725,7 @@ mod tests {
         let bad = dir.path().join("bad.json");
         std::fs::write(&bad, "{\"tiers\": 3}").unwrap();
         let e = agent_config(NodeArgs {
-            role: Some("device".into()),
+            role: Some(Role::Device),
             model: Some(model),
             layers: Some("0..3".into()),
             insecure_loopback: true,
