@@ -66,10 +66,11 @@ impl Sampler {
         }
         let t = self.params.temperature;
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // (id, log-weight): the weights are exp of these, needed only for top-p
         let mut cand: Vec<(u32, f32)> = row
             .iter()
             .enumerate()
-            .map(|(i, &x)| (i as u32, ((x - max) / t).exp()))
+            .map(|(i, &x)| (i as u32, (x - max) / t))
             .collect();
         if self.params.top_k > 0 || self.params.top_p < 1.0 {
             cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -77,12 +78,12 @@ impl Sampler {
         if self.params.top_k > 0 {
             cand.truncate(self.params.top_k);
         }
-        let total: f32 = cand.iter().map(|c| c.1).sum();
         if self.params.top_p < 1.0 {
+            let total: f32 = cand.iter().map(|c| c.1.exp()).sum();
             let mut acc = 0.0;
             let mut keep = cand.len();
             for (i, c) in cand.iter().enumerate() {
-                acc += c.1 / total;
+                acc += c.1.exp() / total;
                 if acc >= self.params.top_p {
                     keep = i + 1;
                     break;
@@ -98,8 +99,8 @@ impl Sampler {
         // still samples its own distribution exactly.
         let key = self.rng.gen::<u64>();
         let mut best = (f32::NEG_INFINITY, cand.first().map_or(0, |c| c.0));
-        for &(id, w) in &cand {
-            let score = w.ln() + gumbel(key, id);
+        for &(id, log_w) in &cand {
+            let score = log_w + gumbel(key, id);
             if score > best.0 {
                 best = (score, id);
             }

@@ -155,30 +155,16 @@ mod tests {
 
     #[test]
     fn partitions_cut_the_lower_node_towards_its_parent() {
-        assert_eq!(
-            partition_side("device2:edge1").unwrap(),
-            ("device2", "dev_edge")
-        );
-        assert_eq!(
-            partition_side("edge1:device2").unwrap(),
-            ("device2", "dev_edge")
-        );
-        assert_eq!(
-            partition_side("edge1:cloud").unwrap(),
-            ("edge1", "edge_cloud")
-        );
-        assert_eq!(
-            partition_side("cloud2:edge1").unwrap(),
-            ("edge1", "edge_cloud")
-        );
-        assert_eq!(
-            partition_side("edge1:cloud2").unwrap(),
-            ("edge1", "edge_cloud")
-        );
-        assert_eq!(
-            partition_side("cloud:edge2").unwrap(),
-            ("edge2", "edge_cloud")
-        );
+        for (link, node, net) in [
+            ("device2:edge1", "device2", "dev_edge"),
+            ("edge1:device2", "device2", "dev_edge"),
+            ("edge1:cloud", "edge1", "edge_cloud"),
+            ("cloud2:edge1", "edge1", "edge_cloud"),
+            ("edge1:cloud2", "edge1", "edge_cloud"),
+            ("cloud:edge2", "edge2", "edge_cloud"),
+        ] {
+            assert_eq!(partition_side(link).unwrap(), (node, net), "{link}");
+        }
         assert!(partition_side("edge1").is_err());
     }
 }
