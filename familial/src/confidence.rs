@@ -73,27 +73,28 @@ impl Confidence {
                 entropy: f32::INFINITY,
             };
         }
+        // One exponential per entry (this runs on every answered token over the whole
+        // vocabulary): with e_i = exp(x_i - max) and z = Σ e_i, p_i = e_i / z and
+        // H = -Σ p_i ln p_i = ln z - Σ e_i (x_i - max) / z; the top probability is
+        // 1 / z (e = 1 at the argmax), the runner-up e_2 / z.
         let mut z = 0f64;
-        for &x in row {
-            z += ((x - max) as f64).exp();
-        }
-        let lz = z.ln();
-        let mut entropy = 0f64;
-        let mut p1 = 0f64;
-        let mut p2 = 0f64;
-        for &x in row {
-            let lp = (x - max) as f64 - lz;
-            let p = lp.exp();
-            if p > 0.0 {
-                entropy -= p * lp;
+        let mut weighted = 0f64;
+        let mut second = 0f64;
+        for (i, &x) in row.iter().enumerate() {
+            let d = (x - max) as f64;
+            let e = d.exp();
+            z += e;
+            if e > 0.0 {
+                // (a masked -inf logit would make 0 * -inf = NaN)
+                weighted += e * d;
             }
-            if p > p1 {
-                p2 = p1;
-                p1 = p;
-            } else if p > p2 {
-                p2 = p;
+            if i != best && e > second {
+                second = e;
             }
         }
+        let p1 = 1.0 / z;
+        let p2 = second / z;
+        let entropy = (z.ln() - weighted / z).max(0.0);
         Self {
             token: best as u32,
             max_prob: p1 as f32,
@@ -112,6 +113,62 @@ pub fn confidences(logits: &Tensor) -> Result<Vec<Confidence>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The textbook two-pass computation (p = exp(lp), H = -Σ p lp).
+    fn two_pass(row: &[f32]) -> (f32, f32, f32) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lz = row
+            .iter()
+            .map(|&x| ((x - max) as f64).exp())
+            .sum::<f64>()
+            .ln();
+        let mut p: Vec<f64> = row.iter().map(|&x| ((x - max) as f64 - lz).exp()).collect();
+        let h: f64 = row
+            .iter()
+            .zip(&p)
+            .filter(|(_, &q)| q > 0.0)
+            .map(|(&x, &q)| -q * ((x - max) as f64 - lz))
+            .sum();
+        p.sort_by(|a, b| b.total_cmp(a));
+        (p[0] as f32, (p[0] - p[1]) as f32, h as f32)
+    }
+
+    #[test]
+    fn one_pass_equals_the_two_pass_definition() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 40) as f32 / (1u64 << 24) as f32
+        };
+        for (n, scale) in [(2, 1.0), (7, 30.0), (1000, 4.0), (49_152, 12.0)] {
+            let mut row: Vec<f32> = (0..n).map(|_| (next() - 0.5) * scale).collect();
+            if n > 2 {
+                row[1] = f32::NEG_INFINITY; // a masked entry
+            }
+            let c = Confidence::of_row(&row);
+            let (p1, margin, h) = two_pass(&row);
+            assert!(
+                (c.max_prob - p1).abs() <= 1e-6 * p1.max(1e-3),
+                "{n}: {} {p1}",
+                c.max_prob
+            );
+            assert!(
+                (c.margin - margin).abs() <= 1e-6,
+                "{n}: {} {margin}",
+                c.margin
+            );
+            assert!(
+                (c.entropy - h).abs() <= 1e-5 * h.max(1.0),
+                "{n}: {} {h}",
+                c.entropy
+            );
+        }
+        // A tie: no margin.
+        let c = Confidence::of_row(&[1.0, 3.0, 3.0]);
+        assert_eq!((c.token, c.margin), (1, 0.0));
+    }
 
     #[test]
     fn measures_agree_with_hand_computation() {
