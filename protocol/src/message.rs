@@ -475,6 +475,27 @@ pub enum ErrorCode {
     Internal,
 }
 
+impl ErrorCode {
+    /// Whether the code says "what you sent is wrong" (a malformed or unexpected message, a
+    /// version, model, role or limit the receiver refuses): retrying the same message at the
+    /// same peer cannot succeed, and the sender should not read it as the peer failing.
+    pub fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Malformed
+                | ErrorCode::VersionMismatch
+                | ErrorCode::ModelMismatch
+                | ErrorCode::UnknownKind
+                | ErrorCode::FrameTooLarge
+                | ErrorCode::LimitExceeded
+                | ErrorCode::NonFinite
+                | ErrorCode::Unauthorized
+                | ErrorCode::RoleMismatch
+                | ErrorCode::Unexpected
+        )
+    }
+}
+
 /// An error report; on a session stream it ends that session only.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorMsg {

@@ -144,7 +144,7 @@ impl Agent {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "child request failed");
-                    Message::error(wire_code(&e), e.to_string(), None)
+                    Message::error(e.code(), e.to_string(), None)
                 }
             };
             let is_err = matches!(out, Message::Error(_));
@@ -210,35 +210,5 @@ async fn child_reply(d: &mut Driver) -> Result<Message> {
         other => Err(NodeError::Internal(format!(
             "a child session produced {other:?} instead of a reply"
         ))),
-    }
-}
-
-/// The wire code a child sees for a failed request.
-fn wire_code(e: &NodeError) -> ErrorCode {
-    match e {
-        NodeError::Protocol(_) | NodeError::BadRequest(_) => ErrorCode::Malformed,
-        NodeError::Evicted(_) | NodeError::Unavailable(_) => ErrorCode::Overloaded,
-        _ => ErrorCode::Internal,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failures_map_to_wire_codes() {
-        let code = |e: NodeError| wire_code(&e);
-        assert_eq!(code(NodeError::Protocol("x".into())), ErrorCode::Malformed);
-        assert_eq!(
-            code(NodeError::BadRequest("x".into())),
-            ErrorCode::Malformed
-        );
-        assert_eq!(code(NodeError::Evicted("x".into())), ErrorCode::Overloaded);
-        assert_eq!(
-            code(NodeError::Unavailable("x".into())),
-            ErrorCode::Overloaded
-        );
-        assert_eq!(code(NodeError::Internal("x".into())), ErrorCode::Internal);
     }
 }

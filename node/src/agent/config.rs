@@ -263,6 +263,6 @@ mod tests {
         let e = Agent::builder("/nonexistent/aiflow-model")
             .config()
             .unwrap_err();
-        assert!(matches!(e, crate::NodeError::Model(_)), "{e:?}");
+        assert!(e.is_model(), "{e:?}");
     }
 }
