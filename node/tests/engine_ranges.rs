@@ -25,6 +25,7 @@ fn job(session: u64, start: usize, input: Input, st: Option<Stage>) -> StepJob {
         backfill: None,
         logit_rows: 1,
         exit_kv: true,
+        exit_backfill: None,
         stage: st,
     }
 }

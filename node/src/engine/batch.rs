@@ -255,8 +255,28 @@ impl Engine {
                 continue;
             }
             self.ensure_budget(job.session);
+            if let Some((start, h)) = job.exit_backfill.take() {
+                // The exit block alone (no trunk layers) over the positions it skipped.
+                let r = if stage.exit && job.exit_kv {
+                    let at_exit = Stage {
+                        a: stage.b,
+                        ..stage
+                    };
+                    self.backfill(job.session, start, &h, at_exit, true)
+                        .map(drop)
+                } else {
+                    Err(NodeError::Internal(
+                        "an exit backfill for a step that does not run this stage's exit".into(),
+                    ))
+                };
+                if let Err(e) = r {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            }
             let backfill = match job.backfill.take() {
-                Some((start, h)) => match self.backfill(job.session, start, &h, stage) {
+                Some((start, h)) => match self.backfill(job.session, start, &h, stage, job.exit_kv)
+                {
                     Ok(out) => Some(out),
                     Err(e) => {
                         results[i] = Some(Err(e));
@@ -336,24 +356,38 @@ impl Engine {
         }
     }
 
-    fn backfill(&mut self, session: u64, start: usize, h: &Tensor, stage: Stage) -> Result<Tensor> {
-        let Stage { a, b, exit } = stage;
-        let rows = h.dim(0)?;
-        let exits: Vec<usize> = if exit { vec![b] } else { vec![] };
+    /// Run `f` on `session`'s cache (created if new), taken out of the map meanwhile.
+    fn with_cache<T>(
+        &mut self,
+        session: u64,
+        f: impl FnOnce(&FamilialModel, &mut SeqCache) -> flow_familial::Result<T>,
+    ) -> Result<T> {
         self.cache(session);
         let mut kv = self
             .sessions
             .remove(&session)
             .ok_or_else(|| NodeError::Internal("session cache vanished".into()))?;
-        let r = self.model.backfill(
-            h,
-            a..b,
-            &exits,
-            &[Seg::new(start, rows)],
-            &mut [&mut kv.cache],
-        );
+        let r = f(&self.model, &mut kv.cache);
         self.sessions.insert(session, kv);
         Ok(r?)
+    }
+
+    /// Run layers `a..b` of `stage` (and its exit block, with `exit_kv`) over `h`, the
+    /// states for positions `start..` that this session's KV lacks.
+    fn backfill(
+        &mut self,
+        session: u64,
+        start: usize,
+        h: &Tensor,
+        stage: Stage,
+        exit_kv: bool,
+    ) -> Result<Tensor> {
+        let Stage { a, b, exit } = stage;
+        let exits: Vec<usize> = if exit && exit_kv { vec![b] } else { vec![] };
+        let segs = [Seg::new(start, h.dim(0)?)];
+        self.with_cache(session, |model, cache| {
+            model.backfill(h, a..b, &exits, &segs, &mut [cache])
+        })
     }
 
     #[allow(clippy::type_complexity)]
@@ -558,6 +592,7 @@ impl Pend {
             backfill: self.job.backfill.take(),
             logit_rows: if last { self.job.logit_rows } else { 0 },
             exit_kv: self.job.exit_kv,
+            exit_backfill: self.job.exit_backfill.take(),
             stage: self.job.stage,
         })
     }

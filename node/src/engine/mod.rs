@@ -79,9 +79,14 @@ pub struct StepJob {
     pub backfill: Option<(usize, Tensor)>,
     /// How many trailing rows need logits.
     pub logit_rows: usize,
-    /// Whether this session keeps the exit block's KV (false when its policy always
-    /// escalates past this exit, so the block is never needed).
+    /// Whether this step runs the exit block (keeps its KV). False while the session
+    /// passes every step past this exit; the trunk backfill then skips the block too.
     pub exit_kv: bool,
+    /// States after layer `b` for positions `s..` that the exit block has not seen (it was
+    /// skipped while the session escalated): run through the exit block alone, before
+    /// the backfill and the step, so that its KV holds every position again. Only with
+    /// `exit_kv`.
+    pub exit_backfill: Option<(usize, Tensor)>,
     /// Layers (and exit) this job runs, within the loaded stage; `None` = the whole
     /// loaded stage. A session must use the same sub-range for all its steps (its KV
     /// holds exactly those layers).
@@ -646,6 +651,55 @@ mod tests {
         assert_eq!((q.queued_steps, q.inline_steps), (8, 0), "{q:?}");
     }
 
+    /// Steps that skip the exit block, then one that fills its KV from the skipped steps'
+    /// states (`exit_backfill`) and answers: the same logits as running the exit on every
+    /// step; without the backfill, the hole is a clear error.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_skipped_exit_catches_up_from_kept_states_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        init_checkpoint(Preset::Tiny, Layout::Qwen2, 3, dir.path()).unwrap();
+        let e = engine(dir.path(), 4096);
+        let prompt: Vec<u32> = (0..6).map(|i| 40 + i).collect();
+        let toks = [70u32, 71, 72];
+        // Eager: the exit runs on every step (session 1).
+        e.step(step(1, 0, prompt.clone(), 0)).await.unwrap();
+        for (i, &t) in toks.iter().enumerate() {
+            e.step(step(1, 6 + i, vec![t], 0)).await.unwrap();
+        }
+        let eager = e.step(step(1, 9, vec![73], 1)).await.unwrap();
+        // Lazy: the same steps without the exit (session 2), states kept.
+        let skip = |start, tokens: Vec<u32>| StepJob {
+            exit_kv: false,
+            ..step(2, start, tokens, 0)
+        };
+        let mut kept = vec![e.step(skip(0, prompt.clone())).await.unwrap().hidden];
+        for (i, &t) in toks.iter().enumerate() {
+            kept.push(e.step(skip(6 + i, vec![t])).await.unwrap().hidden);
+        }
+        let hole = e.step(step(2, 9, vec![73], 1)).await.unwrap_err();
+        assert!(
+            hole.to_string().contains("backfill the missing positions"),
+            "{hole}"
+        );
+        // (the failed step got through the trunk layers before the exit refused it)
+        e.truncate(2, 9).await;
+        let states = Tensor::cat(&kept, 0).unwrap();
+        let lazy = e
+            .step(StepJob {
+                exit_backfill: Some((0, states)),
+                ..step(2, 9, vec![73], 1)
+            })
+            .await
+            .unwrap();
+        let (a, b) = (&eager.logits.unwrap()[0], &lazy.logits.unwrap()[0]);
+        let d = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "max |Δlogit| {d}");
+    }
+
     fn step(session: u64, start: usize, tokens: Vec<u32>, logit_rows: usize) -> StepJob {
         StepJob {
             session,
@@ -654,6 +708,7 @@ mod tests {
             backfill: None,
             logit_rows,
             exit_kv: true,
+            exit_backfill: None,
             stage: None,
         }
     }

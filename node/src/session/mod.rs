@@ -54,9 +54,7 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 use flow_partition::{DegradePolicy, DegradeReason};
-use flow_protocol::{
-    Backfill, Encoding, ErrorCode, InferMode, Message, Policy, Role, Sampling, TokenOut,
-};
+use flow_protocol::{Backfill, Encoding, InferMode, Message, Policy, Role, Sampling, TokenOut};
 use tokio::time::Instant;
 
 use crate::engine::{Input, Stage, StepJob, StepOut};
@@ -235,10 +233,14 @@ pub struct Session {
     /// States after this stage for positions `owed_start..` the parent has not seen.
     owed: Vec<Tensor>,
     owed_start: usize,
-    /// States after this stage for positions `0..` (kept with `keep_history`).
+    /// States after this stage for positions `0..` (kept with `keep_history`, and by a
+    /// stepwise session that passes steps past its exit: see `Session::keeps_states`).
     history: Vec<Tensor>,
     /// Positions this tier's KV holds (a child session: where its next message starts).
     kv_len: usize,
+    /// Positions `0..exit_kv_len` the exit block's KV holds (stepwise: it lags `kv_len`
+    /// while steps pass the exit, and is filled from `history` when the exit must answer).
+    exit_kv_len: usize,
     /// Generation of the upstream stream; replies on older ones are ignored.
     up: u64,
     /// The parent in use, for errors.
@@ -275,6 +277,7 @@ impl Session {
             owed_start: 0,
             history: Vec::new(),
             kv_len: 0,
+            exit_kv_len: 0,
             up: 0,
             parent_name: String::new(),
             parent_failed: false,
@@ -400,7 +403,7 @@ impl Session {
             (what, Message::Error(e)) => {
                 // A refusal of what was sent (a layer the parent does not host, a malformed
                 // message) is a configuration error: it fails over, but never degrades.
-                let err = if e.code == ErrorCode::Malformed {
+                let err = if e.code.is_refusal() {
                     NodeError::Protocol(format!(
                         "parent {} refused: {}",
                         self.parent_name, e.message

@@ -59,6 +59,8 @@ pub struct FakeEngine {
     pub kv: usize,
     /// Positions `0..exit_kv` the exit block's KV holds without a hole.
     pub exit_kv: usize,
+    /// Steps that filled the exit's KV from kept states first.
+    pub exit_backfills: usize,
     pub truncations: Vec<usize>,
 }
 
@@ -69,6 +71,7 @@ impl FakeEngine {
             confident: Box::new(confident),
             kv: 0,
             exit_kv: 0,
+            exit_backfills: 0,
             truncations: Vec::new(),
         }
     }
@@ -83,6 +86,16 @@ impl FakeEngine {
         };
         let first = job.backfill.as_ref().map_or(job.start, |(s, _)| *s);
         assert_eq!(first, self.kv, "the step does not continue the engine's KV");
+        if let Some((s, t)) = &job.exit_backfill {
+            assert!(job.exit_kv, "an exit backfill for a step without the exit");
+            check_rows(t, *s, "exit backfill");
+            assert_eq!(
+                *s, self.exit_kv,
+                "the exit backfill does not continue the exit's KV"
+            );
+            self.exit_kv = s + t.dim(0).unwrap();
+            self.exit_backfills += 1;
+        }
         let backfill_hidden = job.backfill.map(|(s, t)| {
             check_rows(&t, s, "engine backfill");
             assert_eq!(

@@ -120,6 +120,7 @@ impl Session {
             backfill: None,
             logit_rows: usize::from(i < round.drafts_n),
             exit_kv: true,
+            exit_backfill: None,
             stage: Some(stage),
         };
         self.push(Action::Compute(job));
@@ -309,6 +310,8 @@ impl Session {
                 }
             }
         }
+        // The drafter ran its exit on every row: the exit's KV holds `0..at` too.
+        self.exit_kv_len = at;
         self.begin_step(Input::Tokens(vec![last]), at, None);
         Ok(())
     }
@@ -346,6 +349,7 @@ impl Session {
             backfill: None,
             logit_rows: if verify { n + 1 } else { 0 },
             exit_kv: verify,
+            exit_backfill: None,
             stage: Some(self.cfg.stage),
         }));
         self.wait = Wait::ChildDraft(ChildDraft {

@@ -33,9 +33,11 @@ pub(super) struct Step {
     /// The step's states after this stage, while they may still go to a parent.
     hidden: Option<Tensor>,
     /// The step's input, kept when this tier passes the step up without its exit: if no
-    /// parent can answer, the step runs again here with the exit (its KV is complete, see
+    /// parent can answer, the step runs again here with the exit (see
     /// `Session::keeps_exit_kv`).
     input: Option<Input>,
+    /// Whether the step ran this tier's exit block.
+    exit: bool,
 }
 
 impl Step {
@@ -120,13 +122,24 @@ impl Session {
         let local =
             pre != Some(Decision::Escalate) || (self.parent_failed && self.exit_point().is_some());
         let fallback = !local && self.keeps_exit_kv();
+        // The exit block catches up on the positions it skipped (from the kept states)
+        // before it runs again.
+        let first = backfill.as_ref().map_or(start, |(s, _)| *s);
+        let exit_backfill = match (local && self.exit_kv_len < first, self.exit_point()) {
+            (true, Some(_)) => match self.history_rows(self.exit_kv_len, first) {
+                Ok(h) => Some((self.exit_kv_len, h)),
+                Err(e) => return self.check(Err(e)),
+            },
+            _ => None,
+        };
         self.push(Action::Compute(StepJob {
             session: self.cfg.id,
             start,
             input: input.clone(),
             backfill,
             logit_rows: usize::from(local),
-            exit_kv: local || fallback,
+            exit_kv: local,
+            exit_backfill,
             stage: Some(self.cfg.stage),
         }));
         self.wait = Wait::Step(Step {
@@ -136,15 +149,36 @@ impl Session {
             local: None,
             hidden: None,
             input: fallback.then_some(input),
+            exit: local,
         });
     }
 
-    /// A step this tier always passes up (`route` past its exit, escalate-always) still
-    /// keeps the exit block's KV (one block per token, no head), so that if no parent can
-    /// answer, this exit answers — the deepest one still reachable — from a complete KV,
-    /// instead of the request failing or attending over a cache with holes.
+    /// A step this tier always passes up (`route` past its exit, escalate-always) skips
+    /// the exit block (one block per token: ~3 % of SmolLM2's 30 layers, more of a tier's
+    /// share) but keeps its states after this stage, so that if no parent can answer,
+    /// this exit answers — the deepest one still reachable — after running its block
+    /// over the skipped positions in one batch, instead of the request failing or
+    /// attending over a cache with holes.
     fn keeps_exit_kv(&self) -> bool {
         self.cfg.has_parent && self.exit_point().is_some()
+    }
+
+    /// Whether this session keeps its states after this stage for every position: for a
+    /// fail-over to another parent (`keep_history`) or to fill the exit block's KV.
+    pub(super) fn keeps_states(&self) -> bool {
+        self.cfg.keep_history || self.keeps_exit_kv()
+    }
+
+    /// Kept states for positions `from..to`, as one tensor.
+    fn history_rows(&self, from: usize, to: usize) -> Result<Tensor> {
+        let all = Tensor::cat(&self.history, 0)?;
+        let have = all.dim(0)?;
+        if !self.keeps_states() || to > have || from >= to {
+            return Err(NodeError::Internal(format!(
+                "the exit needs states for positions {from}..{to}, but the session kept 0..{have}"
+            )));
+        }
+        Ok(all.narrow(0, from, to - from)?)
     }
 
     pub(super) fn step_output(
@@ -156,7 +190,10 @@ impl Session {
     ) -> Result<()> {
         step.rows = out.hidden.dim(0)?;
         self.kv_len = step.position();
-        let keep = self.cfg.keep_history;
+        if step.exit {
+            self.exit_kv_len = step.position();
+        }
+        let keep = self.keeps_states();
         if let Some(bf) = out.backfill_hidden {
             if keep {
                 self.history.push(bf.clone());
@@ -329,8 +366,9 @@ impl Session {
             tracing::warn!(session = self.cfg.id, error = %err, "no parent can answer; answering from this tier's exit, degraded");
             self.push(Action::Truncate(step.start));
             self.kv_len = step.start;
+            self.exit_kv_len = self.exit_kv_len.min(step.start);
             self.owed.clear();
-            if self.cfg.keep_history {
+            if self.keeps_states() {
                 self.history.pop();
             }
             self.begin_step(input, step.start, None);

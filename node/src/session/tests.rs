@@ -552,4 +552,38 @@ fn route_past_a_lost_parent_answers_from_this_exit_with_its_kv_complete() {
         Some(&(PROMPT + 1)),
         "the lost step (input: the token at PROMPT + 1) ran again from where it started"
     );
+    assert_eq!(
+        p.engine.exit_backfills, 1,
+        "the skipped exit caught up once"
+    );
+}
+
+#[test]
+fn escalate_always_skips_the_exit_until_a_lost_parent_needs_it() {
+    // Escalate-always never answers at the device: its exit block does not run while the
+    // parent answers (the engine's exit KV stays empty). The parent is lost on the third
+    // step; the exit then fills its KV from the kept states in one batch and answers the
+    // rest, degraded, from a KV without holes (the engine asserts it).
+    let engine = FakeEngine::new(script(wrong), |_| true);
+    let mut p = entry(escalate(2.0), vec![dies_after(2)], engine, 6);
+    assert!(matches!(p.run(), Outcome::Done("length")));
+    check_positions(&p, 6);
+    assert_eq!(&ids(&p)[..2], &want(2)[..]);
+    assert!(p.tokens[2..]
+        .iter()
+        .all(|t| t.1 && t.0.tier == Role::Device));
+    assert_eq!(
+        p.engine.exit_backfills, 1,
+        "one catch-up, then the exit runs each step"
+    );
+    assert_eq!(p.engine.exit_kv, p.engine.kv);
+}
+
+#[test]
+fn escalate_always_without_a_failure_never_runs_the_exit() {
+    let engine = FakeEngine::new(script(wrong), |_| true);
+    let mut p = entry(escalate(2.0), vec![parent(fast)], engine, 5);
+    assert!(matches!(p.run(), Outcome::Done("length")));
+    assert_eq!(ids(&p), want(5));
+    assert_eq!((p.engine.exit_kv, p.engine.exit_backfills), (0, 0));
 }
