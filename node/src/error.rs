@@ -63,17 +63,6 @@ impl NodeError {
             | NodeError::Internal(_) => ErrorCode::Internal,
         }
     }
-
-    /// Whether this is a failure of the model or its compute (typed or not).
-    pub fn is_model(&self) -> bool {
-        matches!(
-            self,
-            NodeError::Model(_)
-                | NodeError::Familial(_)
-                | NodeError::Tensor(_)
-                | NodeError::Store(_)
-        )
-    }
 }
 
 /// Result alias.

@@ -125,12 +125,13 @@ impl Session {
         // The exit block catches up on the positions it skipped (from the kept states)
         // before it runs again.
         let first = backfill.as_ref().map_or(start, |(s, _)| *s);
-        let exit_backfill = match (local && self.exit_kv_len < first, self.exit_point()) {
-            (true, Some(_)) => match self.history_rows(self.exit_kv_len, first) {
+        let exit_backfill = if local && self.exit_kv_len < first {
+            match self.history_rows(self.exit_kv_len, first) {
                 Ok(h) => Some((self.exit_kv_len, h)),
                 Err(e) => return self.check(Err(e)),
-            },
-            _ => None,
+            }
+        } else {
+            None
         };
         self.push(Action::Compute(StepJob {
             session: self.cfg.id,
@@ -171,14 +172,13 @@ impl Session {
 
     /// Kept states for positions `from..to`, as one tensor.
     fn history_rows(&self, from: usize, to: usize) -> Result<Tensor> {
-        let all = Tensor::cat(&self.history, 0)?;
-        let have = all.dim(0)?;
+        let have: usize = self.history.iter().map(|t| t.dim(0).unwrap_or(0)).sum();
         if !self.keeps_states() || to > have || from >= to {
             return Err(NodeError::Internal(format!(
                 "the exit needs states for positions {from}..{to}, but the session kept 0..{have}"
             )));
         }
-        Ok(all.narrow(0, from, to - from)?)
+        Ok(Tensor::cat(&self.history, 0)?.narrow(0, from, to - from)?)
     }
 
     pub(super) fn step_output(
