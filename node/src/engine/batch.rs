@@ -1,7 +1,6 @@
 //! The batching core of the engine thread: [`Engine`] owns the loaded part of the family
-//! and every session's KV, accepts steps into the pending set ([`Pend`]: a step part-way
-//! through its rows under chunked prefill) and runs one batch per iteration; [`run`] is the
-//! thread's loop. See the parent module for the batching and fast-path rules.
+//! and every session's KV, accepts steps into the pending set ([`Pend`], in `pend.rs`) and
+//! runs one batch per iteration; [`run`] is the thread's loop. See the parent module for the batching and fast-path rules.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -9,13 +8,14 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use flow_familial::{FamilialModel, Seg, SeqCache};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use flow_moe::cloud::PrunedServing;
 use flow_moe::scheduler::{plan_chunks, Pending};
 
+use super::pend::{job_rows, Pend};
 use super::{
-    Answer, Core, EngineConfig, EngineStats, Input, Job, SessionKv, Shared, Stage, StepJob, StepOut,
+    Core, EngineConfig, EngineStats, Input, Job, SessionKv, Shared, Stage, StepJob, StepOut,
 };
 use crate::error::{NodeError, Result};
 
@@ -537,126 +537,5 @@ impl Engine {
             off += s.len;
         }
         Ok(outs)
-    }
-}
-
-/// A step waiting in the engine, possibly part-way through its rows (chunked prefill).
-pub(super) struct Pend {
-    job: StepJob,
-    tx: Option<oneshot::Sender<Answer>>,
-    /// When the step was handed to the engine, and when its first rows ran.
-    enqueued: Instant,
-    started: Option<Instant>,
-    rows: usize,
-    done: usize,
-    hidden: Vec<Tensor>,
-    backfill_hidden: Option<Tensor>,
-    compute_us: u64,
-    batch_size: usize,
-}
-
-impl Pend {
-    pub(super) fn new(job: StepJob, tx: oneshot::Sender<Answer>, enqueued: Instant) -> Self {
-        let rows = job_rows(&job);
-        Self {
-            job,
-            tx: Some(tx),
-            enqueued,
-            started: None,
-            rows,
-            done: 0,
-            hidden: Vec::new(),
-            backfill_hidden: None,
-            compute_us: 0,
-            batch_size: 0,
-        }
-    }
-
-    /// The next `n` rows as a step of their own (logits only on the last chunk; the
-    /// backfill goes with the first).
-    fn chunk(&mut self, n: usize) -> Result<StepJob> {
-        let (a, last) = (self.done, self.done + n >= self.rows);
-        let input = match &self.job.input {
-            Input::Tokens(t) if a == 0 && last => Input::Tokens(t.clone()),
-            Input::Tokens(t) => Input::Tokens(t[a..(a + n).min(t.len())].to_vec()),
-            Input::Hidden(h) => Input::Hidden(if a == 0 && last {
-                h.clone()
-            } else {
-                h.narrow(0, a, n)?
-            }),
-        };
-        Ok(StepJob {
-            session: self.job.session,
-            start: self.job.start + a,
-            input,
-            backfill: self.job.backfill.take(),
-            logit_rows: if last { self.job.logit_rows } else { 0 },
-            exit_kv: self.job.exit_kv,
-            exit_backfill: self.job.exit_backfill.take(),
-            stage: self.job.stage,
-        })
-    }
-
-    pub(super) fn fail(&mut self, e: NodeError) {
-        self.answer(Err(e));
-    }
-
-    fn answer(&mut self, out: Result<StepOut>) {
-        if let Some(tx) = self.tx.take() {
-            let at = Instant::now();
-            let queue_us = self
-                .started
-                .unwrap_or(at)
-                .saturating_duration_since(self.enqueued)
-                .as_micros() as u64;
-            let _ = tx.send(Answer { out, queue_us, at });
-        }
-    }
-
-    /// Take a chunk's result; answer the step when its last chunk is done.
-    fn absorb(&mut self, out: Result<StepOut>) {
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => return self.fail(e),
-        };
-        self.done += out.hidden.dim(0).unwrap_or(0);
-        self.compute_us += out.compute_us;
-        self.batch_size = self.batch_size.max(out.batch_size);
-        if out.backfill_hidden.is_some() {
-            self.backfill_hidden = out.backfill_hidden;
-        }
-        self.hidden.push(out.hidden);
-        if self.done < self.rows {
-            return;
-        }
-        let hidden = if self.hidden.len() == 1 {
-            self.hidden.pop().map(Ok)
-        } else {
-            Some(Tensor::cat(&self.hidden, 0))
-        };
-        let res = match hidden {
-            Some(Ok(hidden)) => Ok(StepOut {
-                hidden,
-                backfill_hidden: self.backfill_hidden.take(),
-                logits: out.logits,
-                compute_us: self.compute_us,
-                batch_size: self.batch_size,
-            }),
-            Some(Err(e)) => Err(e.into()),
-            None => Err(NodeError::Internal("a step finished with no rows".into())),
-        };
-        self.answer(res);
-    }
-
-    /// Answered (or failed): nothing more to run.
-    fn finished(&self) -> bool {
-        self.tx.is_none()
-    }
-}
-
-pub(super) fn job_rows(j: &StepJob) -> usize {
-    match &j.input {
-        Input::Tokens(t) => t.len(),
-        Input::Hidden(h) => h.dim(0).unwrap_or(0),
     }
 }

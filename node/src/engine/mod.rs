@@ -46,7 +46,9 @@ use flow_moe::cloud::{PrunedServing, ServingStats};
 use crate::error::{NodeError, Result};
 
 mod batch;
-use batch::{job_rows, run, Engine, Pend};
+mod pend;
+use batch::{run, Engine};
+use pend::{job_rows, Pend};
 
 /// What a tier computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
