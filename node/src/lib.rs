@@ -21,6 +21,10 @@
 //!   [`model_store`] — the local cache of real models (`flow-node model pull`) and
 //!   [`model_store::resolve_model`] for `--model` arguments.
 
+// Outside tests, failures are errors with context; an invariant that cannot fail says why
+// under a scoped #[allow] (node/clippy.toml lets tests unwrap).
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod agent;
 pub mod calibration;
 pub mod cluster;

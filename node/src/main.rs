@@ -1,5 +1,9 @@
 //! `flow-node`: one binary for every tier of an aiflow cluster.
 
+// Outside tests, failures are errors with context; an invariant that cannot fail says why
+// under a scoped #[allow] (node/clippy.toml lets tests unwrap).
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 use clap::{Parser, Subcommand};
 
 mod commands;

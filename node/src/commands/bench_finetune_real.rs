@@ -1,8 +1,6 @@
 //! `flow-node bench finetune --model smollm2-135m-instruct`: the schemes against full
 //! fine-tuning of a pretrained model on `word-category` (same data, steps and schedule).
 
-use std::time::Instant;
-
 use anyhow::{bail, Context};
 use candle_core::DType;
 use flow_familial::weights::Stacked;
@@ -18,6 +16,7 @@ use super::bench_finetune::BenchFinetuneArgs;
 use super::bench_model::{loadavg, median};
 use super::finetune::run_steps;
 use super::finetune_real::{Pretrained, BATCH, FULL_LR, LR, STEPS};
+use super::OsInstant;
 
 /// Schemes compared by default on a pretrained model (full is always added).
 pub(crate) const SCHEMES: &str = "bias-norm:30,lora:4:8,blocks:1,blocks:2";
@@ -106,7 +105,7 @@ pub(crate) fn run(a: BenchFinetuneArgs) -> anyhow::Result<()> {
         )?;
         let bytes = delta.to_bytes()?;
         drop(tr);
-        let t0 = Instant::now();
+        let t0 = OsInstant::now();
         let top = Delta::from_bytes(&bytes)?.over(&p.fingerprint, &p.shapes)?;
         let _device = FamilialModel::from_source(
             p.cfg.clone(),

@@ -8,7 +8,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Module, Tensor};
@@ -21,6 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use super::model::{group, human_bytes, parse_layout, parse_preset};
+use super::OsInstant;
 
 /// Arguments.
 #[derive(clap::Args, Debug)]
@@ -490,11 +491,11 @@ impl Runner for Ours<'_> {
 /// One timed repetition: prefill `prompt`, then decode `n` greedy tokens.
 fn rep<R: Runner>(r: &R, prompt: &[u32], n: usize) -> anyhow::Result<(Duration, Duration)> {
     let mut cache = r.new_cache();
-    let t0 = Instant::now();
+    let t0 = OsInstant::now();
     let row = r.step(prompt, 0, &mut cache)?;
     let prefill = t0.elapsed();
     let mut next = argmax(&row);
-    let t1 = Instant::now();
+    let t1 = OsInstant::now();
     for pos in prompt.len()..prompt.len() + n {
         let row = r.step(&[next], pos, &mut cache)?;
         next = argmax(&row);
@@ -524,17 +525,17 @@ fn worker(dir: &Path, threads: usize, a: &BenchModelArgs) -> anyhow::Result<Work
         }
     }
     drop(buf);
-    let t = Instant::now();
+    let t = OsInstant::now();
     let ck = Checkpoint::open(dir)?;
     let mmap_open_ms = ms(t.elapsed());
     drop(ck);
     let rss_before_kb = proc_status_kb("VmRSS:");
-    let t = Instant::now();
+    let t = OsInstant::now();
     let model = FamilialModel::load(dir)?;
     let load_ms = ms(t.elapsed());
     let rss_after_kb = proc_status_kb("VmRSS:");
     let hwm_after_load_kb = proc_status_kb("VmHWM:");
-    let t = Instant::now();
+    let t = OsInstant::now();
     for f in &files {
         let b = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
         std::hint::black_box(&b);

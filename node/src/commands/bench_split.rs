@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use flow_familial::tasks::{eval_set, Task};
@@ -246,7 +246,7 @@ async fn one(
     agent: &Agent,
     req: GenerateRequest,
 ) -> anyhow::Result<(Vec<u32>, f64, f64, f64, flow_node::GenStats)> {
-    let t0 = Instant::now();
+    let t0 = tokio::time::Instant::now();
     let mut rx = agent.generate(req).await?;
     let mut toks = Vec::new();
     let (mut first, mut last) = (None, None);
@@ -577,8 +577,13 @@ async fn bench(a: BenchSplitArgs) -> anyhow::Result<()> {
             per_round_e2e_tok_s: rates.iter().map(|x| x.1).collect(),
         });
     }
-    let by = |k: &str| summaries.iter().find(|s| s.key == k).expect("config");
-    let (sa, sb, sc, se, sf) = (by("a"), by("b"), by("c"), by("e"), by("f"));
+    let by = |k: &str| {
+        summaries
+            .iter()
+            .find(|s| s.key == k)
+            .with_context(|| format!("no summary of configuration {k}"))
+    };
+    let (sa, sb, sc, se, sf) = (by("a")?, by("b")?, by("c")?, by("e")?, by("f")?);
     // Per-token hop costs from paired configurations with identical compute:
     // f − e = one device→edge hop; (b − a) − (f − e) = the edge→cloud hop.
     let hop_de = sf.ms_per_decode_token - se.ms_per_decode_token;

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use flow_protocol::bytes::Bytes;
@@ -106,7 +106,7 @@ fn time_pipeline(
     let mut out = vec![0f32; data.len()];
     let mut samples = Vec::with_capacity(iters);
     for _ in 0..iters {
-        let t0 = Instant::now();
+        let t0 = super::OsInstant::now();
         let t = WireTensor::encode(data, shape, enc)?;
         let chunks = codec.encode_chunks(&continue_msg(t, shape[0]))?;
         let mut dec = codec.decoder();
@@ -279,7 +279,7 @@ async fn network_rows(sizes: &[(usize, usize)], quick: bool) -> anyhow::Result<V
             // Warm-up (congestion window, buffers), then alternate ours/raw so load on a
             // shared machine affects both alike.
             for i in 0..iters + 2 {
-                let t0 = Instant::now();
+                let t0 = tokio::time::Instant::now();
                 session.send(&msg).await?;
                 let back = session.recv().await?.context("echo ended")?;
                 let dt = t0.elapsed();
@@ -289,7 +289,7 @@ async fn network_rows(sizes: &[(usize, usize)], quick: bool) -> anyhow::Result<V
                     back.name()
                 );
 
-                let t1 = Instant::now();
+                let t1 = tokio::time::Instant::now();
                 raw_send
                     .write_all(&(tensor_bytes as u64).to_le_bytes())
                     .await?;

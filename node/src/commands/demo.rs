@@ -2,7 +2,6 @@
 //! mutual TLS with a throwaway CA), a short mixed workload in every mode, and a report.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Context;
 use flow_familial::init::{init_checkpoint, Preset};
@@ -10,6 +9,7 @@ use flow_familial::Layout;
 use flow_node::cluster::{single_node, ClusterSpec, LocalCluster};
 use flow_node::{EngineConfig, GenerateRequest};
 use flow_protocol::{InferMode, Policy, Sampling};
+use tokio::time::Instant;
 
 /// Run a three-tier cluster on this machine and show what collaborative inference does.
 ///

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
@@ -18,6 +17,7 @@ use flow_finetune::select::{batch_shape, choose, estimate, Candidates};
 use flow_finetune::{FtOptions, Scheme, SparseTrainer};
 
 use super::model::DtypeArg;
+use super::OsInstant;
 
 const LONG_ABOUT: &str = "\
 Fine-tune the shallow member(s) of a family on local data and write a delta checkpoint.
@@ -243,7 +243,7 @@ pub(crate) fn run_steps(
     let mut last = f64::NAN;
     for step in 0..steps {
         let seqs = data.train_batch(batch, seed, step);
-        let t0 = Instant::now();
+        let t0 = OsInstant::now();
         last = tr.train_step(&seqs)?.loss;
         times.push(t0.elapsed().as_secs_f64() * 1e3);
         pb.inc(1);

@@ -2,6 +2,12 @@
 
 use clap::Subcommand;
 
+/// The OS clock, for commands that time synchronous work (a load, a benchmark's loop, a
+/// training run, a testbed's schedule) on their own threads, outside any tokio runtime.
+/// Async code uses `tokio::time::Instant`, the runtime's clock.
+#[allow(clippy::disallowed_types)]
+pub type OsInstant = std::time::Instant;
+
 pub mod api_args;
 pub mod bench_api;
 pub mod bench_batching;

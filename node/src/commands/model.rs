@@ -9,7 +9,6 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
@@ -22,6 +21,8 @@ use flow_familial::tokenizer::Tokenizer;
 use flow_familial::weights::checkpoint_files;
 use flow_familial::{FamilialModel, Layout, ModelSource, Part, Rows, Seg};
 use serde::Serialize;
+
+use super::OsInstant;
 
 macro_rules! exit_help {
     () => {
@@ -201,7 +202,7 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
         _ => Layout::RuyiQwen2,
     });
     let cfg = preset_config(a.preset, layout).context("choosing the configuration")?;
-    let t0 = Instant::now();
+    let t0 = OsInstant::now();
     let weights = init_weights(&cfg, a.seed).context("initialising weights")?;
     write_checkpoint(&cfg, &weights, a.dtype.dtype(), &a.out)
         .with_context(|| format!("writing the checkpoint to {}", a.out.display()))?;
@@ -569,7 +570,7 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    let t_load = Instant::now();
+    let t_load = OsInstant::now();
     let part = Part {
         embed: true,
         trunk: 0..exit,
@@ -625,7 +626,7 @@ fn generate(a: RunArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let stop: &str;
     let mut last_row: Vec<f32>;
-    let t_gen = Instant::now();
+    let t_gen = OsInstant::now();
     let mut t_first = None;
     loop {
         let segs = [Seg::new(pos, input.len())];

@@ -2,7 +2,6 @@
 //! distillation from its deepest exit (flow_familial::family).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use flow_familial::family::data::{generate, ChatEncoder, ChatSample};
@@ -19,6 +18,7 @@ use rand::SeedableRng;
 
 use super::model::DtypeArg;
 use super::train::step_progress;
+use super::OsInstant;
 
 const LONG_ABOUT: &str = "\
 Build a family from a pretrained model: attach exits, train them, write an overlay.
@@ -182,7 +182,7 @@ fn samples(
         "answering {name} prompts (max {} tokens)",
         args.max_new
     ));
-    let t0 = Instant::now();
+    let t0 = OsInstant::now();
     let rows = generate(&model, &enc, &prompts, args.max_new, args.gen_batch, |d| {
         pb.set_position(d as u64)
     })?;
@@ -362,7 +362,7 @@ pub fn run(args: FamilyArgs) -> anyhow::Result<()> {
     let pb = step_progress(args.steps)?;
     pb.set_position(d.step_count());
     let mut order: Vec<usize> = Vec::new();
-    let t0 = Instant::now();
+    let t0 = OsInstant::now();
     let first_step = d.step_count();
     let mut toks = 0usize;
     let mut last = serde_json::Value::Null;

@@ -3,7 +3,6 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::Context;
 use flow_node::model_store::{
@@ -11,6 +10,7 @@ use flow_node::model_store::{
 };
 
 use super::model::{group, human_bytes};
+use super::OsInstant;
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["model", "file"])))]
@@ -64,7 +64,7 @@ fn store() -> anyhow::Result<Store> {
 pub fn pull_cmd(a: PullArgs) -> anyhow::Result<()> {
     let store = store()?;
     let progress = std::io::stdout().is_terminal();
-    let t0 = Instant::now();
+    let t0 = OsInstant::now();
     let r = if let Some(file) = &a.file {
         let opts = ImportOptions {
             name: a.as_name.clone(),

@@ -15,7 +15,6 @@
 //! and prints the adaptive plan next to cloud-only, device-only and the best static split.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use flow_familial::confidence::{Confidence, Measure};
@@ -32,6 +31,7 @@ use flow_partition::{
 use serde::Serialize;
 
 use super::calibrate::{self, CalibrationFile};
+use super::OsInstant;
 
 /// Version of the self-benchmark; part of the cache file name, bump when it changes.
 const BENCH_VERSION: &str = "v1";
@@ -409,7 +409,7 @@ pub(crate) fn measured_profile(
             }
         }
     }
-    let t0 = Instant::now();
+    let t0 = OsInstant::now();
     let samples = self_benchmark(model, &a.model)?;
     let prof = fit_node_profile(key.clone(), &samples).context("fitting the profile")?;
     let secs = t0.elapsed().as_secs_f64();
@@ -507,7 +507,7 @@ pub(crate) fn exit_specs(
     Ok((specs, source))
 }
 
-fn ms(t: Instant) -> f64 {
+fn ms(t: OsInstant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
@@ -597,25 +597,25 @@ fn self_benchmark(model: &FamilialModel, dir: &Path) -> anyhow::Result<ProfileSa
             let segs = [Seg::new(start, tokens.len())];
             let mut lt = vec![0.0; n_layers];
             let mut et = vec![0.0; points.len()];
-            let t = Instant::now();
+            let t = OsInstant::now();
             let mut h = model.embed(tokens)?;
             let mut over = ms(t);
             for (l, slot) in lt.iter_mut().enumerate() {
                 for p in own_before(l) {
-                    let t = Instant::now();
+                    let t = OsInstant::now();
                     let logits = model.exit(&h, p, &segs, &mut [&mut *cache], Rows::Last)?;
                     let _ = logits.to_vec2::<f32>()?;
                     et[exit_idx(p)] = ms(t);
                 }
-                let t = Instant::now();
+                let t = OsInstant::now();
                 h = model.run_layers(&h, l..l + 1, &segs, &mut [&mut *cache])?;
                 *slot = ms(t);
                 for p in head_after(l) {
-                    let t = Instant::now();
+                    let t = OsInstant::now();
                     let last = h.narrow(0, tokens.len() - 1, 1)?;
                     let logits: Vec<Vec<f32>> = model.exit_head(&last, p)?.to_vec2()?;
                     et[exit_idx(p)] = ms(t);
-                    let t = Instant::now();
+                    let t = OsInstant::now();
                     let _ = Confidence::of_row(&logits[0]);
                     over += ms(t);
                 }

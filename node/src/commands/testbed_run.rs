@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use flow_testbed::loadgen::{Outcome, RequestRecord, Schedule, ScheduleOptions};
@@ -26,6 +26,7 @@ pub(super) use super::testbed_compose::{
     address_on, docker, exited_nodes, health_of, run_ok, Compose, ComposeArgs, Loadgen,
 };
 use super::testbed_faults::{action_label, AppliedEvent, Faults};
+use super::OsInstant;
 
 /// Flags of `testbed up`.
 #[derive(clap::Args, Debug)]
@@ -99,7 +100,7 @@ pub(super) fn up_services(
     let res = compose.run(&args, "compose up");
     pb.finish_and_clear();
     res?;
-    let start = Instant::now();
+    let start = OsInstant::now();
     let pb = ProgressBar::new(all.len() as u64).with_style(ProgressStyle::with_template(
         "{msg} {bar:20} {pos}/{len} healthy",
     )?);
@@ -443,7 +444,7 @@ pub(super) fn replay(
     scenario: &Scenario,
     schedule: &Schedule,
     load_source: &str,
-    on_start: &mut dyn FnMut(Instant),
+    on_start: &mut dyn FnMut(OsInstant),
 ) -> anyhow::Result<Replay> {
     up_services(
         compose,
@@ -480,7 +481,7 @@ pub(super) fn replay(
         schedule,
     )?;
 
-    let t0 = Instant::now() + lead;
+    let t0 = OsInstant::now() + lead;
     on_start(t0);
     let total = scenario.duration + Duration::from_secs_f64(a.timeout_s + 5.0);
     let pb = ProgressBar::new(scenario.duration.as_secs())
@@ -497,10 +498,10 @@ pub(super) fn replay(
     let mut applied = Vec::new();
     let mut pending = scenario.events.iter().peekable();
     let status = loop {
-        let now = Instant::now().saturating_duration_since(t0);
+        let now = OsInstant::now().saturating_duration_since(t0);
         pb.set_position(now.as_secs().min(scenario.duration.as_secs()));
-        while let Some(ev) = pending.next_if(|e| Instant::now() >= t0 + e.at) {
-            let at = Instant::now().saturating_duration_since(t0).as_secs_f64();
+        while let Some(ev) = pending.next_if(|e| OsInstant::now() >= t0 + e.at) {
+            let at = OsInstant::now().saturating_duration_since(t0).as_secs_f64();
             let res = faults.apply(ev);
             let action = action_label(&ev.action);
             let ok = res.is_ok();
@@ -527,7 +528,7 @@ pub(super) fn replay(
                 break st;
             }
         }
-        if Instant::now() > t0 + total {
+        if OsInstant::now() > t0 + total {
             load.child.kill().ok();
             bail!("the load generator did not finish within {total:?}");
         }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use flow_testbed::scenario::Scenario;
@@ -23,6 +23,7 @@ use indicatif::ProgressBar;
 use super::testbed_run::{
     ensure_image, load_trace, replay, schedule_of, write_run_report, Compose, DownGuard, RunArgs,
 };
+use super::OsInstant;
 
 /// Trace speed-up of a soak when `--speed` is not given: the shipped sample at ×2 is about
 /// 2.4 requests/s, which the toy family serves on 2 cores without shedding.
@@ -103,8 +104,8 @@ fn probe_node(id: &str) -> Probe {
     }
 }
 
-fn since(t0: Instant) -> f64 {
-    let now = Instant::now();
+fn since(t0: OsInstant) -> f64 {
+    let now = OsInstant::now();
     if now >= t0 {
         (now - t0).as_secs_f64()
     } else {
@@ -113,7 +114,7 @@ fn since(t0: Instant) -> f64 {
 }
 
 /// Probe every node at once (one thread each); `ids` are (node, container id).
-fn sample_round(ids: &[(String, String)], t0: Instant) -> Vec<NodeSample> {
+fn sample_round(ids: &[(String, String)], t0: OsInstant) -> Vec<NodeSample> {
     std::thread::scope(|sc| {
         let handles: Vec<_> = ids
             .iter()
@@ -160,19 +161,19 @@ fn container_ids(compose: &Compose, nodes: &[String]) -> anyhow::Result<Vec<(Str
 /// Sample every `every` until `stop`; samples go to `out`.
 fn sampler(
     ids: &[(String, String)],
-    t0: Instant,
+    t0: OsInstant,
     every: Duration,
     stop: &AtomicBool,
     out: &Mutex<Vec<NodeSample>>,
 ) {
-    let mut next = Instant::now();
+    let mut next = OsInstant::now();
     while !stop.load(Ordering::Relaxed) {
         let round = sample_round(ids, t0);
         if let Ok(mut v) = out.lock() {
             v.extend(round);
         }
         next += every;
-        while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+        while OsInstant::now() < next && !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100).min(every));
         }
     }
@@ -180,8 +181,12 @@ fn sampler(
 
 /// Probe every second until every gauge is zero on every node (or `timeout`); returns the
 /// last round and how long it took.
-fn drain(ids: &[(String, String)], t0: Instant, timeout: Duration) -> (Vec<NodeSample>, Duration) {
-    let start = Instant::now();
+fn drain(
+    ids: &[(String, String)],
+    t0: OsInstant,
+    timeout: Duration,
+) -> (Vec<NodeSample>, Duration) {
+    let start = OsInstant::now();
     let pb =
         ProgressBar::new_spinner().with_message("drain: waiting for sessions and KV to reach zero");
     pb.enable_steady_tick(Duration::from_millis(200));
@@ -290,7 +295,7 @@ fn soak_inner(
     let nodes = scenario.topology.nodes.clone();
     let stop = AtomicBool::new(false);
     let samples = Mutex::new(Vec::new());
-    let mut started: Option<Instant> = None;
+    let mut started: Option<OsInstant> = None;
     let (replayed, ids) = std::thread::scope(|sc| {
         let mut handle = None;
         let r = replay(&a.run, compose, scenario, schedule, &cfg.load, &mut |t0| {

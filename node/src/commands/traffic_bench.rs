@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::traffic::{
     print_ci_bands, print_passage_summary, print_passages, print_reports, sim_progress,
 };
+use super::OsInstant;
 
 #[derive(clap::Args, Debug)]
 #[command(before_long_help = "\
@@ -328,7 +329,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     })?;
     spin.finish_and_clear();
     if a.sumo_frames > 0 {
-        let t = std::time::Instant::now();
+        let t = OsInstant::now();
         let scenes = capture_scenes(&a.capture, &a.sumo_seeds)?;
         let conditions: Vec<String> = Condition::PRESETS.iter().map(|s| s.to_string()).collect();
         let extra = dataset::from_scenes(&scenes, a.sumo_frames, a.seed, &conditions)?;
@@ -365,7 +366,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         lr: a.lr,
         ..TrainConfig::default()
     };
-    let t = std::time::Instant::now();
+    let t = OsInstant::now();
     let mut ema = None::<f32>;
     vision::train(&mut model, &samples, &cfg, &mut |step, loss| {
         let e = ema.map_or(loss, |m| 0.95 * m + 0.05 * loss);

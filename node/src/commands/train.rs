@@ -2,7 +2,6 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
@@ -13,6 +12,8 @@ use flow_familial::train::{
     evaluate_loss, evaluate_task, Data, StepStats, TaskReport, TrainOptions, Trainer, STATE_JSON,
 };
 use indicatif::{ProgressBar, ProgressStyle};
+
+use super::OsInstant;
 
 const LONG_ABOUT: &str = "\
 Train every exit of a familial model jointly.
@@ -413,7 +414,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
 
     let prior_wall = extra.get("wall_s").and_then(|v| v.as_f64()).unwrap_or(0.0);
     let mut tokens_seen = extra.get("tokens").and_then(|v| v.as_u64()).unwrap_or(0);
-    let start = Instant::now();
+    let start = OsInstant::now();
     let mut run_tokens = 0u64;
     let mut window: Vec<StepStats> = Vec::new();
     let save = |t: &Trainer, extra: &serde_json::Value, dir: &Path| -> anyhow::Result<()> {

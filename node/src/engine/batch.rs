@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use flow_familial::{FamilialModel, Seg, SeqCache};
@@ -15,7 +14,8 @@ use flow_moe::scheduler::{plan_chunks, Pending};
 
 use super::pend::{job_rows, Pend};
 use super::{
-    Core, EngineConfig, EngineStats, Input, Job, SessionKv, Shared, Stage, StepJob, StepOut,
+    Core, EngineConfig, EngineStats, Input, Job, OsInstant, SessionKv, Shared, Stage, StepJob,
+    StepOut,
 };
 use crate::error::{NodeError, Result};
 
@@ -136,7 +136,7 @@ impl Engine {
             .zip(&chunks)
             .filter(|(&i, c)| pending[i].done + job_rows(c) < pending[i].rows)
             .count() as u64;
-        let now = Instant::now();
+        let now = OsInstant::now();
         for &i in &picked {
             pending[i].started.get_or_insert(now);
         }
@@ -288,7 +288,7 @@ impl Engine {
             ready.push((job, i, backfill));
         }
         if !ready.is_empty() {
-            let t0 = Instant::now();
+            let t0 = OsInstant::now();
             let result = self.step_batch(&ready, stage);
             let us = t0.elapsed().as_micros() as u64;
             self.stats.batches += 1;

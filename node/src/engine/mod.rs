@@ -35,7 +35,6 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::Instant;
 
 use candle_core::Tensor;
 use flow_familial::{FamilialModel, SeqCache};
@@ -49,6 +48,11 @@ mod batch;
 mod pend;
 use batch::{run, Engine};
 use pend::{job_rows, Pend};
+
+/// The engine's clock is the OS's: the engine thread is not a tokio thread, and it times
+/// compute and the hand-offs between the callers' threads and its own.
+#[allow(clippy::disallowed_types)]
+type OsInstant = std::time::Instant;
 
 /// What a tier computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,12 +120,12 @@ struct Answer {
     /// Enqueue → start of the batch that ran the step's first rows.
     queue_us: u64,
     /// When the engine sent the answer.
-    at: Instant,
+    at: OsInstant,
 }
 
 enum Job {
     /// The step, where to answer, and when it was enqueued.
-    Step(StepJob, oneshot::Sender<Answer>, Instant),
+    Step(StepJob, oneshot::Sender<Answer>, OsInstant),
     Truncate(u64, usize),
     Close(u64),
     Stats(oneshot::Sender<EngineStats>),
@@ -371,7 +375,7 @@ impl EngineHandle {
 
     /// Run one step (batched with whatever else is ready).
     pub async fn step(&self, job: StepJob) -> Result<StepOut> {
-        let t0 = Instant::now();
+        let t0 = OsInstant::now();
         let rows = job_rows(&job).saturating_add(
             job.backfill
                 .as_ref()
@@ -432,7 +436,7 @@ impl EngineHandle {
         };
         let (tx, mut rx) = oneshot::channel();
         let Core { engine, pending } = &mut *core;
-        pending.push(Pend::new(job, tx, Instant::now()));
+        pending.push(Pend::new(job, tx, OsInstant::now()));
         self.shared.busy.fetch_add(1, Ordering::AcqRel);
         // A step within the token budget completes in one iteration; the bound only
         // guards against a plan that makes no progress.

@@ -1,12 +1,10 @@
 //! A step waiting in the engine thread, possibly part-way through its rows (chunked
 //! prefill): what it still has to run, what it produced so far, and its answer channel.
 
-use std::time::Instant;
-
 use candle_core::Tensor;
 use tokio::sync::oneshot;
 
-use super::{Answer, Input, StepJob, StepOut};
+use super::{Answer, Input, OsInstant, StepJob, StepOut};
 use crate::error::{NodeError, Result};
 
 /// A step waiting in the engine, possibly part-way through its rows (chunked prefill).
@@ -14,8 +12,8 @@ pub(super) struct Pend {
     pub(super) job: StepJob,
     pub(super) tx: Option<oneshot::Sender<Answer>>,
     /// When the step was handed to the engine, and when its first rows ran.
-    pub(super) enqueued: Instant,
-    pub(super) started: Option<Instant>,
+    pub(super) enqueued: OsInstant,
+    pub(super) started: Option<OsInstant>,
     pub(super) rows: usize,
     pub(super) done: usize,
     pub(super) hidden: Vec<Tensor>,
@@ -25,7 +23,7 @@ pub(super) struct Pend {
 }
 
 impl Pend {
-    pub(super) fn new(job: StepJob, tx: oneshot::Sender<Answer>, enqueued: Instant) -> Self {
+    pub(super) fn new(job: StepJob, tx: oneshot::Sender<Answer>, enqueued: OsInstant) -> Self {
         let rows = job_rows(&job);
         Self {
             job,
@@ -72,7 +70,7 @@ impl Pend {
 
     fn answer(&mut self, out: Result<StepOut>) {
         if let Some(tx) = self.tx.take() {
-            let at = Instant::now();
+            let at = OsInstant::now();
             let queue_us = self
                 .started
                 .unwrap_or(at)

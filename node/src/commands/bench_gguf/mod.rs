@@ -9,13 +9,13 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 
 use anyhow::{bail, Context};
 use flow_familial::{ModelSource, Part, Rows, Seg};
 use serde::{Deserialize, Serialize};
 
 use super::bench_model::BenchModelArgs;
+use super::OsInstant;
 
 const LLAMACPP_WORKER: &str = include_str!("llamacpp_worker.py");
 
@@ -51,7 +51,7 @@ fn prompt_ids(len: usize, vocab: usize) -> Vec<u32> {
 /// The in-process measurement (`--worker`): load, warm up, time one prefill and the
 /// decode steps.
 pub fn worker(path: &Path, a: &BenchModelArgs) -> anyhow::Result<Run> {
-    let t0 = Instant::now();
+    let t0 = OsInstant::now();
     let src = ModelSource::open(path)?;
     let cfg = src.config()?;
     let exit = cfg.last_exit().point;
@@ -67,10 +67,10 @@ pub fn worker(path: &Path, a: &BenchModelArgs) -> anyhow::Result<Run> {
     };
     prefill(&mut model.new_cache())?; // warm-up
     let mut cache = model.new_cache();
-    let t = Instant::now();
+    let t = OsInstant::now();
     let mut row = prefill(&mut cache)?;
     let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
-    let t = Instant::now();
+    let t = OsInstant::now();
     for pos in prompt.len()..prompt.len() + a.decode_tokens {
         let next = [flow_familial::sample::argmax(&row)];
         let seg = [Seg::new(pos, 1)];

@@ -44,6 +44,8 @@ use flow_partition::{
 };
 use serde::Serialize;
 
+use super::OsInstant;
+
 pub use flow_node::calibration::{CalibrationFile, CascadeEntry, ExitEntry, FILE_NAME, FORMAT};
 
 mod cascade;
@@ -521,7 +523,7 @@ fn run_in_pool(a: CalibrateArgs) -> anyhow::Result<()> {
         prompts: examples,
         task,
     } = validation(&a, &src, false)?;
-    let t0 = std::time::Instant::now();
+    let t0 = OsInstant::now();
     let file = if a.teacher_forced {
         let collected = collect_records(&model, &examples, a.measure)?;
         let secs = t0.elapsed().as_secs_f64();
