@@ -2,7 +2,7 @@
 //! loopback): SmolLM2-135M-Instruct from its GGUF file, quantized weights mapped in place,
 //! exits declared at layers 10 / 20 / 29. Invariants I2 (escalate-always) and I3 (route to
 //! one exit) token for token against a single node, and I4 (speculation) against the same
-//! reference. Chat prompts rendered with the model's own template.
+//! reference; the tiers compute with two threads each, the single nodes with one. Chat prompts rendered with the model's own template.
 //!
 //! The model is looked up as `familial/tests/smollm2.rs` does; absent, the test is skipped
 //! with a note — except under `CI=true`, where `.ci/run` pulls it first.
@@ -86,7 +86,12 @@ async fn three_tiers_equal_single_node(path: PathBuf, declare: Option<Vec<usize>
         certs_dir: certs.path().to_path_buf(),
         policy: Policy::default(),
         encoding: Encoding::F32,
-        engine: EngineConfig::default(),
+        // Two compute threads per tier (the quantized matmuls and attention split over a
+        // spinning team) against one-thread single nodes: the split is exact either way.
+        engine: EngineConfig {
+            threads: 2,
+            ..EngineConfig::default()
+        },
     })
     .await
     .expect("cluster starts");

@@ -6,8 +6,9 @@
 //! ```
 //!
 //! Like the node's engine (`node/src/engine.rs`), every step runs inside a rayon pool of
-//! `RAYON_NUM_THREADS` threads (`pool.install`), so kernels split work with the pool's
-//! other workers instead of handing each op over from an outside thread.
+//! `RAYON_NUM_THREADS` threads (`pool.install`) with a matmul `Team` of as many, so
+//! kernels split work with the pool's other workers instead of handing each op over from
+//! an outside thread.
 //!
 //! The model path defaults to `~/.cache/aiflow/models/smollm2-135m-instruct/model.gguf`.
 //! `PROMPT_JSON=1` prints the prompt ids (for the llama.cpp worker) and exits. Prints one
@@ -56,7 +57,8 @@ fn main() -> flow_familial::Result<()> {
         .num_threads(threads)
         .build()
         .map_err(|e| flow_familial::Error::Invalid(format!("thread pool: {e}")))?;
-    pool.install(|| run(&path, &ids, reps, decode))
+    let team = flow_familial::quant::Team::new(threads)?;
+    pool.install(|| team.install(|| run(&path, &ids, reps, decode)))
 }
 
 fn run(

@@ -1,7 +1,8 @@
 //! `y = x · Wᵀ` for a [`QMatrix`] `W`: the hot path of every quantized linear layer.
 //!
 //! `x` is quantized once per call (`act.rs`, into a thread-local buffer), then output rows
-//! are split into two contiguous chunks (of an even number of rows) per rayon thread; each
+//! are split into contiguous chunks (of an even number of rows) claimed by the threads of
+//! the installed [`super::Team`] (`team.rs`), or else two per rayon thread; each
 //! thread walks its weight rows in file order, two at a time, and takes the pair's dot
 //! products with two activation rows at once while the pair is in L1 (`dot.rs`;
 //! AVX2 / AVX-VNNI / AVX-512 VNNI in `dot_avx2.rs`). Q4_0, Q4_1 and Q8_0 run this
@@ -238,8 +239,9 @@ fn tile_rows<const J: usize>(
     }
 }
 
-/// Run `f(rows, out)` over contiguous chunks of `0..n` (two per rayon thread), each
-/// writing its rows' `m` results into its piece of the `[n, m]` output.
+/// Run `f(rows, out)` over contiguous chunks of `0..n`, each writing its rows' `m`
+/// results into its piece of the `[n, m]` output: on the installed [`super::Team`] where
+/// there is one (chunks claimed from a counter), else two chunks per rayon thread.
 fn par_rows(
     n: usize,
     m: usize,
@@ -247,8 +249,15 @@ fn par_rows(
     f: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let mut out = vec![0f32; n * m];
+    if n * work_per_row < PAR_MIN_WORK || n < 2 {
+        f(0..n, &mut out);
+        return out;
+    }
+    if on_team(n, m, &f, &mut out) {
+        return out;
+    }
     let threads = rayon::current_num_threads().max(1);
-    if threads == 1 || n * work_per_row < PAR_MIN_WORK || n < 2 {
+    if threads == 1 {
         f(0..n, &mut out);
         return out;
     }
@@ -261,6 +270,32 @@ fn par_rows(
         .enumerate()
         .for_each(|(c, o)| f(c * chunk..(c * chunk + chunk).min(n), o));
     out
+}
+
+/// Chunks per team thread: enough that a worker waking late, or preempted, leaves its
+/// share to the others; few enough that each streams a long run of weight rows.
+const TEAM_CHUNKS_PER_THREAD: usize = 4;
+
+/// [`par_rows`] on the installed team; `false` (nothing written) where there is none.
+fn on_team(
+    n: usize,
+    m: usize,
+    f: &(impl Fn(Range<usize>, &mut [f32]) + Sync),
+    out: &mut [f32],
+) -> bool {
+    let chunk = n
+        .div_ceil(TEAM_CHUNKS_PER_THREAD * super::team::threads().max(1))
+        .next_multiple_of(2);
+    let chunks = n.div_ceil(chunk);
+    let base = super::team::SharedOut::new(out);
+    super::team::for_each_chunk(chunks, &|c| {
+        let rows = c * chunk..(c * chunk + chunk).min(n);
+        // SAFETY: `for_each_chunk` runs each `c` exactly once, so the row ranges (and the
+        // `[rows.start * m, rows.end * m)` pieces of `out`, which has `n * m` values) are
+        // disjoint and in bounds.
+        let o = unsafe { base.piece(rows.start * m, rows.len() * m) };
+        f(rows, o);
+    })
 }
 
 /// `[n, m]` → `[m, n]`, in bands of 16 columns of the result (each written a cache line

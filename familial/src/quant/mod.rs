@@ -10,7 +10,8 @@
 //!   Like llama.cpp, `x` is quantized once per call to 8-bit blocks and Q4_0 / Q4_1 /
 //!   Q8_0 weights meet it in integer dot products (AVX-512 VNNI, AVX-VNNI or AVX2, with
 //!   FMA and F16C, detected at run time; a portable loop otherwise), two weight rows ×
-//!   two activation rows per register tile, output rows split over the rayon pool.
+//!   two activation rows per register tile, output rows split over the installed
+//!   [`Team`] (spinning workers) or else the rayon pool.
 //! - [`QMatrix::dequantize_row_into`] (embedding lookup) and [`QMatrix::dequantize`],
 //!   bit-exact with ggml / gguf-py.
 //!
@@ -30,9 +31,11 @@ mod dot;
 mod dot_avx2;
 mod matmul;
 mod storage;
+pub(crate) mod team;
 #[cfg(test)]
 mod tests;
 
 pub use candle_core::quantized::GgmlDType;
 pub(crate) use storage::aligned;
 pub use storage::{QBytes, QMatrix};
+pub use team::{Team, DEFAULT_SPIN};

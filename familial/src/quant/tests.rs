@@ -210,6 +210,28 @@ fn matmul_keeps_leading_dims() {
     );
 }
 
+/// Rows `r0..r0 + n` of `whole` (which lives in `owner`) as a matrix over the same bytes.
+fn rows_of(
+    whole: &QMatrix,
+    owner: &Arc<dyn AsRef<[u8]> + Send + Sync>,
+    r0: usize,
+    n: usize,
+) -> QMatrix {
+    let rb = whole.nbytes() / whole.rows();
+    let b = QBytes::new(owner.clone(), r0 * rb, n * rb).unwrap();
+    QMatrix::new(whole.dtype(), n, whole.cols(), b).unwrap()
+}
+
+/// `x · qᵀ`, flattened.
+fn times(q: &QMatrix, x: &Tensor) -> Vec<f32> {
+    q.matmul_t(x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 /// Row segments over one buffer (as in an mmap'd file) equal the whole matrix.
 #[test]
 fn concat_rows_equals_whole() {
@@ -221,12 +243,8 @@ fn concat_rows_equals_whole() {
     ] {
         let (rows, cols) = (5 + 3 + 7, 256);
         let (whole, v) = matrix(dtype, rows, cols, 11);
-        let rb = whole.nbytes() / rows;
         let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(v);
-        let part = |r0: usize, n: usize| {
-            let b = QBytes::new(owner.clone(), r0 * rb, n * rb).unwrap();
-            QMatrix::new(dtype, n, cols, b).unwrap()
-        };
+        let part = |r0: usize, n: usize| rows_of(&whole, &owner, r0, n);
         let (a, b, c) = (part(0, 5), part(5, 3), part(8, 7));
         let bc = QMatrix::concat_rows(&[b, c]).unwrap();
         let fused = QMatrix::concat_rows(&[a, bc]).unwrap();
@@ -245,15 +263,43 @@ fn concat_rows_equals_whole() {
         assert_eq!(d(&fused), d(&whole), "{dtype:?}");
         for m in [1, 6] {
             let x = Tensor::from_vec(randn(m, cols, 2), (m, cols), &Device::Cpu).unwrap();
-            let y = |q: &QMatrix| {
-                q.matmul_t(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            };
+            let y = |q: &QMatrix| times(q, &x);
             assert_eq!(y(&fused), y(&whole), "{dtype:?} m={m}");
+        }
+    }
+}
+
+/// A matmul [`Team`] of 2 or 3 threads gives the one-thread result bit for bit: odd row
+/// counts, row segments that end at odd rows, every kernel family.
+#[test]
+fn team_equals_one_thread() {
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+    ] {
+        let (rows, cols) = (301, 512);
+        let (whole, v) = matrix(dtype, rows, cols, 5);
+        let owner: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(v);
+        let part = |r0: usize, n: usize| rows_of(&whole, &owner, r0, n);
+        let fused = QMatrix::concat_rows(&[part(0, 151), part(151, 150)]).unwrap();
+        for m in [1, 3, 17] {
+            let x = Tensor::from_vec(randn(m, cols, 9), (m, cols), &Device::Cpu).unwrap();
+            let y = |q: &QMatrix| times(q, &x);
+            let want = one.install(|| y(&whole));
+            for threads in [2, 3] {
+                let team = Team::with_spin(threads, std::time::Duration::from_micros(20)).unwrap();
+                for q in [&whole, &fused] {
+                    let got = one.install(|| team.install(|| y(q)));
+                    assert_eq!(got, want, "{dtype:?} m={m} threads={threads}");
+                }
+            }
         }
     }
 }

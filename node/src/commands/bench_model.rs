@@ -164,13 +164,15 @@ pub fn run(a: BenchModelArgs) -> anyhow::Result<()> {
         .filter(|m| flow_familial::source::is_gguf(m))
     {
         if a.worker {
-            // Inside a pool of --threads workers, as the node's engine thread runs the model.
+            // Inside a pool of --threads workers and a matmul team of as many, as the node's
+            // engine thread runs the model.
             let threads = *a.threads.first().unwrap_or(&1);
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
                 .build()
                 .context("building the rayon pool")?;
-            let r = pool.install(|| super::bench_gguf::worker(m, &a))?;
+            let team = flow_familial::quant::Team::new(threads)?;
+            let r = pool.install(|| team.install(|| super::bench_gguf::worker(m, &a)))?;
             println!("{}", serde_json::to_string(&r)?);
             return Ok(());
         }

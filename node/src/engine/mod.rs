@@ -27,6 +27,11 @@
 //! [`EngineStats`] counts both paths and the hand-off times of queued steps (enqueue →
 //! batch start, answer → caller resumed).
 //!
+//! Threads ([`EngineConfig::threads`]): the engine thread runs inside a rayon pool of that
+//! many threads (candle's own kernels) and with a `flow_familial::quant::Team` of as many
+//! (the quantized matmuls, which are most of the time): the team's workers poll between
+//! products instead of sleeping, which is what makes a second core pay in decode.
+//!
 //! MoE expert pruning ([`EngineHandle::spawn_pruned`], the cloud role's `--moe-patterns`):
 //! each session gets a task pattern on its first step (signature at the first hosted MoE
 //! layer from its prompt's states, see `flow_moe::cloud`); one batch only carries sessions
@@ -338,10 +343,15 @@ impl EngineHandle {
             small_step_us: AtomicU64::new(u64::MAX),
             busy: AtomicUsize::new(0),
         });
+        // The quantized matmuls split over a team of spinning threads: a rayon worker
+        // sleeps between decode's 15–70 µs products and waking it cost most of the
+        // second core's gain (flow_familial::quant::Team; docs/benchmarks.md).
+        let team = flow_familial::quant::Team::new(cfg.threads.max(1))
+            .map_err(|e| NodeError::Internal(format!("cannot start the engine's team: {e}")))?;
         let sh = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("flow-engine".into())
-            .spawn(move || pool.install(move || run(&sh, rx)))
+            .spawn(move || pool.install(move || team.install(|| run(&sh, rx))))
             .map_err(|e| NodeError::Internal(format!("cannot start the engine thread: {e}")))?;
         Ok(Self {
             tx,
