@@ -1,6 +1,7 @@
 //! `flow-node bench model --model <GGUF>`: our decoder beside llama.cpp on the same file,
 //! same thread counts, each measurement in a fresh process, the two engines alternated
-//! (ours, llama.cpp, ours, …) so background load hits both; medians and ratios.
+//! (ours, llama.cpp, llama.cpp, ours, …: which goes first swaps every repetition) so
+//! background load hits both alike; medians and ratios.
 //!
 //! llama.cpp runs through llama-cpp-python (`pip install llama-cpp-python`) with the worker
 //! script beside this file; both sides keep an f32 KV cache and greedy-decode the same
@@ -160,7 +161,8 @@ fn row(threads: usize, engine: &str, runs: Vec<Run>, a: &BenchModelArgs) -> Row 
     }
 }
 
-/// The parent: alternate the engines per repetition and thread count, print the table.
+/// The parent: alternate the engines (swapping which goes first) per repetition and thread
+/// count, print the table.
 pub fn run(path: &Path, a: &BenchModelArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("llamacpp_worker.py");
@@ -171,9 +173,16 @@ pub fn run(path: &Path, a: &BenchModelArgs) -> anyhow::Result<()> {
         let (mut o, mut l) = (Vec::new(), Vec::new());
         for rep in 0..a.reps {
             eprintln!("threads {t}: repetition {}/{}", rep + 1, a.reps);
-            o.push(ours(path, t, a)?);
-            if with_llama {
+            // Which engine goes first swaps every repetition: on a shared VM the first
+            // process of a pair was measured ~1.15x slower (docs/benchmarks.md, session 15).
+            if with_llama && rep % 2 == 1 {
                 l.push(llama_cpp(&script, path, t, a)?);
+                o.push(ours(path, t, a)?);
+            } else {
+                o.push(ours(path, t, a)?);
+                if with_llama {
+                    l.push(llama_cpp(&script, path, t, a)?);
+                }
             }
         }
         rows.push(row(t, "aiflow", o, a));
