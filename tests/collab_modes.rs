@@ -466,3 +466,90 @@ async fn mixed_policies_in_one_batch_stay_exact() {
     }
     c.shutdown().await;
 }
+
+/// Protocol 4: a request stream starts with one `Open` (no reply); a step before it, or a
+/// second one, is refused with `Unexpected` naming what was wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stream_must_start_with_one_open() {
+    use flow_protocol::transport::{Endpoint, EndpointConfig, Security};
+    use flow_protocol::{Continue, Encoding, ErrorCode, ErrorMsg, Message, Open, WireTensor};
+    let (dir, _certs) = fixture();
+    let cloud = flow_node::Agent::builder(dir.path())
+        .role(Role::Cloud)
+        .node_id("cloud")
+        .layers(1..5)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .start()
+        .await
+        .unwrap();
+    // A hand-driven child: the cloud's own Hello, as an edge.
+    let mut hello = cloud.hello().clone();
+    hello.node_id = "edge".into();
+    hello.role = Role::Edge;
+    let local = "127.0.0.1:0".parse().unwrap();
+    let ep = Endpoint::client(EndpointConfig::new(
+        local,
+        Security::InsecureLoopback,
+        hello,
+    ))
+    .unwrap();
+    let conn = ep
+        .connect(cloud.local_addr().unwrap(), "cloud")
+        .await
+        .unwrap();
+    let h = cloud.model_config().hidden_size;
+    let step = |start: u32, rows: usize| {
+        Message::Continue(Continue {
+            start,
+            hidden: WireTensor::encode(&vec![0.25; rows * h], &[rows, h], Encoding::F32).unwrap(),
+            backfill: None,
+            deadline_ms: None,
+        })
+    };
+    let open = Message::Open(Open {
+        request_id: 1,
+        session_id: 1,
+        layer: 1,
+        policy: Policy::default(),
+        sampling: Default::default(),
+        deadline_ms: None,
+    });
+    let refused = |m: Option<Message>| -> ErrorMsg {
+        match m {
+            Some(Message::Error(e)) => e,
+            other => panic!("expected an Error, got {other:?}"),
+        }
+    };
+
+    let mut s = conn.open_session().await.unwrap();
+    s.send(&step(0, 2)).await.unwrap();
+    let e = refused(s.recv().await.unwrap());
+    assert_eq!(e.code, ErrorCode::Unexpected, "{}", e.message);
+    assert!(
+        e.message.contains("Continue before the stream's Open"),
+        "{}",
+        e.message
+    );
+
+    let mut s = conn.open_session().await.unwrap();
+    s.send(&open).await.unwrap();
+    s.send(&open).await.unwrap();
+    let e = refused(s.recv().await.unwrap());
+    assert_eq!(e.code, ErrorCode::Unexpected, "{}", e.message);
+    assert!(e.message.contains("second Open"), "{}", e.message);
+
+    // Open, then steps: the Open is not answered, each step is.
+    let mut s = conn.open_session().await.unwrap();
+    s.send(&open).await.unwrap();
+    for (start, rows) in [(0, 2), (2, 1)] {
+        s.send(&step(start, rows)).await.unwrap();
+        match s.recv().await.unwrap() {
+            Some(Message::Tokens(t)) => {
+                assert_eq!(t.tokens[0].position, start + rows as u32);
+                assert_eq!(t.request_id, 1);
+            }
+            other => panic!("expected Tokens, got {other:?}"),
+        }
+    }
+    cloud.shutdown().await;
+}

@@ -3,8 +3,8 @@
 //! deepest exit). On a fast uplink the plan cuts the device at layer 1; an injected slow
 //! link estimate makes the device re-plan to cut at layer 3. Requests started before the
 //! re-plan keep cut 1 (one is live across it), requests after it run with cut 3, the edge
-//! continues from whichever layer a `Continue` names, and every output equals single-node
-//! greedy generation token for token (invariant I2).
+//! continues from whichever layer a request stream's `Open` names, and every output equals
+//! single-node greedy generation token for token (invariant I2).
 
 use std::ops::Range;
 use std::path::Path;

@@ -25,6 +25,10 @@ pub enum NodeError {
     /// The peer sent something this state does not expect (this crate's own finding).
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The peer sent a well-formed message its stream's state does not allow (a `Continue`
+    /// before the stream's `Open`, a second `Open`).
+    #[error("unexpected message: {0}")]
+    Unexpected(String),
     /// The wire failed: a frame that does not decode, a limit, the transport.
     #[error(transparent)]
     Wire(#[from] flow_protocol::Error),
@@ -53,6 +57,7 @@ impl NodeError {
         match self {
             NodeError::Wire(e) => e.code(),
             NodeError::Protocol(_) | NodeError::BadRequest(_) => ErrorCode::Malformed,
+            NodeError::Unexpected(_) => ErrorCode::Unexpected,
             NodeError::Evicted(_) | NodeError::Unavailable(_) => ErrorCode::Overloaded,
             NodeError::Config(_)
             | NodeError::Model(_)
@@ -76,6 +81,10 @@ mod tests {
     fn failures_map_to_wire_codes() {
         let code = |e: NodeError| e.code();
         assert_eq!(code(NodeError::Protocol("x".into())), ErrorCode::Malformed);
+        assert_eq!(
+            code(NodeError::Unexpected("x".into())),
+            ErrorCode::Unexpected
+        );
         assert_eq!(
             code(NodeError::BadRequest("x".into())),
             ErrorCode::Malformed

@@ -2,8 +2,8 @@
 //! frame's hidden state (the traffic app, `flow-traffic`).
 //!
 //! The request is an ordinary [`crate::Continue`]: the frame's token rows (class token +
-//! patches) after the device's blocks, `positions` = token indices, `layer` = the first
-//! block the edge runs. The edge continues to its exit and answers with one
+//! patches) after the device's blocks, positions `0..tokens` (`start` 0), on a session whose
+//! [`crate::Open`] names the first block the edge runs (`layer`). The edge continues to its exit and answers with one
 //! [`Classification`]. Values are probabilities and indexes in `[0, 1]`; the codec refuses
 //! anything else on encode and decode, so a peer cannot hand the controller a NaN.
 
@@ -14,9 +14,9 @@ use crate::message::Role;
 /// What a deeper exit says about one camera frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Classification {
-    /// Request id of the `Continue` this answers.
+    /// Request id of the session (its `Open`) whose `Continue` this answers.
     pub request_id: u64,
-    /// Session id of the `Continue` this answers.
+    /// Session id of that `Open`.
     pub session_id: u64,
     /// Tier that classified.
     pub tier: Role,

@@ -236,6 +236,7 @@ fn encode_header(msg: &Message) -> Result<Vec<u8>> {
     match msg {
         Message::Hello(m) => ser(m),
         Message::Heartbeat(m) => ser(m),
+        Message::Open(m) => ser(m),
         Message::Continue(m) => ser(m),
         Message::Draft(m) => ser(m),
         Message::Verdict(m) => ser(m),
@@ -270,6 +271,7 @@ fn decode_header(kind: u8, header: &[u8]) -> Result<Message> {
     Ok(match kind {
         kind::HELLO => Message::Hello(de(header)?),
         kind::HEARTBEAT => Message::Heartbeat(de(header)?),
+        kind::OPEN => Message::Open(de(header)?),
         kind::CONTINUE => Message::Continue(de(header)?),
         kind::DRAFT => Message::Draft(de(header)?),
         kind::VERDICT => Message::Verdict(de(header)?),
@@ -291,7 +293,7 @@ fn decode_header(kind: u8, header: &[u8]) -> Result<Message> {
 }
 
 fn known_kind(k: u8) -> bool {
-    (kind::HELLO..=kind::UPSTREAM).contains(&k)
+    (kind::HELLO..=kind::OPEN).contains(&k)
 }
 
 #[derive(Debug, Clone, Copy)]

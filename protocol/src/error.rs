@@ -86,6 +86,10 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// A request stream's step message is inconsistent (shape, positions, draft length,
+    /// backfill).
+    #[error("invalid step message: {0}")]
+    Step(#[from] crate::step::StepError),
     /// The postcard header could not be (de)serialised.
     #[error("header serialisation: {0}")]
     Postcard(#[from] postcard::Error),
@@ -135,9 +139,10 @@ impl Error {
     /// The wire [`ErrorCode`] that best describes this error when reported to a peer.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Error::BadMagic { .. } | Error::Malformed { .. } | Error::Postcard(_) => {
-                ErrorCode::Malformed
-            }
+            Error::BadMagic { .. }
+            | Error::Malformed { .. }
+            | Error::Step(_)
+            | Error::Postcard(_) => ErrorCode::Malformed,
             Error::UnsupportedVersion { .. } => ErrorCode::VersionMismatch,
             Error::UnknownKind(_) => ErrorCode::UnknownKind,
             Error::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,

@@ -105,6 +105,26 @@ mod tests {
     }
 
     #[test]
+    fn a_protocol_3_peer_is_refused_naming_both_versions() {
+        use crate::message::MIN_PROTOCOL_VERSION;
+        let new = hello(
+            "edge-4",
+            Role::Edge,
+            (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+            1,
+        );
+        let old = hello("device-3", Role::Device, (2, 3), 1);
+        for (a, b) in [(&new, &old), (&old, &new)] {
+            let e = negotiate(a, b, &[]).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::VersionMismatch);
+            let msg = e.to_string();
+            assert!(msg.contains("edge-4 speaks 4..=4"), "{msg}");
+            assert!(msg.contains("device-3 speaks 2..=3"), "{msg}");
+            assert!(msg.contains("upgrade the older node"), "{msg}");
+        }
+    }
+
+    #[test]
     fn model_mismatch() {
         let e = negotiate(
             &hello("a", Role::Edge, (1, 1), 1),

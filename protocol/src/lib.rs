@@ -4,15 +4,16 @@
 //! these activations") and stream tokens back. This crate is everything on the wire:
 //!
 //! - **Messages** ([`message`]): [`Hello`] (version + model negotiation), [`Heartbeat`],
-//!   [`Continue`], [`Draft`]/[`Verdict`] (speculative decoding), [`Tokens`], [`Cancel`],
+//!   [`Tokens`], [`Verdict`], [`Cancel`],
 //!   [`Done`], [`Probe`]/[`ProbeReply`], and typed errors ([`ErrorMsg`] + [`ErrorCode`]);
+//!   [`step`]: a request stream's [`Open`] (sent once: ids, layer, policy, sampling) and
+//!   its per-step [`Continue`] and [`Draft`] (a start position and tensors, protocol 4);
 //!   [`delta`]: pushing fine-tuned delta checkpoints to devices ([`DeltaOffer`],
 //!   [`DeltaChunk`], [`DeltaAck`], [`DeltaRollback`]) and federated rounds
 //!   ([`RoundUpdate`]); [`classify`]: a vision exit's
 //!   answer about a camera frame ([`Classification`], the traffic app's reply to
 //!   `Continue`); [`upstream`]: a parent's report of the tiers beyond it ([`Upstream`],
-//!   protocol 3; frames keep the oldest version that reads them, so protocol-2 peers
-//!   interoperate).
+//!   protocol 3).
 //! - **Framing** ([`codec`]): magic, version, kind, header length, payload length, a
 //!   postcard header, then raw little-endian tensor bytes. [`Codec`] encodes;
 //!   [`FrameDecoder`] decodes incrementally (push bytes, pull messages) and checks every
@@ -30,14 +31,15 @@
 //! structs, so the hard cases are unit tests.
 //!
 //! ```
-//! use flow_protocol::{Codec, Continue, Encoding, Limits, Message, Sampling, WireTensor};
+//! use flow_protocol::{Codec, Continue, Encoding, Limits, Message, Open, Sampling, WireTensor};
 //! let hidden = WireTensor::encode(&[0.5f32; 2 * 8], &[2, 8], Encoding::F16)?;
-//! let msg = Message::Continue(Continue {
-//!     request_id: 1, session_id: 1, positions: vec![0, 1], layer: 4, hidden,
-//!     backfill: None, sampling: Sampling::default(), deadline_ms: Some(500),
-//!     policy: Default::default(),
+//! let open = Message::Open(Open {
+//!     request_id: 1, session_id: 1, layer: 4, policy: Default::default(),
+//!     sampling: Sampling::default(), deadline_ms: None,
 //! });
+//! let msg = Message::Continue(Continue { start: 0, hidden, backfill: None, deadline_ms: Some(500) });
 //! let codec = Codec::new(Limits::default());
+//! assert_eq!(codec.decode(&codec.encode(&open)?)?, open);
 //! let bytes = codec.encode(&msg)?;
 //! let mut dec = codec.decoder();
 //! dec.push(&bytes[..10]);
@@ -54,6 +56,7 @@ pub mod error;
 pub mod handshake;
 pub mod limits;
 pub mod message;
+pub mod step;
 pub mod tensor;
 #[cfg(feature = "transport")]
 pub mod transport;
@@ -67,11 +70,12 @@ pub use delta::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus, Ro
 pub use error::{Error, Result};
 pub use limits::Limits;
 pub use message::{
-    Backfill, Cancel, Capacity, ConfidenceMeasure, Continue, Done, DoneStats, Draft, ErrorCode,
-    ErrorMsg, ExitThreshold, Heartbeat, Hello, HostedLayers, InferMode, Load, Message,
-    ModelFingerprint, Policy, Probe, ProbeReply, Role, Sampling, TokenOut, Tokens, TopLogprob,
-    Verdict, MAX_TOP_LOGPROBS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Cancel, Capacity, ConfidenceMeasure, Done, DoneStats, ErrorCode, ErrorMsg, ExitThreshold,
+    Heartbeat, Hello, HostedLayers, InferMode, Load, Message, ModelFingerprint, Policy, Probe,
+    ProbeReply, Role, Sampling, TokenOut, Tokens, TopLogprob, Verdict, MAX_TOP_LOGPROBS,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+pub use step::{Backfill, Continue, Draft, Open, StepError};
 pub use tensor::{Encoding, WireTensor};
 pub use upstream::{
     LinkState, Upstream, UpstreamLink, UpstreamPeer, UpstreamQuic, UPSTREAM_SINCE_VERSION,

@@ -8,12 +8,15 @@
 //! - connection start (control stream): `Hello` ⇄ `Hello` (or `Error` with
 //!   [`ErrorCode::VersionMismatch`] / [`ErrorCode::ModelMismatch`]), then `Heartbeat`s and
 //!   `Probe`/`ProbeReply`.
-//! - one request session (its own stream): child → parent `Continue` (and later `Draft`s,
-//!   `Cancel`), parent → child `Tokens`*, `Verdict`s, `Done` or `Error`.
+//! - one request session (its own stream): child → parent `Open` (once, first: what is fixed
+//!   for the session, no reply), then `Continue`s (and later `Draft`s, `Cancel`), parent →
+//!   child one `Tokens` per `Continue`, a `Verdict` per `Draft`, `Done` or `Error`
+//!   (see [`crate::step`]).
 
 use serde::{Deserialize, Serialize};
 
 use crate::delta::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, RoundUpdate};
+use crate::step::{Continue, Draft, Open};
 use crate::tensor::WireTensor;
 
 /// Newest protocol version this build speaks (frame prefix and `Hello`).
@@ -24,9 +27,16 @@ use crate::tensor::WireTensor;
 /// 3: [`Message::Upstream`], a parent's report of the tiers beyond it. Every other frame is
 /// unchanged and still goes out marked 2 ([`Message::min_version`]), so protocol-2 nodes
 /// keep working beside protocol-3 ones; they are never sent an `Upstream`.
-pub const PROTOCOL_VERSION: u16 = 3;
+///
+/// 4: a request stream starts with [`Message::Open`] (request and session ids, layer,
+/// policy, sampling, request deadline, sent once); `Continue`, its `Backfill` and `Draft`
+/// carry a start position and tensors only (see [`crate::step`]). Not readable by older
+/// nodes in either direction, so 4 is also the oldest version spoken: a protocol-2 or -3
+/// peer is refused at the `Hello` with [`ErrorCode::VersionMismatch`] naming both ranges,
+/// and every frame goes out marked 4.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Oldest protocol version this build still reads.
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
 
 /// A node's tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -192,16 +202,6 @@ impl Default for Sampling {
     }
 }
 
-/// Hidden states of positions whose deeper KV slots are empty (tokens that exited at a
-/// shallower tier); the receiver runs them through its layers to fill its KV cache.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Backfill {
-    /// Positions of the rows of `hidden`.
-    pub positions: Vec<u32>,
-    /// `[positions, hidden]` states at the same layer as the `Continue`.
-    pub hidden: WireTensor,
-}
-
 /// How tiers decide for a request (fixed for the whole request).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 pub enum InferMode {
@@ -265,7 +265,8 @@ pub struct ExitThreshold {
     pub threshold: f32,
 }
 
-/// The inference policy of a request, carried with every step so each tier decides alike.
+/// The inference policy of a request, carried by its stream's [`Open`] so each tier decides
+/// alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
     /// Route, escalate, speculate or local.
@@ -313,57 +314,6 @@ impl Policy {
             ConfidenceMeasure::MaxProb | ConfidenceMeasure::Margin
         )
     }
-}
-
-/// Continue the forward pass from `layer` with these hidden states.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Continue {
-    /// End-to-end request id (assigned by the entry node).
-    pub request_id: u64,
-    /// Session on this link.
-    pub session_id: u64,
-    /// Positions of the rows of `hidden`.
-    pub positions: Vec<u32>,
-    /// Layer index the receiver starts from (the sender ran `0..layer`).
-    pub layer: u32,
-    /// `[positions, hidden]` hidden states.
-    pub hidden: WireTensor,
-    /// KV backfill for earlier positions, if any.
-    pub backfill: Option<Backfill>,
-    /// Sampling parameters.
-    pub sampling: Sampling,
-    /// Time left for this step, relative, in ms (no clocks are shared between nodes).
-    pub deadline_ms: Option<u32>,
-    /// How tiers decide.
-    pub policy: Policy,
-}
-
-/// Speculative decoding: drafted tokens and their layer-`layer` hidden states.
-///
-/// `positions` are the rows of `hidden`: first the accepted tokens the verifier has not
-/// processed yet, then one row per drafted token. `tokens` are the drafts, one per row
-/// after the first `positions.len() - tokens.len()`; the verifier checks draft `i`
-/// against its own prediction from the row before it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Draft {
-    /// Request id.
-    pub request_id: u64,
-    /// Session id.
-    pub session_id: u64,
-    /// Positions of the rows of `hidden`.
-    pub positions: Vec<u32>,
-    /// Layer of `hidden`.
-    pub layer: u32,
-    /// Drafted token ids (fewer than `positions`).
-    pub tokens: Vec<u32>,
-    /// `[positions, hidden]` states to verify.
-    pub hidden: WireTensor,
-    /// Relative deadline in ms.
-    pub deadline_ms: Option<u32>,
-    /// Sampling parameters (the verifier samples per position, seeded).
-    pub sampling: Sampling,
-    /// The request's policy.
-    pub policy: Policy,
 }
 
 /// The verifier's answer to a `Draft`.
@@ -603,6 +553,8 @@ pub enum Message {
     Hello(Hello),
     /// Liveness and load.
     Heartbeat(Heartbeat),
+    /// First message of a request stream: what its later messages share (protocol 4).
+    Open(Open),
     /// Hidden states for the next tier.
     Continue(Continue),
     /// Speculative draft.
@@ -658,6 +610,7 @@ pub mod kind {
     pub const CLASSIFICATION: u8 = 16;
     pub const ROUND_UPDATE: u8 = 17;
     pub const UPSTREAM: u8 = 18;
+    pub const OPEN: u8 = 19;
 }
 
 impl Message {
@@ -666,6 +619,7 @@ impl Message {
         match self {
             Message::Hello(_) => kind::HELLO,
             Message::Heartbeat(_) => kind::HEARTBEAT,
+            Message::Open(_) => kind::OPEN,
             Message::Continue(_) => kind::CONTINUE,
             Message::Draft(_) => kind::DRAFT,
             Message::Verdict(_) => kind::VERDICT,
@@ -686,12 +640,14 @@ impl Message {
     }
 
     /// The oldest protocol version that can read this message: what its frame prefix says,
-    /// so a peer on an older version reads every frame it can.
+    /// so a peer on an older version reads every frame it can. Never below
+    /// [`MIN_PROTOCOL_VERSION`] (since protocol 4 that is every frame's version).
     pub fn min_version(&self) -> u16 {
-        match self {
+        let since = match self {
             Message::Upstream(_) => crate::upstream::UPSTREAM_SINCE_VERSION,
             _ => MIN_PROTOCOL_VERSION,
-        }
+        };
+        since.max(MIN_PROTOCOL_VERSION)
     }
 
     /// Variant name, for logs and errors.
@@ -699,6 +655,7 @@ impl Message {
         match self {
             Message::Hello(_) => "Hello",
             Message::Heartbeat(_) => "Heartbeat",
+            Message::Open(_) => "Open",
             Message::Continue(_) => "Continue",
             Message::Draft(_) => "Draft",
             Message::Verdict(_) => "Verdict",
@@ -727,47 +684,13 @@ impl Message {
         })
     }
 
-    /// Structural consistency that shapes alone do not give: hidden-state tensors are
-    /// `[positions, hidden]` with one row per listed position (and per drafted token), and
-    /// hosted layer ranges are ordered. The codec checks this on encode and decode.
+    /// Structural consistency that shapes alone do not give: a step's hidden states are
+    /// `[rows, hidden]` with sane positions and draft lengths ([`crate::step`]), and hosted
+    /// layer ranges are ordered. The codec checks this on encode and decode.
     pub fn check_consistency(&self) -> crate::Result<()> {
-        fn rows(field: &'static str, t: &WireTensor, n: usize) -> crate::Result<()> {
-            match t.shape() {
-                [r, _] if *r as usize == n => Ok(()),
-                [r, _] => Err(crate::Error::LengthMismatch {
-                    field,
-                    expected: n as u64,
-                    got: u64::from(*r),
-                }),
-                other => Err(crate::Error::malformed(
-                    field,
-                    format!(
-                        "hidden states must be [positions, hidden], got rank {}",
-                        other.len()
-                    ),
-                )),
-            }
-        }
         match self {
-            Message::Continue(c) => {
-                rows("continue.positions", &c.hidden, c.positions.len())?;
-                if let Some(b) = &c.backfill {
-                    rows("backfill.positions", &b.hidden, b.positions.len())?;
-                }
-            }
-            Message::Draft(d) => {
-                rows("draft.positions", &d.hidden, d.positions.len())?;
-                if d.tokens.is_empty() || d.tokens.len() >= d.positions.len() {
-                    return Err(crate::Error::malformed(
-                        "draft.tokens",
-                        format!(
-                            "{} drafted tokens for {} rows: need at least one and fewer than the rows",
-                            d.tokens.len(),
-                            d.positions.len()
-                        ),
-                    ));
-                }
-            }
+            Message::Continue(c) => c.validate()?,
+            Message::Draft(d) => d.validate()?,
             Message::Hello(h) => {
                 if let Some(r) = h.hosted.iter().find(|r| r.start > r.end) {
                     return Err(crate::Error::malformed(

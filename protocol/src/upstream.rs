@@ -7,8 +7,8 @@
 //! link's health and live estimates, QUIC's byte counters), followed by what its own active
 //! parent reported, so every tier of a deeper chain reaches the entry node. It goes every
 //! few seconds and when a link's health changes (a few hundred bytes: well inside an idle
-//! link's probe budget). A child on protocol 2 never gets one: its decoder would stop on an
-//! unknown frame kind.
+//! link's probe budget). A child on protocol 2 would never get one (its decoder would stop
+//! on an unknown frame kind); since protocol 4 such a child is refused at the `Hello`.
 //!
 //! Values are checked on encode and decode (at most [`MAX_UPSTREAM_LINKS`] links, bounded
 //! names, finite non-negative estimates, ordered layer ranges), so a peer cannot hand the
@@ -202,29 +202,29 @@ mod tests {
         let c = Codec::default();
         let m = Message::Upstream(sample());
         let bytes = c.encode(&m).unwrap();
-        // frame prefix: magic, then the version the frame needs (3), not the newest spoken
+        // frame prefix: magic, then the version the frame needs: Upstream came with 3, but
+        // no frame says less than the oldest version spoken (4 since Open)
         assert_eq!(
             u16::from_le_bytes([bytes[4], bytes[5]]),
-            UPSTREAM_SINCE_VERSION
+            UPSTREAM_SINCE_VERSION.max(crate::MIN_PROTOCOL_VERSION)
         );
         assert_eq!(c.decode(&bytes).unwrap(), m);
-        // a frame any protocol-2 peer can read still says 2
-        let probe = Message::Cancel(crate::Cancel {
-            request_id: 1,
-            session_id: 2,
-            reason: "done".into(),
-        });
-        let b = c.encode(&probe).unwrap();
-        assert_eq!(u16::from_le_bytes([b[4], b[5]]), 2);
     }
 
     #[test]
-    fn an_upstream_frame_claiming_protocol_2_is_refused() {
+    fn an_upstream_frame_claiming_an_older_protocol_is_refused() {
         let c = Codec::default();
-        let mut bytes = c.encode(&Message::Upstream(sample())).unwrap();
-        bytes[4..6].copy_from_slice(&2u16.to_le_bytes());
-        let e = c.decode(&bytes).unwrap_err().to_string();
-        assert!(e.contains("Upstream") && e.contains('3'), "{e}");
+        for old in [2u16, 3] {
+            let mut bytes = c.encode(&Message::Upstream(sample())).unwrap();
+            bytes[4..6].copy_from_slice(&old.to_le_bytes());
+            let e = c.decode(&bytes).unwrap_err();
+            assert_eq!(e.code(), crate::ErrorCode::VersionMismatch);
+            assert!(
+                e.to_string()
+                    .contains(&format!("unsupported protocol version {old}")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

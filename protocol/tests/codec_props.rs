@@ -4,8 +4,8 @@
 use flow_protocol::{
     Backfill, Cancel, Capacity, Classification, Codec, Compression, ConfidenceMeasure, Continue,
     Done, DoneStats, Draft, Encoding, Error, ErrorCode, ErrorMsg, ExitThreshold, FrameDecoder,
-    Heartbeat, Hello, HostedLayers, InferMode, Limits, Load, Message, ModelFingerprint, Policy,
-    Probe, ProbeReply, Role, Sampling, TokenOut, Tokens, Verdict, WireTensor,
+    Heartbeat, Hello, HostedLayers, InferMode, Limits, Load, Message, ModelFingerprint, Open,
+    Policy, Probe, ProbeReply, Role, Sampling, StepError, TokenOut, Tokens, Verdict, WireTensor,
 };
 use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus, RoundUpdate};
 use proptest::prelude::*;
@@ -54,12 +54,14 @@ fn tensor() -> impl Strategy<Value = WireTensor> {
     (0usize..6).prop_flat_map(tensor_with_rows)
 }
 
-/// Positions and a `[positions, hidden]` tensor with one row per position.
-fn states() -> impl Strategy<Value = (Vec<u32>, WireTensor)> {
-    prop::collection::vec(any::<u32>(), 0..6).prop_flat_map(|pos| {
-        let n = pos.len();
-        tensor_with_rows(n).prop_map(move |t| (pos.clone(), t))
-    })
+/// A start position and a `[rows, hidden]` tensor (1..6 rows) whose positions fit a u32.
+fn states() -> impl Strategy<Value = (u32, WireTensor)> {
+    (1usize..6, 0..=u32::MAX - 6)
+        .prop_flat_map(|(rows, start)| tensor_with_rows(rows).prop_map(move |t| (start, t)))
+}
+
+fn rows(t: &WireTensor) -> u32 {
+    t.shape()[0]
 }
 
 fn policy() -> impl Strategy<Value = Policy> {
@@ -171,77 +173,61 @@ fn message() -> impl Strategy<Value = Message> {
                 },
             })
         });
-    let cont = (
+    let open = (
         any::<u64>(),
         any::<u64>(),
         any::<u32>(),
-        states(),
-        prop::option::of(states()),
+        policy(),
         sampling(),
         any::<Option<u32>>(),
-        policy(),
     )
         .prop_map(
-            |(
-                request_id,
-                session_id,
-                layer,
-                (positions, hidden),
+            |(request_id, session_id, layer, policy, sampling, deadline_ms)| {
+                Message::Open(Open {
+                    request_id,
+                    session_id,
+                    layer,
+                    policy,
+                    sampling,
+                    deadline_ms,
+                })
+            },
+        );
+    let cont = (states(), prop::option::of(states()), any::<Option<u32>>()).prop_map(
+        |((start, hidden), backfill, deadline_ms)| {
+            // A backfill ends where the step starts: shift the step past it.
+            let (start, backfill) = match backfill {
+                Some((_, b)) => {
+                    let at = start.min(u32::MAX - 12);
+                    let bf = Backfill {
+                        start: at,
+                        hidden: b,
+                    };
+                    (at + rows(&bf.hidden), Some(bf))
+                }
+                None => (start, None),
+            };
+            Message::Continue(Continue {
+                start,
+                hidden,
                 backfill,
-                sampling,
                 deadline_ms,
-                policy,
-            )| {
-                Message::Continue(Continue {
-                    request_id,
-                    session_id,
-                    positions,
-                    layer,
-                    hidden,
-                    backfill: backfill.map(|(positions, hidden)| Backfill { positions, hidden }),
-                    sampling,
-                    deadline_ms,
-                    policy,
-                })
-            },
-        );
+            })
+        },
+    );
     let draft = (
-        any::<u64>(),
-        any::<u64>(),
-        any::<u32>(),
-        states().prop_filter("a draft needs two rows", |(p, _)| p.len() >= 2),
+        states().prop_filter("a draft needs two rows", |(_, t)| rows(t) >= 2),
         any::<Option<u32>>(),
-        sampling(),
-        policy(),
     )
-        .prop_map(
-            |(
-                request_id,
-                session_id,
-                layer,
-                (positions, hidden),
+        .prop_map(|((start, hidden), deadline_ms)| {
+            let tokens = (1..rows(&hidden)).map(|i| i.wrapping_mul(31)).collect();
+            Message::Draft(Draft {
+                start,
+                tokens,
+                hidden,
                 deadline_ms,
-                sampling,
-                policy,
-            )| {
-                let tokens = positions
-                    .iter()
-                    .skip(1)
-                    .map(|p| p.wrapping_mul(31))
-                    .collect();
-                Message::Draft(Draft {
-                    request_id,
-                    session_id,
-                    positions,
-                    layer,
-                    tokens,
-                    hidden,
-                    deadline_ms,
-                    sampling,
-                    policy,
-                })
-            },
-        );
+            })
+        });
     let verdict = (
         any::<u64>(),
         any::<u64>(),
@@ -418,6 +404,7 @@ fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         hello,
         heartbeat,
+        open,
         cont,
         draft,
         verdict,
@@ -659,23 +646,18 @@ fn tensor_shape_over_limits_is_a_typed_error_and_stream_continues() {
 fn inconsistent_messages_are_refused() {
     let hidden = WireTensor::encode(&[0.0; 6], &[2, 3], Encoding::F32).unwrap();
     let msg = Message::Continue(Continue {
-        request_id: 1,
-        session_id: 1,
-        positions: vec![0, 1, 2],
-        layer: 1,
-        hidden,
-        backfill: None,
-        sampling: Sampling::default(),
+        start: 7,
+        hidden: hidden.clone(),
+        backfill: Some(Backfill { start: 0, hidden }),
         deadline_ms: None,
-        policy: Default::default(),
     });
     assert!(matches!(
         Codec::default().encode(&msg),
-        Err(Error::LengthMismatch {
-            field: "continue.positions",
-            expected: 3,
-            got: 2
-        })
+        Err(Error::Step(StepError::BackfillGap {
+            start: 0,
+            end: 2,
+            step_start: 7
+        }))
     ));
 }
 

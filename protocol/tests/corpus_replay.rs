@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use flow_protocol::{
     Backfill, Classification, Codec, Compression, Continue, Encoding, ErrorCode, FrameDecoder,
-    Heartbeat, Hello, Limits, Message, ModelFingerprint, Probe, Role, Sampling, TokenOut, Tokens,
-    WireTensor,
+    Heartbeat, Hello, Limits, Message, ModelFingerprint, Open, Probe, Role, Sampling, TokenOut,
+    Tokens, WireTensor,
 };
 use flow_protocol::{DeltaAck, DeltaChunk, DeltaOffer, DeltaRollback, DeltaStatus, RoundUpdate};
 use flow_protocol::{HostedLayers, LinkState, Upstream, UpstreamLink, UpstreamPeer, UpstreamQuic};
@@ -153,20 +153,23 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     });
     let cont = |enc| {
         Message::Continue(Continue {
-            request_id: 1,
-            session_id: 2,
-            positions: vec![4, 5],
-            layer: 6,
+            start: 4,
             hidden: hidden(enc),
             backfill: Some(Backfill {
-                positions: vec![2, 3],
+                start: 2,
                 hidden: hidden(Encoding::F16),
             }),
-            sampling: Sampling::default(),
             deadline_ms: Some(250),
-            policy: Default::default(),
         })
     };
+    let open = Message::Open(Open {
+        request_id: 1,
+        session_id: 2,
+        layer: 6,
+        policy: Default::default(),
+        sampling: Sampling::default(),
+        deadline_ms: Some(30_000),
+    });
     let tokens = Message::Tokens(Tokens {
         request_id: 1,
         session_id: 2,
@@ -200,6 +203,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     lying[11..15].copy_from_slice(&u32::MAX.to_le_bytes());
     vec![
         ("valid-hello", codec.encode(&hello).unwrap()),
+        ("valid-open", codec.encode(&open).unwrap()),
         (
             "valid-continue-f32",
             codec.encode(&cont(Encoding::F32)).unwrap(),

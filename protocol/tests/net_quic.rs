@@ -13,7 +13,7 @@ use flow_protocol::transport::{
 };
 use flow_protocol::{
     Capacity, Continue, Encoding, Error, ErrorCode, Hello, Limits, Message, ModelFingerprint, Role,
-    Sampling, WireTensor, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    WireTensor, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -81,7 +81,7 @@ fn local() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-/// Echo server: every session echoes each message back. A `Continue` with request id 666
+/// Echo server: every session echoes each message back. A `Continue` starting at 666
 /// makes its session stop reading forever (a stuck session). Handshake results go to `events`.
 async fn spawn_server(
     cfg: EndpointConfig,
@@ -114,7 +114,7 @@ async fn serve(conn: Arc<PeerConnection>) {
         tokio::spawn(async move {
             while let Ok(Some(m)) = s.recv().await {
                 if let Message::Continue(c) = &m {
-                    if c.request_id == 666 {
+                    if c.start == 666 {
                         // Stuck: hold the stream open without reading.
                         std::future::pending::<()>().await;
                     }
@@ -131,16 +131,12 @@ fn cont(request_id: u64, rows: usize, cols: usize, enc: Encoding) -> Message {
     let data: Vec<f32> = (0..rows * cols)
         .map(|i| ((i as f32) * 0.618).sin() * 3.0 + f32::EPSILON * i as f32)
         .collect();
+    // The request id travels as the start position (the echo server's only handle on it).
     Message::Continue(Continue {
-        request_id,
-        session_id: request_id,
-        positions: (0..rows as u32).collect(),
-        layer: 3,
+        start: request_id as u32,
         hidden: WireTensor::encode(&data, &[rows, cols], enc).unwrap(),
         backfill: None,
-        sampling: Sampling::default(),
         deadline_ms: Some(1000),
-        policy: Default::default(),
     })
 }
 

@@ -3,8 +3,9 @@
 //! Each camera is a device tier: it runs the vision family's embedding and blocks up to the
 //! device exit ([`VisionFamily::device`]). A frame whose device-exit confidence is below the
 //! threshold escalates: the camera ships the frame's hidden state (class token + patch
-//! tokens, `[tokens, dim]`, lossless f32) as a [`Continue`] from block `exits[0]` over a QUIC
-//! session to the [`EdgeService`], which runs the remaining blocks and answers with a
+//! tokens, `[tokens, dim]`, lossless f32) as a [`Continue`] over a QUIC session (one per
+//! approach, opened with an [`Open`] naming block `exits[0]` and the session's request id)
+//! to the [`EdgeService`], which runs the remaining blocks and answers with a
 //! [`Classification`] (emergency-vehicle probability and congestion index from the edge
 //! exit). Both ends authenticate as the LM agents do: mutual TLS against the cluster CA
 //! (`flow-node certs`), or `--insecure-loopback` for one-machine runs, and the `Hello`
@@ -14,9 +15,9 @@
 //! and [`RemoteDetector::connect`] (the cameras' side, a [`Detector`] for [`crate::sumo::run`]
 //! that drives its async link with `Handle::block_on`, so call it from outside the runtime).
 //!
-//! The edge checks every `Continue` before it touches the model: the layer must be the
-//! family's device exit, the hidden state `[patches + 1, dim]` with positions `0..patches+1`,
-//! and every value finite. Anything else gets an `Error` frame (`Malformed`) naming what was
+//! The edge checks every `Continue` before it touches the model: the session's `Open` must
+//! have come and name the family's device exit, the hidden state be `[patches + 1, dim]`
+//! with positions `0..patches+1`, and every value finite. Anything else gets an `Error` frame (`Malformed`) naming what was
 //! wrong and what was expected; the session ends, the connection and the service stay up.
 
 use std::net::SocketAddr;
@@ -27,7 +28,7 @@ use candle_core::{Device, Tensor};
 use flow_protocol::transport::{Endpoint, EndpointConfig, PeerConnection, Security, SessionStream};
 use flow_protocol::{
     Capacity, Classification, Codec, Continue, Encoding, ErrorCode, Hello, HostedLayers, Message,
-    ModelFingerprint, Role, Sampling, WireTensor, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    ModelFingerprint, Open, Role, Sampling, WireTensor, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tokio::runtime::Handle;
 
@@ -133,6 +134,7 @@ async fn serve_connection(conn: PeerConnection, model: Arc<VisionFamily>) {
 }
 
 async fn serve_session(mut s: SessionStream, model: Arc<VisionFamily>, peer: String) {
+    let mut open: Option<Open> = None;
     loop {
         let msg = match s.recv().await {
             Ok(Some(m)) => m,
@@ -148,15 +150,34 @@ async fn serve_session(mut s: SessionStream, model: Arc<VisionFamily>, peer: Str
             }
         };
         let reply = match msg {
-            Message::Continue(c) => {
-                let m = model.clone();
-                let request_id = c.request_id;
-                match tokio::task::spawn_blocking(move || classify(&m, &c)).await {
-                    Ok(Ok(r)) => Message::Classification(r),
-                    Ok(Err(e)) => Message::error(ErrorCode::Malformed, e, Some(request_id)),
-                    Err(e) => Message::error(ErrorCode::Internal, e.to_string(), Some(request_id)),
-                }
+            // The session's first message: no answer.
+            Message::Open(o) if open.is_none() => {
+                open = Some(o);
+                continue;
             }
+            Message::Open(_) => Message::error(
+                ErrorCode::Unexpected,
+                "a second Open on this session: one Open starts a session",
+                None,
+            ),
+            Message::Continue(c) => match open.clone() {
+                None => Message::error(
+                    ErrorCode::Unexpected,
+                    "a Continue before the session's Open (naming the layer and request)",
+                    None,
+                ),
+                Some(o) => {
+                    let m = model.clone();
+                    let request_id = o.request_id;
+                    match tokio::task::spawn_blocking(move || classify(&m, &o, &c)).await {
+                        Ok(Ok(r)) => Message::Classification(r),
+                        Ok(Err(e)) => Message::error(ErrorCode::Malformed, e, Some(request_id)),
+                        Err(e) => {
+                            Message::error(ErrorCode::Internal, e.to_string(), Some(request_id))
+                        }
+                    }
+                }
+            },
             other => Message::error(
                 ErrorCode::Unexpected,
                 format!(
@@ -181,13 +202,18 @@ async fn serve_session(mut s: SessionStream, model: Arc<VisionFamily>, peer: Str
     }
 }
 
-/// Check a `Continue` against the family and run the edge part. Errors are for the peer.
-fn classify(model: &VisionFamily, c: &Continue) -> std::result::Result<Classification, String> {
+/// Check a `Continue` (on a session opened with `open`) against the family and run the edge
+/// part. Errors are for the peer.
+fn classify(
+    model: &VisionFamily,
+    open: &Open,
+    c: &Continue,
+) -> std::result::Result<Classification, String> {
     let (tokens, dim, from) = (model.tokens(), model.cfg.dim, model.cfg.exits[0]);
-    if c.layer as usize != from {
+    if open.layer as usize != from {
         return Err(format!(
             "hidden state is from block {}, this edge continues from block {from} (the device exit)",
-            c.layer
+            open.layer
         ));
     }
     if c.hidden.dims() != [tokens, dim] {
@@ -196,12 +222,11 @@ fn classify(model: &VisionFamily, c: &Continue) -> std::result::Result<Classific
             c.hidden.shape()
         ));
     }
-    if c.positions
-        .iter()
-        .enumerate()
-        .any(|(i, &p)| p as usize != i)
-    {
-        return Err(format!("positions must be 0..{tokens} in order"));
+    if c.start != 0 {
+        return Err(format!(
+            "positions must be 0..{tokens}, got a start at {}",
+            c.start
+        ));
     }
     if c.backfill.is_some() {
         return Err("a vision frame has no earlier positions: backfill must be empty".into());
@@ -214,8 +239,8 @@ fn classify(model: &VisionFamily, c: &Continue) -> std::result::Result<Classific
         let x = Tensor::from_vec(data, (1, tokens, dim), &Device::Cpu)?;
         let out = model.edge(&x)?;
         Ok(Classification {
-            request_id: c.request_id,
-            session_id: c.session_id,
+            request_id: open.request_id,
+            session_id: open.session_id,
             tier: Role::Edge,
             exit: model.cfg.layers as u32,
             p_emergency: out.p_emergency[0],
@@ -234,7 +259,8 @@ pub struct RemoteDetector {
     handle: Handle,
     _endpoint: Endpoint,
     conn: PeerConnection,
-    sessions: [Option<SessionStream>; 4],
+    /// Each approach's session and the request id its `Open` named.
+    sessions: [Option<(SessionStream, u64)>; 4],
     codec: Codec,
     next_request: u64,
 }
@@ -305,18 +331,11 @@ impl RemoteDetector {
     ) -> Result<(Classification, u64)> {
         let (_, tokens, dim) = hidden.dims3()?;
         let data = hidden.flatten_all()?.to_vec1::<f32>()?;
-        let request_id = self.next_request;
-        self.next_request += 1;
         let msg = Message::Continue(Continue {
-            request_id,
-            session_id: approach.index() as u64,
-            positions: (0..tokens as u32).collect(),
-            layer: self.model.cfg.exits[0] as u32,
+            start: 0,
             hidden: WireTensor::encode(&data, &[tokens, dim], Encoding::F32)?,
             backfill: None,
-            sampling: Sampling::default(),
             deadline_ms: Some(REPLY_TIMEOUT.as_millis() as u32),
-            policy: Default::default(),
         });
         let bytes: u64 = self
             .codec
@@ -324,7 +343,7 @@ impl RemoteDetector {
             .iter()
             .map(|c| c.len() as u64)
             .sum();
-        let reply = self.exchange(approach, &msg)?;
+        let (reply, request_id) = self.exchange(approach, &msg)?;
         if !matches!(&reply, Message::Classification(c) if c.request_id == request_id) {
             // The edge ends a session after refusing a frame: the next frame opens a new one.
             self.sessions[approach.index()] = None;
@@ -346,23 +365,42 @@ impl RemoteDetector {
         }
     }
 
-    fn exchange(&mut self, approach: Approach, msg: &Message) -> Result<Message> {
+    /// Send `msg` on `approach`'s session (opening it with an `Open` when needed): the
+    /// reply and the session's request id.
+    fn exchange(&mut self, approach: Approach, msg: &Message) -> Result<(Message, u64)> {
+        let open = self.sessions[approach.index()].is_none().then(|| {
+            self.next_request += 1;
+            Open {
+                request_id: self.next_request - 1,
+                session_id: approach.index() as u64,
+                layer: self.model.cfg.exits[0] as u32,
+                policy: Default::default(),
+                sampling: Sampling::default(),
+                deadline_ms: None,
+            }
+        });
         let slot = &mut self.sessions[approach.index()];
         let conn = &self.conn;
         let out = self.handle.block_on(async {
-            if slot.is_none() {
-                *slot = Some(conn.open_session().await?);
+            if let Some(open) = open {
+                let mut s = conn.open_session().await?;
+                let id = open.request_id;
+                s.send(&Message::Open(open)).await?;
+                *slot = Some((s, id));
             }
-            let s = slot
+            let (s, id) = slot
                 .as_mut()
                 .ok_or_else(|| Error::Link("no session".into()))?;
+            let id = *id;
             s.send(msg).await?;
             match tokio::time::timeout(REPLY_TIMEOUT, s.recv()).await {
                 Err(_) => Err(Error::Link(format!(
                     "edge did not answer within {} s",
                     REPLY_TIMEOUT.as_secs()
                 ))),
-                Ok(r) => r?.ok_or_else(|| Error::Link("edge closed the session".into())),
+                Ok(r) => r?
+                    .map(|m| (m, id))
+                    .ok_or_else(|| Error::Link("edge closed the session".into())),
             }
         });
         if out.is_err() {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use flow_protocol::transport::{PeerConnection, SessionStream};
-use flow_protocol::{ErrorCode, Message, Policy, Sampling};
+use flow_protocol::{ErrorCode, Message, Open};
 use tokio::time::Instant;
 
 use super::Agent;
@@ -83,31 +83,32 @@ impl Agent {
                 }
             };
             let reply = match msg {
-                Message::Continue(c) => match self.child_session(
-                    &mut tier,
-                    c.layer,
-                    c.request_id,
-                    &c.policy,
-                    &c.sampling,
-                ) {
+                // The stream's first message: it makes the session and is not answered.
+                Message::Open(o) if tier.is_none() => match self.child_session(&o) {
                     Ok(t) => {
-                        t.session_mut().on_continue(c, hidden, Instant::now());
-                        child_reply(t).await
+                        tier = Some(t);
+                        continue;
                     }
                     Err(e) => Err(e),
                 },
-                Message::Draft(d) => match self.child_session(
-                    &mut tier,
-                    d.layer,
-                    d.request_id,
-                    &d.policy,
-                    &d.sampling,
-                ) {
-                    Ok(t) => {
+                Message::Open(_) => Err(NodeError::Unexpected(
+                    "a second Open on this request stream: a stream carries one request; \
+                     open a new stream for another"
+                        .into(),
+                )),
+                Message::Continue(c) => match tier.as_mut() {
+                    Some(t) => {
+                        t.session_mut().on_continue(c, hidden, Instant::now());
+                        child_reply(t).await
+                    }
+                    None => Err(before_open("Continue")),
+                },
+                Message::Draft(d) => match tier.as_mut() {
+                    Some(t) => {
                         t.session_mut().on_draft(d, hidden, Instant::now());
                         child_reply(t).await
                     }
-                    Err(e) => Err(e),
+                    None => Err(before_open("Draft")),
                 },
                 Message::Cancel(_) | Message::Done(_) => break,
                 Message::Heartbeat(_) => continue,
@@ -162,29 +163,13 @@ impl Agent {
         let _ = stream.finish();
     }
 
-    /// The session of a child's request stream: created by its first message, starting
-    /// at that message's `layer` (anywhere inside the hosted layers: the child's cut may
-    /// have moved), and refusing a later message from another layer (its KV holds the
-    /// layers it started with).
-    fn child_session<'t>(
-        &self,
-        tier: &'t mut Option<Driver>,
-        layer: u32,
-        request: u64,
-        policy: &Policy,
-        sampling: &Sampling,
-    ) -> Result<&'t mut Driver> {
+    /// The session of a child's request stream, made from the stream's `Open`: starting
+    /// at its `layer` (anywhere inside the hosted layers: the child's cut may have moved;
+    /// every later message of the stream continues from there), with its policy, sampling
+    /// and request budget.
+    fn child_session(&self, open: &Open) -> Result<Driver> {
         let hosted = self.inner.cfg.stage;
-        let layer = layer as usize;
-        if let Some(t) = tier {
-            let a = t.session().stage().a;
-            if layer != a {
-                return Err(NodeError::Protocol(format!(
-                    "message from layer {layer}, but this session started at layer {a}"
-                )));
-            }
-            return Ok(t);
-        }
+        let layer = open.layer as usize;
         if layer < hosted.a || layer > hosted.b || (layer == hosted.b && !hosted.exit) {
             return Err(NodeError::Protocol(format!(
                 "hidden states after layer {layer}, but this node hosts layers {}..{}",
@@ -197,10 +182,22 @@ impl Agent {
             ));
         }
         let stage = Stage { a: layer, ..hosted };
-        let cfg = self.session_config(request, policy.clone(), sampling.clone(), stage);
-        let t = self.driver(Session::child(cfg, Instant::now()));
-        Ok(tier.insert(t))
+        let cfg = self.session_config(
+            open.request_id,
+            open.policy.clone(),
+            open.sampling.clone(),
+            stage,
+        );
+        Ok(self.driver(Session::child(cfg, open.deadline_ms, Instant::now())))
     }
+}
+
+/// A step message on a stream whose `Open` has not come.
+fn before_open(kind: &str) -> NodeError {
+    NodeError::Unexpected(format!(
+        "{kind} before the stream's Open: a request stream starts with one Open (protocol 4) \
+         naming the request, layer, policy and sampling"
+    ))
 }
 
 /// Run a child's message through its session: the reply for the child.

@@ -11,7 +11,7 @@ use flow_protocol::bytes::Bytes;
 use flow_protocol::transport::{quinn, Endpoint, EndpointConfig, Security};
 use flow_protocol::{
     Capacity, Codec, Compression, Continue, Encoding, Hello, Limits, Message, ModelFingerprint,
-    Role, Sampling, WireTensor, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    Role, WireTensor, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 
 /// Benchmark the wire: bytes per encoding (± zstd), encode+decode time, and loopback QUIC
@@ -69,17 +69,14 @@ fn hidden_states(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn continue_msg(hidden: WireTensor, positions: usize) -> Message {
+/// A step's frame (positions `0..rows`): what a decode or prefill step ships after its
+/// stream's `Open`.
+fn continue_msg(hidden: WireTensor) -> Message {
     Message::Continue(Continue {
-        request_id: 1,
-        session_id: 1,
-        positions: (0..positions as u32).collect(),
-        layer: 12,
+        start: 0,
         hidden,
         backfill: None,
-        sampling: Sampling::default(),
         deadline_ms: Some(1000),
-        policy: Default::default(),
     })
 }
 
@@ -108,7 +105,7 @@ fn time_pipeline(
     for _ in 0..iters {
         let t0 = super::OsInstant::now();
         let t = WireTensor::encode(data, shape, enc)?;
-        let chunks = codec.encode_chunks(&continue_msg(t, shape[0]))?;
+        let chunks = codec.encode_chunks(&continue_msg(t))?;
         let mut dec = codec.decoder();
         for c in &chunks {
             dec.push(c);
@@ -143,7 +140,7 @@ fn codec_rows(args: &BenchWireArgs, sizes: &[(usize, usize)]) -> anyhow::Result<
                 .zip(&back)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            let msg = continue_msg(t, p);
+            let msg = continue_msg(t);
             let wire_bytes = plain.encode(&msg)?.len();
             let wire_bytes_zstd = zstd.encode(&msg)?.len();
             let enc_dec_us = time_pipeline(&data, &shape, enc, &plain, iters)?;
@@ -271,7 +268,7 @@ async fn network_rows(sizes: &[(usize, usize)], quick: bool) -> anyhow::Result<V
         for enc in [Encoding::F32, Encoding::Int8] {
             let t = WireTensor::encode(&data, &[p, h], enc)?;
             let tensor_bytes = t.bytes().len();
-            let msg = continue_msg(t, p);
+            let msg = continue_msg(t);
             let budget: usize = if quick { 64 << 20 } else { 512 << 20 };
             let iters = (budget / tensor_bytes.max(1)).clamp(5, if quick { 50 } else { 200 });
             let payload = Bytes::from(vec![0xA5u8; tensor_bytes]);

@@ -151,9 +151,9 @@ impl Driver {
         }
     }
 
-    /// Send `msg` on upstream `up` (opening it when needed) and hand the reply, the
-    /// failure or the missed deadline to the session. On a miss the stream is dropped with
-    /// the exchange: a late reply is never read.
+    /// Send `msg` on upstream `up` (opening it with the session's `Open` when needed) and
+    /// hand the reply, the failure or the missed deadline to the session. On a miss the
+    /// stream is dropped with the exchange: a late reply is never read.
     async fn exchange(&mut self, up: u64, msg: Message) {
         let Some(parent) = self.parent.clone() else {
             let err = NodeError::Internal("escalation without a parent".into());
@@ -170,6 +170,10 @@ impl Driver {
             }
         }
         let stream = self.upstream.take();
+        // A new stream starts with the session's Open (no reply comes for it).
+        let open = stream
+            .is_none()
+            .then(|| self.session.open_message(Instant::now()));
         let addr = parent.addr().to_string();
         let perr = |e: flow_protocol::Error| NodeError::Parent {
             addr: addr.clone(),
@@ -182,6 +186,9 @@ impl Driver {
                 Some(s) => s,
                 None => parent.open_session().await?,
             };
+            if let Some(open) = &open {
+                s.send(open).await.map_err(perr)?;
+            }
             s.send(&msg).await.map_err(perr)?;
             let reply = s.recv().await.map_err(perr)?;
             Ok::<_, NodeError>((s, reply))

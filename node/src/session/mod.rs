@@ -7,13 +7,17 @@
 //!
 //! | input | when |
 //! |---|---|
-//! | [`Session::entry`] / [`Session::child`] | a client's request at the entry node / a child's stream |
+//! | [`Session::entry`] / [`Session::child`] | a client's request at the entry node / a child's stream (its `Open`) |
 //! | [`Session::on_continue`], [`Session::on_draft`] | a child's message (upper tiers) |
 //! | [`Session::on_step_output`] | the engine finished an [`Action::Compute`] |
 //! | [`Session::on_reply`] | the parent answered an [`Action::Escalate`] / [`Action::Draft`] |
 //! | [`Session::on_parent_lost`] | the upstream stream failed or closed |
 //! | [`Session::on_timeout`] | [`Session::poll_timeout`] passed without a reply |
 //! | [`Session::on_failed_over`] | the driver performed an [`Action::FailOver`] |
+//!
+//! Every upstream stream the driver opens starts with [`Session::open_message`] (protocol 4:
+//! the ids, layer, policy and sampling go once per stream; `Continue` and `Draft` carry a
+//! start position and tensors), so a stream opened after a fail-over is opened alike.
 //!
 //! Time is passed in (`now`): tokio's clock in the driver, virtual time in the tests
 //! (`tests.rs`, with a quinn-style `Pair` of a session and a scripted parent and engine).
@@ -54,14 +58,16 @@ use std::time::Duration;
 
 use candle_core::Tensor;
 use flow_partition::{DegradePolicy, DegradeReason};
-use flow_protocol::{Backfill, Encoding, InferMode, Message, Policy, Role, Sampling, TokenOut};
+use flow_protocol::{
+    Backfill, Encoding, InferMode, Message, Open, Policy, Role, Sampling, TokenOut,
+};
 use tokio::time::Instant;
 
 use crate::engine::{Input, Stage, StepJob, StepOut};
 use crate::error::{NodeError, Result};
 
 pub use driver::{Driver, Event};
-pub use wire::{choose, from_wire, measure, message_tensor_bytes, to_wire};
+pub use wire::{choose, from_wire, measure, message_tensor_bytes, to_wire, wire_position};
 
 use speculative::{ChildDraft, Spec};
 use stepwise::Step;
@@ -251,6 +257,8 @@ pub struct Session {
     unverified: bool,
     /// End of the time budget the child gave the current step.
     budget_until: Option<Instant>,
+    /// End of the time budget the child's `Open` gave the whole request.
+    request_until: Option<Instant>,
     stats: SessionStats,
     actions: VecDeque<Action>,
 }
@@ -283,15 +291,19 @@ impl Session {
             parent_failed: false,
             unverified: false,
             budget_until: None,
+            request_until: None,
             stats: SessionStats::default(),
             actions: VecDeque::new(),
         }
     }
 
-    /// A session serving a child's stream: idle until [`Self::on_continue`] or
-    /// [`Self::on_draft`].
-    pub fn child(cfg: SessionConfig, now: Instant) -> Self {
-        Self::new(cfg, Flow::Child, now)
+    /// A session serving a child's stream, made from its `Open` (`cfg` carries the
+    /// `Open`'s ids, policy and sampling; `deadline_ms` is its request budget): idle until
+    /// [`Self::on_continue`] or [`Self::on_draft`].
+    pub fn child(cfg: SessionConfig, deadline_ms: Option<u32>, now: Instant) -> Self {
+        let mut s = Self::new(cfg, Flow::Child, now);
+        s.request_until = deadline_ms.map(|ms| now + Duration::from_millis(u64::from(ms)));
+        s
     }
 
     /// A client's request at the entry node; its first actions are queued.
@@ -324,6 +336,24 @@ impl Session {
     /// The next thing to do, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// The first message of every upstream stream (sent by the driver when it opens one,
+    /// before the stream's first `Continue` or `Draft`; the parent does not answer it): this
+    /// session's ids, the layer its states leave at, its policy and sampling, and what is
+    /// left of the child's request budget.
+    pub fn open_message(&self, now: Instant) -> Message {
+        Message::Open(Open {
+            request_id: self.cfg.request,
+            session_id: self.cfg.id,
+            layer: self.cfg.stage.b as u32,
+            policy: self.cfg.policy.clone(),
+            sampling: self.cfg.sampling.clone(),
+            deadline_ms: self.request_until.map(|t| {
+                let left = t.saturating_duration_since(now).as_millis();
+                u32::try_from(left).unwrap_or(u32::MAX)
+            }),
+        })
     }
 
     /// When [`Self::on_timeout`] is due: the deadline of the reply waited for.
@@ -595,6 +625,15 @@ impl Session {
         }
     }
 
+    /// End of a child's step given `deadline_ms` from now, within the request's budget.
+    fn step_budget(&self, deadline_ms: Option<u32>, now: Instant) -> Option<Instant> {
+        let step = deadline_ms.map(|ms| now + Duration::from_millis(u64::from(ms)));
+        match (step, self.request_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     fn encoding(&self, link: &dyn Uplink) -> Encoding {
         self.cfg.encoding.unwrap_or_else(|| link.encoding())
     }
@@ -619,7 +658,7 @@ impl Session {
                 )));
             }
             Some(Backfill {
-                positions: wire::span(self.owed_start, n),
+                start: wire_position(self.owed_start)?,
                 hidden: to_wire(&h, enc)?,
             })
         };

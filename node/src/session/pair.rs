@@ -1,16 +1,17 @@
 //! A quinn-style `Pair` for the session's unit tests: one [`Session`], a scripted engine
 //! and scripted parents, on virtual time. Messages to a parent come back after a delay the
 //! test chooses, or never; the engine and the parents check that every step continues
-//! their KV exactly (no gap, no duplicate, the right rows in order).
+//! their KV exactly (no gap, no duplicate, the right rows in order). Each upstream stream
+//! starts with the session's `Open`, as the driver sends it; the parents record it.
 
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use flow_partition::DegradeReason;
-use flow_protocol::{Draft, Encoding, Message, Role, TokenOut, Tokens, Verdict};
+use flow_protocol::{Draft, Encoding, Message, Open, Role, TokenOut, Tokens, Verdict};
 use tokio::time::Instant;
 
-use super::wire::{consecutive, from_wire};
+use super::wire::from_wire;
 use super::{Action, Session, Uplink};
 use crate::engine::{Input, StepJob, StepOut};
 use crate::error::NodeError;
@@ -151,6 +152,10 @@ pub struct FakeParent {
     /// Positions the parent's KV holds for the session.
     pub kv: usize,
     pub received: Vec<Message>,
+    /// The `Open` of each stream the session opened here, in order.
+    pub opens: Vec<Open>,
+    /// The upstream generation of the stream open here.
+    stream: Option<u64>,
     pub down: bool,
     pub rtt_ms: f64,
     pub reply_deadline: Duration,
@@ -167,6 +172,8 @@ impl FakeParent {
             fate: Box::new(fate),
             kv: 0,
             received: Vec::new(),
+            opens: Vec::new(),
+            stream: None,
             down: false,
             rtt_ms: 10.0,
             reply_deadline: Duration::from_millis(100),
@@ -179,19 +186,20 @@ impl FakeParent {
     fn answer(&mut self, msg: &Message) -> Message {
         match msg {
             Message::Continue(c) => {
-                let start = consecutive(&c.positions, "Continue").unwrap();
+                c.validate().unwrap();
+                let start = c.start as usize;
                 if let Some(bf) = &c.backfill {
-                    let s = consecutive(&bf.positions, "backfill").unwrap();
+                    let s = bf.start as usize;
                     assert_eq!(s, self.kv, "backfill does not continue the parent's KV");
-                    assert_eq!(s + bf.positions.len(), start, "backfill ends at the step");
+                    assert_eq!(s + bf.rows(), start, "backfill ends at the step");
                     check_rows(&from_wire(&bf.hidden, H).unwrap(), s, "backfill");
                 } else {
                     assert_eq!(start, self.kv, "the step does not continue the parent's KV");
                 }
                 check_rows(&from_wire(&c.hidden, H).unwrap(), start, "step rows");
-                self.kv = start + c.positions.len();
+                self.kv = start + c.rows();
                 Message::Tokens(Tokens {
-                    request_id: c.request_id,
+                    request_id: self.opens.last().map_or(0, |o| o.request_id),
                     session_id: 99,
                     tokens: vec![TokenOut {
                         id: (self.token)(self.kv),
@@ -211,13 +219,14 @@ impl FakeParent {
     }
 
     fn verify(&mut self, d: &Draft) -> Verdict {
-        let start = consecutive(&d.positions, "Draft").unwrap();
+        d.validate().unwrap();
+        let start = d.start as usize;
         assert_eq!(
             start, self.kv,
             "the draft does not continue the parent's KV"
         );
         check_rows(&from_wire(&d.hidden, H).unwrap(), start, "draft rows");
-        let r = d.positions.len() - d.tokens.len();
+        let r = d.rows() - d.tokens.len();
         let base = start + r;
         let accepted = d
             .tokens
@@ -227,7 +236,7 @@ impl FakeParent {
             .count();
         self.kv = base + accepted;
         Verdict {
-            request_id: d.request_id,
+            request_id: self.opens.last().map_or(0, |o| o.request_id),
             session_id: 99,
             accepted: accepted as u32,
             next_token: (self.token)(base + accepted),
@@ -409,6 +418,14 @@ impl Pair {
             Action::Escalate { up, msg } | Action::Draft { up, msg } => {
                 let i = self.current;
                 let p = &mut self.parents[i];
+                if p.stream != Some(up) {
+                    // A new stream: the driver sends the session's Open first.
+                    match self.session.open_message(self.now) {
+                        Message::Open(o) => p.opens.push(o),
+                        other => panic!("the stream opened with {}", other.name()),
+                    }
+                    p.stream = Some(up);
+                }
                 let fate = (p.fate)(p.received.len());
                 p.received.push(msg.clone());
                 let delivery = match fate {

@@ -8,8 +8,8 @@ use flow_protocol::{Draft, Message, TokenOut, Verdict};
 use tokio::time::Instant;
 
 use super::draft_len::DraftLen;
-use super::wire::{rows_at, span};
-use super::{choose, to_wire, Action, Flow, Session, Uplink, Upward, Wait};
+use super::wire::wire_position;
+use super::{choose, from_wire, to_wire, Action, Flow, Session, Uplink, Upward, Wait};
 use crate::engine::{Input, StepJob, StepOut};
 use crate::error::{NodeError, Result};
 
@@ -181,15 +181,10 @@ impl Session {
         let enc = self.encoding(link);
         let rows = send.dim(0)?;
         let msg = Message::Draft(Draft {
-            request_id: self.cfg.request,
-            session_id: self.cfg.id,
-            positions: span(start, rows),
-            layer: self.cfg.stage.b as u32,
+            start: wire_position(start)?,
             tokens: drafts,
             hidden: to_wire(&send, enc)?,
             deadline_ms: None,
-            sampling: self.cfg.sampling.clone(),
-            policy: self.cfg.policy.clone(),
         });
         let wait = self.reply_wait(link, rows, now);
         self.send(Upward::Round { hidden }, msg, rows, wait, now, link);
@@ -317,18 +312,15 @@ impl Session {
     }
 
     /// A child's `Draft`: run this stage over its rows, then verify (no parent) or relay.
-    pub fn on_draft(&mut self, d: Draft, hidden_size: usize, _now: Instant) {
+    pub fn on_draft(&mut self, d: Draft, hidden_size: usize, now: Instant) {
         if self.busy("Draft") {
             return;
         }
         let r = (|| {
-            let (start, hidden) = rows_at(&d.hidden, &d.positions, hidden_size, "Draft")?;
-            let (rows, n) = (d.positions.len(), d.tokens.len());
-            if n == 0 || n >= rows {
-                return Err(NodeError::Protocol(format!(
-                    "Draft with {n} tokens for {rows} rows"
-                )));
-            }
+            d.validate().map_err(flow_protocol::Error::from)?;
+            let start = d.start as usize;
+            let hidden = from_wire(&d.hidden, hidden_size)?;
+            let (rows, n) = (d.rows(), d.tokens.len());
             if start != self.kv_len {
                 return Err(NodeError::Protocol(format!(
                     "Draft starts at position {start}, but this session holds positions 0..{}",
@@ -341,6 +333,7 @@ impl Session {
             Ok(x) => x,
             Err(e) => return self.check(Err(e)),
         };
+        self.budget_until = self.step_budget(d.deadline_ms, now);
         let verify = !self.cfg.has_parent;
         self.push(Action::Compute(StepJob {
             session: self.cfg.id,
@@ -384,8 +377,8 @@ impl Session {
                 }
             }
             let v = Verdict {
-                request_id: c.draft.request_id,
-                session_id: c.draft.session_id,
+                request_id: self.cfg.request,
+                session_id: self.cfg.id,
                 accepted,
                 next_token: next,
                 tier: self.cfg.role,
@@ -406,15 +399,10 @@ impl Session {
         let rows = out.hidden.dim(0)?;
         let d = &c.draft;
         let msg = Message::Draft(Draft {
-            request_id: d.request_id,
-            session_id: d.session_id,
-            positions: d.positions.clone(),
-            layer: self.cfg.stage.b as u32,
+            start: d.start,
             tokens: d.tokens.clone(),
             hidden: to_wire(&out.hidden, enc)?,
             deadline_ms: d.deadline_ms,
-            sampling: d.sampling.clone(),
-            policy: d.policy.clone(),
         });
         let wait = self.reply_wait(link, rows, now);
         self.send(Upward::Relay(c), msg, rows, wait, now, link);
@@ -461,15 +449,10 @@ impl Session {
         let enc = self.encoding(link);
         let d = &c.draft;
         let msg = Message::Draft(Draft {
-            request_id: d.request_id,
-            session_id: d.session_id,
-            positions: span(0, total),
-            layer: self.cfg.stage.b as u32,
+            start: 0,
             tokens: d.tokens.clone(),
             hidden: to_wire(&all, enc)?,
             deadline_ms: d.deadline_ms,
-            sampling: d.sampling.clone(),
-            policy: d.policy.clone(),
         });
         let wait = self.reply_wait(link, total, now);
         self.send(Upward::Relay(c), msg, total, wait, now, link);

@@ -1,16 +1,14 @@
 //! Stepwise transitions (escalate, route, local): one step = the rows of one message or
 //! token, answered here, by the parent, or degraded from the local exit.
 
-use std::time::Duration;
-
 use candle_core::Tensor;
 use flow_familial::confidence::Confidence;
 use flow_partition::{decide, DegradeDecision, DegradeReason, EscalationContext};
 use flow_protocol::{Continue, InferMode, Message, TokenOut, Tokens};
 use tokio::time::Instant;
 
-use super::wire::{logprobs, rows_at, span};
-use super::{choose, measure, to_wire, Action, Flow, Session, Uplink, Upward, Wait};
+use super::wire::{logprobs, wire_position};
+use super::{choose, from_wire, measure, to_wire, Action, Flow, Session, Uplink, Upward, Wait};
 use crate::engine::{Input, StepJob, StepOut};
 use crate::error::{NodeError, Result};
 
@@ -47,24 +45,18 @@ impl Step {
 }
 
 impl Session {
-    /// A child's `Continue`: check its positions against this tier's KV, then run the step.
+    /// A child's `Continue`: check its shape and positions against this tier's KV, then
+    /// run the step.
     pub fn on_continue(&mut self, c: Continue, hidden_size: usize, now: Instant) {
         if self.busy("Continue") {
             return;
         }
         let r = (|| {
-            let (start, h) = rows_at(&c.hidden, &c.positions, hidden_size, "Continue")?;
+            c.validate().map_err(flow_protocol::Error::from)?;
+            let start = c.start as usize;
+            let h = from_wire(&c.hidden, hidden_size)?;
             let backfill = match &c.backfill {
-                Some(bf) => {
-                    let (s, bh) = rows_at(&bf.hidden, &bf.positions, hidden_size, "backfill")?;
-                    if s + bf.positions.len() != start {
-                        return Err(NodeError::Protocol(format!(
-                            "backfill positions {s}..{} do not end where the step starts ({start})",
-                            s + bf.positions.len()
-                        )));
-                    }
-                    Some((s, bh))
-                }
+                Some(bf) => Some((bf.start as usize, from_wire(&bf.hidden, hidden_size)?)),
                 None => None,
             };
             let first = backfill.as_ref().map_or(start, |(s, _)| *s);
@@ -78,9 +70,7 @@ impl Session {
         })();
         match r {
             Ok((start, h, backfill)) => {
-                self.budget_until = c
-                    .deadline_ms
-                    .map(|ms| now + Duration::from_millis(u64::from(ms)));
+                self.budget_until = self.step_budget(c.deadline_ms, now);
                 self.begin_step(Input::Hidden(h), start, backfill);
             }
             Err(e) => self.check(Err(e)),
@@ -291,18 +281,13 @@ impl Session {
         let enc = self.encoding(link);
         let (start, rows) = (step.start, step.rows);
         let backfill = self.take_owed(start, start + rows, enc)?;
-        let total = rows + backfill.as_ref().map_or(0, |b| b.positions.len());
+        let total = rows + backfill.as_ref().map_or(0, |b| b.rows());
         let wait = self.reply_wait(link, total, now);
         let msg = Message::Continue(Continue {
-            request_id: self.cfg.request,
-            session_id: self.cfg.id,
-            positions: span(start, rows),
-            layer: self.cfg.stage.b as u32,
+            start: wire_position(start)?,
             hidden: to_wire(&hidden, enc)?,
             backfill,
-            sampling: self.cfg.sampling.clone(),
             deadline_ms: Some(u32::try_from(wait.total.as_millis()).unwrap_or(u32::MAX)),
-            policy: self.cfg.policy.clone(),
         });
         self.send(Upward::Step(step), msg, total, wait, now, link);
         Ok(())

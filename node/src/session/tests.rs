@@ -5,12 +5,11 @@ use std::time::Duration;
 use flow_partition::{DegradePolicy, DegradeReason};
 use flow_protocol::{
     Backfill, Continue, Encoding, ErrorCode, ExitThreshold, InferMode, Message, Policy, Role,
-    Sampling,
+    Sampling, WireTensor,
 };
 use tokio::time::Instant;
 
 use super::pair::{rows, FakeEngine, FakeParent, Fate, Outcome, Pair, Script, H};
-use super::wire::span;
 use super::{to_wire, EntryRequest, Session, SessionConfig};
 use crate::engine::Stage;
 use crate::error::NodeError;
@@ -178,8 +177,12 @@ fn a_lost_parent_fails_over_with_every_state_resent() {
     let Message::Continue(c) = &p.parents[1].received[0] else {
         panic!("not a Continue")
     };
-    assert_eq!(c.backfill.as_ref().unwrap().positions[0], 0);
+    assert_eq!(c.backfill.as_ref().unwrap().start, 0);
     assert_eq!(p.parents[1].kv, PROMPT + 7);
+    // Each parent's stream started with the session's Open: one each, the same request.
+    let opens: Vec<_> = p.parents.iter().map(|q| q.opens.clone()).collect();
+    assert_eq!((opens[0].len(), opens[1].len()), (1, 1));
+    assert_eq!(opens[0][0], opens[1][0]);
     assert_eq!(ids(&p), want(8));
 }
 
@@ -326,7 +329,7 @@ pub(super) fn child(
 ) -> Pair {
     let now = Instant::now();
     let cfg = config(policy, Role::Edge, stage, parents.len());
-    Pair::new(Session::child(cfg, now), engine, parents, now)
+    Pair::new(Session::child(cfg, None, now), engine, parents, now)
 }
 
 fn continue_msg(
@@ -337,18 +340,13 @@ fn continue_msg(
 ) -> Continue {
     let enc = Encoding::F32;
     Continue {
-        request_id: 1,
-        session_id: 5,
-        positions: span(start, n),
-        layer: 1,
+        start: start as u32,
         hidden: to_wire(&rows(start, n), enc).unwrap(),
         backfill: backfill.map(|s| Backfill {
-            positions: span(s, start - s),
+            start: s as u32,
             hidden: to_wire(&rows(s, start - s), enc).unwrap(),
         }),
-        sampling: Sampling::default(),
         deadline_ms,
-        policy: escalate(0.5),
     }
 }
 
@@ -385,13 +383,15 @@ fn an_upper_tier_forwards_its_own_and_its_childs_owed_rows_in_order() {
     let Message::Continue(c) = &p.sent[0].1 else {
         panic!()
     };
-    assert_eq!(c.backfill.as_ref().unwrap().positions, span(0, 7));
+    let b = c.backfill.as_ref().unwrap();
+    assert_eq!((b.start, b.rows()), (0, 7));
     assert_eq!(p.parents[0].kv, 8);
 }
 
 #[test]
 fn out_of_order_backfill_and_positions_are_refused() {
-    let cases: Vec<(&str, Vec<Continue>)> = vec![
+    // (name, messages, what the last one's error names)
+    let cases: Vec<(&str, Vec<Continue>, &str)> = vec![
         // A gap: the session holds 0..3, the backfill starts at 5.
         (
             "gap",
@@ -399,6 +399,7 @@ fn out_of_order_backfill_and_positions_are_refused() {
                 continue_msg(0, 3, None, None),
                 continue_msg(7, 1, Some(5), None),
             ],
+            "starts at position 5",
         ),
         // A replay of positions already held.
         (
@@ -407,36 +408,40 @@ fn out_of_order_backfill_and_positions_are_refused() {
                 continue_msg(0, 3, None, None),
                 continue_msg(2, 1, None, None),
             ],
+            "starts at position 2",
         ),
         // A backfill that does not end where the step starts.
         (
             "detached",
             vec![{
                 let mut c = continue_msg(3, 1, Some(0), None);
-                c.positions = span(4, 1);
+                c.start = 4;
                 c
             }],
+            "do not end where the step starts (4)",
         ),
-        // Positions out of order.
-        (
-            "order",
-            vec![{
-                let mut c = continue_msg(0, 3, None, None);
-                c.positions = vec![0, 2, 1];
-                c
-            }],
-        ),
-        // More positions than rows.
+        // No rows.
         (
             "rows",
             vec![{
                 let mut c = continue_msg(0, 3, None, None);
-                c.positions = span(0, 4);
+                c.hidden = WireTensor::encode(&[], &[0, H], Encoding::F32).unwrap();
                 c
             }],
+            "no rows",
+        ),
+        // Rows of another width.
+        (
+            "width",
+            vec![{
+                let mut c = continue_msg(0, 3, None, None);
+                c.hidden = to_wire(&rows(0, 3).narrow(1, 0, 2).unwrap(), Encoding::F32).unwrap();
+                c
+            }],
+            "expected [rows, 4]",
         ),
     ];
-    for (name, msgs) in cases {
+    for (name, msgs, why) in cases {
         let engine = FakeEngine::new(script(reference), |_| true);
         let mut p = child(escalate(0.5), CLOUD, vec![], engine);
         let n = msgs.len();
@@ -447,10 +452,11 @@ fn out_of_order_backfill_and_positions_are_refused() {
             if i + 1 < n {
                 assert!(matches!(out, Outcome::Reply(_)), "{name}: {out:?}");
             } else {
-                assert!(
-                    matches!(out, Outcome::Failed(NodeError::Protocol(_))),
-                    "{name}: {out:?}"
-                );
+                let Outcome::Failed(e) = out else {
+                    panic!("{name}: {out:?}")
+                };
+                assert_eq!(e.code(), ErrorCode::Malformed, "{name}: {e}");
+                assert!(e.to_string().contains(why), "{name}: {e}");
             }
         }
     }
@@ -482,7 +488,8 @@ fn a_deadline_the_parent_would_miss_is_answered_degraded_without_asking() {
     let Message::Continue(c) = &p.sent[0].1 else {
         panic!()
     };
-    assert_eq!(c.backfill.as_ref().unwrap().positions, span(0, 3));
+    let b = c.backfill.as_ref().unwrap();
+    assert_eq!((b.start, b.rows()), (0, 3));
     // The parent's reply deadline is within the child's budget.
     assert!(c.deadline_ms.unwrap() <= 100);
 }
@@ -586,4 +593,32 @@ fn escalate_always_without_a_failure_never_runs_the_exit() {
     assert!(matches!(p.run(), Outcome::Done("length")));
     assert_eq!(ids(&p), want(5));
     assert_eq!((p.engine.exit_kv, p.engine.exit_backfills), (0, 0));
+}
+
+#[test]
+fn the_open_names_the_stage_and_what_is_left_of_the_request_budget() {
+    let now = Instant::now();
+    let cfg = config(escalate(0.5), Role::Edge, EDGE, 1);
+    let s = Session::child(cfg, Some(500), now);
+    let Message::Open(o) = s.open_message(now + 100 * MS) else {
+        panic!("not an Open")
+    };
+    assert_eq!((o.layer, o.deadline_ms), (EDGE.b as u32, Some(400)));
+    assert_eq!((o.policy, o.sampling), (escalate(0.5), Sampling::default()));
+}
+
+#[test]
+fn the_request_budget_of_the_open_bounds_every_step() {
+    let engine = FakeEngine::new(script(wrong), |_| false);
+    let mut up = parent(fast);
+    up.rtt_ms = 50.0;
+    let now = Instant::now();
+    let cfg = config(escalate(0.5), Role::Edge, EDGE, 1);
+    let mut p = Pair::new(Session::child(cfg, Some(40), now), engine, vec![up], now);
+    // The step allows a second, the request 40 ms; the round trip alone takes 50.
+    p.session
+        .on_continue(continue_msg(0, 3, None, Some(1000)), H, now);
+    let (t, degraded) = tokens(p.run());
+    assert!(degraded && t.tier == Role::Edge, "{t:?}");
+    assert!(p.sent.is_empty());
 }

@@ -1,6 +1,6 @@
 //! Speculation on virtual time: drafts rejected anywhere, fail-over, verifier and relay.
 
-use flow_protocol::{Draft, Encoding, InferMode, Message, Policy, Role, Sampling, Verdict};
+use flow_protocol::{Draft, Encoding, InferMode, Message, Policy, Role, Verdict};
 
 use super::pair::{rows, FakeEngine, Fate, Outcome, H};
 use super::tests::{
@@ -8,7 +8,6 @@ use super::tests::{
     CLOUD, EDGE, MS,
 };
 use super::to_wire;
-use super::wire::span;
 use crate::error::NodeError;
 
 fn speculate(n: u32) -> Policy {
@@ -75,7 +74,7 @@ fn speculation_fails_over_with_the_accepted_rows_resent() {
         panic!()
     };
     assert_eq!(
-        d.positions[0], 0,
+        d.start, 0,
         "the new parent rebuilds the session from position 0"
     );
     p.drain();
@@ -114,15 +113,10 @@ fn speculation_without_another_parent_degrades_to_the_entry_exit() {
 fn draft_msg(start: usize, r: usize, tokens: Vec<u32>) -> Draft {
     let n = r + tokens.len();
     Draft {
-        request_id: 1,
-        session_id: 5,
-        positions: span(start, n),
-        layer: 1,
+        start: start as u32,
         tokens,
         hidden: to_wire(&rows(start, n), Encoding::F32).unwrap(),
         deadline_ms: None,
-        sampling: Sampling::default(),
-        policy: speculate(3),
     }
 }
 
@@ -196,7 +190,7 @@ fn a_relay_moves_the_session_to_the_next_parent_with_its_accepted_rows() {
     let Message::Draft(d) = &p.parents[1].received[0] else {
         panic!("not a Draft")
     };
-    assert_eq!(d.positions, span(0, 8));
+    assert_eq!((d.start, d.rows()), (0, 8));
     assert_eq!(p.parents[1].kv, 7);
     assert_eq!(p.engine.truncations.last(), Some(&7));
     assert_eq!(p.session.stats().failovers, 1);

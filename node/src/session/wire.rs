@@ -1,5 +1,5 @@
 //! Pure helpers shared by the session and the agent: tensors to and from the wire, token
-//! choice, the policy's confidence measure, and checks of the positions a peer sent.
+//! choice, the policy's confidence measure, and positions as the wire carries them.
 
 use candle_core::{Device, Tensor};
 use flow_familial::confidence::Measure;
@@ -92,46 +92,13 @@ pub fn message_tensor_bytes(m: &Message) -> u64 {
     m.tensors().iter().map(|t| t.bytes().len() as u64).sum()
 }
 
-/// The first of `positions`, which must be `first, first + 1, ...` (`what` names them in
-/// the error).
-pub fn consecutive(positions: &[u32], what: &str) -> Result<usize> {
-    let start = *positions
-        .first()
-        .ok_or_else(|| NodeError::Protocol(format!("{what} without positions")))?
-        as usize;
-    for (i, &x) in positions.iter().enumerate() {
-        if x as usize != start + i {
-            return Err(NodeError::Protocol(format!(
-                "{what}: positions must be consecutive: got {x} at index {i}, expected {}",
-                start + i
-            )));
-        }
-    }
-    Ok(start)
-}
-
-/// `w` as `[positions.len(), hidden]` states of consecutive positions: (first, states).
-pub fn rows_at(
-    w: &WireTensor,
-    positions: &[u32],
-    hidden: usize,
-    what: &str,
-) -> Result<(usize, Tensor)> {
-    let start = consecutive(positions, what)?;
-    let t = from_wire(w, hidden)?;
-    let rows = t.dim(0)?;
-    if rows != positions.len() {
-        return Err(NodeError::Protocol(format!(
-            "{what}: {} positions but {rows} hidden rows",
-            positions.len()
-        )));
-    }
-    Ok((start, t))
-}
-
-/// Positions `start..start + rows` as sent on the wire.
-pub fn span(start: usize, rows: usize) -> Vec<u32> {
-    (start as u32..(start + rows) as u32).collect()
+/// A position as the wire carries it (`u32`).
+pub fn wire_position(p: usize) -> Result<u32> {
+    u32::try_from(p).map_err(|_| {
+        NodeError::Internal(format!(
+            "position {p} does not fit the wire's u32 positions"
+        ))
+    })
 }
 
 #[cfg(test)]
